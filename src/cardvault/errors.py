@@ -1,0 +1,340 @@
+"""The whole error tree of cardvault.
+
+Every error that can reach a caller is a leaf of this tree. A leaf carries a stable
+machine ``code``, an HTTP status, and a Stripe error ``type``; the HTTP layer renders it
+as Stripe's error object::
+
+    {"error": {"type": ..., "code": ..., "message": ..., "param": ..., "request_log_url": ...}}
+
+Client errors say what to fix. Internal errors say nothing about the inside. No message
+ever repeats the caller's input, because that input may be a card number or a CVC:
+messages are written here, from constants, and ``param`` names a parameter, never a value.
+
+::
+
+    CardVaultError
+    ├── APIError                         api_error              500
+    │   ├── ServiceUnavailable           api_error              503  service_unavailable
+    │   │   ├── KeyServiceUnavailable    api_error              503  keyservice_unavailable
+    │   │   └── KeyServiceSealed         api_error              503  keyservice_sealed
+    │   └── ConfigurationError           (start-up only; never rendered with details)
+    ├── InvalidRequestError              invalid_request_error  400  parameter_invalid
+    │   ├── ParameterMissing                                    400  parameter_missing
+    │   ├── ParameterUnknown                                    400  parameter_unknown
+    │   ├── ResourceMissing                                     404  resource_missing
+    │   ├── UrlNotFound                                         404  url_invalid
+    │   ├── MethodNotAllowed                                    405  method_not_allowed
+    │   ├── RequestTooLarge                                     413  request_too_large
+    │   └── UnsupportedMediaType                                415  unsupported_media_type
+    ├── CardError                        card_error             402  card_declined
+    │   ├── IncorrectNumber                                     402  incorrect_number
+    │   ├── InvalidNumber                                       402  invalid_number
+    │   ├── InvalidExpiryMonth                                  402  invalid_expiry_month
+    │   ├── InvalidExpiryYear                                   402  invalid_expiry_year
+    │   ├── ExpiredCard                                         402  expired_card
+    │   └── InvalidCVC                                          402  invalid_cvc
+    ├── IdempotencyError                 idempotency_error      400  idempotency_key_reused
+    │   └── IdempotencyKeyInUse                                 409  idempotency_key_in_use
+    ├── AuthenticationError              authentication_error   401  api_key_invalid
+    │   └── ClientCertificateRequired                           401  client_certificate_required
+    ├── PermissionDenied                 permission_error       403  permission_denied
+    │   └── IdentityNotAllowed                                  403  identity_not_allowed
+    └── RateLimitError                   rate_limit_error       429  rate_limit
+
+Lower layers raise their own exceptions; the boundary translates them into a leaf with
+``raise Leaf(...) from exc`` so the cause is kept for the logs but not shown to callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "CardError",
+    "CardVaultError",
+    "ClientCertificateRequired",
+    "ConfigurationError",
+    "ExpiredCard",
+    "IdempotencyError",
+    "IdempotencyKeyInUse",
+    "IdentityNotAllowed",
+    "IncorrectNumber",
+    "InvalidCVC",
+    "InvalidExpiryMonth",
+    "InvalidExpiryYear",
+    "InvalidNumber",
+    "InvalidRequestError",
+    "KeyServiceSealed",
+    "KeyServiceUnavailable",
+    "MethodNotAllowed",
+    "ParameterMissing",
+    "ParameterUnknown",
+    "PermissionDenied",
+    "RateLimitError",
+    "RequestTooLarge",
+    "ResourceMissing",
+    "ServiceUnavailable",
+    "UnsupportedMediaType",
+    "UrlNotFound",
+    "error_class_for",
+]
+
+
+class CardVaultError(Exception):
+    """Base of every cardvault error.
+
+    ``message`` is shown to the caller and must never contain caller input.
+    ``param`` names the offending parameter (``card[number]``), never its value.
+    """
+
+    type: ClassVar[str] = "api_error"
+    code: ClassVar[str] = "api_error"
+    http_status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "An internal error occurred."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message if message is not None else self.default_message
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+        super().__init__(self.message)
+
+    def to_dict(self, request_log_url: str | None = None) -> dict[str, Any]:
+        """Stripe's error object: ``{"error": {...}}``."""
+        body: dict[str, Any] = {
+            "type": self.type,
+            "code": self.code,
+            "message": self.message,
+        }
+        if self.param is not None:
+            body["param"] = self.param
+        if request_log_url is not None:
+            body["request_log_url"] = request_log_url
+        return {"error": body}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, param={self.param!r})"
+
+
+# --- api_error ---------------------------------------------------------------------
+
+
+class APIError(CardVaultError):
+    """Something went wrong on our side. The message never says what."""
+
+
+class ServiceUnavailable(APIError):
+    code = "service_unavailable"
+    http_status = 503
+    default_message = "The service is temporarily unavailable. Retry later."
+
+
+class KeyServiceUnavailable(ServiceUnavailable):
+    code = "keyservice_unavailable"
+    default_message = "The key service cannot be reached. Nothing was stored; retry later."
+
+
+class KeyServiceSealed(ServiceUnavailable):
+    code = "keyservice_sealed"
+    default_message = (
+        "The key service is sealed. Custodians must unseal it before keys can be used."
+    )
+
+
+class ConfigurationError(APIError):
+    """A setting is missing or invalid. Raised at start-up, with a message naming it.
+
+    The message names settings, never their values, because values may be secrets.
+    """
+
+    code = "configuration_error"
+
+
+# --- invalid_request_error -----------------------------------------------------------
+
+
+class InvalidRequestError(CardVaultError):
+    type = "invalid_request_error"
+    code = "parameter_invalid"
+    http_status = 400
+    default_message = "The request is invalid."
+
+
+class ParameterMissing(InvalidRequestError):
+    code = "parameter_missing"
+    default_message = "A required parameter is missing."
+
+
+class ParameterUnknown(InvalidRequestError):
+    code = "parameter_unknown"
+    default_message = "The request contains a parameter that is not recognized."
+
+
+class ResourceMissing(InvalidRequestError):
+    code = "resource_missing"
+    http_status = 404
+    default_message = "No such object."
+
+
+class UrlNotFound(InvalidRequestError):
+    code = "url_invalid"
+    http_status = 404
+    default_message = "Unrecognized request URL."
+
+
+class MethodNotAllowed(InvalidRequestError):
+    code = "method_not_allowed"
+    http_status = 405
+    default_message = "This method is not allowed on this URL."
+
+
+class RequestTooLarge(InvalidRequestError):
+    code = "request_too_large"
+    http_status = 413
+    default_message = "The request body is too large."
+
+
+class UnsupportedMediaType(InvalidRequestError):
+    code = "unsupported_media_type"
+    http_status = 415
+    default_message = (
+        "Send the body as application/x-www-form-urlencoded or application/json."
+    )
+
+
+# --- card_error ----------------------------------------------------------------------
+
+
+class CardError(CardVaultError):
+    type = "card_error"
+    code = "card_declined"
+    http_status = 402
+    default_message = "The card was declined."
+
+
+class IncorrectNumber(CardError):
+    code = "incorrect_number"
+    default_message = "Your card number is incorrect."
+
+
+class InvalidNumber(CardError):
+    code = "invalid_number"
+    default_message = "Your card number is not a valid card number."
+
+
+class InvalidExpiryMonth(CardError):
+    code = "invalid_expiry_month"
+    default_message = "Your card's expiration month is invalid."
+
+
+class InvalidExpiryYear(CardError):
+    code = "invalid_expiry_year"
+    default_message = "Your card's expiration year is invalid."
+
+
+class ExpiredCard(CardError):
+    code = "expired_card"
+    default_message = "Your card has expired."
+
+
+class InvalidCVC(CardError):
+    code = "invalid_cvc"
+    default_message = "Your card's security code is invalid."
+
+
+# --- idempotency_error ---------------------------------------------------------------
+
+
+class IdempotencyError(CardVaultError):
+    type = "idempotency_error"
+    code = "idempotency_key_reused"
+    http_status = 400
+    default_message = (
+        "Keys for idempotent requests can only be used with the same parameters they "
+        "were first used with."
+    )
+
+
+class IdempotencyKeyInUse(IdempotencyError):
+    code = "idempotency_key_in_use"
+    http_status = 409
+    default_message = (
+        "A request with this idempotency key is still being processed. Retry later."
+    )
+
+
+# --- authentication_error ------------------------------------------------------------
+
+
+class AuthenticationError(CardVaultError):
+    type = "authentication_error"
+    code = "api_key_invalid"
+    http_status = 401
+    default_message = "Invalid API key provided."
+
+
+class ClientCertificateRequired(AuthenticationError):
+    code = "client_certificate_required"
+    default_message = "This endpoint requires a client certificate."
+
+
+# --- permission_error ----------------------------------------------------------------
+
+
+class PermissionDenied(CardVaultError):
+    type = "permission_error"
+    code = "permission_denied"
+    http_status = 403
+    default_message = "The credentials used do not have permission for this request."
+
+
+class IdentityNotAllowed(PermissionDenied):
+    code = "identity_not_allowed"
+    default_message = "The client certificate's identity may not use this endpoint."
+
+
+# --- rate_limit_error ----------------------------------------------------------------
+
+
+class RateLimitError(CardVaultError):
+    type = "rate_limit_error"
+    code = "rate_limit"
+    http_status = 429
+    default_message = "Too many requests. Slow down and retry after the Retry-After delay."
+
+
+def _leaves(cls: type[CardVaultError]) -> list[type[CardVaultError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_leaves(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[CardVaultError]] = {c.code: c for c in _leaves(CardVaultError)}
+
+
+def error_class_for(code: str | None, error_type: str | None = None) -> type[CardVaultError]:
+    """The class for a stable ``code`` (used by the SDK to rebuild typed errors).
+
+    Unknown codes fall back to the class of the Stripe ``type``, then to ``APIError``.
+    """
+    if code and code in _BY_CODE:
+        return _BY_CODE[code]
+    for cls in (
+        InvalidRequestError,
+        CardError,
+        IdempotencyError,
+        AuthenticationError,
+        PermissionDenied,
+        RateLimitError,
+    ):
+        if cls.type == error_type:
+            return cls
+    return APIError
