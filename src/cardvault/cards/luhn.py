@@ -10,7 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-__all__ = ["PAN_MAX_DIGITS", "PAN_MIN_DIGITS", "find_card_numbers", "luhn_valid", "redact_card_numbers"]
+__all__ = [
+    "PAN_MAX_DIGITS",
+    "PAN_MIN_DIGITS",
+    "find_card_numbers",
+    "luhn_valid",
+    "redact_card_numbers",
+]
 
 PAN_MIN_DIGITS = 13
 PAN_MAX_DIGITS = 19

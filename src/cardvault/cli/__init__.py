@@ -1,0 +1,45 @@
+"""The ``cardvault`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from cardvault import __version__
+from cardvault.errors import ConfigurationError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="cardvault",
+    help="cardvault: a self-hosted card-data environment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _register() -> None:
+    from cardvault.cli import certs, up, vault
+
+    app.add_typer(certs.app, name="certs")
+    app.add_typer(vault.app, name="vault")
+    app.command("up")(up.up)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except ConfigurationError as exc:
+        err.print(f"[bold red]configuration error:[/] {exc.message}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,268 @@
+"""The SDK's HTTP client (see the package docstring)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpcore
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cardvault import __version__
+from cardvault.errors import CardVaultError, error_class_for
+from cardvault.transport.tls import TlsProfile, client_context
+
+__all__ = ["Client", "PinMismatch", "TransportError", "spki_sha256"]
+
+_RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+
+
+class TransportError(Exception):
+    """The request could not be completed over the network (after any retries).
+
+    Certificate failures are transport errors too; the original ``ssl`` error is the
+    ``__cause__``. The message never includes request data.
+    """
+
+
+class PinMismatch(TransportError):
+    """The server's public key matches none of the pins. Nothing was sent."""
+
+
+def spki_sha256(der_certificate: bytes) -> str:
+    """Base64 SHA-256 of a certificate's SubjectPublicKeyInfo (the pin format)."""
+    cert = x509.load_der_x509_certificate(der_certificate)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class _PinnedStream(httpcore.NetworkStream):
+    """A network stream that checks the server key pin right after the TLS handshake."""
+
+    def __init__(self, inner: httpcore.NetworkStream, pins: frozenset[str]) -> None:
+        self._inner = inner
+        self._pins = pins
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        ssl_object = stream.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        actual = spki_sha256(der) if der else ""
+        if not any(hmac.compare_digest(actual, pin) for pin in self._pins):
+            stream.close()
+            raise PinMismatch("the server's public key does not match the pinned key")
+        return stream
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _PinningBackend(httpcore.NetworkBackend):
+    def __init__(self, pins: frozenset[str]) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._pins = pins
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _PinnedStream(stream, self._pins)
+
+    def sleep(self, seconds: float) -> None:  # pragma: no cover - httpcore API
+        self._inner.sleep(seconds)
+
+
+class Client:
+    """A synchronous client for a cardvault service.
+
+    ``api_key`` is sent as a bearer token (Stripe's convention). ``ca_bundle`` replaces
+    the system trust store; ``pin_sha256`` additionally pins the server's key;
+    ``client_cert`` = ``(cert_file, key_file)`` authenticates with mutual TLS.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str,
+        ca_bundle: Path | str | None = None,
+        pin_sha256: Iterable[str] | None = None,
+        client_cert: tuple[Path | str, Path | str] | None = None,
+        minimum_tls: TlsProfile = "intermediate",
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+    ) -> None:
+        if not base_url.startswith("https://"):
+            raise ValueError("cardvault speaks HTTPS only: base_url must start with https://")
+        self._api_key = api_key
+        self.max_retries = max_retries
+        self._backoff = backoff
+        ctx = client_context(ca_bundle, minimum=minimum_tls, client_cert=client_cert)
+        transport = httpx.HTTPTransport(verify=ctx, retries=0)
+        pins = frozenset(pin_sha256 or ())
+        if pins:
+            # httpx has no hook between the handshake and the first request byte, so the
+            # pin check lives in the network layer underneath it.
+            transport._pool = httpcore.ConnectionPool(
+                ssl_context=ctx,
+                network_backend=_PinningBackend(pins),
+                retries=0,
+            )
+        self._http = httpx.Client(
+            base_url=base_url,
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": f"cardvault-python/{__version__}"},
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={str(self._http.base_url)!r})"
+
+    # -- requests --------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        json: Any = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Send a request and return the decoded JSON body.
+
+        Raises a :class:`cardvault.errors.CardVaultError` subclass for an error object and
+        :class:`TransportError` when the server could not be reached safely.
+        """
+        method = method.upper()
+        headers: dict[str, str] = {}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        if method == "POST":
+            headers["idempotency-key"] = idempotency_key or str(uuid.uuid4())
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method, path, params=params, data=data, json=json, headers=headers
+                )
+            except PinMismatch:
+                raise
+            except httpx.TransportError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, PinMismatch):
+                    raise PinMismatch(str(cause)) from exc
+                if _is_certificate_error(exc) or attempt >= self.max_retries:
+                    raise TransportError(_describe(exc)) from exc
+            else:
+                if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
+                    return _decode(response)
+            attempt += 1
+            time.sleep(self._backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2))  # noqa: S311
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params or None)
+
+    def post(self, path: str, data: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        return self.request("POST", path, data=data, **kwargs)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def health(self) -> Any:
+        return self.get("/healthz")
+
+
+def _is_certificate_error(exc: Exception) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in type(exc).__name__
+
+
+def _describe(exc: Exception) -> str:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS handshake failed: {seen.reason or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return f"network error: {type(exc).__name__}"
+
+
+def _decode(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_success:
+        return body
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {"type": "api_error", "message": f"HTTP {response.status_code} without an error object"}
+    cls = error_class_for(error.get("code"), error.get("type"))
+    exc: CardVaultError = cls(str(error.get("message", "")), param=error.get("param"))
+    exc.http_body = body  # type: ignore[attr-defined]
+    exc.http_status_received = response.status_code  # type: ignore[attr-defined]
+    exc.request_id = response.headers.get("request-id")  # type: ignore[attr-defined]
+    return _raise(exc)
+
+
+def _raise(exc: CardVaultError) -> Any:
+    raise exc

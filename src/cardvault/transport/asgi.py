@@ -1,0 +1,268 @@
+"""The HTTP layer every cardvault listener shares.
+
+:func:`build_app` turns a list of routes into an ASGI application that:
+
+* renders every error, including unknown URLs, wrong methods and crashes, as Stripe's
+  error object, without echoing anything the caller sent;
+* wraps everything in :class:`SecurityHeaders`, the outermost layer, so that every
+  HTTPS response, errors and redirects included, carries HSTS and the other headers;
+* gives each request an id (``Request-Id`` response header, ``request_id`` on every log
+  line) and writes one scrubbed access-log line per request;
+* serves ``/.well-known/security.txt`` (and redirects the legacy ``/security.txt``).
+
+:func:`redirect_app` is the whole of the plain-HTTP port: a permanent redirect to HTTPS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cardvault.errors import (
+    APIError,
+    CardVaultError,
+    InvalidRequestError,
+    MethodNotAllowed,
+    RequestTooLarge,
+    UrlNotFound,
+)
+from cardvault.logging import bind_request_id, clear_request_context, get_logger
+from cardvault.transport.securitytxt import PATH as SECURITY_TXT_PATH
+
+__all__ = [
+    "HSTS",
+    "SecurityHeaders",
+    "build_app",
+    "error_response",
+    "json_response",
+    "redirect_app",
+]
+
+#: Two years, subdomains, preload: the values hstspreload.org requires for the list.
+HSTS = "max-age=63072000; includeSubDomains; preload"
+#: An API answers JSON and is never a document: it may load nothing and be framed by no one.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+_STATIC_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"strict-transport-security", HSTS.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=()"),
+]
+_DEFAULTS: list[tuple[bytes, bytes]] = [
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", API_CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+]
+_log = get_logger("cardvault.http")
+_access = get_logger("cardvault.access")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_urlsafe(16)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":"), ensure_ascii=False),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(exc: CardVaultError) -> Response:
+    """Stripe's error object for ``exc``, with its HTTP status and headers."""
+    return json_response(exc.to_dict(), status=exc.http_status, headers=exc.headers)
+
+
+class SecurityHeaders:
+    """Outermost ASGI middleware: security headers, request id, access log, last-resort 500.
+
+    The application may set its own ``Cache-Control`` or ``Content-Security-Policy``
+    (the card-entry frame needs a different CSP); everything in ``_STATIC_HEADERS`` is
+    always set and replaces whatever the application said. No ``Server`` header is sent.
+    """
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        clear_request_context()
+        bind_request_id(request_id)
+        started = time.perf_counter()
+        status = 0
+        rid_header = (b"request-id", request_id.encode())
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                drop = {name for name, _ in _STATIC_HEADERS} | {b"server", b"request-id"}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+                have = {k.lower() for k, _ in headers}
+                headers += _STATIC_HEADERS
+                headers += [(k, v) for k, v in _DEFAULTS if k not in have]
+                headers.append(rid_header)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            _log.exception("unhandled error", service=self.service)
+            if status == 0:
+                await error_response(APIError())(scope, receive, send_with_headers)
+        finally:
+            _access.info(
+                "request",
+                service=self.service,
+                method=scope.get("method"),
+                path=scope.get("path"),
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                client=(scope.get("client") or ("", 0))[0],
+            )
+            clear_request_context()
+
+
+async def _cardvault_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CardVaultError)
+    if isinstance(exc, APIError):
+        _log.error("internal error", code=exc.code, cause=repr(exc.__cause__))
+    return error_response(exc)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    leaf: CardVaultError
+    if exc.status_code == 404:
+        leaf = UrlNotFound()
+    elif exc.status_code == 405:
+        leaf = MethodNotAllowed(headers=dict(exc.headers or {}))
+    elif exc.status_code == 413:
+        leaf = RequestTooLarge()
+    elif 400 <= exc.status_code < 500:
+        leaf = InvalidRequestError()
+    else:
+        leaf = APIError()
+    return error_response(leaf)
+
+
+async def _crash(_request: Request, exc: Exception) -> Response:
+    # The message says nothing; the log has the traceback, scrubbed of card data.
+    _log.error("unhandled error", exc_info=exc)
+    return error_response(APIError())
+
+
+def build_app(
+    routes: Sequence[BaseRoute],
+    *,
+    service: str,
+    security_txt: str | None,
+    on_startup: Iterable[Callable[[], Any]] = (),
+    on_shutdown: Iterable[Callable[[], Any]] = (),
+    lifespan: Any = None,
+) -> ASGIApp:
+    """An ASGI app serving ``routes`` with cardvault's error format and security headers."""
+    extra: list[BaseRoute] = []
+    if security_txt is not None:
+        text = security_txt
+
+        async def security_txt_endpoint(_request: Request) -> Response:
+            return PlainTextResponse(
+                text,
+                media_type="text/plain; charset=utf-8",
+                headers={"cache-control": "max-age=3600"},
+            )
+
+        async def legacy_security_txt(_request: Request) -> Response:
+            return RedirectResponse(SECURITY_TXT_PATH, status_code=301)
+
+        extra = [
+            Route(SECURITY_TXT_PATH, security_txt_endpoint, methods=["GET"]),
+            Route("/security.txt", legacy_security_txt, methods=["GET"]),
+        ]
+    app = Starlette(
+        routes=[*routes, *extra],
+        exception_handlers={
+            CardVaultError: _cardvault_error,
+            HTTPException: _http_error,
+            Exception: _crash,
+        },
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False
+    return SecurityHeaders(app, service=service)
+
+
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def redirect_app(*, https_port: int, default_host: str) -> ASGIApp:
+    """The whole plain-HTTP listener: every request gets ``301 Location: https://…``.
+
+    Same host and path (no query), the HTTPS port. A ``Host`` header that is not a plain host name
+    is replaced by ``default_host`` rather than echoed. No body, no other content.
+    """
+    port_part = "" if https_port == 443 else f":{https_port}"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        host = default_host
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                text = value.decode("latin-1")
+                candidate = text.split("]")[0] + "]" if text.startswith("[") else text.split(":")[0]
+                if _HOST.match(candidate):
+                    host = candidate
+                break
+        raw_path = scope.get("raw_path") or scope.get("path", "/").encode()
+        path = raw_path.decode("latin-1")
+        if not path.startswith("/") or path.startswith("//"):
+            path = "/" + path.lstrip("/")
+        # The query string is dropped: a card number pasted into a URL should not be
+        # bounced around again, and the redirect promises only the host and path.
+        location = f"https://{host}{port_part}{path}"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 301,
+                "headers": [
+                    (b"location", location.encode("latin-1")),
+                    (b"content-length", b"0"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    return app

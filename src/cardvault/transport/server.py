@@ -1,0 +1,193 @@
+"""Run ASGI applications on TLS listeners (uvicorn + httptools), several in one process.
+
+uvicorn 0.54 does not give applications the ASGI TLS extension, so
+:class:`TlsHttpProtocol` adds it: when a connection is made it reads the verified peer
+certificate once and every request on that connection carries
+``scope["extensions"]["tls"]`` with the ASGI spec's keys (``client_cert_chain``,
+``client_cert_name``, ``tls_version``, ``cipher_suite`` …) plus ``client_identity``, the
+``spiffe://cardvault/<identity>`` name of a verified client certificate (mutual TLS).
+
+Every HTTPS listener gets its context from :func:`cardvault.transport.tls.server_context`;
+a plain listener exists only to redirect (:func:`cardvault.transport.asgi.redirect_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from cardvault.logging import get_logger
+from cardvault.transport.identity import identity_from_peercert
+
+__all__ = ["Listener", "TlsHttpProtocol", "bind", "build_server", "run_until_stopped", "serve"]
+
+_log = get_logger("cardvault.server")
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
+    """The ASGI TLS extension for one connection (computed once per connection)."""
+    peer = ssl_object.getpeercert()
+    der = ssl_object.getpeercert(binary_form=True)
+    chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+    subject = ""
+    if peer:
+        subject = ",".join(
+            f"{k}={v}" for rdn in peer.get("subject", ()) for (k, v) in rdn
+        )
+    cipher = ssl_object.cipher()
+    return {
+        "server_cert": None,
+        "client_cert_chain": chain,
+        "client_cert_name": subject or None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or "", None),
+        "cipher_suite": None,
+        "cipher_name": cipher[0] if cipher else None,
+        "client_identity": identity_from_peercert(peer),
+    }
+
+
+class TlsHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus the ASGI TLS extension."""
+
+    _tls_ext: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._tls_ext = tls_extension(ssl_object) if ssl_object is not None else None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls_ext is not None:
+            self.scope["extensions"] = {"tls": self._tls_ext}  # type: ignore[typeddict-unknown-key]
+
+
+@dataclass
+class Listener:
+    """One socket: an app, an address, and either a TLS context or nothing (redirect)."""
+
+    name: str
+    app: Callable[..., Any]
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+
+
+def build_server(listener: Listener, *, limit_concurrency: int | None = None) -> uvicorn.Server:
+    ctx = listener.ssl_context
+    config = uvicorn.Config(
+        listener.app,
+        host=listener.host,
+        port=listener.port,
+        http=TlsHttpProtocol,
+        loop="uvloop",
+        lifespan="auto",
+        ws="none",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_keep_alive=30,
+        limit_concurrency=limit_concurrency,
+        # The context is built by cardvault.transport.tls, never by uvicorn's defaults.
+        ssl_context_factory=(lambda _config, _default: ctx) if ctx is not None else None,
+        h11_max_incomplete_event_size=16 * 1024,
+    )
+    return uvicorn.Server(config)
+
+
+def bind(listener: Listener) -> socket.socket:
+    """Bind the listener's socket now, so that a port in use is a clear error at once."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listener.host, listener.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {listener.host}:{listener.port} for {listener.name}: "
+            f"{exc.strerror} (is another process using the port?)",
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(
+    listeners: Sequence[Listener],
+    *,
+    ready: Callable[[], Any] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve every listener until SIGINT/SIGTERM (or ``stop`` is set), then shut down all.
+
+    Every socket is bound before any server starts; a port in use raises ``OSError``
+    naming it, and nothing is left listening.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for lst in listeners:
+            sockets.append(bind(lst))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    servers = [build_server(lst) for lst in listeners]
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+            pass
+
+    # uvicorn's public serve() installs its own signal handlers per server; _serve() is
+    # the same without them, so one handler here stops every listener together.
+    tasks = [
+        asyncio.create_task(server._serve(sockets=[sock]), name=f"listener:{lst.name}")
+        for server, lst, sock in zip(servers, listeners, sockets, strict=True)
+    ]
+    try:
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                raise RuntimeError("a listener stopped during start-up")
+            await asyncio.sleep(0.01)
+        for lst in listeners:
+            scheme = "https" if lst.ssl_context else "http"
+            _log.info("listening", listener=lst.name, url=f"{scheme}://{lst.host}:{lst.port}")
+        if ready is not None:
+            ready()
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+    finally:
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in sockets:
+            sock.close()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def run_until_stopped(
+    listeners: Sequence[Listener], *, ready: Callable[[], Any] | None = None
+) -> None:
+    """Serve ``listeners`` on a uvloop event loop until SIGINT/SIGTERM."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(listeners, ready=ready))

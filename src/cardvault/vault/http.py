@@ -1,0 +1,44 @@
+"""The vault's HTTP endpoints: one handler per endpoint, registered in the lists below."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from cardvault import __version__
+from cardvault.transport.asgi import json_response
+from cardvault.transport.identity import require_identity
+
+__all__ = ["admin_routes", "public_routes"]
+
+
+async def healthz(_request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def noop(_request: Request) -> Response:
+    """The cheapest authenticated-path-free endpoint; benchmarks compare against it."""
+    return json_response({"object": "noop"})
+
+
+def public_routes() -> list[BaseRoute]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/noop", noop, methods=["GET", "POST"]),
+    ]
+
+
+def admin_routes(allowed_identities: Collection[str]) -> list[BaseRoute]:
+    allowed = frozenset(allowed_identities)
+
+    async def whoami(request: Request) -> Response:
+        identity = require_identity(request.scope, allowed)
+        return json_response({"object": "identity", "identity": identity, "version": __version__})
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/admin/whoami", whoami, methods=["GET"]),
+    ]
