@@ -42,7 +42,7 @@ def draw_nonce(nonce_source_for_tests: NonceSource | None) -> bytes:
     """96 random bits, or the test-only source's bytes when one is given.
 
     With random 96-bit nonces, NIST SP 800-38D allows at most 2**32 encryptions per key;
-    data keys are rotated long before that (DESIGN.md, "Key hierarchy").
+    the key service bounds the use of each data key far below that (DESIGN.md).
     """
     if nonce_source_for_tests is None:
         return secrets.token_bytes(GCM_NONCE_SIZE)
@@ -151,7 +151,7 @@ class Reader:
     """96 random bits, or the test-only source's bytes when one is given.
 
     With random 96-bit nonces, NIST SP 800-38D allows at most 2**32 encryptions per key;
-    data keys are rotated long before that (DESIGN.md, "Key hierarchy").
+    the key service bounds the use of each data key far below that (DESIGN.md).
     """
     if nonce_source_for_tests is None:
         return secrets.token_bytes(GCM_NONCE_SIZE)
