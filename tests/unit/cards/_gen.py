@@ -65,8 +65,13 @@ def card_numbers(draw: st.DrawFn, brand: str | None = None) -> tuple[str, str]:
     prefixes, lengths = SPEC[brand]
     prefix = draw(st.sampled_from(prefixes))
     length = draw(st.sampled_from(lengths))
-    body = draw(st.text(alphabet="0123456789", min_size=length - len(prefix) - 1,
-                        max_size=length - len(prefix) - 1))
+    body = draw(
+        st.text(
+            alphabet="0123456789",
+            min_size=length - len(prefix) - 1,
+            max_size=length - len(prefix) - 1,
+        )
+    )
     return brand, complete(prefix + body)
 
 

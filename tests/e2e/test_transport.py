@@ -1,0 +1,180 @@
+"""The vault's listeners, as a real process over real TLS: headers, redirects,
+security.txt, mutual TLS and identity authorization."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import sectxt
+from conftest import VaultProcess
+from helpers import Pki, ThreadedServers, free_port
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cardvault.transport.asgi import HSTS, build_app
+from cardvault.transport.server import Listener
+from cardvault.transport.tls import client_context, server_context
+
+
+@pytest.fixture(scope="module")
+def https(pki: Pki) -> Iterator[httpx.Client]:
+    with httpx.Client(verify=client_context(pki.ca_file), trust_env=False, follow_redirects=False) as c:
+        yield c
+
+
+def assert_security_headers(response: httpx.Response) -> None:
+    assert response.headers["strict-transport-security"] == HSTS
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "server" not in response.headers
+    assert response.headers["request-id"].startswith("req_")
+
+
+def test_healthz_answers_200_with_hsts_and_security_headers(vault: VaultProcess, https: httpx.Client) -> None:
+    r = https.get(f"{vault.url}/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+    assert_security_headers(r)
+    assert r.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+def test_unknown_url_is_a_stripe_404_with_hsts(vault: VaultProcess, https: httpx.Client) -> None:
+    r = https.get(f"{vault.url}/v1/nothing-here")
+    assert r.status_code == 404
+    assert_security_headers(r)
+    assert r.json() == {
+        "error": {
+            "type": "invalid_request_error",
+            "code": "url_invalid",
+            "message": "Unrecognized request URL.",
+        }
+    }
+
+
+def test_wrong_method_is_a_stripe_405_with_hsts(vault: VaultProcess, https: httpx.Client) -> None:
+    r = https.delete(f"{vault.url}/healthz")
+    assert r.status_code == 405
+    assert_security_headers(r)
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_legacy_security_txt_is_a_301_with_hsts(vault: VaultProcess, https: httpx.Client) -> None:
+    r = https.get(f"{vault.url}/security.txt")
+    assert r.status_code == 301
+    assert r.headers["location"] == "/.well-known/security.txt"
+    assert_security_headers(r)
+
+
+def test_error_response_never_echoes_the_requested_path(vault: VaultProcess, https: httpx.Client) -> None:
+    canary = "4242424242424242"
+    r = https.get(f"{vault.url}/v1/{canary}")
+    assert r.status_code == 404
+    assert canary not in r.text
+    assert canary not in str(r.headers)
+
+
+def test_security_txt_validates_with_sectxt(vault: VaultProcess, https: httpx.Client) -> None:
+    url = f"{vault.url}/.well-known/security.txt"
+    r = https.get(url)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/plain; charset=utf-8"
+    assert_security_headers(r)
+    parser = sectxt.Parser(r.content, urls=url)
+    assert parser.is_valid(), parser.errors
+    assert parser.errors == []
+    assert "Canonical: " + url in r.text
+
+
+def test_redirect_port_answers_everything_with_a_301_to_https(vault: VaultProcess) -> None:
+    with httpx.Client(trust_env=False, follow_redirects=False) as plain:
+        for method, path in [("GET", "/healthz"), ("POST", "/v1/payment_methods"), ("GET", "/a/b?c=d")]:
+            r = plain.request(method, f"http://localhost:{vault.redirect_port}{path}")
+            assert r.status_code == 301
+            assert r.headers["location"] == f"https://localhost:{vault.port}{path.split('?')[0]}"
+            assert r.content == b""
+            assert "strict-transport-security" not in r.headers  # meaningless over HTTP (RFC 6797 §7.2)
+
+
+def test_redirect_port_does_not_echo_a_hostile_host_header(vault: VaultProcess) -> None:
+    with httpx.Client(trust_env=False, follow_redirects=False) as plain:
+        r = plain.get(
+            f"http://127.0.0.1:{vault.redirect_port}/x", headers={"host": "evil.example/<script>"}
+        )
+    assert r.status_code == 301
+    assert r.headers["location"] == f"https://localhost:{vault.port}/x"
+
+
+def test_redirect_port_serves_no_tls(vault: VaultProcess, pki: Pki) -> None:
+    with socket.create_connection(("127.0.0.1", vault.redirect_port)) as raw:
+        with pytest.raises(ssl.SSLError):
+            client_context(pki.ca_file).wrap_socket(raw, server_hostname="localhost")
+
+
+def test_https_port_refuses_plain_http(vault: VaultProcess) -> None:
+    with httpx.Client(trust_env=False) as plain, pytest.raises(httpx.HTTPError):
+        plain.get(f"http://localhost:{vault.port}/healthz")
+
+
+def test_hsts_is_sent_on_500_responses(pki: Pki) -> None:
+    async def boom(_request: Request) -> Response:
+        raise RuntimeError("an internal failure holding 4242424242424242")
+
+    cert, key = pki.cert("vault")
+    port = free_port()
+    app = build_app([Route("/boom", boom)], service="test", security_txt=None)
+    with ThreadedServers([Listener("t", app, "127.0.0.1", port, server_context(cert, key))]):
+        with httpx.Client(verify=client_context(pki.ca_file), trust_env=False) as c:
+            r = c.get(f"https://localhost:{port}/boom")
+    assert r.status_code == 500
+    assert_security_headers(r)
+    assert r.json() == {"error": {"type": "api_error", "code": "api_error", "message": "An internal error occurred."}}
+    assert "4242" not in r.text
+
+
+# --- mutual TLS on the admin listener -------------------------------------------------
+
+
+def admin_client(pki: Pki, cert: str | None) -> httpx.Client:
+    pair = pki.cert(cert) if cert else None
+    return httpx.Client(verify=client_context(pki.ca_file, client_cert=pair), trust_env=False)
+
+
+def test_admin_identity_is_authorized(vault: VaultProcess, pki: Pki) -> None:
+    with admin_client(pki, "admin") as c:
+        r = c.get(f"{vault.admin_url}/v1/admin/whoami")
+    assert r.status_code == 200
+    assert r.json()["identity"] == "admin"
+    assert_security_headers(r)
+
+
+def test_valid_certificate_of_another_identity_gets_403(vault: VaultProcess, pki: Pki) -> None:
+    with admin_client(pki, "shop") as c:
+        r = c.get(f"{vault.admin_url}/v1/admin/whoami")
+    assert r.status_code == 403
+    assert r.json()["error"]["type"] == "permission_error"
+    assert r.json()["error"]["code"] == "identity_not_allowed"
+    assert_security_headers(r)
+
+
+def test_admin_listener_fails_the_handshake_without_a_client_certificate(
+    vault: VaultProcess, pki: Pki
+) -> None:
+    with admin_client(pki, None) as c, pytest.raises(httpx.HTTPError):
+        c.get(f"{vault.admin_url}/v1/admin/whoami")
+
+
+def test_admin_listener_refuses_a_certificate_from_another_ca(vault: VaultProcess, pki: Pki) -> None:
+    with admin_client(pki, "rogue-admin") as c, pytest.raises(httpx.HTTPError):
+        c.get(f"{vault.admin_url}/v1/admin/whoami")
+
+
+def test_public_listener_does_not_expose_admin_routes(vault: VaultProcess, https: httpx.Client) -> None:
+    r = https.get(f"{vault.url}/v1/admin/whoami")
+    assert r.status_code == 404
