@@ -203,7 +203,11 @@ def _build(
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(
-                typing.cast(type[Any], hint), data.get(name, {}), env, prefix=f"{dotted}.", base=base
+                typing.cast(type[Any], hint),
+                data.get(name, {}),
+                env,
+                prefix=f"{dotted}.",
+                base=base,
             )
             continue
         raw: Any = MISSING

@@ -204,9 +204,7 @@ class RequestTooLarge(InvalidRequestError):
 class UnsupportedMediaType(InvalidRequestError):
     code = "unsupported_media_type"
     http_status = 415
-    default_message = (
-        "Send the body as application/x-www-form-urlencoded or application/json."
-    )
+    default_message = "Send the body as application/x-www-form-urlencoded or application/json."
 
 
 # --- card_error ----------------------------------------------------------------------
@@ -265,9 +263,7 @@ class IdempotencyError(CardVaultError):
 class IdempotencyKeyInUse(IdempotencyError):
     code = "idempotency_key_in_use"
     http_status = 409
-    default_message = (
-        "A request with this idempotency key is still being processed. Retry later."
-    )
+    default_message = "A request with this idempotency key is still being processed. Retry later."
 
 
 # --- authentication_error ------------------------------------------------------------

@@ -112,7 +112,9 @@ def configure_logging(
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     shared = _shared_processors()
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)

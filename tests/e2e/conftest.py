@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from helpers import Pki, cardvault_process, free_port, wait_for_port
 
 
@@ -27,7 +28,9 @@ class VaultProcess:
         return f"https://localhost:{self.admin_port}"
 
 
-def write_vault_config(directory: Path, pki: Pki, *, profile: str = "intermediate") -> tuple[Path, VaultProcess]:
+def write_vault_config(
+    directory: Path, pki: Pki, *, profile: str = "intermediate"
+) -> tuple[Path, VaultProcess]:
     port, redirect_port, admin_port = free_port(), free_port(), free_port()
     cert, key = pki.cert("vault")
     config = directory / "vault.toml"
@@ -46,7 +49,9 @@ def write_vault_config(directory: Path, pki: Pki, *, profile: str = "intermediat
 
 
 @contextlib.contextmanager
-def running_vault(directory: Path, pki: Pki, *, profile: str = "intermediate") -> Iterator[VaultProcess]:
+def running_vault(
+    directory: Path, pki: Pki, *, profile: str = "intermediate"
+) -> Iterator[VaultProcess]:
     config, info = write_vault_config(directory, pki, profile=profile)
     with cardvault_process(["vault", "serve", "--config", str(config)], log=info.log) as proc:
         for port in (info.port, info.redirect_port, info.admin_port):

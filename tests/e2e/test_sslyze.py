@@ -10,14 +10,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from cardvault.transport.asgi import HSTS
 from conftest import VaultProcess, running_vault
 from helpers import ROOT, Pki
 
-from cardvault.transport.asgi import HSTS
-
 
 def sslyze_binary() -> str:
-    candidates = [os.environ.get("CARDVAULT_SSLYZE"), str(ROOT / ".venv-tools/bin/sslyze"), shutil.which("sslyze")]
+    candidates = [
+        os.environ.get("CARDVAULT_SSLYZE"),
+        str(ROOT / ".venv-tools/bin/sslyze"),
+        shutil.which("sslyze"),
+    ]
     for c in candidates:
         if c and Path(c).exists():
             return c
@@ -78,7 +82,9 @@ def test_vault_listener_is_compliant_with_mozilla_modern_when_selected(
 
 
 @pytest.mark.slow
-def test_intermediate_listener_is_not_reported_modern(vault: VaultProcess, pki: Pki, tmp_path: Path) -> None:
+def test_intermediate_listener_is_not_reported_modern(
+    vault: VaultProcess, pki: Pki, tmp_path: Path
+) -> None:
     # The scanner can fail: the default profile keeps TLS 1.2, which "modern" forbids.
     code, _report, output = scan(vault.port, pki, "modern", tmp_path / "out.json")
     assert code != 0, output

@@ -10,8 +10,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import sectxt
-from conftest import VaultProcess
-from helpers import Pki, ThreadedServers, free_port
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -19,11 +17,15 @@ from starlette.routing import Route
 from cardvault.transport.asgi import HSTS, build_app
 from cardvault.transport.server import Listener
 from cardvault.transport.tls import client_context, server_context
+from conftest import VaultProcess
+from helpers import Pki, ThreadedServers, free_port
 
 
 @pytest.fixture(scope="module")
 def https(pki: Pki) -> Iterator[httpx.Client]:
-    with httpx.Client(verify=client_context(pki.ca_file), trust_env=False, follow_redirects=False) as c:
+    with httpx.Client(
+        verify=client_context(pki.ca_file), trust_env=False, follow_redirects=False
+    ) as c:
         yield c
 
 
@@ -35,7 +37,9 @@ def assert_security_headers(response: httpx.Response) -> None:
     assert response.headers["request-id"].startswith("req_")
 
 
-def test_healthz_answers_200_with_hsts_and_security_headers(vault: VaultProcess, https: httpx.Client) -> None:
+def test_healthz_answers_200_with_hsts_and_security_headers(
+    vault: VaultProcess, https: httpx.Client
+) -> None:
     r = https.get(f"{vault.url}/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ok"}
@@ -72,7 +76,9 @@ def test_legacy_security_txt_is_a_301_with_hsts(vault: VaultProcess, https: http
     assert_security_headers(r)
 
 
-def test_error_response_never_echoes_the_requested_path(vault: VaultProcess, https: httpx.Client) -> None:
+def test_error_response_never_echoes_the_requested_path(
+    vault: VaultProcess, https: httpx.Client
+) -> None:
     canary = "4242424242424242"
     r = https.get(f"{vault.url}/v1/{canary}")
     assert r.status_code == 404
@@ -94,12 +100,18 @@ def test_security_txt_validates_with_sectxt(vault: VaultProcess, https: httpx.Cl
 
 def test_redirect_port_answers_everything_with_a_301_to_https(vault: VaultProcess) -> None:
     with httpx.Client(trust_env=False, follow_redirects=False) as plain:
-        for method, path in [("GET", "/healthz"), ("POST", "/v1/payment_methods"), ("GET", "/a/b?c=d")]:
+        for method, path in [
+            ("GET", "/healthz"),
+            ("POST", "/v1/payment_methods"),
+            ("GET", "/a/b?c=d"),
+        ]:
             r = plain.request(method, f"http://localhost:{vault.redirect_port}{path}")
             assert r.status_code == 301
             assert r.headers["location"] == f"https://localhost:{vault.port}{path.split('?')[0]}"
             assert r.content == b""
-            assert "strict-transport-security" not in r.headers  # meaningless over HTTP (RFC 6797 §7.2)
+            assert (
+                "strict-transport-security" not in r.headers
+            )  # meaningless over HTTP (RFC 6797 §7.2)
 
 
 def test_redirect_port_does_not_echo_a_hostile_host_header(vault: VaultProcess) -> None:
@@ -134,7 +146,13 @@ def test_hsts_is_sent_on_500_responses(pki: Pki) -> None:
             r = c.get(f"https://localhost:{port}/boom")
     assert r.status_code == 500
     assert_security_headers(r)
-    assert r.json() == {"error": {"type": "api_error", "code": "api_error", "message": "An internal error occurred."}}
+    assert r.json() == {
+        "error": {
+            "type": "api_error",
+            "code": "api_error",
+            "message": "An internal error occurred.",
+        }
+    }
     assert "4242" not in r.text
 
 
@@ -170,11 +188,15 @@ def test_admin_listener_fails_the_handshake_without_a_client_certificate(
         c.get(f"{vault.admin_url}/v1/admin/whoami")
 
 
-def test_admin_listener_refuses_a_certificate_from_another_ca(vault: VaultProcess, pki: Pki) -> None:
+def test_admin_listener_refuses_a_certificate_from_another_ca(
+    vault: VaultProcess, pki: Pki
+) -> None:
     with admin_client(pki, "rogue-admin") as c, pytest.raises(httpx.HTTPError):
         c.get(f"{vault.admin_url}/v1/admin/whoami")
 
 
-def test_public_listener_does_not_expose_admin_routes(vault: VaultProcess, https: httpx.Client) -> None:
+def test_public_listener_does_not_expose_admin_routes(
+    vault: VaultProcess, https: httpx.Client
+) -> None:
     r = https.get(f"{vault.url}/v1/admin/whoami")
     assert r.status_code == 404

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +45,13 @@ def prepare(state: Path, *, vault_port: int, redirect_port: int, admin_port: int
     vault_dir = _zone_dir(state, "vault")
     vault_cert = vault_dir / "vault.pem"
     if not vault_cert.exists():
-        ca.issue("vault", dns=["localhost"], ips=["127.0.0.1", "::1"], client_identity="vault", out_dir=vault_dir)
+        ca.issue(
+            "vault",
+            dns=["localhost"],
+            ips=["127.0.0.1", "::1"],
+            client_identity="vault",
+            out_dir=vault_dir,
+        )
     # Each zone keeps its own copy of the CA certificate: no file is shared across zones.
     write_private(vault_dir / CA_CERT_FILE, ca_pem)
 
@@ -61,7 +66,9 @@ def prepare(state: Path, *, vault_port: int, redirect_port: int, admin_port: int
         f'host = "127.0.0.1"\nport = {vault_port}\nredirect_port = {redirect_port}\n'
         f'cert_file = "{vault_dir / "vault.pem"}"\nkey_file = "{vault_dir / "vault.key"}"\n\n'
         "[admin]\n"
-        f'port = {admin_port}\nclient_ca_file = "{vault_dir / CA_CERT_FILE}"\nallowed_identities = ["admin"]\n'
+        f"port = {admin_port}\n"
+        f'client_ca_file = "{vault_dir / CA_CERT_FILE}"\n'
+        'allowed_identities = ["admin"]\n'
     )
     write_private(vault_dir / "vault.toml", config.encode())
     return {
@@ -84,7 +91,9 @@ def _wait_healthy(url: str, ca: str, proc: subprocess.Popen[bytes], deadline: fl
     with Client(base_url=url, ca_bundle=ca, max_retries=0, timeout=2, connect_timeout=1) as client:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the process serving {url} exited with status {proc.returncode}")
+                raise RuntimeError(
+                    f"the process serving {url} exited with status {proc.returncode}"
+                )
             try:
                 client.health()
                 return
@@ -97,7 +106,9 @@ def _wait_healthy(url: str, ca: str, proc: subprocess.Popen[bytes], deadline: fl
 def up(
     state: Annotated[Path, typer.Option("--state", help="State directory.")] = Path(".cardvault"),
     vault_port: Annotated[int, typer.Option(help="The vault's HTTPS port.")] = 8443,
-    redirect_port: Annotated[int, typer.Option(help="The vault's HTTP port (redirects only).")] = 8080,
+    redirect_port: Annotated[
+        int, typer.Option(help="The vault's HTTP port (redirects only).")
+    ] = 8080,
     admin_port: Annotated[int, typer.Option(help="The vault's admin API port (mTLS).")] = 8447,
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C."""
@@ -123,7 +134,15 @@ def up(
         os.chmod(info["vault"]["log"], 0o600)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "cardvault", "vault", "serve", "--config", info["vault"]["config"]],
+                [
+                    sys.executable,
+                    "-m",
+                    "cardvault",
+                    "vault",
+                    "serve",
+                    "--config",
+                    info["vault"]["config"],
+                ],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
@@ -131,8 +150,12 @@ def up(
         )
         _wait_healthy(info["vault"]["url"], info["ca_bundle"], procs[0], time.monotonic() + 30)
         write_private(stack_file, json.dumps(info, indent=2).encode())
-        out.print(f"vault      {info['vault']['url']}  (health: /healthz, security.txt: /.well-known/security.txt)")
-        out.print(f"redirect   {info['vault']['redirect_url']}  (answers only with a redirect to HTTPS)")
+        out.print(
+            f"vault      {info['vault']['url']}  (/healthz, /.well-known/security.txt)"
+        )
+        out.print(
+            f"redirect   {info['vault']['redirect_url']}  (answers only with a redirect to HTTPS)"
+        )
         out.print(f"admin API  {info['vault']['admin_url']}  (mutual TLS, identity 'admin')")
         out.print(f"CA bundle  {info['ca_bundle']}")
         out.print(f"stack      {stack_file}")
@@ -140,7 +163,9 @@ def up(
         while not stopping:
             for proc in procs:
                 if proc.poll() is not None:
-                    err.print(f"[red]a service exited with status {proc.returncode}; see {info['vault']['log']}[/]")
+                    err.print(
+                        f"[red]a service exited ({proc.returncode}); see {info['vault']['log']}[/]"
+                    )
                     stopping = True
             time.sleep(0.2)
     except RuntimeError as exc:
@@ -160,4 +185,3 @@ def up(
 
 
 __all__ = ["prepare", "up"]
-_ = shutil

@@ -16,7 +16,8 @@ app = typer.Typer(help="The vault: the card-data environment's service.", no_arg
 @app.command("serve")
 def serve(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="A TOML settings file (see docs/configuration.md).")
+        Path | None,
+        typer.Option("--config", "-c", help="A TOML settings file (see docs/configuration.md)."),
     ] = None,
 ) -> None:
     """Run the vault until SIGINT/SIGTERM. Settings come from --config and CARDVAULT_* variables."""

@@ -175,7 +175,9 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
@@ -189,7 +191,9 @@ class CertificateAuthority:
         return IssuedCertificate(cert_path, key_path, cert)
 
 
-def init_ca(directory: Path, *, common_name: str = "cardvault deployment CA") -> CertificateAuthority:
+def init_ca(
+    directory: Path, *, common_name: str = "cardvault deployment CA"
+) -> CertificateAuthority:
     """Create a new deployment CA in ``directory`` (``ca.pem``, ``ca.key``, both 0600).
 
     Refuses to overwrite an existing CA: replacing it would orphan every certificate it

@@ -41,7 +41,7 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
     subject = ""
     if peer:
         subject = ",".join(
-            f"{k}={v}" for rdn in peer.get("subject", ()) for (k, v) in rdn
+            f"{pair[0]}={pair[1]}" for rdn in peer.get("subject", ()) for pair in rdn
         )
     cipher = ssl_object.cipher()
     return {
@@ -49,7 +49,7 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
         "client_cert_chain": chain,
         "client_cert_name": subject or None,
         "client_cert_error": None,
-        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or "", None),
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": None,
         "cipher_name": cipher[0] if cipher else None,
         "client_identity": identity_from_peercert(peer),
@@ -69,7 +69,7 @@ class TlsHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls_ext is not None:
-            self.scope["extensions"] = {"tls": self._tls_ext}  # type: ignore[typeddict-unknown-key]
+            self.scope["extensions"] = {"tls": self._tls_ext}  # type: ignore[dict-item]
 
 
 @dataclass
@@ -146,7 +146,7 @@ async def serve(
     servers = [build_server(lst) for lst in listeners]
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    handled: list[int] = []
+    handled: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)

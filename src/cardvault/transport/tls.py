@@ -95,9 +95,7 @@ def server_context(
     if profile not in ("intermediate", "modern"):
         raise ValueError(f"unknown TLS profile {profile!r}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if profile == "modern" else ssl.TLSVersion.TLSv1_2
-    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if profile == "modern" else ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
@@ -129,9 +127,7 @@ def client_context(
     ctx = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(ca_bundle) if ca_bundle is not None else None
     )
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if minimum == "modern" else ssl.TLSVersion.TLSv1_2
-    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if minimum == "modern" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

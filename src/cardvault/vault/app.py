@@ -67,7 +67,10 @@ def build_listeners(settings: VaultSettings) -> list[Listener]:
             )
         try:
             admin_ctx = server_context(
-                srv.cert_file, srv.key_file, profile=srv.tls_profile, client_ca_file=adm.client_ca_file
+                srv.cert_file,
+                srv.key_file,
+                profile=srv.tls_profile,
+                client_ca_file=adm.client_ca_file,
             )
         except (OSError, ValueError) as exc:
             raise ConfigurationError("cannot load admin.client_ca_file") from exc
@@ -75,7 +78,9 @@ def build_listeners(settings: VaultSettings) -> list[Listener]:
             Listener(
                 "admin",
                 build_app(
-                    admin_routes(adm.allowed_identities), service="vault-admin", security_txt=security_txt
+                    admin_routes(adm.allowed_identities),
+                    service="vault-admin",
+                    security_txt=security_txt,
                 ),
                 adm.host,
                 adm.port,
@@ -87,7 +92,9 @@ def build_listeners(settings: VaultSettings) -> list[Listener]:
 
 def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> None:
     """Run the vault in this process until SIGINT/SIGTERM."""
-    configure_logging(profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format)
+    configure_logging(
+        profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format
+    )
     if settings.profile == "development":
         _log.warning(
             "DEVELOPMENT PROFILE: this vault runs with development settings; "
