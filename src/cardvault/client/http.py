@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, get_args
 
 import httpcore
 import httpx
@@ -49,6 +49,25 @@ def spki_sha256(der_certificate: bytes) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
+def _normalize_pins(pin_sha256: Iterable[str] | str | None) -> frozenset[str]:
+    """The pins as a set, each checked to be base64 of a 32-byte SHA-256 digest.
+
+    A single string is one pin (iterating it would give a set of characters, which
+    would refuse every server with a confusing PinMismatch).
+    """
+    if pin_sha256 is None:
+        return frozenset()
+    pins = frozenset([pin_sha256] if isinstance(pin_sha256, str) else pin_sha256)
+    for pin in pins:
+        try:
+            ok = isinstance(pin, str) and len(base64.b64decode(pin, validate=True)) == 32
+        except ValueError:  # binascii.Error included
+            ok = False
+        if not ok:
+            raise ValueError("each pin_sha256 must be base64 of a 32-byte SHA-256 digest")
+    return pins
+
+
 class _PinnedStream(httpcore.NetworkStream):
     """A network stream that checks the server key pin right after the TLS handshake."""
 
@@ -72,10 +91,17 @@ class _PinnedStream(httpcore.NetworkStream):
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
         stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
-        ssl_object = stream.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        actual = spki_sha256(der) if der else ""
-        if not any(hmac.compare_digest(actual, pin) for pin in self._pins):
+        try:
+            ssl_object = stream.get_extra_info("ssl_object")
+            # httpcore hands out the low-level _ssl._SSLSocket here, whose getpeercert
+            # takes its argument by position only.
+            der = ssl_object.getpeercert(True) if ssl_object is not None else None
+            actual = spki_sha256(der) if der else ""
+            matched = any(hmac.compare_digest(actual.encode(), pin.encode()) for pin in self._pins)
+        except BaseException:
+            stream.close()
+            raise
+        if not matched:
             stream.close()
             raise PinMismatch("the server's public key does not match the pinned key")
         return stream
@@ -118,7 +144,7 @@ class Client:
         *,
         base_url: str,
         ca_bundle: Path | str | None = None,
-        pin_sha256: Iterable[str] | None = None,
+        pin_sha256: Iterable[str] | str | None = None,
         client_cert: tuple[Path | str, Path | str] | None = None,
         minimum_tls: TlsProfile = "intermediate",
         timeout: float = 30.0,
@@ -128,12 +154,15 @@ class Client:
     ) -> None:
         if not base_url.startswith("https://"):
             raise ValueError("cardvault speaks HTTPS only: base_url must start with https://")
+        if minimum_tls not in get_args(TlsProfile):
+            # client_context would quietly treat an unknown profile as "intermediate".
+            raise ValueError(f"minimum_tls must be one of {get_args(TlsProfile)}")
         self._api_key = api_key
         self.max_retries = max_retries
         self._backoff = backoff
         ctx = client_context(ca_bundle, minimum=minimum_tls, client_cert=client_cert)
         transport = httpx.HTTPTransport(verify=ctx, retries=0)
-        pins = frozenset(pin_sha256 or ())
+        pins = _normalize_pins(pin_sha256)
         if pins:
             # httpx has no hook between the handshake and the first request byte, so the
             # pin check lives in the network layer underneath it.
@@ -187,6 +216,10 @@ class Client:
         Raises a :class:`cardvault.errors.CardVaultError` subclass for an error object and
         :class:`TransportError` when the server could not be reached safely.
         """
+        if not httpx.URL(path).is_relative_url:
+            # httpx would send an absolute URL as is, ignoring base_url: over plain HTTP
+            # or to another host, with the API key in the Authorization header.
+            raise ValueError("path must be relative to base_url, e.g. '/v1/tokens'")
         method = method.upper()
         headers: dict[str, str] = {}
         if self._api_key:
@@ -255,9 +288,20 @@ def _decode(response: httpx.Response) -> Any:
         return body
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        error = {"type": "api_error", "message": f"HTTP {response.status_code} without an error object"}
-    cls = error_class_for(error.get("code"), error.get("type"))
-    exc: CardVaultError = cls(str(error.get("message", "")), param=error.get("param"))
+        error = {
+            "type": "api_error",
+            "message": f"HTTP {response.status_code} without an error object",
+        }
+    code, error_type, param = error.get("code"), error.get("type"), error.get("param")
+    cls = error_class_for(
+        code if isinstance(code, str) else None,
+        error_type if isinstance(error_type, str) else None,
+    )
+    message = error.get("message")
+    exc: CardVaultError = cls(
+        message if isinstance(message, str) else None,
+        param=param if isinstance(param, str) else None,
+    )
     exc.http_body = body  # type: ignore[attr-defined]
     exc.http_status_received = response.status_code  # type: ignore[attr-defined]
     exc.request_id = response.headers.get("request-id")  # type: ignore[attr-defined]
