@@ -147,27 +147,7 @@ class Reader:
         self._pos = end
         return chunk
 
-    def draw_nonce(nonce_source_for_tests: NonceSource | None) -> bytes:
-    """96 random bits, or the test-only source's bytes when one is given.
-
-    With random 96-bit nonces, NIST SP 800-38D allows at most 2**32 encryptions per key;
-    the key service bounds the use of each data key far below that (DESIGN.md).
-    """
-    if nonce_source_for_tests is None:
-        return secrets.token_bytes(GCM_NONCE_SIZE)
-    nonce = bytes(nonce_source_for_tests(GCM_NONCE_SIZE))
-    if len(nonce) != GCM_NONCE_SIZE:
-        raise ValueError("the nonce source must return 12 bytes")
-    return nonce
-
-
-def as_bytes(value: bytes | bytearray, what: str) -> bytes:
-    if not isinstance(value, bytes | bytearray):
-        raise TypeError(f"{what} must be bytes")
-    return bytes(value)
-
-
-def u8(self) -> int:
+    def u8(self) -> int:
         return self.take(1)[0]
 
     def u32(self) -> int:

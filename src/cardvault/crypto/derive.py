@@ -42,12 +42,8 @@ def derive_account_key(kek: Key, account_id: str, purpose: str = "fingerprint") 
             raise ValueError(f"the {what} must not be empty")
     name = f"{purpose}:{account_id}"
     check_key_name(name)
-    info = (
-        lp(_ACCOUNT_KEY_LABEL)
-        + lp(purpose.encode("utf-8"))
-        + lp(account_id.encode("utf-8"))
-    )
-    material = hkdf_sha256_into(kek.secret_buffer(), salt=None, info=info, length=KEY_SIZE)
+    info = lp(_ACCOUNT_KEY_LABEL) + lp(purpose.encode("utf-8")) + lp(account_id.encode("utf-8"))
+    material = hkdf_sha256_into(kek._secret_buffer(), salt=None, info=info, length=KEY_SIZE)
     return Key(name, kek.version, material)
 
 
@@ -60,5 +56,5 @@ def fingerprint(account_key: Key, data: bytes | bytearray) -> str:
     """
     if not isinstance(data, bytes | bytearray):
         raise TypeError("data must be bytes")
-    mac = hmac_sha256(account_key.secret_buffer(), data)[:FINGERPRINT_BYTES]
+    mac = hmac_sha256(account_key._secret_buffer(), data)[:FINGERPRINT_BYTES]
     return base64.urlsafe_b64encode(mac).decode("ascii")

@@ -48,6 +48,7 @@ __all__ = [
 # the first byte of associated data also separates formats from each other.
 ENVELOPE_FORMAT_V1 = 0x01
 
+
 @dataclass(frozen=True, slots=True)
 class EnvelopeHeader:
     """The public part of an envelope. Unauthenticated until the envelope is opened."""
@@ -103,11 +104,13 @@ def seal(
     ``nonce_source_for_tests`` exists only for known-answer tests. Production code never
     passes it: a repeated nonce under one key breaks GCM completely.
     """
-    plaintext = as_bytes(plaintext, "plaintext")
+    # Type-checked but not copied: a bytearray plaintext stays the caller's only copy.
+    if not isinstance(plaintext, bytes | bytearray):
+        raise TypeError("plaintext must be bytes")
     header = _header(key.name, key.version)
     aad = header + encode_context(context)
     nonce = draw_nonce(nonce_source_for_tests)
-    return header + nonce + aes_gcm_encrypt(key.secret_buffer(), nonce, plaintext, aad)
+    return header + nonce + aes_gcm_encrypt(key._secret_buffer(), nonce, plaintext, aad)
 
 
 def open_(key: Key, ciphertext: bytes | bytearray, context: Context) -> bytes:
@@ -118,7 +121,7 @@ def open_(key: Key, ciphertext: bytes | bytearray, context: Context) -> bytes:
     """
     blob = as_bytes(ciphertext, "ciphertext")
     context_bytes = encode_context(context)
-    key_material = key.secret_buffer()
+    key_material = key._secret_buffer()
     header, header_bytes, nonce, body = _parse(blob)
     if header.key_name != key.name or header.key_version != key.version:
         raise InvalidCiphertext from None

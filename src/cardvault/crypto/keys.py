@@ -86,11 +86,10 @@ class Key:
     def wiped(self) -> bool:
         return self._wiped
 
-    def secret_buffer(self) -> bytearray:
-        """The live material, for the crypto layer's own use. Raises if wiped.
-
-        Not for callers outside :mod:`cardvault.crypto`: whoever holds this buffer can
-        read the key, and writing to it changes the key.
+    def _secret_buffer(self) -> bytearray:
+        """The live material, for :mod:`cardvault.crypto`'s own modules only. Raises if
+        wiped. Private because whoever holds this buffer can read the key and writing to
+        it changes the key; code outside the crypto package uses :meth:`expose_secret`.
         """
         if self._wiped:
             raise ValueError("this key has been wiped")
@@ -101,7 +100,7 @@ class Key:
         handing a data key to the vault over mTLS. The copy cannot be wiped; keep it
         short-lived. Grep for this name to find every place a key leaves its object.
         """
-        return bytes(self.secret_buffer())
+        return bytes(self._secret_buffer())
 
     def wipe(self) -> None:
         """Zero the material in place. Idempotent."""
@@ -138,7 +137,7 @@ def key_check_value(key: Key) -> str:
     Shamir shares or a sealed root key, it tells the right key from a wrong one (for
     example, a root key rebuilt from the wrong shares) without storing the key.
     """
-    return hmac_sha256(key.secret_buffer(), _KCV_LABEL)[:_KCV_BYTES].hex()
+    return hmac_sha256(key._secret_buffer(), _KCV_LABEL)[:_KCV_BYTES].hex()
 
 
 def verify_key_check_value(key: Key, expected: str) -> None:

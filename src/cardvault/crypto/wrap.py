@@ -99,9 +99,7 @@ def _parse(wrapped: bytes) -> tuple[WrappedKeyHeader, bytes, bytes, bytes]:
     body = reader.rest()
     if len(body) != KEY_SIZE + GCM_TAG_SIZE:
         raise InvalidCiphertext from None
-    header = WrappedKeyHeader(
-        WRAPPED_KEY_FORMAT_V1, kek_name, kek_version, key_name, key_version
-    )
+    header = WrappedKeyHeader(WRAPPED_KEY_FORMAT_V1, kek_name, kek_version, key_name, key_version)
     return header, header_bytes, nonce, body
 
 
@@ -129,8 +127,10 @@ def wrap_key(
     header = _header(kek, data_key.name, data_key.version)
     aad = header + _purpose_bytes(purpose)
     nonce = draw_nonce(nonce_source_for_tests)
-    return header + nonce + aes_gcm_encrypt(
-        kek.secret_buffer(), nonce, data_key.secret_buffer(), aad
+    return (
+        header
+        + nonce
+        + aes_gcm_encrypt(kek._secret_buffer(), nonce, data_key._secret_buffer(), aad)
     )
 
 
@@ -142,7 +142,7 @@ def unwrap_key(kek: Key, wrapped: bytes | bytearray, purpose: str) -> Key:
     """
     blob = as_bytes(wrapped, "wrapped key")
     purpose_bytes = _purpose_bytes(purpose)
-    kek_material = kek.secret_buffer()
+    kek_material = kek._secret_buffer()
     header, header_bytes, nonce, body = _parse(blob)
     if header.kek_name != kek.name or header.kek_version != kek.version:
         raise InvalidCiphertext from None
