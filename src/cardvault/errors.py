@@ -23,6 +23,8 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ParameterUnknown                                    400  parameter_unknown
     │   ├── ResourceMissing                                     404  resource_missing
     │   ├── UrlNotFound                                         404  url_invalid
+    │   ├── CiphertextInvalid                                   400  ciphertext_invalid
+    │   ├── UnsealShareInvalid                                  400  unseal_share_invalid
     │   ├── MethodNotAllowed                                    405  method_not_allowed
     │   ├── RequestTooLarge                                     413  request_too_large
     │   └── UnsupportedMediaType                                415  unsupported_media_type
@@ -54,6 +56,7 @@ __all__ = [
     "AuthenticationError",
     "CardError",
     "CardVaultError",
+    "CiphertextInvalid",
     "ClientCertificateRequired",
     "ConfigurationError",
     "ExpiredCard",
@@ -76,6 +79,7 @@ __all__ = [
     "RequestTooLarge",
     "ResourceMissing",
     "ServiceUnavailable",
+    "UnsealShareInvalid",
     "UnsupportedMediaType",
     "UrlNotFound",
     "error_class_for",
@@ -187,6 +191,19 @@ class UrlNotFound(InvalidRequestError):
     code = "url_invalid"
     http_status = 404
     default_message = "Unrecognized request URL."
+
+
+class CiphertextInvalid(InvalidRequestError):
+    code = "ciphertext_invalid"
+    default_message = (
+        "The ciphertext or wrapped key could not be opened: it is malformed, altered, "
+        "for another key or purpose, or its key version is retired."
+    )
+
+
+class UnsealShareInvalid(InvalidRequestError):
+    code = "unseal_share_invalid"
+    default_message = "The unseal share is invalid. All unseal progress has been discarded."
 
 
 class MethodNotAllowed(InvalidRequestError):

@@ -150,9 +150,7 @@ def up(
         )
         _wait_healthy(info["vault"]["url"], info["ca_bundle"], procs[0], time.monotonic() + 30)
         write_private(stack_file, json.dumps(info, indent=2).encode())
-        out.print(
-            f"vault      {info['vault']['url']}  (/healthz, /.well-known/security.txt)"
-        )
+        out.print(f"vault      {info['vault']['url']}  (/healthz, /.well-known/security.txt)")
         out.print(
             f"redirect   {info['vault']['redirect_url']}  (answers only with a redirect to HTTPS)"
         )

@@ -17,7 +17,7 @@ import asyncio
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,10 +184,24 @@ async def serve(
 
 
 def run_until_stopped(
-    listeners: Sequence[Listener], *, ready: Callable[[], Any] | None = None
+    listeners: Sequence[Listener],
+    *,
+    ready: Callable[[], Any] | None = None,
+    startup: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+    shutdown: Callable[[], Coroutine[Any, Any, Any]] | None = None,
 ) -> None:
-    """Serve ``listeners`` on a uvloop event loop until SIGINT/SIGTERM."""
+    """Serve ``listeners`` on a uvloop event loop until SIGINT/SIGTERM.
+
+    ``startup`` runs on the same loop before any socket is bound (an error there stops
+    start-up with nothing listening); ``shutdown`` runs after every listener closed.
+    """
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(listeners, ready=ready))
+        if startup is not None:
+            runner.run(startup())
+        try:
+            runner.run(serve(listeners, ready=ready))
+        finally:
+            if shutdown is not None:
+                runner.run(shutdown())

@@ -1,0 +1,91 @@
+"""Start the key service: one mutual-TLS listener in front of :class:`KeyService`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cardvault.errors import ConfigurationError
+from cardvault.keyservice.http import routes
+from cardvault.keyservice.service import KeyService
+from cardvault.keyservice.settings import KeyServiceSettings
+from cardvault.keyservice.store import open_key_store
+from cardvault.logging import configure_logging, get_logger
+from cardvault.transport.asgi import build_app
+from cardvault.transport.securitytxt import render_security_txt
+from cardvault.transport.server import Listener, run_until_stopped
+from cardvault.transport.tls import server_context
+
+__all__ = ["build_listener", "check_settings", "run"]
+
+_log = get_logger("cardvault.keyservice")
+
+
+def check_settings(settings: KeyServiceSettings) -> None:
+    """Refuse unsafe combinations before anything starts."""
+    if settings.server.client_ca_file is None:
+        raise ConfigurationError(
+            "missing required setting server.client_ca_file: the key service accepts only mutual TLS"
+        )
+    if settings.seal.type == "dev":
+        if settings.profile != "development":
+            raise ConfigurationError(
+                'seal.type = "dev" is refused in the production profile: the development seal '
+                'keeps the root key in a local file. Use custodian shares (seal.type = "shamir").'
+            )
+        if settings.seal.dev_key_file is None:
+            raise ConfigurationError(
+                'missing required setting seal.dev_key_file for seal.type = "dev"'
+            )
+
+
+def build_listener(settings: KeyServiceSettings, service: KeyService) -> Listener:
+    srv = settings.server
+    check_settings(settings)
+    base = settings.public_url.rstrip("/") or f"https://localhost:{srv.port}"
+    security_txt = render_security_txt(
+        settings.security_txt, canonical=[f"{base}/.well-known/security.txt"]
+    )
+    try:
+        ctx = server_context(
+            srv.cert_file, srv.key_file, profile=srv.tls_profile, client_ca_file=srv.client_ca_file
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            "cannot load server.cert_file, server.key_file or server.client_ca_file"
+        ) from exc
+    app = build_app(
+        routes(service, vault=settings.identities.vault, admin=settings.identities.admin),
+        service="keyservice",
+        security_txt=security_txt,
+    )
+    return Listener("keyservice", app, srv.host, srv.port, ctx)
+
+
+def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None) -> None:
+    configure_logging(
+        profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format
+    )
+    check_settings(settings)
+    if settings.profile == "development":
+        _log.warning("DEVELOPMENT PROFILE: this key service runs with development settings")
+    if settings.seal.type == "dev":
+        _log.warning(
+            "DEVELOPMENT SEAL: the root key is read from a local file and the service unseals "
+            "itself. Never use this with real card data."
+        )
+    store = open_key_store(settings.store.url)
+    service = KeyService(store, unseal_timeout=settings.seal.unseal_timeout)
+    listener = build_listener(settings, service)
+
+    async def startup() -> None:
+        dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
+        await service.start(dev_key_file=dev)
+        _log.info("key service ready", sealed=service.sealed)
+
+    async def shutdown() -> None:
+        await service.store.append_event("service", "stop", "ok", "")
+        await service.seal(actor="shutdown")
+        await service.store.close()
+
+    run_until_stopped([listener], ready=ready, startup=startup, shutdown=shutdown)
