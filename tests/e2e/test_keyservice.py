@@ -1,0 +1,372 @@
+"""The key service as a real process over real mutual TLS, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from helpers import Pki, cardvault_process, free_port, wait_for_port
+
+from cardvault.transport.tls import client_context
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class Keyd:
+    url: str
+    config: Path
+    shares: list[str]
+    log: Path
+
+
+def write_config(
+    directory: Path, pki: Pki, store_url: str, *, extra: str = "", profile: str = "production"
+) -> tuple[Path, int]:
+    port = free_port()
+    cert, key = pki.cert("keyd")
+    config = directory / "keyd.toml"
+    config.write_text(
+        f'profile = "{profile}"\n'
+        "[server]\n"
+        f'port = {port}\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{pki.ca_file}"\n'
+        f'[store]\nurl = "{store_url}"\n' + extra
+    )
+    return config, port
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def keyd_pki(pki: Pki) -> Pki:
+    if not pki.cert("keyd")[0].exists():
+        pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
+    return pki
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    import asyncio
+
+    name = f"keyd_e2e_{secrets.token_hex(4)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f"CREATE DATABASE {name}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@contextlib.contextmanager
+def store_url(kind: str, directory: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'keyd.db'}"
+    else:
+        with postgres_database() as dsn:
+            yield dsn
+
+
+@contextlib.contextmanager
+def running(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with cardvault_process(["keyservice", "serve", "--config", str(config)], log=log) as proc:
+        wait_for_port(port, proc)
+        yield proc
+
+
+def client(pki: Pki, identity: str | None) -> httpx.Client:
+    pair = pki.cert(identity) if identity else None
+    return httpx.Client(
+        verify=client_context(pki.ca_file, client_cert=pair), trust_env=False, timeout=10
+    )
+
+
+@pytest.fixture(scope="module")
+def keyd(tmp_path_factory: pytest.TempPathFactory, keyd_pki: Pki) -> Iterator[Keyd]:
+    directory = tmp_path_factory.mktemp("keyd")
+    config, port = write_config(directory, keyd_pki, f"sqlite:///{directory / 'keyd.db'}")
+    r = cli(
+        "keyservice",
+        "init",
+        "--config",
+        str(config),
+        "--shares",
+        "5",
+        "--threshold",
+        "3",
+        "--out-dir",
+        str(directory / "shares"),
+    )
+    assert r.returncode == 0, r.stderr
+    shares = [
+        (directory / "shares" / f"custodian-{i}.share").read_text().strip() for i in range(1, 6)
+    ]
+    log = directory / "keyd.log"
+    with running(config, port, log):
+        yield Keyd(f"https://localhost:{port}", config, shares, log)
+
+
+def unseal(keyd: Keyd, pki: Pki, shares: list[str]) -> httpx.Response:
+    with client(pki, "admin") as admin:
+        r = httpx.Response(500)
+        for share in shares:
+            r = admin.post(f"{keyd.url}/v1/unseal", json={"share": share})
+        return r
+
+
+def seal(keyd: Keyd, pki: Pki) -> None:
+    with client(pki, "admin") as admin:
+        assert admin.post(f"{keyd.url}/v1/seal").status_code == 200
+
+
+# --- sealing ---------------------------------------------------------------------------
+
+
+def test_keyservice_starts_sealed_and_refuses_data_keys_with_503(keyd: Keyd, keyd_pki: Pki) -> None:
+    with client(keyd_pki, "vault") as vault:
+        r = vault.post(f"{keyd.url}/v1/keys/pan/datakey")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "keyservice_sealed"
+
+
+def test_k_minus_one_shares_do_not_unseal(keyd: Keyd, keyd_pki: Pki) -> None:
+    r = unseal(keyd, keyd_pki, keyd.shares[:2])
+    assert r.json() == {"sealed": True, "progress": 2, "threshold": 3}
+    with client(keyd_pki, "vault") as vault:
+        assert vault.post(f"{keyd.url}/v1/keys/pan/datakey").status_code == 503
+    seal(keyd, keyd_pki)  # wipes the partial progress
+
+
+def test_wrong_share_wipes_all_progress(keyd: Keyd, keyd_pki: Pki) -> None:
+    unseal(keyd, keyd_pki, keyd.shares[:2])
+    bad = keyd.shares[2][:-3] + ("000" if not keyd.shares[2].endswith("000") else "111")
+    r = unseal(keyd, keyd_pki, [bad])
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "unseal_share_invalid"
+    # Progress is gone: two more good shares are not enough.
+    r = unseal(keyd, keyd_pki, keyd.shares[3:5])
+    assert r.json()["progress"] == 2
+    assert r.json()["sealed"] is True
+    seal(keyd, keyd_pki)
+
+
+def test_any_k_shares_unseal_and_the_vault_gets_data_keys(keyd: Keyd, keyd_pki: Pki) -> None:
+    r = unseal(keyd, keyd_pki, [keyd.shares[4], keyd.shares[0], keyd.shares[2]])
+    assert r.json()["sealed"] is False
+    with client(keyd_pki, "vault") as vault:
+        r = vault.post(f"{keyd.url}/v1/keys/pan/datakey")
+        assert r.status_code == 200
+        body = r.json()
+        assert len(base64.b64decode(body["plaintext"])) == 32
+        r2 = vault.post(f"{keyd.url}/v1/keys/pan/unwrap", json={"ciphertext": body["ciphertext"]})
+        assert r2.json()["plaintext"] == body["plaintext"]
+    log = keyd.log.read_text()
+    assert body["plaintext"] not in log
+    assert base64.b64decode(body["plaintext"]).hex() not in log
+    for share in keyd.shares:
+        assert share not in log
+
+
+# --- identities ------------------------------------------------------------------------
+
+VAULT_ENDPOINTS = ["/v1/keys/pan/datakey", "/v1/keys/pan/unwrap", "/v1/keys/fingerprint/derive"]
+ADMIN_ENDPOINTS = [
+    "/v1/unseal",
+    "/v1/seal",
+    "/v1/keys/pan/rotate",
+    "/v1/keys/pan/rewrap",
+    "/v1/keys/pan/config",
+]
+
+
+@pytest.mark.parametrize("path", [*VAULT_ENDPOINTS, *ADMIN_ENDPOINTS, "/v1/status"])
+def test_primary_app_identity_is_refused_everywhere(keyd: Keyd, keyd_pki: Pki, path: str) -> None:
+    with client(keyd_pki, "shop") as shop:
+        r = (
+            shop.get(f"{keyd.url}{path}")
+            if path == "/v1/status"
+            else shop.post(f"{keyd.url}{path}", json={})
+        )
+    assert r.status_code == 403
+    assert r.json()["error"]["type"] == "permission_error"
+
+
+@pytest.mark.parametrize("path", ADMIN_ENDPOINTS)
+def test_vault_identity_cannot_administer(keyd: Keyd, keyd_pki: Pki, path: str) -> None:
+    with client(keyd_pki, "vault") as vault:
+        assert vault.post(f"{keyd.url}{path}", json={}).status_code == 403
+
+
+@pytest.mark.parametrize("path", VAULT_ENDPOINTS)
+def test_admin_identity_cannot_get_data_keys(keyd: Keyd, keyd_pki: Pki, path: str) -> None:
+    with client(keyd_pki, "admin") as admin:
+        assert admin.post(f"{keyd.url}{path}", json={}).status_code == 403
+
+
+def test_no_client_certificate_fails_the_handshake(keyd: Keyd, keyd_pki: Pki) -> None:
+    with client(keyd_pki, None) as anonymous, pytest.raises(httpx.HTTPError):
+        anonymous.get(f"{keyd.url}/healthz")
+
+
+def test_no_endpoint_returns_a_kek_or_the_root_key(keyd: Keyd, keyd_pki: Pki) -> None:
+    with client(keyd_pki, "admin") as admin:
+        status = admin.get(f"{keyd.url}/v1/status").json()
+    assert set(status["keys"]) == {"pan", "cvc", "fingerprint"}
+    for info in status["keys"].values():
+        assert set(info) == {"latest_version", "versions", "min_decryption_version", "kind"}
+
+
+# --- rotation and substitution ---------------------------------------------------------
+
+
+def test_rotate_rewrap_and_min_decryption_version(keyd: Keyd, keyd_pki: Pki) -> None:
+    unseal(keyd, keyd_pki, keyd.shares[:3])
+    with client(keyd_pki, "vault") as vault, client(keyd_pki, "admin") as admin:
+        old = vault.post(f"{keyd.url}/v1/keys/cvc/datakey").json()
+        assert old["key_version"] == 1
+        rotated = admin.post(f"{keyd.url}/v1/keys/cvc/rotate").json()
+        assert rotated["latest_version"] == 2
+        new = vault.post(f"{keyd.url}/v1/keys/cvc/datakey").json()
+        assert new["key_version"] == 2
+        # The old wrapped key still unwraps until min_decryption_version passes it.
+        r = vault.post(f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": old["ciphertext"]})
+        assert r.json()["plaintext"] == old["plaintext"]
+        rewrapped = admin.post(
+            f"{keyd.url}/v1/keys/cvc/rewrap", json={"ciphertext": old["ciphertext"]}
+        ).json()
+        assert rewrapped["key_version"] == 2
+        assert "plaintext" not in rewrapped
+        cfg = admin.post(f"{keyd.url}/v1/keys/cvc/config", json={"min_decryption_version": 2})
+        assert cfg.json()["min_decryption_version"] == 2
+        r = vault.post(f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": old["ciphertext"]})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "ciphertext_invalid"
+        r = vault.post(
+            f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": rewrapped["ciphertext"]}
+        )
+        assert r.json()["plaintext"] == old["plaintext"]
+
+
+def test_substituted_or_altered_wrapped_keys_are_refused(keyd: Keyd, keyd_pki: Pki) -> None:
+    unseal(keyd, keyd_pki, keyd.shares[:3])
+    with client(keyd_pki, "vault") as vault:
+        pan = vault.post(f"{keyd.url}/v1/keys/pan/datakey").json()
+        # A key wrapped for card numbers does not unwrap as a CVC key.
+        r = vault.post(f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": pan["ciphertext"]})
+        assert r.status_code == 400
+        raw = bytearray(base64.b64decode(pan["ciphertext"]))
+        raw[-1] ^= 1
+        r = vault.post(
+            f"{keyd.url}/v1/keys/pan/unwrap", json={"ciphertext": base64.b64encode(raw).decode()}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "ciphertext_invalid"
+        assert pan["plaintext"] not in r.text
+
+
+def test_derive_gives_stable_per_account_keys(keyd: Keyd, keyd_pki: Pki) -> None:
+    unseal(keyd, keyd_pki, keyd.shares[:3])
+    with client(keyd_pki, "vault") as vault:
+        a1 = vault.post(f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_a"}).json()
+        a2 = vault.post(f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_a"}).json()
+        b = vault.post(f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_b"}).json()
+    assert a1 == a2
+    assert a1["key"] != b["key"]
+
+
+# --- profiles and restarts -------------------------------------------------------------
+
+
+def test_dev_seal_is_refused_in_the_production_profile(tmp_path: Path, keyd_pki: Pki) -> None:
+    config, _port = write_config(
+        tmp_path,
+        keyd_pki,
+        f"sqlite:///{tmp_path / 'k.db'}",
+        extra=f'[seal]\ntype = "dev"\ndev_key_file = "{tmp_path / "root.key"}"\n',
+    )
+    for args in (
+        ["keyservice", "init", "--config", str(config)],
+        ["keyservice", "serve", "--config", str(config)],
+    ):
+        r = cli(*args)
+        assert r.returncode == 2
+        assert "production profile" in r.stderr
+    assert not (tmp_path / "root.key").exists()
+
+
+def test_dev_seal_unseals_itself_in_development(tmp_path: Path, keyd_pki: Pki) -> None:
+    config, port = write_config(
+        tmp_path,
+        keyd_pki,
+        f"sqlite:///{tmp_path / 'k.db'}",
+        extra=f'[seal]\ntype = "dev"\ndev_key_file = "{tmp_path / "root.key"}"\n',
+        profile="development",
+    )
+    r = cli("keyservice", "init", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "DEVELOPMENT SEAL" in r.stderr
+    assert (tmp_path / "root.key").stat().st_mode & 0o777 == 0o600
+    with running(config, port, tmp_path / "log"), client(keyd_pki, "vault") as vault:
+        assert vault.post(f"https://localhost:{port}/v1/keys/pan/datakey").status_code == 200
+    assert "DEVELOPMENT SEAL" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_restart_comes_back_sealed_with_keys_intact(
+    tmp_path: Path, keyd_pki: Pki, kind: str
+) -> None:
+    with store_url(kind, tmp_path) as url:
+        config, port = write_config(tmp_path, keyd_pki, url)
+        r = cli(
+            "keyservice",
+            "init",
+            "--config",
+            str(config),
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--out-dir",
+            str(tmp_path / "s"),
+        )
+        assert r.returncode == 0, r.stderr
+        shares = [(tmp_path / "s" / f"custodian-{i}.share").read_text().strip() for i in (1, 2, 3)]
+        info = Keyd(f"https://localhost:{port}", config, shares, tmp_path / "log")
+        with running(config, port, info.log):
+            unseal(info, keyd_pki, shares[:2])
+            with client(keyd_pki, "vault") as vault, client(keyd_pki, "admin") as admin:
+                v1 = vault.post(f"{info.url}/v1/keys/pan/datakey").json()
+                admin.post(f"{info.url}/v1/keys/pan/rotate")
+                v2 = vault.post(f"{info.url}/v1/keys/pan/datakey").json()
+        with running(config, port, info.log), client(keyd_pki, "vault") as vault:
+            assert vault.post(f"{info.url}/v1/keys/pan/datakey").status_code == 503
+            unseal(info, keyd_pki, [shares[2], shares[0]])
+            for old in (v1, v2):
+                r = vault.post(
+                    f"{info.url}/v1/keys/pan/unwrap", json={"ciphertext": old["ciphertext"]}
+                )
+                assert r.json()["plaintext"] == old["plaintext"]
+            assert vault.post(f"{info.url}/v1/keys/pan/datakey").json()["key_version"] == 2
