@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from helpers import Pki, cardvault_process, free_port, wait_for_port
 
 from cardvault.transport.tls import client_context
+from helpers import Pki, cardvault_process, free_port, wait_for_port
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
