@@ -1,0 +1,184 @@
+"""The vault's storage interface and its records.
+
+The store holds ciphertext, wrapped data keys, and the few card facts that are not
+secret (brand, last four, expiry, fingerprint). It never sees a plaintext card number,
+CVC or key, and knows nothing of HTTP. ``VaultStore`` is the interface;
+``SQLiteVaultStore`` (embedded default) and ``PostgresVaultStore`` implement it, and one
+contract suite (``tests/contract/test_vault_store.py``) runs against both.
+
+Every write method returns only after its data is durable (SQLite WAL with
+``synchronous=FULL``; PostgreSQL with synchronous commit). Implementations may batch
+concurrent writes into one transaction (group commit) as long as that stays true.
+Methods are single operations; compositions live in the vault's service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = [
+    "Account",
+    "ApiKey",
+    "DataKeyRecord",
+    "DuplicateError",
+    "IdempotencyRecord",
+    "PaymentMethodRecord",
+    "VaultStore",
+]
+
+Mode = Literal["test", "live"]
+
+
+class DuplicateError(Exception):
+    """A record with this primary key (or unique value) already exists."""
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str  # acct_…
+    name: str
+    created: int  # unix seconds
+    #: Origins allowed to frame the card element for this account (later issue).
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str  # key_…
+    account_id: str
+    kind: Literal["publishable", "secret"]
+    mode: Mode
+    #: The first characters of the key (``sk_test_AbCd``), for people to recognise it.
+    prefix: str
+    #: SHA-256 hex of the whole key. Keys are 32 random bytes, so a fast hash is safe.
+    hash: str
+    created: int
+    revoked: int | None = None
+
+
+@dataclass(frozen=True)
+class DataKeyRecord:
+    id: str  # dk_…
+    kek: str  # "pan" or "cvc"
+    kek_version: int
+    wrapped: bytes
+    created: int
+
+
+@dataclass(frozen=True)
+class PaymentMethodRecord:
+    id: str  # pm_…
+    account_id: str
+    livemode: bool
+    created: int
+    data_key_id: str
+    number_ct: bytes  # sealed card number
+    brand: str
+    last4: str
+    exp_month: int
+    exp_year: int
+    funding: str
+    fingerprint: str
+    name_ct: bytes | None = None  # sealed cardholder name
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: billing_details without the name (which is sealed): address, email, phone.
+    billing_details: dict[str, object] = field(default_factory=dict)
+    cvc_ct: bytes | None = None  # sealed CVC, short-lived
+    cvc_data_key_id: str | None = None
+    cvc_expires: int | None = None  # unix seconds
+    cvc_check: str | None = None  # "unchecked" / "pass" / "fail" / None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    account_id: str
+    mode: Mode
+    key: str
+    request_hash: str
+    created: int
+    #: None while the first request is still in flight.
+    response_status: int | None = None
+    response_body: str | None = None
+
+
+class VaultStore(Protocol):
+    async def migrate(self) -> None:
+        """Create or upgrade the schema to the newest version. Idempotent; safe to run
+        from several replicas at once."""
+
+    # -- accounts and keys -------------------------------------------------------------
+
+    async def create_account(self, account: Account) -> None:
+        """Raises DuplicateError if the id exists."""
+
+    async def get_account(self, account_id: str) -> Account | None: ...
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        """Raises DuplicateError if the id or hash exists."""
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not (the caller checks ``revoked``)."""
+
+    async def list_api_keys(self, account_id: str) -> list[ApiKey]: ...
+
+    async def revoke_api_key(self, key_id: str, when: int) -> bool:
+        """Mark a key revoked. False if there is no such key or it was already revoked."""
+
+    # -- data keys ---------------------------------------------------------------------
+
+    async def insert_data_key(self, record: DataKeyRecord) -> None: ...
+
+    async def get_data_key(self, data_key_id: str) -> DataKeyRecord | None: ...
+
+    # -- payment methods ---------------------------------------------------------------
+
+    async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
+        """Durable when it returns. Raises DuplicateError if the id exists."""
+
+    async def get_payment_method(
+        self, account_id: str, livemode: bool, pm_id: str
+    ) -> PaymentMethodRecord | None:
+        """Only a record of this account *and* mode: others are invisible (None)."""
+
+    async def list_payment_methods(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[PaymentMethodRecord]:
+        """Newest first (created, then id, descending), Stripe's cursor semantics:
+        ``starting_after`` gives the page after that object, ``ending_before`` the page
+        before it (still newest first). At most ``limit`` records."""
+
+    async def delete_payment_method(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+        """Remove the record and its ciphertext for good. False if not found."""
+
+    async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+        """Erase the sealed CVC of one payment method. False if none was stored."""
+
+    async def destroy_expired_cvcs(self, now: int) -> int:
+        """Erase every sealed CVC whose ``cvc_expires`` <= now; the number erased."""
+
+    # -- idempotency -------------------------------------------------------------------
+
+    async def claim_idempotency_key(self, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        """Insert ``record`` (in flight) if no record exists for (account, mode, key) and
+        return None; otherwise return the existing record unchanged. Atomic across
+        replicas."""
+
+    async def complete_idempotency_key(
+        self, account_id: str, mode: Mode, key: str, status: int, body: str
+    ) -> None:
+        """Store the response of the first request."""
+
+    async def release_idempotency_key(self, account_id: str, mode: Mode, key: str) -> None:
+        """Forget an in-flight claim (the request failed before doing anything)."""
+
+    async def purge_idempotency_keys(self, before: int) -> int:
+        """Delete records created before ``before``; the number deleted."""
+
+    async def close(self) -> None: ...
