@@ -169,6 +169,9 @@ class KeyService:
             share.wipe()
         self._pending = []
 
+    def _pending_expired(self) -> bool:
+        return bool(self._pending) and self._clock() - self._pending_since > self.unseal_timeout
+
     async def submit_share(self, text: str, *, actor: str) -> UnsealProgress:
         """Add one custodian share. After ``threshold`` valid shares the service unseals.
 
@@ -182,7 +185,7 @@ class KeyService:
             raise InvalidRequestError(
                 "This key service uses the development seal; shares do not apply."
             )
-        if self._pending and self._clock() - self._pending_since > self.unseal_timeout:
+        if self._pending_expired():
             self._wipe_pending()
             await self.store.append_event(actor, "unseal_progress_expired", "wiped", "")
         try:
@@ -282,7 +285,8 @@ class KeyService:
             "seal_type": self._seal_meta.get("type"),
             "threshold": self.threshold,
             "shares": self._seal_meta.get("shares"),
-            "progress": len(self._pending),
+            # Expired shares are wiped at the next submission; until then they no longer count.
+            "progress": 0 if self._pending_expired() else len(self._pending),
             "keys": keys,
         }
 
@@ -311,10 +315,19 @@ class KeyService:
     def derive(self, name: str, context: str, version: int | None = None) -> tuple[bytes, int]:
         """A per-account key (HKDF of the KEK, ``context`` = account id)."""
         ring = self._ring(name, "derive")
-        chosen = version or ring.latest.version
+        chosen = ring.latest.version if version is None else version
         if chosen < ring.min_decryption_version or chosen not in ring.versions:
             raise InvalidRequestError("This key version is not available.", param="version")
-        with crypto.derive_account_key(ring.key(chosen), context, purpose=name) as key:
+        try:
+            derived = crypto.derive_account_key(ring.key(chosen), context, purpose=name)
+        except ValueError as exc:
+            # The context becomes part of a key name: printable ASCII, no spaces, bounded.
+            raise InvalidRequestError(
+                "The context must be printable ASCII without spaces, "
+                f"at most {254 - len(name)} characters.",
+                param="context",
+            ) from exc
+        with derived as key:
             return key.expose_secret(), chosen
 
     async def rotate(self, name: str, *, actor: str) -> dict[str, Any]:
