@@ -125,7 +125,10 @@ def test_configured_logging_scrubs_structlog_stdlib_and_tracebacks(fmt: str) -> 
     assert "ValueError" in text  # the traceback is there, scrubbed
     assert VISA not in text
     assert "4242 4242 4242 4242" not in text
-    assert "cvc" in text and "123" not in text.replace("req_abc", "")
+    assert "cvc" in text
+    # The CVC's value is gone in whatever shape the renderer writes a field.
+    for shape in ('"cvc": "123"', "cvc=123", "cvc='123'"):
+        assert shape not in text
     assert text.count("req_abc") >= 2
 
 
