@@ -270,6 +270,10 @@ def _coerce(raw: Any, hint: Any, dotted: str) -> Any:
             if isinstance(raw, bool):
                 raise ValueError
             return int(raw)
+        if hint is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
         if hint is str:
             if not isinstance(raw, str | int | float):
                 raise ValueError

@@ -35,60 +35,148 @@ def _zone_dir(state: Path, zone: str) -> Path:
     return path
 
 
-def prepare(state: Path, *, vault_port: int, redirect_port: int, admin_port: int) -> dict[str, Any]:
-    """Create (or reuse) certificates and configuration under ``state``."""
+def _issue_once(ca: Any, name: str, out_dir: Path, **kwargs: Any) -> None:
+    if not (out_dir / f"{name}.pem").exists():
+        ca.issue(name, out_dir=out_dir, **kwargs)
+
+
+def prepare(
+    state: Path, *, vault_port: int, redirect_port: int, admin_port: int, keyservice_port: int
+) -> dict[str, Any]:
+    """Create (or reuse) certificates, configuration and the demo account under ``state``.
+
+    Each zone gets its own directory (mode 0700) with its own certificate, key, copy of
+    the CA certificate, configuration and database: no file is shared between zones.
+    """
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_dir = _zone_dir(state, "ca")
     ca = load_ca(ca_dir) if (ca_dir / CA_CERT_FILE).exists() else init_ca(ca_dir)
     ca_pem = (ca_dir / CA_CERT_FILE).read_bytes()
+    local = {"dns": ["localhost"], "ips": ["127.0.0.1", "::1"]}
 
-    vault_dir = _zone_dir(state, "vault")
-    vault_cert = vault_dir / "vault.pem"
-    if not vault_cert.exists():
-        ca.issue(
-            "vault",
-            dns=["localhost"],
-            ips=["127.0.0.1", "::1"],
-            client_identity="vault",
-            out_dir=vault_dir,
-        )
-    # Each zone keeps its own copy of the CA certificate: no file is shared across zones.
-    write_private(vault_dir / CA_CERT_FILE, ca_pem)
-
-    admin_dir = _zone_dir(state, "admin")
-    if not (admin_dir / "admin.pem").exists():
-        ca.issue("admin", client_identity="admin", out_dir=admin_dir)
-    write_private(admin_dir / CA_CERT_FILE, ca_pem)
-
-    config = (
-        'profile = "development"\n\n'
-        "[server]\n"
-        f'host = "127.0.0.1"\nport = {vault_port}\nredirect_port = {redirect_port}\n'
-        f'cert_file = "{vault_dir / "vault.pem"}"\nkey_file = "{vault_dir / "vault.key"}"\n\n'
-        "[admin]\n"
-        f"port = {admin_port}\n"
-        f'client_ca_file = "{vault_dir / CA_CERT_FILE}"\n'
-        'allowed_identities = ["admin"]\n'
+    kdir = _zone_dir(state, "keyservice")
+    _issue_once(ca, "keyservice", kdir, **local)
+    write_private(kdir / CA_CERT_FILE, ca_pem)
+    write_private(
+        kdir / "keyservice.toml",
+        (
+            'profile = "development"\n\n[server]\n'
+            f'host = "127.0.0.1"\nport = {keyservice_port}\n'
+            f'cert_file = "{kdir / "keyservice.pem"}"\nkey_file = "{kdir / "keyservice.key"}"\n'
+            f'client_ca_file = "{kdir / CA_CERT_FILE}"\n\n'
+            f'[store]\nurl = "sqlite:///{kdir / "keyservice.db"}"\n\n'
+            f'[seal]\ntype = "dev"\ndev_key_file = "{kdir / "root.key"}"\n'
+        ).encode(),
     )
-    write_private(vault_dir / "vault.toml", config.encode())
+
+    vdir = _zone_dir(state, "vault")
+    _issue_once(ca, "vault", vdir, client_identity="vault", **local)
+    write_private(vdir / CA_CERT_FILE, ca_pem)
+    write_private(
+        vdir / "vault.toml",
+        (
+            'profile = "development"\n\n[server]\n'
+            f'host = "127.0.0.1"\nport = {vault_port}\nredirect_port = {redirect_port}\n'
+            f'cert_file = "{vdir / "vault.pem"}"\nkey_file = "{vdir / "vault.key"}"\n\n'
+            f'[admin]\nport = {admin_port}\nclient_ca_file = "{vdir / CA_CERT_FILE}"\n'
+            'allowed_identities = ["admin"]\n\n'
+            f'[store]\nurl = "sqlite:///{vdir / "vault.db"}"\n\n'
+            f'[keyservice]\nurl = "https://localhost:{keyservice_port}"\n'
+            f'ca_file = "{vdir / CA_CERT_FILE}"\ncert_file = "{vdir / "vault.pem"}"\n'
+            f'key_file = "{vdir / "vault.key"}"\n'
+        ).encode(),
+    )
+
+    zones: dict[str, dict[str, str]] = {}
+    for zone in ("admin", "shop"):
+        zdir = _zone_dir(state, zone)
+        _issue_once(ca, zone, zdir, client_identity=zone)
+        write_private(zdir / CA_CERT_FILE, ca_pem)
+        zones[zone] = {"cert": str(zdir / f"{zone}.pem"), "key": str(zdir / f"{zone}.key")}
+
     return {
         "state": str(state),
-        "ca_bundle": str(admin_dir / CA_CERT_FILE),
+        "ca_bundle": str(state / "shop" / CA_CERT_FILE),
         "vault": {
             "url": f"https://localhost:{vault_port}",
             "redirect_url": f"http://localhost:{redirect_port}",
             "admin_url": f"https://localhost:{admin_port}",
-            "config": str(vault_dir / "vault.toml"),
-            "log": str(vault_dir / "vault.log"),
+            "config": str(vdir / "vault.toml"),
+            "log": str(vdir / "vault.log"),
+        },
+        "keyservice": {
+            "url": f"https://localhost:{keyservice_port}",
+            "config": str(kdir / "keyservice.toml"),
+            "log": str(kdir / "keyservice.log"),
         },
         "identities": {
-            "admin": {"cert": str(admin_dir / "admin.pem"), "key": str(admin_dir / "admin.key")},
+            "vault": {"cert": str(vdir / "vault.pem"), "key": str(vdir / "vault.key")},
+            **zones,
         },
     }
 
 
-def _wait_healthy(url: str, ca: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    with Client(base_url=url, ca_bundle=ca, max_retries=0, timeout=2, connect_timeout=1) as client:
+def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
+    """The demo account's test keys, created on first run and kept in the shop's zone."""
+    path = state / "shop" / "keys.json"
+    if path.exists():
+        keys: dict[str, str] = json.loads(path.read_text())
+        return keys
+    import asyncio
+
+    from cardvault.config import load_settings
+    from cardvault.storage import open_vault_store
+    from cardvault.vault.service import VaultService
+    from cardvault.vault.settings import VaultSettings
+
+    settings = load_settings(VaultSettings, Path(vault_config))
+
+    async def go() -> dict[str, str]:
+        store = open_vault_store(settings.store.url)
+        try:
+            await store.migrate()
+            service = VaultService(store, keys=None)  # type: ignore[arg-type]
+            account = await service.create_account("demo")
+            _, pk = await service.create_api_key(account.id, "publishable", "test")
+            _, sk = await service.create_api_key(account.id, "secret", "test")
+            return {"account": account.id, "publishable": pk, "secret": sk}
+        finally:
+            await store.close()
+
+    keys = asyncio.run(go())
+    write_private(path, json.dumps(keys).encode())
+    return keys
+
+
+def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    os.chmod(log_path, 0o600)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cardvault", *args],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def _wait_healthy(
+    url: str,
+    ca: str,
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    client_cert: tuple[str, str] | None = None,
+) -> None:
+    with Client(
+        base_url=url,
+        ca_bundle=ca,
+        client_cert=client_cert,
+        max_retries=0,
+        timeout=2,
+        connect_timeout=1,
+    ) as client:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(
@@ -109,14 +197,23 @@ def up(
     redirect_port: Annotated[
         int, typer.Option(help="The vault's HTTP port (redirects only).")
     ] = 8080,
+    keyservice_port: Annotated[int, typer.Option(help="The key service's port (mTLS).")] = 8444,
     admin_port: Annotated[int, typer.Option(help="The vault's admin API port (mTLS).")] = 8447,
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C."""
     state = state.resolve()
-    info = prepare(state, vault_port=vault_port, redirect_port=redirect_port, admin_port=admin_port)
+    for port in (vault_port, redirect_port, keyservice_port, admin_port):
+        _check_port_free(port)
+    info = prepare(
+        state,
+        vault_port=vault_port,
+        redirect_port=redirect_port,
+        admin_port=admin_port,
+        keyservice_port=keyservice_port,
+    )
     err.print(
-        "[bold yellow]DEVELOPMENT STACK[/] — local certificates and development settings; "
-        "never put real card data in it."
+        "[bold yellow]DEVELOPMENT STACK[/] — local certificates, a key service that unseals "
+        "itself from a local file; never put real card data in it."
     )
     stack_file = state / STACK_FILE
     stack_file.unlink(missing_ok=True)
@@ -129,45 +226,48 @@ def up(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    ks, vault = info["keyservice"], info["vault"]
     try:
-        log = open(info["vault"]["log"], "ab")  # noqa: SIM115 - lives as long as the child
-        os.chmod(info["vault"]["log"], 0o600)
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "cardvault",
-                    "vault",
-                    "serve",
-                    "--config",
-                    info["vault"]["config"],
-                ],
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+        if not (state / "keyservice" / "root.key").exists():
+            init = subprocess.run(
+                [sys.executable, "-m", "cardvault", "keyservice", "init", "--config", ks["config"]],
+                capture_output=True,
+                text=True,
+                check=False,
             )
+            if init.returncode != 0:
+                raise RuntimeError(f"key service init failed: {init.stderr.strip()}")
+        procs.append(_spawn(["keyservice", "serve", "--config", ks["config"]], ks["log"]))
+        info["keys"] = _demo_keys(state, vault["config"])
+        procs.append(_spawn(["vault", "serve", "--config", vault["config"]], vault["log"]))
+        identity = info["identities"]["admin"]
+        deadline = time.monotonic() + 30
+        _wait_healthy(
+            ks["url"], info["ca_bundle"], procs[0], deadline, (identity["cert"], identity["key"])
         )
-        _wait_healthy(info["vault"]["url"], info["ca_bundle"], procs[0], time.monotonic() + 30)
+        _wait_healthy(vault["url"], info["ca_bundle"], procs[1], deadline)
         write_private(stack_file, json.dumps(info, indent=2).encode())
-        out.print(f"vault      {info['vault']['url']}  (/healthz, /.well-known/security.txt)")
+        out.print(f"vault        {vault['url']}  (Stripe-compatible API, /healthz)")
+        out.print(f"redirect     {vault['redirect_url']}  (answers only with a redirect to HTTPS)")
+        out.print(f"admin API    {vault['admin_url']}  (mutual TLS, identity 'admin')")
+        out.print(f"key service  {ks['url']}  (mutual TLS: identities 'vault' and 'admin')")
+        out.print(f"CA bundle    {info['ca_bundle']}")
         out.print(
-            f"redirect   {info['vault']['redirect_url']}  (answers only with a redirect to HTTPS)"
+            f"test keys    {info['keys']['publishable']}  /  {info['keys']['secret']}",
+            highlight=False,
         )
-        out.print(f"admin API  {info['vault']['admin_url']}  (mutual TLS, identity 'admin')")
-        out.print(f"CA bundle  {info['ca_bundle']}")
-        out.print(f"stack      {stack_file}")
+        out.print(f"stack        {stack_file}")
         out.print("Press Ctrl-C to stop.")
         while not stopping:
             for proc in procs:
                 if proc.poll() is not None:
                     err.print(
-                        f"[red]a service exited ({proc.returncode}); see {info['vault']['log']}[/]"
+                        f"[red]a service exited ({proc.returncode}); logs in {state}/*/*.log[/]"
                     )
                     stopping = True
             time.sleep(0.2)
     except RuntimeError as exc:
-        err.print(f"[red]{exc}[/] (log: {info['vault']['log']})")
+        err.print(f"[red]{exc}[/] (logs: {ks['log']}, {vault['log']})")
         raise typer.Exit(1) from None
     finally:
         stack_file.unlink(missing_ok=True)
@@ -180,6 +280,20 @@ def up(
             except subprocess.TimeoutExpired:
                 proc.kill()
         out.print("stopped.")
+
+
+def _check_port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            err.print(
+                f"[red]port {port} is in use[/]: stop what uses it, or choose another port (see --help)"
+            )
+            raise typer.Exit(1) from None
 
 
 __all__ = ["prepare", "up"]

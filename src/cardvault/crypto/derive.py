@@ -47,14 +47,14 @@ def derive_account_key(kek: Key, account_id: str, purpose: str = "fingerprint") 
     return Key(name, kek.version, material)
 
 
-def fingerprint(account_key: Key, data: bytes | bytearray) -> str:
+def fingerprint(account_key: Key, data: bytes | bytearray | memoryview) -> str:
     """A 16-character URL-safe fingerprint of ``data`` under ``account_key``.
 
     ``base64url(HMAC-SHA256(account_key, data)[:12])`` without padding (RFC 4648 §5,
     alphabet ``A-Z a-z 0-9 - _``). Give ``data`` in one canonical form (for a card, its
     digits only, as ASCII) or the same card gets two fingerprints.
     """
-    if not isinstance(data, bytes | bytearray):
+    if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError("data must be bytes")
     mac = hmac_sha256(account_key._secret_buffer(), data)[:FINGERPRINT_BYTES]
     return base64.urlsafe_b64encode(mac).decode("ascii")

@@ -90,7 +90,7 @@ def read_envelope_header(ciphertext: bytes | bytearray) -> EnvelopeHeader:
 
 def seal(
     key: Key,
-    plaintext: bytes | bytearray,
+    plaintext: bytes | bytearray | memoryview,
     context: Context,
     *,
     nonce_source_for_tests: NonceSource | None = None,
@@ -105,7 +105,9 @@ def seal(
     passes it: a repeated nonce under one key breaks GCM completely.
     """
     # Type-checked but not copied: a bytearray plaintext stays the caller's only copy.
-    if not isinstance(plaintext, bytes | bytearray):
+    # A memoryview is accepted so that a card number's wipeable buffer can be sealed
+    # without an intermediate bytes copy.
+    if not isinstance(plaintext, bytes | bytearray | memoryview):
         raise TypeError("plaintext must be bytes")
     header = _header(key.name, key.version)
     aad = header + encode_context(context)

@@ -129,8 +129,10 @@ class SecurityHeaders:
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:
-            _log.exception("unhandled error", service=self.service)
+            # Starlette re-raises after its handler has answered; log only what no
+            # handler saw.
             if status == 0:
+                _log.exception("unhandled error", service=self.service)
                 await error_response(APIError())(scope, receive, send_with_headers)
         finally:
             _access.info(

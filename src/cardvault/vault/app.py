@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +13,31 @@ from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
 from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import server_context
+from cardvault.vault.api import payment_method_routes
+from cardvault.vault.datakeys import DataKeyManager, DataKeyPolicy
 from cardvault.vault.http import admin_routes, public_routes
+from cardvault.vault.keyclient import KeyServiceClient
+from cardvault.vault.ratelimit import RateLimiter
+from cardvault.vault.service import VaultService
 from cardvault.vault.settings import VaultSettings
 
-__all__ = ["build_listeners", "run"]
+__all__ = ["build_listeners", "build_service", "run"]
+
+
+async def _sweeper(service: VaultService, settings: VaultSettings) -> None:
+    """Destroy expired CVCs and forget old idempotency keys, once a minute."""
+    while True:
+        try:
+            destroyed = await service.sweep_expired_cvcs()
+            if destroyed:
+                _log.info("expired CVCs destroyed", count=destroyed)
+            await service.store.purge_idempotency_keys(
+                int(time.time()) - settings.limits.idempotency_ttl
+            )
+        except Exception:
+            _log.exception("sweeper failed; retrying in a minute")
+        await asyncio.sleep(60)
+
 
 _log = get_logger("cardvault.vault")
 
@@ -24,7 +47,33 @@ def _public_host(settings: VaultSettings) -> str:
     return "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::") else host  # noqa: S104
 
 
-def build_listeners(settings: VaultSettings) -> list[Listener]:
+def build_service(settings: VaultSettings) -> VaultService | None:
+    """The PaymentMethods service, or None when no store and key service are configured
+    (the vault then serves only its transport endpoints and says so at start-up)."""
+    ks = settings.keyservice
+    if not settings.store.url and not ks.url:
+        return None
+    if not settings.store.url:
+        raise ConfigurationError("missing required setting store.url (keyservice.url is set)")
+    if not ks.url or ks.ca_file is None or ks.cert_file is None or ks.key_file is None:
+        raise ConfigurationError(
+            "missing required setting keyservice.url, keyservice.ca_file, keyservice.cert_file "
+            "or keyservice.key_file: the vault reaches the key service over mutual TLS only"
+        )
+    from cardvault.storage import open_vault_store
+
+    store = open_vault_store(settings.store.url)
+    client = KeyServiceClient(
+        ks.url, ca_file=ks.ca_file, cert_file=ks.cert_file, key_file=ks.key_file, timeout=ks.timeout
+    )
+    dk = settings.datakeys
+    policy = DataKeyPolicy(dk.max_uses, float(dk.max_age), float(dk.cache_ttl), dk.cache_size)
+    return VaultService(
+        store, DataKeyManager(store, client, policy), cvc_ttl=settings.limits.cvc_ttl
+    )
+
+
+def build_listeners(settings: VaultSettings, service: VaultService | None = None) -> list[Listener]:
     """The vault's listeners, ready to serve. Raises ConfigurationError on bad settings."""
     srv = settings.server
     public_port = srv.public_port or srv.port
@@ -40,10 +89,19 @@ def build_listeners(settings: VaultSettings) -> list[Listener]:
         raise ConfigurationError(
             "cannot load server.cert_file / server.key_file (missing, unreadable or not a pair)"
         ) from exc
+    routes = public_routes()
+    if service is not None:
+        lim = settings.limits
+        routes += payment_method_routes(
+            service,
+            secret_limits=RateLimiter(lim.secret_rate, lim.secret_burst),
+            publishable_limits=RateLimiter(lim.publishable_rate, lim.publishable_burst),
+            idempotency_ttl=lim.idempotency_ttl,
+        )
     listeners = [
         Listener(
             "public",
-            build_app(public_routes(), service="vault", security_txt=security_txt),
+            build_app(routes, service="vault", security_txt=security_txt),
             srv.host,
             srv.port,
             public_ctx,
@@ -100,7 +158,28 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
             "DEVELOPMENT PROFILE: this vault runs with development settings; "
             "never use it for real card data"
         )
-    listeners = build_listeners(settings)
+    service = build_service(settings)
+    if service is None:
+        _log.warning(
+            "payment API disabled: store.url and keyservice.* are not set; "
+            "only /healthz and the transport endpoints are served"
+        )
+    listeners = build_listeners(settings, service)
     _log.info("vault starting", profile=settings.profile, listeners=[lst.name for lst in listeners])
-    run_until_stopped(listeners, ready=ready)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def startup() -> None:
+        if service is not None:
+            await service.store.migrate()
+            tasks.append(asyncio.create_task(_sweeper(service, settings)))
+
+    async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
+        if service is not None:
+            service.keys.wipe()
+            await service.keys.keys.close()
+            await service.store.close()
+
+    run_until_stopped(listeners, ready=ready, startup=startup, shutdown=shutdown)
     _log.info("vault stopped")

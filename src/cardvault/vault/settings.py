@@ -7,7 +7,14 @@ from pathlib import Path
 
 from cardvault.config import ListenerSettings, LoggingSettings, Profile, SecurityTxtSettings
 
-__all__ = ["AdminSettings", "VaultSettings"]
+__all__ = [
+    "AdminSettings",
+    "DataKeySettings",
+    "KeyServiceClientSettings",
+    "LimitSettings",
+    "StoreSettings",
+    "VaultSettings",
+]
 
 
 @dataclasses.dataclass
@@ -24,6 +31,49 @@ class AdminSettings:
 
 
 @dataclasses.dataclass
+class StoreSettings:
+    #: ``sqlite:///abs/path/vault.db`` (embedded default) or ``postgresql://role@host/db``.
+    #: The vault's database is its own; nothing of the key service's is in it.
+    url: str = ""
+
+
+@dataclasses.dataclass
+class KeyServiceClientSettings:
+    """How the vault reaches the key service: mutual TLS with the vault's own certificate."""
+
+    url: str = ""
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    timeout: float = 5.0
+
+
+@dataclasses.dataclass
+class DataKeySettings:
+    #: Encryptions per data key before the next is fetched.
+    max_uses: int = 20_000
+    #: Seconds a data key is used for encryption.
+    max_age: int = 3600
+    #: Seconds an unwrapped data key stays cached for decryption, and how many.
+    cache_ttl: int = 300
+    cache_size: int = 1024
+
+
+@dataclasses.dataclass
+class LimitSettings:
+    #: Requests per second and burst, per secret key.
+    secret_rate: float = 100.0
+    secret_burst: float = 200.0
+    #: The same for publishable keys (card testers abuse them).
+    publishable_rate: float = 5.0
+    publishable_burst: float = 20.0
+    #: Seconds a CVC is kept, sealed, before the sweeper destroys it.
+    cvc_ttl: int = 3600
+    #: Seconds an idempotency key is remembered (Stripe: 24 hours).
+    idempotency_ttl: int = 86_400
+
+
+@dataclasses.dataclass
 class VaultSettings:
     #: "production" (the default) or "development", which announces itself at start-up.
     profile: Profile = "production"
@@ -31,5 +81,11 @@ class VaultSettings:
     admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
     security_txt: SecurityTxtSettings = dataclasses.field(default_factory=SecurityTxtSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
+    store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    keyservice: KeyServiceClientSettings = dataclasses.field(
+        default_factory=KeyServiceClientSettings
+    )
+    datakeys: DataKeySettings = dataclasses.field(default_factory=DataKeySettings)
+    limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""

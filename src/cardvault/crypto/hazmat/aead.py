@@ -36,7 +36,7 @@ def _check_sizes(key: bytes | bytearray, nonce: bytes | bytearray) -> None:
 def aes_gcm_encrypt(
     key: bytes | bytearray,
     nonce: bytes | bytearray,
-    plaintext: bytes | bytearray,
+    plaintext: bytes | bytearray | memoryview,
     associated_data: bytes | bytearray,
 ) -> bytes:
     """Return ``ciphertext || tag`` (tag: 16 bytes). The nonce must never repeat per key."""

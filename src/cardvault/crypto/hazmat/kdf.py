@@ -26,7 +26,7 @@ def hkdf_sha256_into(
     return out
 
 
-def hmac_sha256(key: bytes | bytearray, data: bytes | bytearray) -> bytes:
+def hmac_sha256(key: bytes | bytearray, data: bytes | bytearray | memoryview) -> bytes:
     """RFC 2104 HMAC-SHA256 of ``data`` under ``key``: 32 bytes."""
     mac = _hmac.HMAC(key, hashes.SHA256())
     mac.update(data)

@@ -1,0 +1,146 @@
+"""The vault's Stripe-compatible API: /v1/payment_methods. One handler per endpoint."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from cardvault import crypto
+from cardvault.errors import (
+    AuthenticationError,
+    CardVaultError,
+    IdempotencyError,
+    IdempotencyKeyInUse,
+    InvalidRequestError,
+)
+from cardvault.storage.base import IdempotencyRecord
+from cardvault.transport.asgi import json_response
+from cardvault.vault.params import parse_body, parse_form
+from cardvault.vault.ratelimit import RateLimiter
+from cardvault.vault.service import Caller, VaultService
+
+__all__ = ["payment_method_routes"]
+
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            user = base64.b64decode(value.strip(), validate=True).decode("ascii").split(":", 1)[0]
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise AuthenticationError() from exc
+        return user
+    raise AuthenticationError()
+
+
+def payment_method_routes(
+    service: VaultService,
+    *,
+    secret_limits: RateLimiter,
+    publishable_limits: RateLimiter,
+    idempotency_ttl: int = 86_400,
+) -> list[BaseRoute]:
+    async def caller_of(request: Request) -> Caller:
+        caller = await service.authenticate(_presented_key(request))
+        limiter = publishable_limits if caller.kind == "publishable" else secret_limits
+        limiter.check(caller.key_id)
+        return caller
+
+    async def idempotent(
+        request: Request,
+        caller: Caller,
+        params: dict[str, Any],
+        run: Callable[[], Awaitable[dict[str, Any]]],
+        replay: Callable[[str], Awaitable[dict[str, Any]]],
+    ) -> Response:
+        """Stripe's semantics: same key + same parameters → the first result; other
+        parameters → 400; the first still running → 409. The stored result is the new
+        object's id, never its content, so no cardholder data rests in this table."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return json_response(await run())
+        if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters.")
+        # Keyed with the account's own key: a plain hash of parameters holding a card
+        # number could be brute-forced back to the number.
+        account_key = await service.keys.account_key(caller.account_id)
+        canonical = json.dumps([request.url.path, params], sort_keys=True, separators=(",", ":"))
+        mac = crypto.fingerprint(account_key, canonical.encode())
+        now = int(time.time())
+        claim = IdempotencyRecord(caller.account_id, caller.mode, key, mac, now)
+        existing = await service.store.claim_idempotency_key(claim)
+        if existing is not None and existing.created < now - idempotency_ttl:
+            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+            existing = await service.store.claim_idempotency_key(claim)
+        if existing is not None:
+            if not hmac.compare_digest(existing.request_hash, mac):
+                raise IdempotencyError()
+            if existing.response_status is None or existing.response_body is None:
+                raise IdempotencyKeyInUse()
+            body = await replay(existing.response_body)
+            return json_response(body, headers={"idempotent-replayed": "true"})
+        try:
+            body = await run()
+        except CardVaultError:
+            # Nothing was stored; the key may be used again, as Stripe does for requests
+            # that failed validation.
+            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+            raise
+        except BaseException:
+            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+            raise
+        await service.store.complete_idempotency_key(
+            caller.account_id, caller.mode, key, 200, body["id"]
+        )
+        return json_response(body)
+
+    async def create(request: Request) -> Response:
+        caller = await caller_of(request)
+        params = parse_body(await request.body(), request.headers.get("content-type"))
+
+        async def replay(pm_id: str) -> dict[str, Any]:
+            return await service.retrieve_payment_method(
+                Caller(caller.account_id, caller.mode, "secret", caller.key_id), pm_id
+            )
+
+        return await idempotent(
+            request, caller, params, lambda: service.create_payment_method(caller, params), replay
+        )
+
+    async def list_(request: Request) -> Response:
+        caller = await caller_of(request)
+        query = parse_form(list(request.query_params.multi_items()))
+        return json_response(await service.list_payment_methods(caller, query))
+
+    async def retrieve(request: Request) -> Response:
+        caller = await caller_of(request)
+        return json_response(
+            await service.retrieve_payment_method(caller, request.path_params["pm"])
+        )
+
+    async def delete(request: Request) -> Response:
+        caller = await caller_of(request)
+        return json_response(await service.delete_payment_method(caller, request.path_params["pm"]))
+
+    return [
+        Route("/v1/payment_methods", create, methods=["POST"]),
+        Route("/v1/payment_methods", list_, methods=["GET"]),
+        Route("/v1/payment_methods/{pm}", retrieve, methods=["GET"]),
+        Route("/v1/payment_methods/{pm}", delete, methods=["DELETE"]),
+    ]

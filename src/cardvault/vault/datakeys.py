@@ -1,0 +1,158 @@
+"""Data keys in the vault: few key-service round trips, bounded exposure.
+
+* **Encryption**: one current data key per KEK (``pan``, ``cvc``). It serves at most
+  ``max_uses`` encryptions and ``max_age`` seconds, then the next one is fetched. Only
+  one fetch runs at a time; concurrent requests wait for it. The wrapped key is stored
+  (durably) before its first use, so no ciphertext can exist whose key is not stored.
+* **Decryption**: unwrapped keys are cached for ``cache_ttl`` seconds, at most
+  ``cache_size`` of them (least recently used goes first), and wiped when dropped.
+* **Fingerprints**: the per-account key (HKDF of the ``fingerprint`` KEK in the key
+  service) is cached the same way.
+
+With the defaults (20,000 uses) the key service sees at most one ``datakey`` call per
+20,000 tokenizations, inside the "one round trip per 10,000" target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cardvault import crypto
+from cardvault.errors import APIError
+from cardvault.storage.base import DataKeyRecord, VaultStore
+from cardvault.vault.keyclient import KeyServiceClient
+
+__all__ = ["DataKeyManager", "DataKeyPolicy"]
+
+
+@dataclass(frozen=True)
+class DataKeyPolicy:
+    max_uses: int = 20_000
+    max_age: float = 3600.0
+    cache_ttl: float = 300.0
+    cache_size: int = 1024
+
+
+class _Current:
+    __slots__ = ("born", "key", "record_id", "uses")
+
+    def __init__(self, record_id: str, key: crypto.Key, born: float) -> None:
+        self.record_id = record_id
+        self.key = key
+        self.born = born
+        self.uses = 0
+
+
+class _TtlCache:
+    """An LRU of keys with a lifetime; evicted keys are wiped."""
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
+        self._items: OrderedDict[str, tuple[crypto.Key, float]] = OrderedDict()
+        self._size, self._ttl, self._clock = size, ttl, clock
+
+    def get(self, name: str) -> crypto.Key | None:
+        item = self._items.get(name)
+        if item is None:
+            return None
+        key, expires = item
+        if expires <= self._clock():
+            # Not wiped here: a request may still be using it; it is unreachable now and
+            # its buffer goes with it.
+            del self._items[name]
+            return None
+        self._items.move_to_end(name)
+        return key
+
+    def put(self, name: str, key: crypto.Key) -> None:
+        self._items[name] = (key, self._clock() + self._ttl)
+        self._items.move_to_end(name)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        for key, _ in self._items.values():
+            key.wipe()
+        self._items.clear()
+
+
+class DataKeyManager:
+    def __init__(
+        self,
+        store: VaultStore,
+        keys: KeyServiceClient,
+        policy: DataKeyPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.policy = policy or DataKeyPolicy()
+        self._clock = clock
+        self._current: dict[str, _Current] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cache = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
+        self._account_keys = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
+
+    def _fresh(self, current: _Current | None) -> bool:
+        return (
+            current is not None
+            and current.uses < self.policy.max_uses
+            and self._clock() - current.born < self.policy.max_age
+        )
+
+    async def for_encryption(self, kek: str) -> tuple[str, crypto.Key]:
+        """``(data_key_id, key)`` to seal one more value under. Counts one use."""
+        current = self._current.get(kek)
+        if not self._fresh(current):
+            lock = self._locks.setdefault(kek, asyncio.Lock())
+            async with lock:
+                current = self._current.get(kek)
+                if not self._fresh(current):
+                    current = await self._new_key(kek)
+        assert current is not None
+        current.uses += 1
+        return current.record_id, current.key
+
+    async def _new_key(self, kek: str) -> _Current:
+        fetched = await self.keys.datakey(kek)
+        record_id = "dk_" + secrets.token_hex(12)
+        await self.store.insert_data_key(
+            DataKeyRecord(record_id, kek, fetched.kek_version, fetched.wrapped, int(time.time()))
+        )
+        key = crypto.Key(record_id, 1, fetched.plaintext)
+        current = _Current(record_id, key, self._clock())
+        self._current[kek] = current
+        self._cache.put(record_id, key)
+        return current
+
+    async def for_decryption(self, data_key_id: str, kek: str) -> crypto.Key:
+        """The key named ``data_key_id``, from the cache or unwrapped by the key service."""
+        key = self._cache.get(data_key_id)
+        if key is not None:
+            return key
+        record = await self.store.get_data_key(data_key_id)
+        if record is None or record.kek != kek:
+            # A payment method that names a data key we do not have is corrupt storage.
+            raise APIError()
+        key = crypto.Key(data_key_id, 1, await self.keys.unwrap(kek, record.wrapped))
+        self._cache.put(data_key_id, key)
+        return key
+
+    async def account_key(self, account_id: str) -> crypto.Key:
+        """The per-account fingerprint key."""
+        key = self._account_keys.get(account_id)
+        if key is None:
+            material, version = await self.keys.derive("fingerprint", account_id)
+            key = crypto.Key(f"fingerprint:{account_id}", version, material)
+            self._account_keys.put(account_id, key)
+        return key
+
+    def wipe(self) -> None:
+        self._cache.clear()
+        self._account_keys.clear()
+        self._current.clear()

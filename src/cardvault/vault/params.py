@@ -1,0 +1,97 @@
+"""Request parameters: Stripe's form encoding with bracket notation, or JSON.
+
+``card[number]=4242…&metadata[order]=6735&expand[]=x`` becomes
+``{"card": {"number": "4242…"}, "metadata": {"order": "6735"}, "expand": ["x"]}``.
+Errors name the parameter, never its value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qsl
+
+from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
+
+__all__ = ["MAX_BODY_BYTES", "parse_body", "parse_form"]
+
+#: A payment method with metadata fits in a few kilobytes; a larger body is a mistake or
+#: an attack, and is refused before it is parsed.
+MAX_BODY_BYTES = 64 * 1024
+_MAX_DEPTH = 4
+_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw_key, value in pairs:
+        match = _KEY.match(raw_key)
+        if match is None:
+            raise InvalidRequestError("A parameter name is malformed.")
+        parts = [match.group(1), *re.findall(r"\[([^\[\]]*)\]", match.group(2))]
+        if len(parts) > _MAX_DEPTH:
+            raise InvalidRequestError("Parameters are nested too deeply.")
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            nxt = None if last else parts[i + 1]
+            if isinstance(node, list):
+                # ``a[]=x`` appends; ``a[0][b]=x`` addresses an index.
+                if part == "":
+                    if last:
+                        node.append(value)
+                        break
+                    node.append({})
+                    node = node[-1]
+                    continue
+                if not part.isdigit():
+                    raise InvalidRequestError("A parameter name is malformed.", param=parts[0])
+                index = int(part)
+                while len(node) <= index:
+                    node.append({} if not last else None)
+                if last:
+                    node[index] = value
+                else:
+                    if not isinstance(node[index], dict | list):
+                        node[index] = [] if nxt == "" or (nxt or "").isdigit() else {}
+                    node = node[index]
+                continue
+            if last:
+                if part in node and isinstance(node[part], dict | list):
+                    raise InvalidRequestError("A parameter is given twice.", param=parts[0])
+                node[part] = value
+            else:
+                container: Any = [] if nxt == "" or (nxt or "").isdigit() else {}
+                existing = node.setdefault(part, container)
+                if not isinstance(existing, dict | list):
+                    raise InvalidRequestError("A parameter is given twice.", param=parts[0])
+                node = existing
+    return out
+
+
+def parse_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The parameters of a request body (empty body → no parameters)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestTooLarge()
+    if not body:
+        return {}
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        try:
+            text = body.decode("utf-8")
+            pairs = parse_qsl(
+                text, keep_blank_values=True, strict_parsing=False, max_num_fields=1000
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRequestError("The form body could not be parsed.") from exc
+        return parse_form(pairs)
+    if media == "application/json":
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise InvalidRequestError("The JSON body could not be parsed.") from exc
+        if not isinstance(data, dict):
+            raise InvalidRequestError("The JSON body must be an object.")
+        return data
+    raise UnsupportedMediaType()

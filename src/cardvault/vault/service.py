@@ -1,0 +1,399 @@
+"""The vault's operations: accounts and API keys, and PaymentMethods.
+
+A card number enters as a :class:`~cardvault.cards.CardNumber` (a wipeable buffer),
+is fingerprinted and sealed under a data key, and is wiped before the response is
+built. What is stored: the ciphertext, the data key's id (its wrapped form is stored
+separately), and the non-secret facts Stripe returns (brand, last four, expiry,
+funding, fingerprint). Associated data binds every ciphertext to its account, mode,
+object id and field, so a ciphertext copied into another row does not open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cardvault import crypto
+from cardvault.cards import CardNumber, check_card_allowed, validate_cvc, validate_expiry
+from cardvault.errors import (
+    APIError,
+    AuthenticationError,
+    InvalidRequestError,
+    ParameterMissing,
+    ParameterUnknown,
+    PermissionDenied,
+    ResourceMissing,
+)
+from cardvault.logging import get_logger
+from cardvault.storage.base import Account, ApiKey, PaymentMethodRecord, VaultStore
+from cardvault.vault.datakeys import DataKeyManager
+
+__all__ = ["Caller", "VaultService", "new_id"]
+
+_ALPHABET = string.ascii_letters + string.digits
+_log = get_logger("cardvault.vault")
+
+# Stripe's limits on metadata, which callers' code already respects.
+_METADATA_MAX_KEYS = 50
+_METADATA_MAX_KEY = 40
+_METADATA_MAX_VALUE = 500
+_NAME_MAX = 200
+_PM_PARAMS = {"type", "card", "billing_details", "metadata", "expand"}
+_CARD_PARAMS = {"number", "exp_month", "exp_year", "cvc"}
+_BILLING_PARAMS = {"name", "email", "phone", "address"}
+_ADDRESS_PARAMS = {"line1", "line2", "city", "state", "postal_code", "country"}
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the account, the mode, and what kind of key they used."""
+
+    account_id: str
+    mode: Literal["test", "live"]
+    kind: Literal["publishable", "secret"]
+    key_id: str
+
+    @property
+    def livemode(self) -> bool:
+        return self.mode == "live"
+
+
+def _context(caller: Caller, pm_id: str, field: str) -> dict[str, str]:
+    return {"account": caller.account_id, "mode": caller.mode, "object": pm_id, "field": field}
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
+    for key in data:
+        if key not in allowed:
+            name = f"{prefix}[{key}]" if prefix else str(key)
+            # The name is the caller's, but a parameter *name* is not card data; cap it.
+            raise ParameterUnknown(f"Received unknown parameter: {name[:80]}", param=name[:80])
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError("metadata must be a hash of keys to strings.", param="metadata")
+    if len(value) > _METADATA_MAX_KEYS:
+        raise InvalidRequestError("metadata may have at most 50 keys.", param="metadata")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or len(k) > _METADATA_MAX_KEY:
+            raise InvalidRequestError("metadata keys are 1 to 40 characters.", param="metadata")
+        if (
+            not isinstance(v, str | int | float)
+            or isinstance(v, bool)
+            or len(str(v)) > _METADATA_MAX_VALUE
+        ):
+            raise InvalidRequestError(
+                "metadata values are strings of at most 500 characters.", param=f"metadata[{k}]"
+            )
+        out[k] = str(v)
+    # Metadata is stored in the clear: refuse values that hold a card number.
+    from cardvault.cards import find_card_numbers
+
+    for k, v in out.items():
+        if any(True for _ in find_card_numbers(f"{k} {v}")):
+            raise InvalidRequestError("metadata must not contain card numbers.", param="metadata")
+    return out
+
+
+class VaultService:
+    def __init__(self, store: VaultStore, keys: DataKeyManager, *, cvc_ttl: int = 3600) -> None:
+        self.store = store
+        self.keys = keys
+        self.cvc_ttl = cvc_ttl
+        self._key_cache: dict[str, tuple[ApiKey | None, float]] = {}
+
+    # -- accounts and API keys -----------------------------------------------------------
+
+    async def create_account(self, name: str) -> Account:
+        account = Account(new_id("acct_", 16), name, int(time.time()))
+        await self.store.create_account(account)
+        return account
+
+    async def create_api_key(
+        self, account_id: str, kind: Literal["publishable", "secret"], mode: Literal["test", "live"]
+    ) -> tuple[ApiKey, str]:
+        """A new key: the record and the key itself, which is shown once and never stored."""
+        if await self.store.get_account(account_id) is None:
+            raise ResourceMissing("No such account.")
+        prefix = {"publishable": "pk", "secret": "sk"}[kind]
+        secret = f"{prefix}_{mode}_" + "".join(secrets.choice(_ALPHABET) for _ in range(40))
+        record = ApiKey(
+            id=new_id("key_", 16),
+            account_id=account_id,
+            kind=kind,
+            mode=mode,
+            prefix=secret[:12],
+            hash=hash_api_key(secret),
+            created=int(time.time()),
+        )
+        await self.store.create_api_key(record)
+        return record, secret
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        done = await self.store.revoke_api_key(key_id, int(time.time()))
+        self._key_cache.clear()
+        return done
+
+    async def authenticate(self, presented: str | None) -> Caller:
+        """The caller behind an API key. 401 for a missing, malformed, unknown or revoked key.
+
+        Lookups are cached for two seconds: a revoked key stops working within that time.
+        """
+        if not presented:
+            raise AuthenticationError(
+                "You did not provide an API key. Provide it as a Bearer token in the Authorization header."
+            )
+        if (
+            not presented.startswith(("sk_test_", "sk_live_", "pk_test_", "pk_live_"))
+            or len(presented) > 200
+        ):
+            raise AuthenticationError()
+        digest = hash_api_key(presented)
+        now = time.monotonic()
+        cached = self._key_cache.get(digest)
+        if cached is not None and cached[1] > now:
+            record = cached[0]
+        else:
+            record = await self.store.find_api_key(digest)
+            if len(self._key_cache) > 10_000:
+                self._key_cache.clear()
+            self._key_cache[digest] = (record, now + 2.0)
+        if (
+            record is None
+            or record.revoked is not None
+            or not hmac.compare_digest(record.hash, digest)
+        ):
+            raise AuthenticationError()
+        return Caller(record.account_id, record.mode, record.kind, record.id)
+
+    # -- payment methods -----------------------------------------------------------------
+
+    async def create_payment_method(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        _check_keys(params, _PM_PARAMS)
+        if params.get("type") in (None, ""):
+            raise ParameterMissing("Missing required param: type.", param="type")
+        if params["type"] != "card":
+            raise InvalidRequestError("Only type=card is supported.", param="type")
+        card = params.get("card")
+        if card in (None, ""):
+            raise ParameterMissing("Missing required param: card.", param="card")
+        if not isinstance(card, dict):
+            raise InvalidRequestError("card must be a hash.", param="card")
+        _check_keys(card, _CARD_PARAMS, "card")
+        billing = params.get("billing_details") or {}
+        if not isinstance(billing, dict):
+            raise InvalidRequestError("billing_details must be a hash.", param="billing_details")
+        _check_keys(billing, _BILLING_PARAMS, "billing_details")
+        address = billing.get("address") or {}
+        if not isinstance(address, dict):
+            raise InvalidRequestError("address must be a hash.", param="billing_details[address]")
+        _check_keys(address, _ADDRESS_PARAMS, "billing_details[address]")
+        metadata = _metadata(params.get("metadata"))
+        name = billing.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
+            raise InvalidRequestError(
+                "billing_details[name] must be a string.", param="billing_details[name]"
+            )
+
+        number = CardNumber.parse(card.get("number"))
+        cvc = None
+        try:
+            expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
+            check_card_allowed(number, livemode=caller.livemode)
+            if card.get("cvc") not in (None, ""):
+                cvc = validate_cvc(card.get("cvc"), number.brand)
+            pm_id = new_id("pm_")
+            account_key = await self.keys.account_key(caller.account_id)
+            fingerprint = crypto.fingerprint(account_key, number.digits_for_crypto())
+            dk_id, dk = await self.keys.for_encryption("pan")
+            number_ct = crypto.seal(
+                dk, number.digits_for_crypto(), _context(caller, pm_id, "number")
+            )
+            name_ct = (
+                crypto.seal(dk, name.encode("utf-8"), _context(caller, pm_id, "name"))
+                if name
+                else None
+            )
+            cvc_ct = cvc_dk_id = cvc_expires = None
+            if cvc is not None:
+                cvc_dk_id, cvc_dk = await self.keys.for_encryption("cvc")
+                cvc_ct = crypto.seal(
+                    cvc_dk, cvc.digits_for_crypto(), _context(caller, pm_id, "cvc")
+                )
+                cvc_expires = int(time.time()) + self.cvc_ttl
+            other_billing = {k: v for k, v in billing.items() if k != "name"}
+            record = PaymentMethodRecord(
+                id=pm_id,
+                account_id=caller.account_id,
+                livemode=caller.livemode,
+                created=int(time.time()),
+                data_key_id=dk_id,
+                number_ct=number_ct,
+                brand=str(number.brand),
+                last4=number.last4,
+                exp_month=expiry.month,
+                exp_year=expiry.year,
+                funding=str(number.funding),
+                fingerprint=fingerprint,
+                name_ct=name_ct,
+                metadata=metadata,
+                billing_details=other_billing,
+                cvc_ct=cvc_ct,
+                cvc_data_key_id=cvc_dk_id,
+                cvc_expires=cvc_expires,
+                cvc_check="unchecked" if cvc is not None else None,
+            )
+            display_brand = number.display_brand
+        finally:
+            number.wipe()
+            if cvc is not None:
+                cvc.wipe()
+        await self.store.insert_payment_method(record)
+        _log.info(
+            "payment method created",
+            payment_method=pm_id,
+            key=caller.key_id,
+            livemode=caller.livemode,
+        )
+        return self._render(record, name=name, display_brand=display_brand)
+
+    async def retrieve_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
+        self._require_secret(caller)
+        record = await self._get(caller, pm_id)
+        name = None
+        if record.name_ct is not None:
+            key = await self.keys.for_decryption(record.data_key_id, "pan")
+            name = crypto.open_(key, record.name_ct, _context(caller, pm_id, "name")).decode(
+                "utf-8"
+            )
+        return self._render(record, name=name)
+
+    async def list_payment_methods(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        self._require_secret(caller)
+        _check_keys(query, {"limit", "starting_after", "ending_before", "type", "expand"})
+        try:
+            limit = int(query.get("limit", 10))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError("limit must be an integer.", param="limit") from exc
+        if not 1 <= limit <= 100:
+            raise InvalidRequestError("limit must be between 1 and 100.", param="limit")
+        after, before = query.get("starting_after"), query.get("ending_before")
+        if after and before:
+            raise InvalidRequestError("Give starting_after or ending_before, not both.")
+        records = await self.store.list_payment_methods(
+            caller.account_id,
+            caller.livemode,
+            limit=limit + 1,
+            starting_after=after,
+            ending_before=before,
+        )
+        has_more = len(records) > limit
+        records = records[1:] if (has_more and before) else records[:limit]
+        data = []
+        for record in records:
+            name = None
+            if record.name_ct is not None:
+                key = await self.keys.for_decryption(record.data_key_id, "pan")
+                name = crypto.open_(
+                    key, record.name_ct, _context(caller, record.id, "name")
+                ).decode("utf-8")
+            data.append(self._render(record, name=name))
+        return {"object": "list", "url": "/v1/payment_methods", "has_more": has_more, "data": data}
+
+    async def delete_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
+        self._require_secret(caller)
+        if not await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id):
+            raise ResourceMissing(f"No such PaymentMethod: '{pm_id[:40]}'", param="payment_method")
+        _log.info("payment method deleted", payment_method=pm_id, key=caller.key_id)
+        return {"id": pm_id, "object": "payment_method", "deleted": True}
+
+    async def sweep_expired_cvcs(self) -> int:
+        return await self.store.destroy_expired_cvcs(int(time.time()))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _open_name(self, caller: Caller, record: PaymentMethodRecord) -> str | None:
+        if record.name_ct is None:
+            return None
+        key = await self.keys.for_decryption(record.data_key_id, "pan")
+        try:
+            plain = crypto.open_(key, record.name_ct, _context(caller, record.id, "name"))
+        except crypto.InvalidCiphertext as exc:
+            # Stored ciphertext that fails authentication was altered or moved: a
+            # security event, not a client error.
+            _log.error("stored card data failed authentication", payment_method=record.id)
+            raise APIError() from exc
+        return plain.decode("utf-8")
+
+    @staticmethod
+    def _require_secret(caller: Caller) -> None:
+        if caller.kind != "secret":
+            raise PermissionDenied(
+                "Publishable keys can only create payment methods. Use a secret key for this request."
+            )
+
+    async def _get(self, caller: Caller, pm_id: str) -> PaymentMethodRecord:
+        record = None
+        if pm_id.startswith("pm_") and len(pm_id) <= 64:
+            record = await self.store.get_payment_method(caller.account_id, caller.livemode, pm_id)
+        if record is None:
+            raise ResourceMissing(f"No such PaymentMethod: '{pm_id[:40]}'", param="payment_method")
+        return record
+
+    @staticmethod
+    def _render(
+        record: PaymentMethodRecord, *, name: str | None, display_brand: str | None = None
+    ) -> dict[str, Any]:
+        from cardvault.cards import brand_info
+
+        raw_address = record.billing_details.get("address")
+        address: dict[str, Any] = raw_address if isinstance(raw_address, dict) else {}
+        return {
+            "id": record.id,
+            "object": "payment_method",
+            "type": "card",
+            "created": record.created,
+            "livemode": record.livemode,
+            "metadata": record.metadata,
+            "customer": None,
+            "billing_details": {
+                "address": {k: address.get(k) for k in sorted(_ADDRESS_PARAMS)},
+                "email": record.billing_details.get("email"),
+                "name": name,
+                "phone": record.billing_details.get("phone"),
+            },
+            "card": {
+                "brand": record.brand,
+                "display_brand": display_brand or brand_info(record.brand).display_brand,
+                "last4": record.last4,
+                "exp_month": record.exp_month,
+                "exp_year": record.exp_year,
+                "funding": record.funding,
+                "fingerprint": record.fingerprint,
+                "country": None,
+                "checks": {
+                    "cvc_check": record.cvc_check,
+                    "address_line1_check": None,
+                    "address_postal_code_check": None,
+                },
+                "wallet": None,
+                "three_d_secure_usage": {"supported": True},
+            },
+        }

@@ -1,0 +1,491 @@
+"""PaymentMethods over real HTTPS against a real vault and a real key-service process."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cardvault.cards import luhn_valid
+from cardvault.transport.tls import client_context
+from helpers import Pki, cardvault_process, free_port, wait_for_port
+
+VISA = "4242424242424242"
+AMEX = "378282246310005"
+MASTERCARD = "5555555555554444"
+
+
+@dataclass
+class Stack:
+    dir: Path
+    url: str
+    vault_config: Path
+    keyd_port: int
+    vault_log: Path
+    keyd_log: Path
+    accounts: list[dict[str, str]]
+
+    @property
+    def db(self) -> Path:
+        return self.dir / "vault.db"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def create_account(config: Path, *, live: bool = False) -> dict[str, str]:
+    r = cli(
+        "accounts", "create", "--config", str(config), "--name", "t", *(["--live"] if live else [])
+    )
+    assert r.returncode == 0, r.stderr
+    found = dict(re.findall(r"^(\S+(?: \(\w+\))?)\s+(\S+)$", r.stdout, re.M))
+    return {
+        "account": found["account"],
+        "pk": found["publishable (test)"],
+        "sk": found["secret (test)"],
+        **(
+            {"sk_live": found["secret (live)"], "pk_live": found["publishable (live)"]}
+            if live
+            else {}
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]:
+    d = tmp_path_factory.mktemp("stack")
+    if not pki.cert("keyd")[0].exists():
+        pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
+    kport, vport = free_port(), free_port()
+    kcert, kkey = pki.cert("keyd")
+    kconf = d / "keyd.toml"
+    kconf.write_text(
+        'profile = "development"\n[server]\n'
+        f'port = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\nclient_ca_file = "{pki.ca_file}"\n'
+        f'[store]\nurl = "sqlite:///{d / "keyd.db"}"\n'
+        f'[seal]\ntype = "dev"\ndev_key_file = "{d / "root.key"}"\n'
+    )
+    assert cli("keyservice", "init", "--config", str(kconf)).returncode == 0
+    vcert, vkey = pki.cert("vault")
+    vconf = d / "vault.toml"
+    vconf.write_text(
+        'profile = "development"\n[server]\n'
+        f'port = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        f'[store]\nurl = "sqlite:///{d / "vault.db"}"\n'
+        f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
+        f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n"
+    )
+    accounts = [create_account(vconf, live=True), create_account(vconf)]
+    with cardvault_process(
+        ["keyservice", "serve", "--config", str(kconf)], log=d / "keyd.log"
+    ) as kp:
+        wait_for_port(kport, kp)
+        with cardvault_process(
+            ["vault", "serve", "--config", str(vconf)], log=d / "vault.log"
+        ) as vp:
+            wait_for_port(vport, vp)
+            yield Stack(
+                d,
+                f"https://localhost:{vport}",
+                vconf,
+                kport,
+                d / "vault.log",
+                d / "keyd.log",
+                accounts,
+            )
+
+
+@pytest.fixture(scope="module")
+def http(pki: Pki) -> Iterator[httpx.Client]:
+    with httpx.Client(verify=client_context(pki.ca_file), trust_env=False, timeout=15) as c:
+        yield c
+
+
+def card_form(number: str = VISA, cvc: str = "123", **extra: str) -> dict[str, str]:
+    return {
+        "type": "card",
+        "card[number]": number,
+        "card[exp_month]": "12",
+        "card[exp_year]": "2034",
+        "card[cvc]": cvc,
+        **extra,
+    }
+
+
+def create(
+    http: httpx.Client, stack: Stack, key: str, data: dict[str, str], **headers: str
+) -> httpx.Response:
+    return http.post(
+        f"{stack.url}/v1/payment_methods",
+        data=data,
+        headers={"authorization": f"Bearer {key}", **headers},
+    )
+
+
+def get(http: httpx.Client, stack: Stack, key: str, path: str) -> httpx.Response:
+    return http.get(f"{stack.url}{path}", headers={"authorization": f"Bearer {key}"})
+
+
+def random_pan(rng: random.Random, prefix: str = "4", length: int = 16) -> str:
+    body = prefix + "".join(str(rng.randint(0, 9)) for _ in range(length - len(prefix) - 1))
+    return next(body + c for c in "0123456789" if luhn_valid(body + c))
+
+
+# --- creating and reading ---------------------------------------------------------------
+
+
+def test_publishable_key_creates_a_payment_method_in_stripes_shape(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[0]
+    r = create(
+        http,
+        stack,
+        acct["pk"],
+        card_form(**{"billing_details[name]": "Jenny Rosen", "metadata[order]": "6735"}),
+    )
+    assert r.status_code == 200, r.text
+    pm = r.json()
+    assert pm["id"].startswith("pm_")
+    assert pm["object"] == "payment_method"
+    assert pm["type"] == "card"
+    assert pm["livemode"] is False
+    assert pm["metadata"] == {"order": "6735"}
+    assert pm["billing_details"]["name"] == "Jenny Rosen"
+    card = pm["card"]
+    assert (
+        card["brand"],
+        card["display_brand"],
+        card["last4"],
+        card["exp_month"],
+        card["exp_year"],
+    ) == ("visa", "visa", "4242", 12, 2034)
+    assert card["funding"] == "credit"
+    assert len(card["fingerprint"]) == 16
+    assert card["checks"]["cvc_check"] == "unchecked"
+    assert VISA not in r.text
+    assert "123" not in json.dumps(card)
+
+
+def test_json_bodies_are_accepted(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[0]
+    body = {
+        "type": "card",
+        "card": {"number": AMEX, "exp_month": 1, "exp_year": 2031, "cvc": "1234"},
+    }
+    r = http.post(
+        f"{stack.url}/v1/payment_methods",
+        json=body,
+        headers={"authorization": f"Bearer {acct['sk']}"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["card"]["brand"] == "amex"
+
+
+def test_secret_key_retrieves_and_publishable_key_cannot(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[0]
+    pm = create(http, stack, acct["pk"], card_form(**{"billing_details[name]": "A B"})).json()
+    r = get(http, stack, acct["sk"], f"/v1/payment_methods/{pm['id']}")
+    assert r.status_code == 200
+    assert r.json() == pm
+    r = get(http, stack, acct["pk"], f"/v1/payment_methods/{pm['id']}")
+    assert r.status_code == 403
+    assert r.json()["error"]["type"] == "permission_error"
+
+
+def test_other_accounts_and_the_other_mode_see_404(http: httpx.Client, stack: Stack) -> None:
+    a, b = stack.accounts
+    pm = create(http, stack, a["pk"], card_form()).json()
+    for key in (b["sk"], a["sk_live"]):
+        r = get(http, stack, key, f"/v1/payment_methods/{pm['id']}")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "resource_missing"
+
+
+def test_fingerprint_is_stable_per_account_and_unrelated_across_accounts(
+    http: httpx.Client, stack: Stack
+) -> None:
+    a, b = stack.accounts
+    f1 = create(http, stack, a["pk"], card_form(MASTERCARD)).json()["card"]["fingerprint"]
+    f2 = create(http, stack, a["pk"], card_form(MASTERCARD)).json()["card"]["fingerprint"]
+    f3 = create(http, stack, b["pk"], card_form(MASTERCARD)).json()["card"]["fingerprint"]
+    assert f1 == f2
+    assert f1 != f3
+
+
+def test_list_paginates_newest_first(http: httpx.Client, stack: Stack) -> None:
+    b = stack.accounts[1]
+    ids = [create(http, stack, b["sk"], card_form()).json()["id"] for _ in range(5)]
+    page = get(http, stack, b["sk"], "/v1/payment_methods?limit=2").json()
+    assert page["object"] == "list"
+    assert page["has_more"] is True
+    assert len(page["data"]) == 2
+    everything = get(http, stack, b["sk"], "/v1/payment_methods?limit=100").json()["data"]
+    listed = [p["id"] for p in everything]
+    assert set(ids) <= set(listed)
+    after = get(
+        http, stack, b["sk"], f"/v1/payment_methods?limit=2&starting_after={listed[1]}"
+    ).json()
+    assert [p["id"] for p in after["data"]] == listed[2:4]
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code", "param"),
+    [
+        (card_form("4242424242424241"), 402, "incorrect_number", "card[number]"),
+        (card_form("424242424242"), 402, "incorrect_number", "card[number]"),
+        (card_form("42424242424242424242"), 402, "incorrect_number", "card[number]"),
+        (
+            card_form(
+                "\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662"
+            ),
+            402,
+            "invalid_number",
+            "card[number]",
+        ),
+        (card_form(**{"card[exp_month]": "13"}), 402, "invalid_expiry_month", "card[exp_month]"),
+        (card_form(**{"card[exp_year]": "2019"}), 402, "invalid_expiry_year", "card[exp_year]"),
+        (card_form(cvc="12"), 402, "invalid_cvc", "card[cvc]"),
+        (card_form(AMEX, cvc="123"), 402, "invalid_cvc", "card[cvc]"),
+        ({"type": "card"}, 400, "parameter_missing", "card"),
+        ({"card[number]": VISA}, 400, "parameter_missing", "type"),
+        (card_form(**{"card[pin]": "1234"}), 400, "parameter_unknown", "card[pin]"),
+        (card_form(**{"metadata[note]": f"card {VISA}"}), 400, "parameter_invalid", "metadata"),
+    ],
+)
+def test_bad_input_gets_stripes_error_and_creates_nothing(
+    http: httpx.Client, stack: Stack, data: dict[str, str], status: int, code: str, param: str
+) -> None:
+    acct = stack.accounts[1]
+    before = get(http, stack, acct["sk"], "/v1/payment_methods?limit=100").json()["data"]
+    r = create(http, stack, acct["sk"], data)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    for secret in (VISA, AMEX, "4242424242424241", "\u0664\u0662\u0664\u0662"):
+        assert secret not in r.text
+    after = get(http, stack, acct["sk"], "/v1/payment_methods?limit=100").json()["data"]
+    assert len(after) == len(before)
+
+
+def test_test_mode_refuses_unpublished_numbers_and_live_mode_refuses_test_cards(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[0]
+    other = random_pan(random.Random(7))
+    r = create(http, stack, acct["sk"], card_form(other))
+    assert r.status_code == 402
+    assert r.json()["error"]["type"] == "card_error"
+    assert other not in r.text
+    r = create(http, stack, acct["sk_live"], card_form(VISA))
+    assert r.status_code == 402
+    r = create(http, stack, acct["sk_live"], card_form(other))
+    assert r.status_code == 200, r.text
+    assert r.json()["livemode"] is True
+
+
+def test_missing_and_invalid_keys_are_401(http: httpx.Client, stack: Stack) -> None:
+    r = http.post(f"{stack.url}/v1/payment_methods", data=card_form())
+    assert r.status_code == 401
+    r = create(http, stack, "sk_test_" + "x" * 40, card_form())
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_wrong_content_type_is_415(http: httpx.Client, stack: Stack) -> None:
+    r = http.post(
+        f"{stack.url}/v1/payment_methods",
+        content=b"<card/>",
+        headers={
+            "authorization": f"Bearer {stack.accounts[1]['sk']}",
+            "content-type": "application/xml",
+        },
+    )
+    assert r.status_code == 415
+
+
+# --- idempotency and limits ---------------------------------------------------------------
+
+
+def test_idempotency_key_returns_the_first_result_and_refuses_other_parameters(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[1]
+    first = create(http, stack, acct["sk"], card_form(), **{"idempotency-key": "order-1"})
+    again = create(http, stack, acct["sk"], card_form(), **{"idempotency-key": "order-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = create(http, stack, acct["sk"], card_form(MASTERCARD), **{"idempotency-key": "order-1"})
+    assert other.status_code == 400
+    assert other.json()["error"]["type"] == "idempotency_error"
+    assert MASTERCARD not in other.text
+
+
+def test_publishable_keys_are_rate_limited_with_retry_after(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[1]
+    statuses = [create(http, stack, acct["pk"], card_form()).status_code for _ in range(40)]
+    assert 429 in statuses
+    r = create(http, stack, acct["pk"], card_form())
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+# --- encryption at rest -----------------------------------------------------------------
+
+
+def test_ciphertext_moved_to_another_row_does_not_decrypt(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[0]
+    a = create(http, stack, acct["sk"], card_form(**{"billing_details[name]": "Alice"})).json()
+    b = create(http, stack, acct["sk"], card_form(**{"billing_details[name]": "Bob"})).json()
+    with sqlite3.connect(stack.db) as db:
+        (a_ct,) = db.execute(
+            "SELECT name_ct FROM payment_methods WHERE id = ?", (a["id"],)
+        ).fetchone()
+        db.execute("UPDATE payment_methods SET name_ct = ? WHERE id = ?", (a_ct, b["id"]))
+    r = get(http, stack, acct["sk"], f"/v1/payment_methods/{b['id']}")
+    assert r.status_code == 500
+    assert "Alice" not in r.text
+    assert (
+        get(http, stack, acct["sk"], f"/v1/payment_methods/{a['id']}").json()["billing_details"][
+            "name"
+        ]
+        == "Alice"
+    )
+
+
+def test_delete_destroys_the_card_data(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[0]
+    pm = create(
+        http, stack, acct["sk"], card_form(**{"billing_details[name]": "Deleted Person"})
+    ).json()
+    with sqlite3.connect(stack.db) as db:
+        (ct,) = db.execute(
+            "SELECT number_ct FROM payment_methods WHERE id = ?", (pm["id"],)
+        ).fetchone()
+    r = http.delete(
+        f"{stack.url}/v1/payment_methods/{pm['id']}",
+        headers={"authorization": f"Bearer {acct['sk']}"},
+    )
+    assert r.json() == {"id": pm["id"], "object": "payment_method", "deleted": True}
+    assert get(http, stack, acct["sk"], f"/v1/payment_methods/{pm['id']}").status_code == 404
+    with sqlite3.connect(stack.db) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = stack.db.read_bytes()
+    wal = stack.db.with_name("vault.db-wal")
+    raw += wal.read_bytes() if wal.exists() else b""
+    assert bytes(ct) not in raw
+
+
+def test_no_card_number_or_cvc_rests_in_the_database_or_logs(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[0]
+    rng = random.Random(2026)
+    numbers = [random_pan(rng) for _ in range(200)]
+    cvcs = [f"{rng.randint(0, 999):03d}" for _ in numbers]
+    for number, cvc in zip(numbers, cvcs, strict=True):
+        r = create(http, stack, acct["sk_live"], card_form(number, cvc=cvc))
+        assert r.status_code == 200, r.text
+    files = [
+        p
+        for p in stack.dir.iterdir()
+        if (p.is_file() and p.suffix in ("", ".db", ".log")) or p.name.endswith(("-wal", "-shm"))
+    ]
+    blob = b"".join(p.read_bytes() for p in files)
+    assert len(blob) > 10_000
+    for number in numbers:
+        assert number.encode() not in blob
+        assert number.encode("utf-16-le") not in blob
+    # CVCs are three digits and occur by chance in any large file; look for them in the
+    # shape they were sent (beside their parameter name).
+    for cvc in cvcs:
+        assert f'"cvc": "{cvc}"'.encode() not in blob
+        assert f"card[cvc]={cvc}".encode() not in blob
+
+
+def test_key_service_down_gives_503_and_stores_nothing(
+    http: httpx.Client, stack: Stack, pki: Pki, tmp_path: Path
+) -> None:
+    # A second vault on the same kind of store, pointed at a key service that is not there.
+    port, dead = free_port(), free_port()
+    vcert, vkey = pki.cert("vault")
+    conf = tmp_path / "vault.toml"
+    conf.write_text(
+        f'[server]\nport = {port}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "v.db"}"\n'
+        f'[keyservice]\nurl = "https://localhost:{dead}"\nca_file = "{pki.ca_file}"\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+    )
+    acct = create_account(conf)
+    with cardvault_process(["vault", "serve", "--config", str(conf)], log=tmp_path / "log") as proc:
+        wait_for_port(port, proc)
+        r = http.post(
+            f"https://localhost:{port}/v1/payment_methods",
+            data=card_form(),
+            headers={"authorization": f"Bearer {acct['sk']}"},
+        )
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "keyservice_unavailable"
+        listed = http.get(
+            f"https://localhost:{port}/v1/payment_methods",
+            headers={"authorization": f"Bearer {acct['sk']}"},
+        )
+        assert listed.json()["data"] == []
+
+
+# --- Stripe's own client library ----------------------------------------------------------
+
+
+def test_official_stripe_library_creates_retrieves_and_gets_card_errors(
+    stack: Stack, pki: Pki
+) -> None:
+    import stripe
+
+    # Only the API base and the CA bundle change, as the design promises.
+    stripe.api_key = stack.accounts[1]["sk"]
+    stripe.api_base = stack.url
+    stripe.ca_bundle_path = str(pki.ca_file)
+    try:
+        pm = stripe.PaymentMethod.create(
+            type="card", card={"number": VISA, "exp_month": 12, "exp_year": 2034, "cvc": "123"}
+        )
+        assert pm.id.startswith("pm_")
+        assert pm.card.last4 == "4242"
+        again = stripe.PaymentMethod.retrieve(pm.id)
+        assert again.card.fingerprint == pm.card.fingerprint
+        with pytest.raises(stripe.CardError) as info:
+            stripe.PaymentMethod.create(
+                type="card",
+                card={
+                    "number": "4242424242424241",
+                    "exp_month": 12,
+                    "exp_year": 2034,
+                    "cvc": "123",
+                },
+            )
+        assert info.value.code == "incorrect_number"
+    finally:
+        stripe.api_base = "https://api.stripe.com"
+        stripe.ca_bundle_path = None
