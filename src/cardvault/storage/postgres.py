@@ -1,0 +1,326 @@
+"""The PostgreSQL :class:`~cardvault.storage.base.VaultStore`, through an asyncpg pool.
+
+Every method is one statement on a pooled connection in autocommit, with the server's
+default synchronous commit, so a method returns after its commit reached the server's
+disk. There is no group commit here: the pool's connections commit concurrently, and
+PostgreSQL's WAL writer already flushes the commits that arrive together with one
+fsync (FACTS: 4.4k rows/s on one connection, 18.7k on 32). ``commit_delay`` on the
+server trades latency for larger groups if that is ever needed.
+
+Several replicas may share the database: :meth:`migrate` holds a transaction-scoped
+advisory lock, and :meth:`claim_idempotency_key` relies on the primary key
+(``INSERT … ON CONFLICT DO NOTHING``, then ``SELECT``).
+
+A deleted row (and an erased CVC) stays in the table's heap as a dead tuple until
+VACUUM reclaims the space; the database's storage is expected to be encrypted at rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from cardvault.storage.base import (
+    Account,
+    ApiKey,
+    DataKeyRecord,
+    DuplicateError,
+    IdempotencyRecord,
+    Mode,
+    PaymentMethodRecord,
+)
+from cardvault.storage.migrations import (
+    ACCOUNT_COLUMNS,
+    API_KEY_COLUMNS,
+    DATA_KEY_COLUMNS,
+    IDEMPOTENCY_COLUMNS,
+    MIGRATIONS,
+    PAYMENT_METHOD_COLUMNS,
+    SCHEMA_VERSION_TABLE,
+    account_from_row,
+    account_params,
+    api_key_from_row,
+    api_key_params,
+    data_key_from_row,
+    data_key_params,
+    idempotency_from_row,
+    idempotency_params,
+    payment_method_from_row,
+    payment_method_params,
+    render,
+)
+
+__all__ = ["PostgresVaultStore"]
+
+#: The advisory lock that serialises migrations of the vault's schema (any 64-bit
+#: number, distinct from the key service's 7301 in case both share a database).
+MIGRATION_LOCK = 7302
+
+
+def _columns(columns: tuple[str, ...]) -> str:
+    return ", ".join(columns)
+
+
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    # Built only from the constant table and column names above, never from input.
+    return f"INSERT INTO {table} ({_columns(columns)}) VALUES ({marks})"  # noqa: S608
+
+
+_INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
+_INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
+_INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
+_INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
+_INSERT_IDEMPOTENCY = (
+    _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
+    + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING RETURNING 1"
+)
+_SELECT_ACCOUNT = f"SELECT {_columns(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
+_SELECT_API_KEY = f"SELECT {_columns(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
+_SELECT_DATA_KEY = f"SELECT {_columns(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
+_SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
+_SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
+_CURSOR = (
+    "(SELECT created, id FROM payment_methods WHERE id = $3 AND account_id = $1 AND livemode = $2)"
+)
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresVaultStore:
+    """The vault's store in PostgreSQL. ``min_size``/``max_size`` size the pool, which
+    is opened on first use (in the running event loop) and closed by :meth:`close`."""
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 16) -> None:
+        self._dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        # The DSN may hold a password.
+        return "PostgresVaultStore(<dsn>)"
+
+    async def _get_pool(self) -> Any:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    import asyncpg
+
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=self._min_size, max_size=self._max_size
+                    )
+        return self._pool
+
+    async def _insert(self, sql: str, params: tuple[Any, ...], what: str) -> None:
+        import asyncpg
+
+        pool = await self._get_pool()
+        try:
+            await pool.execute(sql, *params)
+        except asyncpg.UniqueViolationError as exc:
+            raise DuplicateError(f"{what} with this id or unique value exists") from exc
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            # Replicas starting together queue here; the later ones find nothing to do.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(SCHEMA_VERSION_TABLE)
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            for migration in MIGRATIONS:
+                if migration.version <= current:
+                    continue
+                for statement in migration.statements:
+                    await conn.execute(render(statement, "postgresql"))
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
+                    migration.version,
+                    int(time.time()),
+                )
+
+    # -- accounts and keys ---------------------------------------------------------------
+
+    async def create_account(self, account: Account) -> None:
+        await self._insert(_INSERT_ACCOUNT, account_params(account), "an account")
+
+    async def get_account(self, account_id: str) -> Account | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(f"{_SELECT_ACCOUNT} WHERE id = $1", account_id)
+        return None if row is None else account_from_row(row)
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        await self._insert(_INSERT_API_KEY, api_key_params(key), "an API key")
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(f"{_SELECT_API_KEY} WHERE hash = $1", key_hash)
+        return None if row is None else api_key_from_row(row)
+
+    async def list_api_keys(self, account_id: str) -> list[ApiKey]:
+        pool = await self._get_pool()
+        rows = await pool.fetch(
+            f"{_SELECT_API_KEY} WHERE account_id = $1 ORDER BY created, id", account_id
+        )
+        return [api_key_from_row(r) for r in rows]
+
+    async def revoke_api_key(self, key_id: str, when: int) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(
+            "UPDATE api_keys SET revoked = $1 WHERE id = $2 AND revoked IS NULL", when, key_id
+        )
+        return _count(status) == 1
+
+    # -- data keys -----------------------------------------------------------------------
+
+    async def insert_data_key(self, record: DataKeyRecord) -> None:
+        await self._insert(_INSERT_DATA_KEY, data_key_params(record), "a data key")
+
+    async def get_data_key(self, data_key_id: str) -> DataKeyRecord | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(f"{_SELECT_DATA_KEY} WHERE id = $1", data_key_id)
+        return None if row is None else data_key_from_row(row)
+
+    # -- payment methods -----------------------------------------------------------------
+
+    async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
+        await self._insert(_INSERT_PM, payment_method_params(record), "a payment method")
+
+    async def get_payment_method(
+        self, account_id: str, livemode: bool, pm_id: str
+    ) -> PaymentMethodRecord | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(
+            f"{_SELECT_PM} WHERE id = $1 AND account_id = $2 AND livemode = $3",
+            pm_id,
+            account_id,
+            bool(livemode),
+        )
+        return None if row is None else payment_method_from_row(row)
+
+    async def list_payment_methods(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[PaymentMethodRecord]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if starting_after is not None and ending_before is not None:
+            raise ValueError("give starting_after or ending_before, not both")
+        pool = await self._get_pool()
+        where = "account_id = $1 AND livemode = $2"
+        # A cursor is looked up within the same account and mode: an id from elsewhere
+        # matches nothing, so the page is empty.
+        if starting_after is not None:
+            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) < {_CURSOR} ORDER BY created DESC, id DESC LIMIT $4"
+            args: tuple[Any, ...] = (account_id, bool(livemode), starting_after, limit)
+        elif ending_before is not None:
+            # The page just newer than the cursor: the nearest ones first, then reversed.
+            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) > {_CURSOR} ORDER BY created ASC, id ASC LIMIT $4"
+            args = (account_id, bool(livemode), ending_before, limit)
+        else:
+            sql = f"{_SELECT_PM} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
+            args = (account_id, bool(livemode), limit)
+        records = [payment_method_from_row(r) for r in await pool.fetch(sql, *args)]
+        if ending_before is not None:
+            records.reverse()
+        return records
+
+    async def delete_payment_method(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(
+            "DELETE FROM payment_methods WHERE id = $1 AND account_id = $2 AND livemode = $3",
+            pm_id,
+            account_id,
+            bool(livemode),
+        )
+        return _count(status) == 1
+
+    async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(
+            "UPDATE payment_methods SET cvc_ct = NULL, cvc_data_key_id = NULL, "
+            "cvc_expires = NULL WHERE id = $1 AND account_id = $2 AND livemode = $3 "
+            "AND cvc_ct IS NOT NULL",
+            pm_id,
+            account_id,
+            bool(livemode),
+        )
+        return _count(status) == 1
+
+    async def destroy_expired_cvcs(self, now: int) -> int:
+        pool = await self._get_pool()
+        status = await pool.execute(
+            "UPDATE payment_methods SET cvc_ct = NULL, cvc_data_key_id = NULL, "
+            "cvc_expires = NULL WHERE cvc_expires IS NOT NULL AND cvc_expires <= $1",
+            now,
+        )
+        return _count(status)
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    async def claim_idempotency_key(self, record: IdempotencyRecord) -> IdempotencyRecord | None:
+        pool = await self._get_pool()
+        while True:
+            # If another replica's insert of the same key is in flight, ON CONFLICT waits
+            # for it to commit, so the SELECT (a new snapshot) then sees that row.
+            if await pool.fetchval(_INSERT_IDEMPOTENCY, *idempotency_params(record)):
+                return None
+            row = await pool.fetchrow(
+                f"{_SELECT_IDEMPOTENCY} "
+                "WHERE account_id = $1 AND mode = $2 AND idempotency_key = $3",
+                record.account_id,
+                record.mode,
+                record.key,
+            )
+            if row is not None:
+                return idempotency_from_row(row)
+            # Released between the two statements: claim again.
+
+    async def complete_idempotency_key(
+        self, account_id: str, mode: Mode, key: str, status: int, body: str
+    ) -> None:
+        pool = await self._get_pool()
+        await pool.execute(
+            "UPDATE idempotency_keys SET response_status = $1, response_body = $2 "
+            "WHERE account_id = $3 AND mode = $4 AND idempotency_key = $5",
+            status,
+            body,
+            account_id,
+            mode,
+            key,
+        )
+
+    async def release_idempotency_key(self, account_id: str, mode: Mode, key: str) -> None:
+        pool = await self._get_pool()
+        await pool.execute(
+            "DELETE FROM idempotency_keys "
+            "WHERE account_id = $1 AND mode = $2 AND idempotency_key = $3",
+            account_id,
+            mode,
+            key,
+        )
+
+    async def purge_idempotency_keys(self, before: int) -> int:
+        pool = await self._get_pool()
+        status = await pool.execute("DELETE FROM idempotency_keys WHERE created < $1", before)
+        return _count(status)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the pool. Idempotent."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()

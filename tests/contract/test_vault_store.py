@@ -1,0 +1,1014 @@
+"""The VaultStore contract: every implementation must pass this one suite.
+
+Each contract test runs once on :class:`SQLiteVaultStore` (a file in ``tmp_path``) and
+once on :class:`PostgresVaultStore` (a database created for the test on the server at
+127.0.0.1:5432 and dropped after it; CI starts the server, so an unreachable server is
+a failure, not a skip). pytest-asyncio is not used: each test runs its check in one
+``asyncio.run``, and the store is opened inside that event loop (asyncpg's pool belongs
+to the loop that made it). A few tests at the end are about one backend only: SQLite's
+group commit, file modes and secure delete.
+
+The fixtures live in this file rather than a conftest so that the other contract
+suites in this folder stay independent of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import re
+import secrets
+import sqlite3
+import stat
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cardvault.errors import ConfigurationError
+from cardvault.storage import (
+    Account,
+    ApiKey,
+    DataKeyRecord,
+    DuplicateError,
+    IdempotencyRecord,
+    Mode,
+    PaymentMethodRecord,
+    PostgresVaultStore,
+    SQLiteVaultStore,
+    VaultStore,
+    open_vault_store,
+)
+from cardvault.storage.migrations import latest_version
+
+#: The server CI starts; trust authentication for the ``postgres`` role.
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "CARDVAULT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+Check = Callable[[VaultStore], Awaitable[None]]
+
+
+@dataclass
+class Backend:
+    name: str
+    open: Callable[[], VaultStore]
+    #: The SQLite file, or the PostgreSQL DSN, for looking under the store.
+    path: Path | None = None
+    dsn: str | None = None
+
+    def run(self, check: Check, *, migrate: bool = True) -> None:
+        """In one new event loop: open a store, migrate, run ``check``, close."""
+
+        async def main() -> None:
+            store = self.open()
+            try:
+                if migrate:
+                    await store.migrate()
+                await check(store)
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Run ``sql`` (``?`` placeholders) on a connection of its own, past the store."""
+        if self.path is not None:
+            path = self.path
+
+            def work() -> list[tuple[Any, ...]]:
+                with contextlib.closing(sqlite3.connect(path)) as conn:
+                    return conn.execute(sql, args).fetchall()
+
+            return await asyncio.to_thread(work)
+        import asyncpg
+
+        numbers = iter(range(1, 100))
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            rows = await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbers)}", sql), *args)
+        finally:
+            await conn.close()
+        return [tuple(r) for r in rows]
+
+
+async def _admin_execute(sql: str) -> None:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_DSN, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL is unreachable at {POSTGRES_ADMIN_DSN} ({type(exc).__name__}: {exc}); "
+            "the contract suite needs it, and CI starts it",
+            pytrace=False,
+        )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def vault_postgres_dsn() -> Iterator[str]:
+    """A DSN for a database created for this test alone, dropped afterwards."""
+    import asyncpg
+
+    name = f"vault_test_{secrets.token_hex(6)}"
+    try:
+        # A linguistic collation, as production databases often have ("pm_a" < "pm_B"),
+        # so the id tie-break of listing is checked against one. C-collated servers
+        # would hide a missing ``COLLATE "C"``.
+        asyncio.run(
+            _admin_execute(
+                f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+            )
+        )
+    except asyncpg.PostgresError:  # a server built without ICU
+        asyncio.run(_admin_execute(f"CREATE DATABASE {name}"))
+    try:
+        yield POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        # FORCE ends a connection a failed test may have left open.
+        asyncio.run(_admin_execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        path = tmp_path / "vault.db"
+        return Backend("sqlite", lambda: SQLiteVaultStore(path), path=path)
+    dsn = request.getfixturevalue("vault_postgres_dsn")
+    return Backend("postgres", lambda: PostgresVaultStore(dsn), dsn=dsn)
+
+
+# -- records -----------------------------------------------------------------------------
+
+NOW = 1_760_000_000
+ACCT = "acct_1Alpha"
+OTHER = "acct_2Beta"
+DK = "dk_pan_1"
+DK_CVC = "dk_cvc_1"
+
+
+def account(account_id: str = ACCT, **changes: Any) -> Account:
+    return dataclasses.replace(Account(account_id, "Alpha Shop", NOW), **changes)
+
+
+def api_key(key_id: str, *, account_id: str = ACCT, **changes: Any) -> ApiKey:
+    record = ApiKey(
+        id=key_id,
+        account_id=account_id,
+        kind="secret",
+        mode="test",
+        prefix="sk_test_AbCd",
+        hash=secrets.token_hex(32),
+        created=NOW,
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def data_key(key_id: str = DK, kek: str = "pan") -> DataKeyRecord:
+    return DataKeyRecord(key_id, kek, 3, secrets.token_bytes(60), NOW)
+
+
+def pm(
+    pm_id: str,
+    *,
+    account_id: str = ACCT,
+    livemode: bool = False,
+    created: int = NOW,
+    cvc: bytes | None = None,
+    cvc_expires: int | None = None,
+    **changes: Any,
+) -> PaymentMethodRecord:
+    record = PaymentMethodRecord(
+        id=pm_id,
+        account_id=account_id,
+        livemode=livemode,
+        created=created,
+        data_key_id=DK,
+        number_ct=secrets.token_bytes(48),
+        brand="visa",
+        last4="4242",
+        exp_month=12,
+        exp_year=2034,
+        funding="credit",
+        fingerprint=secrets.token_hex(8),
+        cvc_ct=cvc,
+        cvc_data_key_id=DK_CVC if cvc is not None else None,
+        cvc_expires=cvc_expires,
+        cvc_check="unchecked" if cvc is not None else None,
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def claim(
+    key: str, *, account_id: str = ACCT, mode: Mode = "test", **changes: Any
+) -> IdempotencyRecord:
+    record = IdempotencyRecord(
+        account_id=account_id, mode=mode, key=key, request_hash="h" * 64, created=NOW
+    )
+    return dataclasses.replace(record, **changes)
+
+
+async def seed(store: VaultStore) -> None:
+    """Two accounts and the data keys every payment method refers to."""
+    await store.create_account(account(ACCT))
+    await store.create_account(account(OTHER, name="Beta Shop"))
+    await store.insert_data_key(data_key(DK, "pan"))
+    await store.insert_data_key(data_key(DK_CVC, "cvc"))
+
+
+def without_cvc(record: PaymentMethodRecord) -> PaymentMethodRecord:
+    return dataclasses.replace(record, cvc_ct=None, cvc_data_key_id=None, cvc_expires=None)
+
+
+# -- migrations ----------------------------------------------------------------------------
+
+
+def test_migrate_twice_is_harmless_and_keeps_data(backend: Backend) -> None:
+    stored = pm("pm_keep")
+
+    async def check(store: VaultStore) -> None:
+        await store.migrate()
+        await seed(store)
+        await store.insert_payment_method(stored)
+        await store.migrate()
+        await store.migrate()
+        assert await store.get_payment_method(ACCT, False, "pm_keep") == stored
+        versions = await backend.fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [v for (v,) in versions] == list(range(1, latest_version() + 1))
+
+    backend.run(check, migrate=False)
+
+
+def test_migrate_from_two_stores_at_once_applies_each_version_once(backend: Backend) -> None:
+    async def check(first: VaultStore) -> None:
+        second = backend.open()
+        try:
+            await asyncio.gather(first.migrate(), second.migrate())
+            await seed(second)
+            assert await first.get_account(ACCT) == account(ACCT)
+        finally:
+            await second.close()
+        versions = await backend.fetch("SELECT version FROM schema_version ORDER BY version")
+        assert [v for (v,) in versions] == list(range(1, latest_version() + 1))
+
+    backend.run(check, migrate=False)
+
+
+# -- accounts ------------------------------------------------------------------------------
+
+
+def test_get_account_returns_the_created_account_or_none(backend: Backend) -> None:
+    framed = account(OTHER, allowed_origins=("https://shop.example", "https://b.example"))
+
+    async def check(store: VaultStore) -> None:
+        assert await store.get_account(ACCT) is None
+        await store.create_account(account(ACCT))
+        await store.create_account(framed)
+        assert await store.get_account(ACCT) == account(ACCT)
+        assert await store.get_account(OTHER) == framed
+        assert await store.get_account("acct_missing") is None
+
+    backend.run(check)
+
+
+def test_create_account_with_an_existing_id_raises_duplicate(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await store.create_account(account(ACCT))
+        with pytest.raises(DuplicateError):
+            await store.create_account(account(ACCT, name="Impostor"))
+        assert await store.get_account(ACCT) == account(ACCT)
+
+    backend.run(check)
+
+
+# -- API keys ------------------------------------------------------------------------------
+
+
+def test_find_api_key_returns_the_key_with_that_hash_or_none(backend: Backend) -> None:
+    secret = api_key("key_secret")
+    publishable = api_key("key_pub", kind="publishable", mode="live", prefix="pk_live_XyZw")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.create_api_key(secret)
+        await store.create_api_key(publishable)
+        assert await store.find_api_key(secret.hash) == secret
+        assert await store.find_api_key(publishable.hash) == publishable
+        assert await store.find_api_key(secrets.token_hex(32)) is None
+
+    backend.run(check)
+
+
+def test_create_api_key_with_an_existing_id_or_hash_raises_duplicate(backend: Backend) -> None:
+    first = api_key("key_1")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.create_api_key(first)
+        with pytest.raises(DuplicateError):
+            await store.create_api_key(api_key("key_1"))
+        with pytest.raises(DuplicateError):
+            await store.create_api_key(api_key("key_2", hash=first.hash))
+        assert await store.list_api_keys(ACCT) == [first]
+
+    backend.run(check)
+
+
+def test_list_api_keys_returns_only_that_accounts_keys(backend: Backend) -> None:
+    mine = {api_key("key_a"), api_key("key_b", mode="live"), api_key("key_c", created=NOW + 5)}
+    theirs = api_key("key_other", account_id=OTHER)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for key in [*mine, theirs]:
+            await store.create_api_key(key)
+        assert set(await store.list_api_keys(ACCT)) == mine
+        assert await store.list_api_keys(OTHER) == [theirs]
+        assert await store.list_api_keys("acct_nobody") == []
+
+    backend.run(check)
+
+
+def test_revoke_api_key_succeeds_once_then_returns_false(backend: Backend) -> None:
+    key = api_key("key_1")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.create_api_key(key)
+        assert await store.revoke_api_key("key_1", NOW + 10) is True
+        assert await store.revoke_api_key("key_1", NOW + 20) is False
+        assert await store.revoke_api_key("key_missing", NOW) is False
+        found = await store.find_api_key(key.hash)
+        assert found == dataclasses.replace(key, revoked=NOW + 10)
+
+    backend.run(check)
+
+
+# -- data keys -----------------------------------------------------------------------------
+
+
+def test_data_key_round_trips_and_a_duplicate_id_raises(backend: Backend) -> None:
+    record = data_key("dk_one")
+
+    async def check(store: VaultStore) -> None:
+        assert await store.get_data_key("dk_one") is None
+        await store.insert_data_key(record)
+        assert await store.get_data_key("dk_one") == record
+        with pytest.raises(DuplicateError):
+            await store.insert_data_key(data_key("dk_one"))
+        assert await store.get_data_key("dk_one") == record
+
+    backend.run(check)
+
+
+# -- payment methods: insert and get -------------------------------------------------------
+
+
+def test_insert_payment_method_round_trips_every_field(backend: Backend) -> None:
+    full = pm(
+        "pm_full",
+        livemode=True,
+        name_ct=secrets.token_bytes(40),
+        metadata={"order_id": "6735", "note": "café ☕"},
+        billing_details={
+            "email": "jenny@example.com",
+            "phone": None,
+            "address": {"city": "Berlin", "postal_code": "10115", "line2": None},
+        },
+        cvc=secrets.token_bytes(32),
+        cvc_expires=NOW + 3600,
+        cvc_check="pass",
+    )
+    bare = pm("pm_bare")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(full)
+        await store.insert_payment_method(bare)
+        assert await store.get_payment_method(ACCT, True, "pm_full") == full
+        assert await store.get_payment_method(ACCT, False, "pm_bare") == bare
+        assert await store.get_payment_method(ACCT, False, "pm_missing") is None
+
+    backend.run(check)
+
+
+def test_insert_payment_method_with_an_existing_id_raises_and_keeps_the_first(
+    backend: Backend,
+) -> None:
+    first = pm("pm_1")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(first)
+        with pytest.raises(DuplicateError):
+            await store.insert_payment_method(pm("pm_1"))
+        # Even from another account or mode: ids are global.
+        with pytest.raises(DuplicateError):
+            await store.insert_payment_method(pm("pm_1", account_id=OTHER, livemode=True))
+        assert await store.get_payment_method(ACCT, False, "pm_1") == first
+
+    backend.run(check)
+
+
+def test_a_record_is_invisible_to_another_mode_and_another_account(backend: Backend) -> None:
+    record = pm("pm_test", cvc=b"c" * 32, cvc_expires=NOW + 60)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        for account_id, livemode in [(ACCT, True), (OTHER, False), (OTHER, True)]:
+            assert await store.get_payment_method(account_id, livemode, "pm_test") is None
+            assert await store.list_payment_methods(account_id, livemode, limit=10) == []
+            assert await store.delete_payment_method(account_id, livemode, "pm_test") is False
+            assert await store.destroy_cvc(account_id, livemode, "pm_test") is False
+        assert await store.get_payment_method(ACCT, False, "pm_test") == record
+        assert await store.list_payment_methods(ACCT, False, limit=10) == [record]
+
+    backend.run(check)
+
+
+# -- payment methods: listing --------------------------------------------------------------
+
+#: Seven distinct seconds, and three records sharing one of them. The ids of the three
+#: differ in case, so "id descending" must mean bytewise on every backend.
+LISTED = [
+    pm("pm_00first", created=NOW + 1),
+    pm("pm_01", created=NOW + 2),
+    pm("pm_02", created=NOW + 3),
+    pm("pm_tieB", created=NOW + 4),
+    pm("pm_tiea", created=NOW + 4),
+    pm("pm_tieZ", created=NOW + 4),
+    pm("pm_03", created=NOW + 5),
+    pm("pm_04", created=NOW + 6),
+    pm("pm_05last", created=NOW + 7),
+    pm("pm_99early", created=NOW),
+]
+NEWEST_FIRST = sorted(LISTED, key=lambda r: (r.created, r.id.encode()), reverse=True)
+#: Records of the same account in the other mode, and of another account, made in the
+#: same seconds: a list must never show them.
+NOISE = [
+    pm("pm_live_x", livemode=True, created=NOW + 4),
+    pm("pm_live_y", livemode=True, created=NOW + 8),
+    pm("pm_other_x", account_id=OTHER, created=NOW + 4),
+    pm("pm_other_y", account_id=OTHER, created=NOW + 9),
+]
+
+
+async def seed_listing(store: VaultStore) -> None:
+    await seed(store)
+    shuffled = LISTED + NOISE
+    random.Random(7).shuffle(shuffled)
+    for record in shuffled:
+        await store.insert_payment_method(record)
+
+
+def test_list_is_newest_first_with_ties_broken_by_id_descending(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed_listing(store)
+        listed = await store.list_payment_methods(ACCT, False, limit=100)
+        assert [r.id for r in listed] == [r.id for r in NEWEST_FIRST]
+        assert listed == NEWEST_FIRST
+        ties = [r.id for r in listed if r.created == NOW + 4]
+        assert ties == ["pm_tiea", "pm_tieZ", "pm_tieB"]
+        assert await store.list_payment_methods(ACCT, False, limit=3) == NEWEST_FIRST[:3]
+        assert await store.list_payment_methods(ACCT, True, limit=100) == [NOISE[1], NOISE[0]]
+
+    backend.run(check)
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4, 20])
+def test_starting_after_pages_through_every_record_once(backend: Backend, limit: int) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed_listing(store)
+        seen: list[PaymentMethodRecord] = []
+        page = await store.list_payment_methods(ACCT, False, limit=limit)
+        while page:
+            assert len(page) <= limit
+            assert page == NEWEST_FIRST[len(seen) : len(seen) + limit]
+            seen += page
+            page = await store.list_payment_methods(
+                ACCT, False, limit=limit, starting_after=page[-1].id
+            )
+        assert seen == NEWEST_FIRST
+
+    backend.run(check)
+
+
+@pytest.mark.parametrize("limit", [1, 3, 4, 20])
+def test_ending_before_pages_back_to_the_newest_record(backend: Backend, limit: int) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed_listing(store)
+        # From the oldest record back towards the newest, each page still newest first.
+        end = len(NEWEST_FIRST) - 1
+        cursor = NEWEST_FIRST[end].id
+        while True:
+            page = await store.list_payment_methods(ACCT, False, limit=limit, ending_before=cursor)
+            assert page == NEWEST_FIRST[max(0, end - limit) : end]
+            if not page:
+                break
+            end -= len(page)
+            cursor = page[0].id
+        assert end == 0
+
+    backend.run(check)
+
+
+def test_cursors_at_the_ends_and_from_elsewhere_give_empty_pages(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed_listing(store)
+        newest, oldest = NEWEST_FIRST[0].id, NEWEST_FIRST[-1].id
+        assert await store.list_payment_methods(ACCT, False, limit=5, starting_after=oldest) == []
+        assert await store.list_payment_methods(ACCT, False, limit=5, ending_before=newest) == []
+        # Another account's (or mode's) id is no cursor here: nothing leaks through it.
+        for foreign in ("pm_other_x", "pm_live_x", "pm_missing"):
+            for side in ("starting_after", "ending_before"):
+                kwargs: dict[str, Any] = {side: foreign}
+                assert await store.list_payment_methods(ACCT, False, limit=5, **kwargs) == []
+
+    backend.run(check)
+
+
+def test_list_rejects_a_limit_below_one_and_two_cursors(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed_listing(store)
+        with pytest.raises(ValueError):
+            await store.list_payment_methods(ACCT, False, limit=0)
+        with pytest.raises(ValueError):
+            await store.list_payment_methods(
+                ACCT, False, limit=5, starting_after="pm_01", ending_before="pm_04"
+            )
+
+    backend.run(check)
+
+
+# -- payment methods: delete and CVC erasure -----------------------------------------------
+
+
+def test_delete_returns_true_then_false_and_the_record_is_gone(backend: Backend) -> None:
+    doomed, kept = pm("pm_doomed", cvc=b"x" * 32, cvc_expires=NOW), pm("pm_kept")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(doomed)
+        await store.insert_payment_method(kept)
+        assert await store.delete_payment_method(ACCT, False, "pm_doomed") is True
+        assert await store.delete_payment_method(ACCT, False, "pm_doomed") is False
+        assert await store.delete_payment_method(ACCT, False, "pm_never") is False
+        assert await store.get_payment_method(ACCT, False, "pm_doomed") is None
+        assert await store.list_payment_methods(ACCT, False, limit=10) == [kept]
+        assert await store.destroy_cvc(ACCT, False, "pm_doomed") is False
+        # The id is free again.
+        await store.insert_payment_method(pm("pm_doomed"))
+
+    backend.run(check)
+
+
+def test_destroy_cvc_erases_the_cvc_once_and_keeps_the_rest(backend: Backend) -> None:
+    with_cvc = pm("pm_cvc", cvc=secrets.token_bytes(32), cvc_expires=NOW + 3600)
+    no_cvc = pm("pm_plain")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(with_cvc)
+        await store.insert_payment_method(no_cvc)
+        assert await store.destroy_cvc(ACCT, False, "pm_cvc") is True
+        erased = await store.get_payment_method(ACCT, False, "pm_cvc")
+        assert erased == without_cvc(with_cvc)
+        assert erased is not None and erased.cvc_check == "unchecked"
+        assert await store.destroy_cvc(ACCT, False, "pm_cvc") is False
+        assert await store.destroy_cvc(ACCT, False, "pm_plain") is False
+        assert await store.destroy_cvc(ACCT, False, "pm_missing") is False
+        assert await store.get_payment_method(ACCT, False, "pm_plain") == no_cvc
+
+    backend.run(check)
+
+
+def test_destroy_expired_cvcs_erases_every_due_cvc_and_counts_them(backend: Backend) -> None:
+    due_early = pm("pm_due_early", cvc=b"a" * 32, cvc_expires=NOW - 100)
+    due_now = pm("pm_due_now", account_id=OTHER, livemode=True, cvc=b"b" * 32, cvc_expires=NOW)
+    later = pm("pm_later", cvc=b"c" * 32, cvc_expires=NOW + 1)
+    none = pm("pm_none")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for record in (due_early, due_now, later, none):
+            await store.insert_payment_method(record)
+        assert await store.destroy_expired_cvcs(NOW) == 2
+        assert await store.get_payment_method(ACCT, False, "pm_due_early") == without_cvc(due_early)
+        assert await store.get_payment_method(OTHER, True, "pm_due_now") == without_cvc(due_now)
+        assert await store.get_payment_method(ACCT, False, "pm_later") == later
+        assert await store.get_payment_method(ACCT, False, "pm_none") == none
+        assert await store.destroy_expired_cvcs(NOW) == 0
+        assert await store.destroy_expired_cvcs(NOW + 1) == 1
+        assert await store.get_payment_method(ACCT, False, "pm_later") == without_cvc(later)
+
+    backend.run(check)
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+def test_claim_returns_none_first_then_the_existing_record(backend: Backend) -> None:
+    first = claim("idem_1", request_hash="a" * 64)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.claim_idempotency_key(first) is None
+        again = claim("idem_1", request_hash="b" * 64, created=NOW + 5)
+        assert await store.claim_idempotency_key(again) == first
+
+    backend.run(check)
+
+
+def test_complete_stores_the_response_for_later_claims(backend: Backend) -> None:
+    first = claim("idem_1")
+    body = '{"id": "pm_1", "object": "payment_method", "note": "é"}'
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.claim_idempotency_key(first) is None
+        await store.complete_idempotency_key(ACCT, "test", "idem_1", 200, body)
+        existing = await store.claim_idempotency_key(claim("idem_1", created=NOW + 1))
+        assert existing == dataclasses.replace(first, response_status=200, response_body=body)
+
+    backend.run(check)
+
+
+def test_release_forgets_an_in_flight_claim(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.claim_idempotency_key(claim("idem_1")) is None
+        await store.release_idempotency_key(ACCT, "test", "idem_1")
+        retry = claim("idem_1", request_hash="c" * 64, created=NOW + 9)
+        assert await store.claim_idempotency_key(retry) is None
+        assert await store.claim_idempotency_key(claim("idem_1")) == retry
+        # Releasing what is not there is harmless.
+        await store.release_idempotency_key(ACCT, "test", "idem_none")
+
+    backend.run(check)
+
+
+def test_claims_are_scoped_to_account_and_mode(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.claim_idempotency_key(claim("k")) is None
+        assert await store.claim_idempotency_key(claim("k", mode="live")) is None
+        assert await store.claim_idempotency_key(claim("k", account_id=OTHER)) is None
+        await store.complete_idempotency_key(ACCT, "live", "k", 402, "{}")
+        assert await store.claim_idempotency_key(claim("k")) == claim("k")
+        assert await store.claim_idempotency_key(claim("k", account_id=OTHER)) == claim(
+            "k", account_id=OTHER
+        )
+
+    backend.run(check)
+
+
+def test_purge_deletes_the_records_created_before_the_cutoff(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for n, created in enumerate([NOW - 30, NOW - 20, NOW - 10, NOW]):
+            assert await store.claim_idempotency_key(claim(f"k{n}", created=created)) is None
+        assert await store.purge_idempotency_keys(NOW - 10) == 2
+        assert await store.purge_idempotency_keys(NOW - 10) == 0
+        # The purged keys can be claimed anew; the others still answer.
+        assert await store.claim_idempotency_key(claim("k0", created=NOW + 1)) is None
+        assert await store.claim_idempotency_key(claim("k1", created=NOW + 1)) is None
+        assert await store.claim_idempotency_key(claim("k2")) == claim("k2", created=NOW - 10)
+        assert await store.claim_idempotency_key(claim("k3")) == claim("k3", created=NOW)
+
+    backend.run(check)
+
+
+def test_concurrent_claims_from_two_stores_admit_exactly_one(backend: Backend) -> None:
+    async def check(first: VaultStore) -> None:
+        await seed(first)
+        second = backend.open()
+        try:
+            attempts = [
+                (first if n % 2 else second).claim_idempotency_key(
+                    claim("race", request_hash=f"{n:064d}")
+                )
+                for n in range(40)
+            ]
+            results = await asyncio.gather(*attempts)
+        finally:
+            await second.close()
+        winners = [n for n, r in enumerate(results) if r is None]
+        assert len(winners) == 1
+        winner = claim("race", request_hash=f"{winners[0]:064d}")
+        assert all(r == winner for r in results if r is not None)
+
+    backend.run(check)
+
+
+# -- durability and group commit -----------------------------------------------------------
+
+
+def test_data_persists_across_close_and_reopen(backend: Backend) -> None:
+    record = pm("pm_durable", cvc=b"z" * 32, cvc_expires=NOW)
+    key = api_key("key_durable")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        await store.create_api_key(key)
+        assert await store.claim_idempotency_key(claim("idem")) is None
+        await store.close()
+        reopened = backend.open()
+        try:
+            await reopened.migrate()
+            assert await reopened.get_payment_method(ACCT, False, "pm_durable") == record
+            assert await reopened.find_api_key(key.hash) == key
+            assert await reopened.get_data_key(DK) is not None
+            assert await reopened.claim_idempotency_key(claim("idem")) == claim("idem")
+        finally:
+            await reopened.close()
+
+    backend.run(check)
+
+
+def test_500_concurrent_inserts_all_succeed_and_are_readable(backend: Backend) -> None:
+    records = [pm(f"pm_many_{n:04d}", created=NOW + n) for n in range(500)]
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        results = await asyncio.gather(*(store.insert_payment_method(r) for r in records))
+        assert results == [None] * 500
+        listed = await store.list_payment_methods(ACCT, False, limit=1000)
+        assert listed == records[::-1]
+        fetched = await asyncio.gather(
+            *(store.get_payment_method(ACCT, False, r.id) for r in records)
+        )
+        assert fetched == records
+
+    backend.run(check)
+
+
+def test_a_duplicate_among_concurrent_inserts_fails_alone(backend: Backend) -> None:
+    existing = pm("pm_existing")
+    fresh = [pm(f"pm_fresh_{n:03d}", created=NOW + n) for n in range(200)]
+    impostor = pm("pm_existing", created=NOW + 999)
+    twin_a, twin_b = pm("pm_twin"), pm("pm_twin")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(existing)
+        batch = [*fresh[:100], impostor, twin_a, *fresh[100:150], twin_b, *fresh[150:]]
+        results = await asyncio.gather(
+            *(store.insert_payment_method(r) for r in batch), return_exceptions=True
+        )
+        failed = [batch[n] for n, r in enumerate(results) if r is not None]
+        assert all(isinstance(r, DuplicateError) for r in results if r is not None)
+        assert impostor in failed
+        assert len(failed) == 2
+        assert (twin_a in failed) != (twin_b in failed)
+        assert await store.get_payment_method(ACCT, False, "pm_existing") == existing
+        twin = await store.get_payment_method(ACCT, False, "pm_twin")
+        assert twin in (twin_a, twin_b) and twin not in failed
+        stored = await asyncio.gather(*(store.get_payment_method(ACCT, False, r.id) for r in fresh))
+        assert stored == fresh
+
+    backend.run(check)
+
+
+# -- SQLite only: group commit, file modes, secure delete ----------------------------------
+
+
+def _sqlite_run(
+    path: Path, check: Callable[[SQLiteVaultStore], Awaitable[None]], **kw: Any
+) -> None:
+    async def main() -> None:
+        store = SQLiteVaultStore(path, **kw)
+        try:
+            await store.migrate()
+            await seed(store)
+            await check(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_sqlite_concurrent_writes_share_a_transaction_and_are_committed_on_return(
+    tmp_path: Path, group_commit: bool
+) -> None:
+    path = tmp_path / "vault.db"
+    records = [pm(f"pm_gc_{n:03d}") for n in range(500)]
+
+    async def check(store: SQLiteVaultStore) -> None:
+        # Another connection holds the write lock while the 500 writes queue up, so
+        # they are all waiting when the writer gets the lock.
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        before = store.commits
+        tasks = [asyncio.ensure_future(store.insert_payment_method(r)) for r in records]
+        await asyncio.sleep(0.3)
+        assert not any(t.done() for t in tasks)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert await asyncio.gather(*tasks) == [None] * 500
+        # Answered means committed: a connection of its own sees every row.
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            (count,) = other.execute("SELECT count(*) FROM payment_methods").fetchone()
+        assert count == 500
+        if group_commit:
+            # The first write the writer took, then everything that queued behind it.
+            assert store.commits - before <= 2
+        else:
+            assert store.commits - before == 500
+
+    _sqlite_run(path, check, group_commit=group_commit)
+
+
+def test_sqlite_a_failing_write_fails_alone_inside_a_shared_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "vault.db"
+    existing = pm("pm_existing")
+    fresh = [pm(f"pm_fresh_{n:03d}") for n in range(100)]
+    # A duplicate id, and a data key that does not exist (a foreign-key failure).
+    bad = [pm("pm_existing"), pm("pm_orphan", data_key_id="dk_missing")]
+
+    async def check(store: SQLiteVaultStore) -> None:
+        await store.insert_payment_method(existing)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        before = store.commits
+        batch = [*fresh[:50], *bad, *fresh[50:]]
+        tasks = [asyncio.ensure_future(store.insert_payment_method(r)) for r in batch]
+        await asyncio.sleep(0.3)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert store.commits - before <= 2
+        assert isinstance(results[50], DuplicateError)
+        assert isinstance(results[51], sqlite3.IntegrityError)
+        assert results[:50] + results[52:] == [None] * 100
+        assert await store.get_payment_method(ACCT, False, "pm_existing") == existing
+        assert await store.get_payment_method(ACCT, False, "pm_orphan") is None
+        listed = await store.list_payment_methods(ACCT, False, limit=200)
+        assert {r.id for r in listed} == {r.id for r in [existing, *fresh]}
+
+    _sqlite_run(path, check)
+
+
+def test_sqlite_a_failing_compound_write_is_undone_as_a_whole(tmp_path: Path) -> None:
+    # Operations of several statements (migrations) run in a savepoint: when one fails
+    # half-way, its first statements are undone too, and its batch-mates still commit.
+    path = tmp_path / "vault.db"
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO accounts (id, name, created, allowed_origins) "
+            "VALUES ('acct_half', 'Half', 0, '[]')"
+        )
+        raise RuntimeError("the second statement failed")
+
+    async def check(store: SQLiteVaultStore) -> None:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        before = store.commits
+        first = asyncio.ensure_future(store.insert_payment_method(pm("pm_first")))
+        await asyncio.sleep(0.05)
+        compound = asyncio.ensure_future(store._write(half_done, compound=True))
+        last = asyncio.ensure_future(store.insert_payment_method(pm("pm_last")))
+        await asyncio.sleep(0.2)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        with pytest.raises(RuntimeError, match="second statement"):
+            await compound
+        await asyncio.gather(first, last)
+        # [pm_first], then [half_done, pm_last]; or all three at once on a slow machine.
+        assert store.commits - before in (1, 2)
+        assert await store.get_account("acct_half") is None
+        assert await store.get_payment_method(ACCT, False, "pm_last") is not None
+
+    _sqlite_run(path, check)
+
+
+def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "new-dir" / "vault.db"
+
+    async def check(store: SQLiteVaultStore) -> None:
+        await store.insert_payment_method(pm("pm_1"))
+        for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+    old = os.umask(0)
+    try:
+        _sqlite_run(path, check)
+    finally:
+        os.umask(old)
+
+
+def _raw_bytes(path: Path) -> bytes:
+    """The database file and its WAL, as they lie on disk."""
+    files = [path, Path(f"{path}-wal"), Path(f"{path}-journal")]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+ERASURES: dict[str, Callable[[VaultStore], Awaitable[object]]] = {
+    "delete": lambda s: s.delete_payment_method(ACCT, False, "pm_secret"),
+    "destroy_cvc": lambda s: s.destroy_cvc(ACCT, False, "pm_secret"),
+    "destroy_expired_cvcs": lambda s: s.destroy_expired_cvcs(NOW),
+}
+
+
+@pytest.mark.parametrize("erasure", list(ERASURES))
+@pytest.mark.parametrize("when", ["after_close", "after_checkpoint", "while_open"])
+def test_sqlite_erased_ciphertext_is_not_left_in_the_files(
+    tmp_path: Path, erasure: str, when: str
+) -> None:
+    path = tmp_path / "vault.db"
+    number_ct, cvc_ct = secrets.token_bytes(64), secrets.token_bytes(64)
+    secret = pm("pm_secret", number_ct=number_ct, cvc=cvc_ct, cvc_expires=NOW)
+    erased = number_ct if erasure == "delete" else cvc_ct
+
+    async def main() -> None:
+        store = SQLiteVaultStore(path)
+        try:
+            await store.migrate()
+            await seed(store)
+            await store.insert_payment_method(secret)
+            # Other rows on the same page, before and after the erased one.
+            for n in range(5):
+                await store.insert_payment_method(pm(f"pm_neighbour_{n}"))
+            # The control: the value is on disk now, so the test can see it.
+            assert erased in _raw_bytes(path)
+            assert await ERASURES[erasure](store)
+            if when == "after_checkpoint":
+                with contextlib.closing(sqlite3.connect(path)) as other:
+                    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if when != "after_close":
+                assert erased not in _raw_bytes(path)
+                assert len(await store.list_payment_methods(ACCT, False, limit=10)) >= 5
+        finally:
+            await store.close()
+        assert erased not in _raw_bytes(path)
+        if erasure != "delete":
+            # Only the CVC went; the card's ciphertext is still there.
+            assert number_ct in _raw_bytes(path)
+
+    asyncio.run(main())
+
+
+# -- PostgreSQL only -----------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_delete_and_cvc_erasure_remove_the_ciphertext_from_the_table(
+    vault_postgres_dsn: str,
+) -> None:
+    # Only the table's visible contents are checked: the old tuple stays in the heap
+    # until VACUUM reclaims it, which is PostgreSQL's business (and out of scope here).
+    backend = Backend(
+        "postgres", lambda: PostgresVaultStore(vault_postgres_dsn), dsn=vault_postgres_dsn
+    )
+    number_ct, cvc_ct = secrets.token_bytes(64), secrets.token_bytes(64)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(pm("pm_gone", number_ct=number_ct))
+        await store.insert_payment_method(pm("pm_cvc", cvc=cvc_ct, cvc_expires=NOW))
+        count = "SELECT count(*) FROM payment_methods WHERE number_ct = ? OR cvc_ct = ?"
+        assert await backend.fetch(count, number_ct, cvc_ct) == [(2,)]
+        assert await store.delete_payment_method(ACCT, False, "pm_gone")
+        assert await store.destroy_cvc(ACCT, False, "pm_cvc")
+        assert await backend.fetch(count, number_ct, cvc_ct) == [(0,)]
+        assert await backend.fetch(
+            "SELECT count(*) FROM payment_methods WHERE id = ?", "pm_gone"
+        ) == [(0,)]
+
+    backend.run(check)
+
+
+# -- open_vault_store ----------------------------------------------------------------------
+
+
+def test_open_vault_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
+    for url in (f"sqlite://{tmp_path}/v.db", f"sqlite:///{tmp_path}/v.db"):
+        store = open_vault_store(url)
+        assert isinstance(store, SQLiteVaultStore)
+        assert store.path == tmp_path / "v.db"
+    assert isinstance(open_vault_store("postgresql://vault@db.internal/vault"), PostgresVaultStore)
+    assert isinstance(open_vault_store("postgres://vault@db.internal/vault"), PostgresVaultStore)
+    # Nothing is opened before the first call.
+    assert not (tmp_path / "v.db").exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["", "mysql://root:hunter2@db/vault", "sqlite://relative.db", "sqlite:///", "vault.db"]
+)
+def test_open_vault_store_rejects_other_urls_without_echoing_them(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_vault_store(url)
+    assert "hunter2" not in str(info.value)
