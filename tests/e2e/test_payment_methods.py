@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -33,10 +35,33 @@ class Stack:
     vault_log: Path
     keyd_log: Path
     accounts: list[dict[str, str]]
+    backend: str
+    dsn: str
 
     @property
     def db(self) -> Path:
-        return self.dir / "vault.db"
+        return Path(self.dsn.removeprefix("sqlite://"))
+
+    def sql(self, query: str, *args: object) -> list[tuple[object, ...]]:
+        """Run one statement on the vault's own database, behind the vault's back."""
+        if self.backend == "sqlite":
+            with sqlite3.connect(self.db) as db:
+                return db.execute(query, args).fetchall()
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> list[tuple[object, ...]]:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                pg = query
+                for i in range(1, len(args) + 1):
+                    pg = pg.replace("?", f"${i}", 1)
+                return [tuple(r) for r in await conn.fetch(pg, *args)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,8 +92,44 @@ def create_account(config: Path, *, live: bool = False) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]:
+@contextlib.contextmanager
+def vault_database(backend: str, d: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{d / 'vault.db'}"
+        return
+    import asyncio
+
+    import asyncpg
+
+    name = f"vault_e2e_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: Pki
+) -> Iterator[Stack]:
+    with vault_database(request.param, tmp_path_factory.mktemp("db")) as dsn:
+        yield from _stack(tmp_path_factory, pki, request.param, dsn)
+
+
+def _stack(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, backend: str, dsn: str
+) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("stack")
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
@@ -87,7 +148,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]
     vconf.write_text(
         'profile = "development"\n[server]\n'
         f'port = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
-        f'[store]\nurl = "sqlite:///{d / "vault.db"}"\n'
+        f'[store]\nurl = "{dsn}"\n'
         f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
         f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
         "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n"
@@ -109,6 +170,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]
                 d / "vault.log",
                 d / "keyd.log",
                 accounts,
+                backend,
+                dsn,
             )
 
 
@@ -360,11 +423,8 @@ def test_ciphertext_moved_to_another_row_does_not_decrypt(http: httpx.Client, st
     acct = stack.accounts[0]
     a = create(http, stack, acct["sk"], card_form(**{"billing_details[name]": "Alice"})).json()
     b = create(http, stack, acct["sk"], card_form(**{"billing_details[name]": "Bob"})).json()
-    with sqlite3.connect(stack.db) as db:
-        (a_ct,) = db.execute(
-            "SELECT name_ct FROM payment_methods WHERE id = ?", (a["id"],)
-        ).fetchone()
-        db.execute("UPDATE payment_methods SET name_ct = ? WHERE id = ?", (a_ct, b["id"]))
+    ((a_ct,),) = stack.sql("SELECT name_ct FROM payment_methods WHERE id = ?", a["id"])
+    stack.sql("UPDATE payment_methods SET name_ct = ? WHERE id = ?", a_ct, b["id"])
     r = get(http, stack, acct["sk"], f"/v1/payment_methods/{b['id']}")
     assert r.status_code == 500
     assert "Alice" not in r.text
@@ -381,16 +441,19 @@ def test_delete_destroys_the_card_data(http: httpx.Client, stack: Stack) -> None
     pm = create(
         http, stack, acct["sk"], card_form(**{"billing_details[name]": "Deleted Person"})
     ).json()
-    with sqlite3.connect(stack.db) as db:
-        (ct,) = db.execute(
-            "SELECT number_ct FROM payment_methods WHERE id = ?", (pm["id"],)
-        ).fetchone()
+    ((ct,),) = stack.sql("SELECT number_ct FROM payment_methods WHERE id = ?", pm["id"])
     r = http.delete(
         f"{stack.url}/v1/payment_methods/{pm['id']}",
         headers={"authorization": f"Bearer {acct['sk']}"},
     )
     assert r.json() == {"id": pm["id"], "object": "payment_method", "deleted": True}
     assert get(http, stack, acct["sk"], f"/v1/payment_methods/{pm['id']}").status_code == 404
+    assert stack.sql("SELECT count(*) FROM payment_methods WHERE id = ?", pm["id"]) == [(0,)]
+    if stack.backend != "sqlite":
+        return  # PostgreSQL reclaims dead tuples with VACUUM; the row is gone from the table.
+    assert stack.sql("SELECT count(*) FROM payment_methods WHERE id = ?", pm["id"]) == [(0,)]
+    if stack.backend != "sqlite":
+        return  # PostgreSQL reclaims dead tuples with VACUUM; the row is gone from the table.
     with sqlite3.connect(stack.db) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     raw = stack.db.read_bytes()
@@ -403,18 +466,26 @@ def test_no_card_number_or_cvc_rests_in_the_database_or_logs(
     http: httpx.Client, stack: Stack
 ) -> None:
     acct = stack.accounts[0]
-    rng = random.Random(2026)
+    rng = random.Random(2026 if stack.backend == "sqlite" else 2027)
     numbers = [random_pan(rng) for _ in range(200)]
     cvcs = [f"{rng.randint(0, 999):03d}" for _ in numbers]
     for number, cvc in zip(numbers, cvcs, strict=True):
         r = create(http, stack, acct["sk_live"], card_form(number, cvc=cvc))
         assert r.status_code == 200, r.text
-    files = [
+    files = [stack.db, stack.db.with_name("vault.db-wal")] if stack.backend == "sqlite" else []
+    files += [
         p
         for p in stack.dir.iterdir()
         if (p.is_file() and p.suffix in ("", ".db", ".log")) or p.name.endswith(("-wal", "-shm"))
     ]
-    blob = b"".join(p.read_bytes() for p in files)
+    blob = b"".join(p.read_bytes() for p in files if p.exists())
+    if stack.backend != "sqlite":
+        # The database is PostgreSQL's: read every row of every vault table instead.
+        tables = [
+            t for (t,) in stack.sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
+        for table in tables:
+            blob += repr(stack.sql(f"SELECT * FROM {table}")).encode()  # noqa: S608 - names from pg_tables
     assert len(blob) > 10_000
     for number in numbers:
         assert number.encode() not in blob
