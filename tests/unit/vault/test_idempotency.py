@@ -1,0 +1,127 @@
+"""Idempotency-Key semantics, driven through the real ASGI app in-process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cardvault.storage import SQLiteVaultStore
+from cardvault.transport.asgi import build_app
+from cardvault.vault.api import payment_method_routes
+from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.ratelimit import RateLimiter
+from cardvault.vault.service import VaultService
+
+from .test_datakeys import FakeKeyService
+
+FORM = {
+    "type": "card",
+    "card[number]": "4242424242424242",
+    "card[exp_month]": "12",
+    "card[exp_year]": "2034",
+}
+
+
+async def make(tmp_path: Path) -> tuple[VaultService, str, httpx.AsyncClient]:
+    store = SQLiteVaultStore(tmp_path / "v.db")
+    await store.migrate()
+    service = VaultService(store, DataKeyManager(store, FakeKeyService()))  # type: ignore[arg-type]
+    account = await service.create_account("t")
+    _, secret = await service.create_api_key(account.id, "secret", "test")
+    limits = RateLimiter(1e6, 1e6)
+    app = build_app(
+        payment_method_routes(service, secret_limits=limits, publishable_limits=limits),
+        service="test",
+        security_txt=None,
+    )
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://vault.test"
+    )
+    return service, secret, client
+
+
+def test_a_concurrent_duplicate_in_flight_gets_409(tmp_path: Path) -> None:
+    async def main() -> tuple[int, int, int, Any, Any]:
+        service, secret, client = await make(tmp_path)
+        release = asyncio.Event()
+        real = service.create_payment_method
+
+        async def slow(caller: Any, params: Any) -> Any:
+            await release.wait()
+            return await real(caller, params)
+
+        service.create_payment_method = slow  # type: ignore[method-assign]
+        headers = {"authorization": f"Bearer {secret}", "idempotency-key": "k1"}
+        first = asyncio.create_task(client.post("/v1/payment_methods", data=FORM, headers=headers))
+        await asyncio.sleep(0.1)
+        second = await client.post("/v1/payment_methods", data=FORM, headers=headers)
+        release.set()
+        done = await first
+        third = await client.post("/v1/payment_methods", data=FORM, headers=headers)
+        await client.aclose()
+        await service.store.close()
+        return (
+            second.status_code,
+            done.status_code,
+            third.status_code,
+            done.json(),
+            (second.json(), third.json(), third.headers),
+        )
+
+    second, first, third, first_body, (second_body, third_body, third_headers) = asyncio.run(main())
+    assert second == 409
+    assert second_body["error"]["type"] == "idempotency_error"
+    assert second_body["error"]["code"] == "idempotency_key_in_use"
+    assert first == third == 200
+    assert third_body["id"] == first_body["id"]
+    assert third_headers["idempotent-replayed"] == "true"
+
+
+def test_a_failed_request_does_not_burn_the_key(tmp_path: Path) -> None:
+    async def main() -> tuple[int, int]:
+        service, secret, client = await make(tmp_path)
+        headers = {"authorization": f"Bearer {secret}", "idempotency-key": "k2"}
+        bad = await client.post(
+            "/v1/payment_methods", data={**FORM, "card[exp_month]": "13"}, headers=headers
+        )
+        good = await client.post(
+            "/v1/payment_methods", data={**FORM, "card[exp_month]": "13"}, headers=headers
+        )
+        await client.aclose()
+        await service.store.close()
+        return bad.status_code, good.status_code
+
+    # Stripe saves no result for a request that failed validation; the retry runs again.
+    assert asyncio.run(main()) == (402, 402)
+
+
+def test_the_stored_result_holds_no_card_data(tmp_path: Path) -> None:
+    async def main() -> list[Any]:
+        service, secret, client = await make(tmp_path)
+        headers = {"authorization": f"Bearer {secret}", "idempotency-key": "k3"}
+        await client.post(
+            "/v1/payment_methods",
+            data={**FORM, "billing_details[name]": "Jenny Rosen"},
+            headers=headers,
+        )
+        rows = await asyncio.to_thread(_rows, tmp_path / "v.db")
+        await client.aclose()
+        await service.store.close()
+        return rows
+
+    rows = asyncio.run(main())
+    assert len(rows) == 1
+    text = repr(rows)
+    assert "4242424242424242" not in text
+    assert "Jenny" not in text
+    assert "pm_" in text
+
+
+def _rows(path: Path) -> list[Any]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT * FROM idempotency_keys").fetchall()
