@@ -10,6 +10,7 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -560,3 +561,66 @@ def test_official_stripe_library_creates_retrieves_and_gets_card_errors(
     finally:
         stripe.api_base = "https://api.stripe.com"
         stripe.ca_bundle_path = None
+
+
+def test_revoked_keys_stop_working(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[1]
+    r = cli("api-keys", "create", "--config", str(stack.vault_config), "--account", acct["account"])
+    assert r.returncode == 0, r.stderr
+    key_id, secret = r.stdout.split()[:2]
+    assert key_id.startswith("key_")
+    assert secret.startswith("sk_test_")
+    assert get(http, stack, secret, "/v1/payment_methods").status_code == 200
+    r = cli("api-keys", "revoke", "--config", str(stack.vault_config), key_id)
+    assert r.returncode == 0, r.stderr
+    time.sleep(2.2)  # the vault caches key lookups for two seconds
+    r = get(http, stack, secret, "/v1/payment_methods")
+    assert r.status_code == 401
+    assert cli("api-keys", "revoke", "--config", str(stack.vault_config), key_id).returncode == 1
+
+
+def test_sealed_key_service_gives_503_keyservice_sealed(
+    http: httpx.Client, pki: Pki, tmp_path: Path
+) -> None:
+    kport, vport = free_port(), free_port()
+    kcert, kkey = pki.cert("keyd")
+    kconf = tmp_path / "keyd.toml"
+    kconf.write_text(
+        f'[server]\nport = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\nclient_ca_file = "{pki.ca_file}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "keyd.db"}"\n'
+    )
+    r = cli(
+        "keyservice",
+        "init",
+        "--config",
+        str(kconf),
+        "--shares",
+        "2",
+        "--threshold",
+        "2",
+        "--out-dir",
+        str(tmp_path / "s"),
+    )
+    assert r.returncode == 0, r.stderr
+    vcert, vkey = pki.cert("vault")
+    vconf = tmp_path / "vault.toml"
+    vconf.write_text(
+        f'[server]\nport = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "v.db"}"\n'
+        f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+    )
+    acct = create_account(vconf)
+    with cardvault_process(
+        ["keyservice", "serve", "--config", str(kconf)], log=tmp_path / "k.log"
+    ) as kp:
+        wait_for_port(kport, kp)
+        with cardvault_process(
+            ["vault", "serve", "--config", str(vconf)], log=tmp_path / "v.log"
+        ) as vp:
+            wait_for_port(vport, vp)
+            url = f"https://localhost:{vport}/v1/payment_methods"
+            auth = {"authorization": f"Bearer {acct['sk']}"}
+            r = http.post(url, data=card_form(), headers=auth)
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "keyservice_sealed"
+            assert http.get(url, headers=auth).json()["data"] == []

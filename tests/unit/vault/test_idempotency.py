@@ -125,3 +125,30 @@ def _rows(path: Path) -> list[Any]:
 
     with sqlite3.connect(path) as db:
         return db.execute("SELECT * FROM idempotency_keys").fetchall()
+
+
+def test_expired_cvcs_are_destroyed_by_the_sweeper(tmp_path: Path) -> None:
+    async def main() -> tuple[list[Any], int, list[Any]]:
+        service, secret, client = await make(tmp_path)
+        service.cvc_ttl = 0
+        headers = {"authorization": f"Bearer {secret}"}
+        r = await client.post("/v1/payment_methods", data={**FORM, "card[cvc]": "123"}, headers=headers)
+        assert r.status_code == 200
+        before = await asyncio.to_thread(_cvcs, tmp_path / "v.db")
+        destroyed = await service.sweep_expired_cvcs()
+        after = await asyncio.to_thread(_cvcs, tmp_path / "v.db")
+        await client.aclose()
+        await service.store.close()
+        return before, destroyed, after
+
+    before, destroyed, after = asyncio.run(main())
+    assert before[0][0] is not None  # the sealed CVC was there
+    assert destroyed == 1
+    assert after == [(None, None, None)]
+
+
+def _cvcs(path: Path) -> list[Any]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods").fetchall()
