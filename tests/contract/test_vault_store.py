@@ -36,6 +36,7 @@ from cardvault.storage import (
     ApiKey,
     DataKeyRecord,
     DuplicateError,
+    ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
@@ -1012,3 +1013,86 @@ def test_open_vault_store_rejects_other_urls_without_echoing_them(url: str) -> N
     with pytest.raises(ConfigurationError) as info:
         open_vault_store(url)
     assert "hunter2" not in str(info.value)
+
+
+# -- CVC use and forwarding requests (migration 2) -------------------------------------
+
+
+def test_take_cvc_returns_it_once_and_erases_it(backend: Backend) -> None:
+    sealed = secrets.token_bytes(40)
+    record = pm("pm_take", cvc=sealed, cvc_expires=NOW + 3600)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        assert await store.take_cvc(OTHER, False, "pm_take") is None
+        assert await store.take_cvc(ACCT, True, "pm_take") is None
+        assert await store.take_cvc(ACCT, False, "pm_take") == (sealed, DK_CVC)
+        assert await store.take_cvc(ACCT, False, "pm_take") is None
+        assert await store.get_payment_method(ACCT, False, "pm_take") == without_cvc(record)
+
+    backend.run(check)
+
+
+def test_concurrent_take_cvc_gives_the_cvc_to_exactly_one_caller(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(
+            pm("pm_race", cvc=secrets.token_bytes(40), cvc_expires=NOW + 60)
+        )
+        results = await asyncio.gather(*(store.take_cvc(ACCT, False, "pm_race") for _ in range(20)))
+        assert sum(r is not None for r in results) == 1
+
+    backend.run(check)
+
+
+def fwd(
+    fwd_id: str, *, created: int = NOW, account_id: str = ACCT, livemode: bool = False
+) -> ForwardingRequestRecord:
+    return ForwardingRequestRecord(
+        id=fwd_id,
+        account_id=account_id,
+        livemode=livemode,
+        created=created,
+        payment_method="pm_1",
+        url="https://localhost:8445/v1/authorizations",
+        destination="acquirer",
+        replacements=["card_number", "card_cvc"],
+        metadata={"order": "1"},
+        request_context={"destination_duration": 12, "destination_ip_address": "127.0.0.1"},
+        request_details={
+            "body": '{"card":{"number":"424242******4242"}}',
+            "headers": [],
+            "http_method": "POST",
+        },
+        response_details={"body": "{}", "headers": [], "status": 200},
+    )
+
+
+def test_forwarding_requests_round_trip_list_and_purge(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for i in range(5):
+            await store.insert_forwarding_request(fwd(f"fwdreq_{i}", created=NOW + i))
+        await store.insert_forwarding_request(fwd("fwdreq_live", livemode=True))
+        await store.insert_forwarding_request(fwd("fwdreq_other", account_id=OTHER))
+        with pytest.raises(DuplicateError):
+            await store.insert_forwarding_request(fwd("fwdreq_0"))
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_2") == fwd(
+            "fwdreq_2", created=NOW + 2
+        )
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_live") is None
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_other") is None
+        page = await store.list_forwarding_requests(ACCT, False, limit=2)
+        assert [r.id for r in page] == ["fwdreq_4", "fwdreq_3"]
+        page = await store.list_forwarding_requests(
+            ACCT, False, limit=10, starting_after="fwdreq_3"
+        )
+        assert [r.id for r in page] == ["fwdreq_2", "fwdreq_1", "fwdreq_0"]
+        page = await store.list_forwarding_requests(ACCT, False, limit=2, ending_before="fwdreq_1")
+        assert [r.id for r in page] == ["fwdreq_3", "fwdreq_2"]
+        assert await store.purge_forwarding_requests(NOW + 2) == 4  # 0, 1, live, other
+        remaining = await store.list_forwarding_requests(ACCT, False, limit=10)
+        assert [r.id for r in remaining] == ["fwdreq_4", "fwdreq_3", "fwdreq_2"]
+
+    backend.run(check)

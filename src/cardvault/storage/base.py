@@ -22,6 +22,7 @@ __all__ = [
     "ApiKey",
     "DataKeyRecord",
     "DuplicateError",
+    "ForwardingRequestRecord",
     "IdempotencyRecord",
     "PaymentMethodRecord",
     "VaultStore",
@@ -102,6 +103,25 @@ class IdempotencyRecord:
     response_body: str | None = None
 
 
+@dataclass(frozen=True)
+class ForwardingRequestRecord:
+    """A forward, as stored and returned: already redacted (no card number beyond BIN and
+    last four, no CVC, no credential the vault added)."""
+
+    id: str  # fwdreq_…
+    account_id: str
+    livemode: bool
+    created: int
+    payment_method: str
+    url: str
+    destination: str  # the allowlist entry's name
+    replacements: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    request_context: dict[str, object] = field(default_factory=dict)
+    request_details: dict[str, object] = field(default_factory=dict)
+    response_details: dict[str, object] = field(default_factory=dict)
+
+
 class VaultStore(Protocol):
     async def migrate(self) -> None:
         """Create or upgrade the schema to the newest version. Idempotent; safe to run
@@ -162,6 +182,36 @@ class VaultStore(Protocol):
 
     async def destroy_expired_cvcs(self, now: int) -> int:
         """Erase every sealed CVC whose ``cvc_expires`` <= now; the number erased."""
+
+    async def take_cvc(
+        self, account_id: str, livemode: bool, pm_id: str
+    ) -> tuple[bytes, str] | None:
+        """Atomically read and erase a payment method's sealed CVC: ``(cvc_ct,
+        cvc_data_key_id)``, or None when there is none (never stored, used, or expired).
+        Two concurrent calls never both get it."""
+
+    # -- forwarding requests -----------------------------------------------------------
+
+    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
+        """Durable when it returns. Raises DuplicateError if the id exists."""
+
+    async def get_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str
+    ) -> ForwardingRequestRecord | None: ...
+
+    async def list_forwarding_requests(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[ForwardingRequestRecord]:
+        """As :meth:`list_payment_methods`."""
+
+    async def purge_forwarding_requests(self, before: int) -> int:
+        """Delete forwarding requests created before ``before``; the number deleted."""
 
     # -- idempotency -------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from cardvault.storage.base import (
     Account,
     ApiKey,
     DataKeyRecord,
+    ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
@@ -33,6 +34,7 @@ __all__ = [
     "ACCOUNT_COLUMNS",
     "API_KEY_COLUMNS",
     "DATA_KEY_COLUMNS",
+    "FORWARDING_COLUMNS",
     "IDEMPOTENCY_COLUMNS",
     "MIGRATIONS",
     "PAYMENT_METHOD_COLUMNS",
@@ -137,8 +139,32 @@ _V1 = Migration(
     ),
 )
 
+_V2 = Migration(
+    2,
+    "forwarding requests",
+    (
+        """CREATE TABLE forwarding_requests (
+            id {key} PRIMARY KEY,
+            account_id {key} NOT NULL REFERENCES accounts (id),
+            livemode BOOLEAN NOT NULL,
+            created BIGINT NOT NULL,
+            payment_method {key} NOT NULL,
+            url TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            replacements TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            request_context TEXT NOT NULL,
+            request_details TEXT NOT NULL,
+            response_details TEXT NOT NULL
+        )""",
+        """CREATE INDEX forwarding_requests_list
+            ON forwarding_requests (account_id, livemode, created DESC, id DESC)""",
+        "CREATE INDEX forwarding_requests_created ON forwarding_requests (created)",
+    ),
+)
+
 #: Every migration, oldest first; ``version`` is its position, counting from 1.
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 
 
 def latest_version() -> int:
@@ -175,6 +201,20 @@ PAYMENT_METHOD_COLUMNS = (
     "cvc_data_key_id",
     "cvc_expires",
     "cvc_check",
+)
+FORWARDING_COLUMNS = (
+    "id",
+    "account_id",
+    "livemode",
+    "created",
+    "payment_method",
+    "url",
+    "destination",
+    "replacements",
+    "metadata",
+    "request_context",
+    "request_details",
+    "response_details",
 )
 IDEMPOTENCY_COLUMNS = (
     "account_id",
@@ -301,4 +341,38 @@ def idempotency_from_row(r: Sequence[Any]) -> IdempotencyRecord:
         created=int(r[4]),
         response_status=_opt_int(r[5]),
         response_body=None if r[6] is None else str(r[6]),
+    )
+
+
+def forwarding_params(f: ForwardingRequestRecord) -> tuple[Any, ...]:
+    return (
+        f.id,
+        f.account_id,
+        bool(f.livemode),
+        f.created,
+        f.payment_method,
+        f.url,
+        f.destination,
+        _json(f.replacements),
+        _json(f.metadata),
+        _json(f.request_context),
+        _json(f.request_details),
+        _json(f.response_details),
+    )
+
+
+def forwarding_from_row(r: Sequence[Any]) -> ForwardingRequestRecord:
+    return ForwardingRequestRecord(
+        id=str(r[0]),
+        account_id=str(r[1]),
+        livemode=bool(r[2]),
+        created=int(r[3]),
+        payment_method=str(r[4]),
+        url=str(r[5]),
+        destination=str(r[6]),
+        replacements=list(json.loads(r[7])),
+        metadata=dict(json.loads(r[8])),
+        request_context=dict(json.loads(r[9])),
+        request_details=dict(json.loads(r[10])),
+        response_details=dict(json.loads(r[11])),
     )

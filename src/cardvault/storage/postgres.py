@@ -26,6 +26,7 @@ from cardvault.storage.base import (
     ApiKey,
     DataKeyRecord,
     DuplicateError,
+    ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
@@ -34,6 +35,7 @@ from cardvault.storage.migrations import (
     ACCOUNT_COLUMNS,
     API_KEY_COLUMNS,
     DATA_KEY_COLUMNS,
+    FORWARDING_COLUMNS,
     IDEMPOTENCY_COLUMNS,
     MIGRATIONS,
     PAYMENT_METHOD_COLUMNS,
@@ -44,6 +46,8 @@ from cardvault.storage.migrations import (
     api_key_params,
     data_key_from_row,
     data_key_params,
+    forwarding_from_row,
+    forwarding_params,
     idempotency_from_row,
     idempotency_params,
     payment_method_from_row,
@@ -72,6 +76,8 @@ _INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
 _INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
 _INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
 _INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
+_INSERT_FWD = _insert_sql("forwarding_requests", FORWARDING_COLUMNS)
+_SELECT_FWD = f"SELECT {_columns(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
 _INSERT_IDEMPOTENCY = (
     _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING RETURNING 1"
@@ -267,6 +273,76 @@ class PostgresVaultStore:
             now,
         )
         return _count(status)
+
+    async def take_cvc(
+        self, account_id: str, livemode: bool, pm_id: str
+    ) -> tuple[bytes, str] | None:
+        pool = await self._get_pool()
+        # A CTE reads the old values and the UPDATE erases them in one statement; the
+        # row lock it takes means two takers cannot both get the CVC.
+        row = await pool.fetchrow(
+            "WITH old AS (SELECT id, cvc_ct, cvc_data_key_id FROM payment_methods "
+            "WHERE id = $1 AND account_id = $2 AND livemode = $3 AND cvc_ct IS NOT NULL FOR UPDATE) "
+            "UPDATE payment_methods p SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
+            "FROM old WHERE p.id = old.id RETURNING old.cvc_ct, old.cvc_data_key_id",
+            pm_id,
+            account_id,
+            bool(livemode),
+        )
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    # -- forwarding requests -------------------------------------------------------------
+
+    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
+        await self._insert(_INSERT_FWD, forwarding_params(record), "a forwarding request")
+
+    async def get_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str
+    ) -> ForwardingRequestRecord | None:
+        pool = await self._get_pool()
+        row = await pool.fetchrow(
+            f"{_SELECT_FWD} WHERE id = $1 AND account_id = $2 AND livemode = $3",
+            fwd_id,
+            account_id,
+            bool(livemode),
+        )
+        return None if row is None else forwarding_from_row(row)
+
+    async def list_forwarding_requests(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[ForwardingRequestRecord]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if starting_after is not None and ending_before is not None:
+            raise ValueError("give starting_after or ending_before, not both")
+        pool = await self._get_pool()
+        where = "account_id = $1 AND livemode = $2"
+        cursor = "(SELECT created, id FROM forwarding_requests WHERE id = $3 AND account_id = $1 AND livemode = $2)"
+        if starting_after is not None:
+            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT $4"
+            args: tuple[Any, ...] = (account_id, bool(livemode), starting_after, limit)
+        elif ending_before is not None:
+            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT $4"
+            args = (account_id, bool(livemode), ending_before, limit)
+        else:
+            sql = f"{_SELECT_FWD} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
+            args = (account_id, bool(livemode), limit)
+        records = [forwarding_from_row(r) for r in await pool.fetch(sql, *args)]
+        if ending_before is not None:
+            records.reverse()
+        return records
+
+    async def purge_forwarding_requests(self, before: int) -> int:
+        pool = await self._get_pool()
+        return _count(
+            await pool.execute("DELETE FROM forwarding_requests WHERE created < $1", before)
+        )
 
     # -- idempotency ---------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from cardvault.storage.base import (
     ApiKey,
     DataKeyRecord,
     DuplicateError,
+    ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
@@ -60,6 +61,7 @@ from cardvault.storage.migrations import (
     ACCOUNT_COLUMNS,
     API_KEY_COLUMNS,
     DATA_KEY_COLUMNS,
+    FORWARDING_COLUMNS,
     IDEMPOTENCY_COLUMNS,
     MIGRATIONS,
     PAYMENT_METHOD_COLUMNS,
@@ -70,6 +72,8 @@ from cardvault.storage.migrations import (
     api_key_params,
     data_key_from_row,
     data_key_params,
+    forwarding_from_row,
+    forwarding_params,
     idempotency_from_row,
     idempotency_params,
     payment_method_from_row,
@@ -112,6 +116,8 @@ _INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
 _INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
 _INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
 _INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
+_INSERT_FWD = _insert_sql("forwarding_requests", FORWARDING_COLUMNS)
+_SELECT_FWD = f"SELECT {_columns(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
 _INSERT_IDEMPOTENCY = (
     _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING"
@@ -570,6 +576,88 @@ class SQLiteVaultStore:
                 (now,),
             )
             return cur.rowcount
+
+        return await self._write(op, erases=True)
+
+    async def take_cvc(
+        self, account_id: str, livemode: bool, pm_id: str
+    ) -> tuple[bytes, str] | None:
+        def op(conn: sqlite3.Connection) -> tuple[bytes, str] | None:
+            # The single writer thread runs this whole function inside its transaction,
+            # so no other write can come between the read and the erase.
+            row = conn.execute(
+                "SELECT cvc_ct, cvc_data_key_id FROM payment_methods "
+                "WHERE id = ? AND account_id = ? AND livemode = ? AND cvc_ct IS NOT NULL",
+                (pm_id, account_id, bool(livemode)),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE payment_methods SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
+                "WHERE id = ?",
+                (pm_id,),
+            )
+            return bytes(row[0]), str(row[1])
+
+        return await self._write(op, erases=True, compound=True)
+
+    # -- forwarding requests -------------------------------------------------------------
+
+    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
+        params = forwarding_params(record)
+        await self._write(lambda c: _insert(c, _INSERT_FWD, params, "a forwarding request"))
+
+    async def get_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str
+    ) -> ForwardingRequestRecord | None:
+        def op(conn: sqlite3.Connection) -> ForwardingRequestRecord | None:
+            row = conn.execute(
+                f"{_SELECT_FWD} WHERE id = ? AND account_id = ? AND livemode = ?",
+                (fwd_id, account_id, bool(livemode)),
+            ).fetchone()
+            return None if row is None else forwarding_from_row(row)
+
+        return await self._read(op)
+
+    async def list_forwarding_requests(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[ForwardingRequestRecord]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if starting_after is not None and ending_before is not None:
+            raise ValueError("give starting_after or ending_before, not both")
+        scope = (account_id, bool(livemode))
+        where = "account_id = ? AND livemode = ?"
+        cursor = "(SELECT created, id FROM forwarding_requests WHERE id = ? AND account_id = ? AND livemode = ?)"
+        if starting_after is not None:
+            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT ?"
+            params: tuple[Any, ...] = (*scope, starting_after, *scope, limit)
+        elif ending_before is not None:
+            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT ?"
+            params = (*scope, ending_before, *scope, limit)
+        else:
+            sql = f"{_SELECT_FWD} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?"
+            params = (*scope, limit)
+
+        def op(conn: sqlite3.Connection) -> list[ForwardingRequestRecord]:
+            return [forwarding_from_row(r) for r in conn.execute(sql, params).fetchall()]
+
+        records = await self._read(op)
+        if ending_before is not None:
+            records.reverse()
+        return records
+
+    async def purge_forwarding_requests(self, before: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM forwarding_requests WHERE created < ?", (before,)
+            ).rowcount
 
         return await self._write(op, erases=True)
 
