@@ -17,6 +17,7 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ServiceUnavailable           api_error              503  service_unavailable
     │   │   ├── KeyServiceUnavailable    api_error              503  keyservice_unavailable
     │   │   └── KeyServiceSealed         api_error              503  keyservice_sealed
+    │   ├── ForwardingDestinationError   api_error              502  forwarding_destination_error
     │   └── ConfigurationError           (start-up only; never rendered with details)
     ├── InvalidRequestError              invalid_request_error  400  parameter_invalid
     │   ├── ParameterMissing                                    400  parameter_missing
@@ -60,6 +61,7 @@ __all__ = [
     "ClientCertificateRequired",
     "ConfigurationError",
     "ExpiredCard",
+    "ForwardingDestinationError",
     "IdempotencyError",
     "IdempotencyKeyInUse",
     "IdentityNotAllowed",
@@ -149,6 +151,20 @@ class KeyServiceSealed(ServiceUnavailable):
     code = "keyservice_sealed"
     default_message = (
         "The key service is sealed. Custodians must unseal it before keys can be used."
+    )
+
+
+class ForwardingDestinationError(APIError):
+    """A forward's destination could not be reached or broke a limit (details in the log)."""
+
+    code = "forwarding_destination_error"
+    http_status = 502
+    #: The request may have left the vault: a retry with the same Idempotency-Key must
+    #: not send it again.
+    consumes_idempotency_key: ClassVar[bool] = True
+    default_message = (
+        "The forwarding destination could not be reached, did not answer in time, failed "
+        "certificate verification, or sent too large a response."
     )
 
 

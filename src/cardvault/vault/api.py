@@ -21,6 +21,7 @@ from cardvault.errors import (
     IdempotencyError,
     IdempotencyKeyInUse,
     InvalidRequestError,
+    error_class_for,
 )
 from cardvault.storage.base import IdempotencyRecord
 from cardvault.transport.asgi import json_response
@@ -49,6 +50,62 @@ def _presented_key(request: Request) -> str | None:
     raise AuthenticationError()
 
 
+async def idempotent(
+    service: VaultService,
+    request: Request,
+    caller: Caller,
+    params: dict[str, Any],
+    run: Callable[[], Awaitable[dict[str, Any]]],
+    replay: Callable[[str], Awaitable[dict[str, Any]]],
+    *,
+    ttl: int,
+) -> Response:
+    """Stripe's semantics: same key + same parameters → the first result; other
+    parameters → 400; the first still running → 409. The stored result is the new
+    object's id, never its content, so no cardholder data rests in this table.
+
+    An error whose ``consumes_idempotency_key`` is true (a forward that reached the
+    network) is remembered too, so a retry with the same key repeats the error instead
+    of sending a second outbound request."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return json_response(await run())
+    if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters.")
+    # Keyed with the account's own key: a plain hash of parameters holding a card
+    # number could be brute-forced back to the number.
+    account_key = await service.keys.account_key(caller.account_id)
+    canonical = json.dumps([request.url.path, params], sort_keys=True, separators=(",", ":"))
+    mac = crypto.fingerprint(account_key, canonical.encode())
+    now = int(time.time())
+    claim = IdempotencyRecord(caller.account_id, caller.mode, key, mac, now)
+    existing = await service.store.claim_idempotency_key(claim)
+    if existing is not None and existing.created < now - ttl:
+        await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+        existing = await service.store.claim_idempotency_key(claim)
+    if existing is not None:
+        if not hmac.compare_digest(existing.request_hash, mac):
+            raise IdempotencyError()
+        if existing.response_status is None or existing.response_body is None:
+            raise IdempotencyKeyInUse()
+        body = await replay(existing.response_body)
+        return json_response(body, headers={"idempotent-replayed": "true"})
+    try:
+        body = await run()
+    except CardVaultError:
+        # Nothing was stored; the key may be used again, as Stripe does for requests
+        # that failed validation.
+        await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+        raise
+    except BaseException:
+        await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
+        raise
+    await service.store.complete_idempotency_key(
+        caller.account_id, caller.mode, key, 200, body["id"]
+    )
+    return json_response(body)
+
+
 def payment_method_routes(
     service: VaultService,
     *,
@@ -62,54 +119,6 @@ def payment_method_routes(
         limiter.check(caller.key_id)
         return caller
 
-    async def idempotent(
-        request: Request,
-        caller: Caller,
-        params: dict[str, Any],
-        run: Callable[[], Awaitable[dict[str, Any]]],
-        replay: Callable[[str], Awaitable[dict[str, Any]]],
-    ) -> Response:
-        """Stripe's semantics: same key + same parameters → the first result; other
-        parameters → 400; the first still running → 409. The stored result is the new
-        object's id, never its content, so no cardholder data rests in this table."""
-        key = request.headers.get("idempotency-key")
-        if key is None:
-            return json_response(await run())
-        if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
-            raise InvalidRequestError("Idempotency-Key must be 1 to 255 characters.")
-        # Keyed with the account's own key: a plain hash of parameters holding a card
-        # number could be brute-forced back to the number.
-        account_key = await service.keys.account_key(caller.account_id)
-        canonical = json.dumps([request.url.path, params], sort_keys=True, separators=(",", ":"))
-        mac = crypto.fingerprint(account_key, canonical.encode())
-        now = int(time.time())
-        claim = IdempotencyRecord(caller.account_id, caller.mode, key, mac, now)
-        existing = await service.store.claim_idempotency_key(claim)
-        if existing is not None and existing.created < now - idempotency_ttl:
-            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
-            existing = await service.store.claim_idempotency_key(claim)
-        if existing is not None:
-            if not hmac.compare_digest(existing.request_hash, mac):
-                raise IdempotencyError()
-            if existing.response_status is None or existing.response_body is None:
-                raise IdempotencyKeyInUse()
-            body = await replay(existing.response_body)
-            return json_response(body, headers={"idempotent-replayed": "true"})
-        try:
-            body = await run()
-        except CardVaultError:
-            # Nothing was stored; the key may be used again, as Stripe does for requests
-            # that failed validation.
-            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
-            raise
-        except BaseException:
-            await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
-            raise
-        await service.store.complete_idempotency_key(
-            caller.account_id, caller.mode, key, 200, body["id"]
-        )
-        return json_response(body)
-
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
         params = parse_body(await request.body(), request.headers.get("content-type"))
@@ -120,7 +129,13 @@ def payment_method_routes(
             )
 
         return await idempotent(
-            request, caller, params, lambda: service.create_payment_method(caller, params), replay
+            service,
+            request,
+            caller,
+            params,
+            lambda: service.create_payment_method(caller, params),
+            replay,
+            ttl=idempotency_ttl,
         )
 
     async def list_(request: Request) -> Response:
