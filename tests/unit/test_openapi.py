@@ -1,0 +1,329 @@
+"""docs/openapi.json describes the vault's public API as the code serves it.
+
+The route table is built from the same functions the vault's public listener uses
+(``public_routes``, ``payment_method_routes`` and the security.txt routes ``build_app``
+adds), so a route added to the code without a line in the document fails here, and so
+does a documented route that no longer exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.routing import Route
+
+from cardvault.cards import find_card_numbers
+from cardvault.errors import CardVaultError
+from cardvault.transport.asgi import SecurityHeaders, build_app
+from cardvault.vault.api import payment_method_routes
+from cardvault.vault.http import public_routes
+from cardvault.vault.ratelimit import RateLimiter
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+OPENAPI = DOCS / "openapi.json"
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+PUBLISHED_TEST_CARD = "4242424242424242"
+# How the document lists the codes an error response may carry, in its description.
+CODES_LINE = re.compile(r"Error codes: (.+)\.\s*$")
+CODE = re.compile(r"`([a-z_]+)`")
+
+Operation = tuple[str, str]  # (path with its parameters blanked, METHOD)
+
+
+def load_doc() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(OPENAPI.read_text(encoding="utf-8"))
+    return doc
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return load_doc()
+
+
+def _template(path: str) -> str:
+    # Starlette writes "{pm}" where the document writes "{id}": only the shape matters.
+    return re.sub(r"\{[^{}]*\}", "{}", path)
+
+
+def served_routes() -> tuple[set[Operation], set[Operation]]:
+    """(every operation the public listener serves, those that need an API key).
+
+    The route functions only close over the service and the limiters, so stand-ins do.
+    """
+    with_key = payment_method_routes(
+        None,  # type: ignore[arg-type]
+        secret_limits=RateLimiter(1.0, 1.0),
+        publishable_limits=RateLimiter(1.0, 1.0),
+    )
+    app = build_app(
+        [*public_routes(), *with_key],
+        service="vault",
+        security_txt="Contact: mailto:security@example.com\n",
+    )
+    assert isinstance(app, SecurityHeaders)
+
+    def operations(routes: list[Any]) -> set[Operation]:
+        out: set[Operation] = set()
+        for route in routes:
+            assert isinstance(route, Route), f"not a plain route: {route!r}"
+            assert route.methods
+            # Starlette answers HEAD wherever it answers GET; the document says so once
+            # instead of listing a HEAD operation beside every GET.
+            out |= {(_template(route.path), m) for m in route.methods if m != "HEAD"}
+        return out
+
+    return operations(app.app.routes), operations(with_key)  # type: ignore[attr-defined]
+
+
+def documented_operations(doc: dict[str, Any]) -> set[Operation]:
+    return {
+        (_template(path), method.upper())
+        for path, item in doc["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    }
+
+
+def operations_of(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in HTTP_METHODS:
+                yield path, method, op
+
+
+def resolve(doc: dict[str, Any], pointer: str) -> Any:
+    """The target of a local ``$ref`` (a JSON pointer, RFC 6901); KeyError if none."""
+    if not pointer.startswith("#/"):
+        raise KeyError(f"not a local reference: {pointer}")
+    node: Any = doc
+    for raw in pointer[2:].split("/"):
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(pointer)
+    return node
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def unresolved_refs(doc: dict[str, Any]) -> list[str]:
+    missing = []
+    for pointer in refs(doc):
+        try:
+            resolve(doc, pointer)
+        except (KeyError, IndexError, ValueError):
+            missing.append(pointer)
+    return missing
+
+
+def deref(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = resolve(doc, node["$ref"])
+    return node
+
+
+def error_responses(doc: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(where, status, response) for every 4xx/5xx response of every operation."""
+    for path, method, op in operations_of(doc):
+        for status, response in op["responses"].items():
+            if int(status) >= 400:
+                yield f"{method.upper()} {path} {status}", int(status), deref(doc, response)
+
+
+def codes_in(description: str) -> set[str] | None:
+    """The codes of the description's "Error codes: `a`, `b`." line, or None without one."""
+    for line in description.splitlines():
+        match = CODES_LINE.search(line)
+        if match:
+            return set(CODE.findall(match.group(1)))
+    return None
+
+
+def error_classes() -> dict[str, type[CardVaultError]]:
+    out: dict[str, type[CardVaultError]] = {}
+    todo = [CardVaultError]
+    while todo:
+        cls = todo.pop()
+        out[cls.code] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def unknown_codes(doc: dict[str, Any]) -> list[str]:
+    known = error_classes()
+    found = [
+        (where, code)
+        for where, _, response in error_responses(doc)
+        for code in codes_in(response["description"]) or ()
+    ]
+    schema = doc["components"]["schemas"]["Error"]["properties"]["code"]
+    found += [("Error.code enum", code) for code in schema["enum"]]
+    return [f"{where}: {code}" for where, code in found if code not in known]
+
+
+# --- the document as a whole -----------------------------------------------------------
+
+
+def test_document_is_openapi_3_1_with_the_local_stack_as_server(doc: dict[str, Any]) -> None:
+    assert re.fullmatch(r"3\.1\.\d+", doc["openapi"])
+    assert doc["info"]["title"] and doc["info"]["version"]
+    assert "https://localhost:8443" in [s["url"] for s in doc["servers"]]
+
+
+def test_every_ref_resolves(doc: dict[str, Any]) -> None:
+    assert list(refs(doc)), "the document uses no $ref at all"
+    assert unresolved_refs(doc) == []
+
+
+def test_the_ref_check_notices_a_dangling_reference(doc: dict[str, Any]) -> None:
+    broken = copy.deepcopy(doc)
+    del broken["components"]["schemas"]["PaymentMethod"]
+    assert "#/components/schemas/PaymentMethod" in unresolved_refs(broken)
+
+
+def test_required_components_exist(doc: dict[str, Any]) -> None:
+    components = doc["components"]
+    assert {"PaymentMethod", "PaymentMethodList", "DeletedPaymentMethod", "Error"} <= set(
+        components["schemas"]
+    )
+    schemes = components["securitySchemes"]
+    assert (schemes["bearerAuth"]["type"], schemes["bearerAuth"]["scheme"]) == ("http", "bearer")
+    assert (schemes["basicAuth"]["type"], schemes["basicAuth"]["scheme"]) == ("http", "basic")
+    key = components["parameters"]["Idempotency-Key"]
+    assert (key["in"], key["name"]) == ("header", "Idempotency-Key")
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+def test_every_served_route_is_documented_and_nothing_else(doc: dict[str, Any]) -> None:
+    served, _ = served_routes()
+    documented = documented_operations(doc)
+    assert served - documented == set(), "served but not documented"
+    assert documented - served == set(), "documented but not served"
+
+
+def test_the_route_check_notices_an_undocumented_route(doc: dict[str, Any]) -> None:
+    trimmed = copy.deepcopy(doc)
+    del trimmed["paths"]["/v1/payment_methods/{id}"]["delete"]
+    served, _ = served_routes()
+    assert served - documented_operations(trimmed) == {("/v1/payment_methods/{}", "DELETE")}
+
+
+def test_payment_method_operations_require_a_key_and_the_others_do_not(
+    doc: dict[str, Any],
+) -> None:
+    _, with_key = served_routes()
+    schemes = set(doc["components"]["securitySchemes"])
+    for path, method, op in operations_of(doc):
+        security = op.get("security", doc.get("security", []))
+        if (_template(path), method.upper()) in with_key:
+            assert security, f"{method} {path} documented without authentication"
+            assert {name for req in security for name in req} == {"bearerAuth", "basicAuth"}
+        else:
+            assert security == [], f"{method} {path} needs no API key but says it does"
+        assert {name for req in security for name in req} <= schemes
+
+
+# --- responses and errors ----------------------------------------------------------------
+
+
+def test_every_response_carries_request_id_and_hsts(doc: dict[str, Any]) -> None:
+    for path, method, op in operations_of(doc):
+        for status, response in op["responses"].items():
+            headers = deref(doc, response).get("headers", {})
+            where = f"{method.upper()} {path} {status}"
+            assert {"Request-Id", "Strict-Transport-Security"} <= set(headers), where
+            if status == "429":
+                assert "Retry-After" in headers, where
+            if status == "405":
+                assert "Allow" in headers, where
+
+
+def test_every_error_response_lists_its_codes_with_the_matching_status(
+    doc: dict[str, Any],
+) -> None:
+    known = error_classes()
+    responses = list(error_responses(doc))
+    assert {status for _, status, _ in responses} >= {
+        400,
+        401,
+        402,
+        403,
+        404,
+        405,
+        409,
+        413,
+        415,
+        429,
+        500,
+        503,
+    }
+    for where, status, response in responses:
+        codes = codes_in(response["description"])
+        assert codes, f"{where}: no 'Error codes:' line"
+        schema = deref(doc, response["content"]["application/json"]["schema"])
+        assert schema == doc["components"]["schemas"]["ErrorResponse"], where
+        for code in codes:
+            assert code in known, f"{where}: {code} is not a code in cardvault.errors"
+            assert known[code].http_status == status, f"{where}: {code} is not a {status}"
+
+
+def test_every_error_code_in_the_document_exists_in_cardvault_errors(
+    doc: dict[str, Any],
+) -> None:
+    assert unknown_codes(doc) == []
+
+
+def test_the_code_check_notices_an_invented_code(doc: dict[str, Any]) -> None:
+    changed = copy.deepcopy(doc)
+    changed["components"]["schemas"]["Error"]["properties"]["code"]["enum"].append("card_stolen")
+    assert unknown_codes(changed) == ["Error.code enum: card_stolen"]
+
+
+def test_error_code_enum_is_exactly_the_codes_the_responses_list(doc: dict[str, Any]) -> None:
+    listed = {c for _, _, r in error_responses(doc) for c in codes_in(r["description"]) or ()}
+    enum = doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+    assert len(enum) == len(set(enum))
+    # A URL that no route serves has no operation to list its code under; the document
+    # says it in its introduction instead.
+    assert "`url_invalid`" in doc["info"]["description"]
+    assert set(enum) == listed | {"url_invalid"}
+
+
+def test_error_types_are_the_seven_stripe_types_of_the_error_tree(doc: dict[str, Any]) -> None:
+    error = doc["components"]["schemas"]["Error"]
+    assert set(error["properties"]) == {"type", "code", "message", "param", "request_log_url"}
+    assert set(error["properties"]["type"]["enum"]) == {
+        cls.type for cls in error_classes().values()
+    }
+    assert len(error["properties"]["type"]["enum"]) == 7
+
+
+# --- examples ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["openapi.json", "api.md"])
+def test_examples_use_only_the_published_test_card(name: str) -> None:
+    text = (DOCS / name).read_text(encoding="utf-8")
+    numbers = {re.sub(r"\D", "", m.group()) for m in find_card_numbers(text)}
+    assert numbers <= {PUBLISHED_TEST_CARD}
