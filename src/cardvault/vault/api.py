@@ -88,12 +88,21 @@ async def idempotent(
             raise IdempotencyError()
         if existing.response_status is None or existing.response_body is None:
             raise IdempotencyKeyInUse()
+        if existing.response_body.startswith("!"):
+            replayed = error_class_for(existing.response_body[1:])()
+            replayed.headers["Idempotent-Replayed"] = "true"
+            raise replayed
         body = await replay(existing.response_body)
         return json_response(body, headers={"idempotent-replayed": "true"})
     try:
         body = await run()
-    except CardVaultError:
-        # Nothing was stored; the key may be used again, as Stripe does for requests
+    except CardVaultError as exc:
+        if getattr(exc, "consumes_idempotency_key", False):
+            await service.store.complete_idempotency_key(
+                caller.account_id, caller.mode, key, exc.http_status, "!" + exc.code
+            )
+            raise
+        # Nothing was done; the key may be used again, as Stripe does for requests
         # that failed validation.
         await service.store.release_idempotency_key(caller.account_id, caller.mode, key)
         raise
