@@ -624,3 +624,12 @@ def test_sealed_key_service_gives_503_keyservice_sealed(
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "keyservice_sealed"
             assert http.get(url, headers=auth).json()["data"] == []
+
+
+def test_wrong_method_names_every_allowed_method(http: httpx.Client, stack: Stack) -> None:
+    r = http.put(
+        f"{stack.url}/v1/payment_methods",
+        headers={"authorization": f"Bearer {stack.accounts[0]['sk']}"},
+    )
+    assert r.status_code == 405
+    assert set(r.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}

@@ -200,3 +200,16 @@ def test_public_listener_does_not_expose_admin_routes(
 ) -> None:
     r = https.get(f"{vault.url}/v1/admin/whoami")
     assert r.status_code == 404
+
+
+def test_the_served_openapi_document_is_the_one_in_the_repository(
+    vault: VaultProcess, https: httpx.Client
+) -> None:
+    import json
+
+    from helpers import ROOT
+
+    r = https.get(f"{vault.url}/openapi.json")
+    assert r.status_code == 200
+    assert_security_headers(r)
+    assert r.json() == json.loads((ROOT / "docs" / "openapi.json").read_text())

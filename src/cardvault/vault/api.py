@@ -115,6 +115,18 @@ async def idempotent(
     return json_response(body)
 
 
+def by_method(
+    **handlers: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """One route per path, so that a 405 names every allowed method in ``Allow``."""
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return endpoint
+
+
 def payment_method_routes(
     service: VaultService,
     *,
@@ -163,8 +175,10 @@ def payment_method_routes(
         return json_response(await service.delete_payment_method(caller, request.path_params["pm"]))
 
     return [
-        Route("/v1/payment_methods", create, methods=["POST"]),
-        Route("/v1/payment_methods", list_, methods=["GET"]),
-        Route("/v1/payment_methods/{pm}", retrieve, methods=["GET"]),
-        Route("/v1/payment_methods/{pm}", delete, methods=["DELETE"]),
+        Route("/v1/payment_methods", by_method(POST=create, GET=list_), methods=["GET", "POST"]),
+        Route(
+            "/v1/payment_methods/{pm}",
+            by_method(GET=retrieve, DELETE=delete),
+            methods=["GET", "DELETE"],
+        ),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,9 +25,22 @@ async def noop(_request: Request) -> Response:
     return json_response({"object": "noop"})
 
 
+_OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+async def openapi(_request: Request) -> Response:
+    """The OpenAPI document of this API (also in the repository as docs/openapi.json)."""
+    return Response(
+        _OPENAPI.read_bytes(),
+        media_type="application/json",
+        headers={"cache-control": "max-age=300"},
+    )
+
+
 def public_routes() -> list[BaseRoute]:
     return [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/noop", noop, methods=["GET", "POST"]),
     ]
 
