@@ -199,9 +199,9 @@ def build_routes(settings: AcquirerSettings) -> list[BaseRoute]:
 
     async def redirect(request: Request) -> Response:
         # TEST AID: send the caller elsewhere; a vault that follows it is broken.
-        location = request.query_params.get("to")
-        if not location:
-            raise ParameterMissing("Missing required param: to.", param="to")
+        # Without ?to= it points back at this acquirer's authorization endpoint, so a
+        # client that follows it shows up as a second recorded request.
+        location = request.query_params.get("to") or "/v1/authorizations"
         if not location.isascii() or not location.isprintable():
             raise InvalidRequestError("Invalid to: must be printable ASCII.", param="to")
         status_text = request.query_params.get("status", "302")

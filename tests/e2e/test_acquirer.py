@@ -739,11 +739,10 @@ def test_redirect_aid_answers_a_redirect_to_the_given_location(
 @pytest.mark.parametrize(
     "params",
     [
-        {},
         {"to": "https://x.example/", "status": "200"},
         {"to": "https://x.example/\r\nSet-Cookie: a"},
     ],
-    ids=["no-target", "bad-status", "header-injection"],
+    ids=["bad-status", "header-injection"],
 )
 def test_redirect_aid_refuses_bad_parameters(
     acquirer: Acquirer, https: httpx.Client, params: dict[str, str]
@@ -847,3 +846,11 @@ def test_logs_hold_no_card_number(
         leaked = [n for n in SENT if n in log and len(n) >= 13]
         assert leaked == []
         assert [m.group() for m in find_card_numbers(log)] == []
+
+
+def test_redirect_aid_without_a_target_points_back_at_authorizations(
+    acquirer: Any, https: httpx.Client
+) -> None:
+    r = https.post(f"{acquirer.url}/v1/redirect", content=b"{}")
+    assert r.status_code == 302
+    assert r.headers["location"] == "/v1/authorizations"

@@ -25,11 +25,12 @@ from cardvault.errors import (
 )
 from cardvault.storage.base import IdempotencyRecord
 from cardvault.transport.asgi import json_response
+from cardvault.vault.forwarding import Forwarder
 from cardvault.vault.params import parse_body, parse_form
 from cardvault.vault.ratelimit import RateLimiter
 from cardvault.vault.service import Caller, VaultService
 
-__all__ = ["payment_method_routes"]
+__all__ = ["forwarding_routes", "payment_method_routes"]
 
 _MAX_IDEMPOTENCY_KEY = 255
 
@@ -127,6 +128,20 @@ def by_method(
     return endpoint
 
 
+def make_caller_of(
+    service: VaultService, secret_limits: RateLimiter, publishable_limits: RateLimiter
+) -> Callable[[Request], Awaitable[Caller]]:
+    """Authenticate a request's API key and take one token from its rate limit."""
+
+    async def caller_of(request: Request) -> Caller:
+        caller = await service.authenticate(_presented_key(request))
+        limiter = publishable_limits if caller.kind == "publishable" else secret_limits
+        limiter.check(caller.key_id)
+        return caller
+
+    return caller_of
+
+
 def payment_method_routes(
     service: VaultService,
     *,
@@ -134,11 +149,7 @@ def payment_method_routes(
     publishable_limits: RateLimiter,
     idempotency_ttl: int = 86_400,
 ) -> list[BaseRoute]:
-    async def caller_of(request: Request) -> Caller:
-        caller = await service.authenticate(_presented_key(request))
-        limiter = publishable_limits if caller.kind == "publishable" else secret_limits
-        limiter.check(caller.key_id)
-        return caller
+    caller_of = make_caller_of(service, secret_limits, publishable_limits)
 
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
@@ -181,4 +192,45 @@ def payment_method_routes(
             by_method(GET=retrieve, DELETE=delete),
             methods=["GET", "DELETE"],
         ),
+    ]
+
+
+def forwarding_routes(
+    service: VaultService,
+    forwarder: Forwarder,
+    *,
+    secret_limits: RateLimiter,
+    publishable_limits: RateLimiter,
+    idempotency_ttl: int = 86_400,
+) -> list[BaseRoute]:
+    caller_of = make_caller_of(service, secret_limits, publishable_limits)
+
+    async def create(request: Request) -> Response:
+        caller = await caller_of(request)
+        service._require_secret(caller)
+        params = parse_body(await request.body(), request.headers.get("content-type"))
+        return await idempotent(
+            service,
+            request,
+            caller,
+            params,
+            lambda: forwarder.create(caller, params),
+            lambda fwd_id: forwarder.retrieve(caller, fwd_id),
+            ttl=idempotency_ttl,
+        )
+
+    async def list_(request: Request) -> Response:
+        caller = await caller_of(request)
+        query = parse_form(list(request.query_params.multi_items()))
+        return json_response(await forwarder.list_requests(caller, query))
+
+    async def retrieve(request: Request) -> Response:
+        caller = await caller_of(request)
+        return json_response(await forwarder.retrieve(caller, request.path_params["id"]))
+
+    return [
+        Route(
+            "/v1/forwarding/requests", by_method(POST=create, GET=list_), methods=["GET", "POST"]
+        ),
+        Route("/v1/forwarding/requests/{id}", retrieve, methods=["GET"]),
     ]

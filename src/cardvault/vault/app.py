@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cardvault.errors import ConfigurationError
@@ -13,10 +15,13 @@ from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
 from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import server_context
-from cardvault.vault.api import payment_method_routes
+from cardvault.vault.allowlist import Allowlist, load_allowlist
+from cardvault.vault.api import forwarding_routes, payment_method_routes
 from cardvault.vault.datakeys import DataKeyManager, DataKeyPolicy
+from cardvault.vault.forwarding import Forwarder
 from cardvault.vault.http import admin_routes, public_routes
 from cardvault.vault.keyclient import KeyServiceClient
+from cardvault.vault.outbound import OutboundClient
 from cardvault.vault.ratelimit import RateLimiter
 from cardvault.vault.service import VaultService
 from cardvault.vault.settings import VaultSettings
@@ -25,7 +30,8 @@ __all__ = ["build_listeners", "build_service", "run"]
 
 
 async def _sweeper(service: VaultService, settings: VaultSettings) -> None:
-    """Destroy expired CVCs and forget old idempotency keys, once a minute."""
+    """Destroy expired CVCs, forget old idempotency keys and purge forwarding requests
+    past their retention, once a minute."""
     while True:
         try:
             destroyed = await service.sweep_expired_cvcs()
@@ -33,6 +39,9 @@ async def _sweeper(service: VaultService, settings: VaultSettings) -> None:
                 _log.info("expired CVCs destroyed", count=destroyed)
             await service.store.purge_idempotency_keys(
                 int(time.time()) - settings.limits.idempotency_ttl
+            )
+            await service.store.purge_forwarding_requests(
+                int(time.time()) - settings.forwarding.retention_days * 86_400
             )
         except Exception:
             _log.exception("sweeper failed; retrying in a minute")
@@ -73,7 +82,29 @@ def build_service(settings: VaultSettings) -> VaultService | None:
     )
 
 
-def build_listeners(settings: VaultSettings, service: VaultService | None = None) -> list[Listener]:
+def build_forwarder(settings: VaultSettings, service: VaultService) -> Forwarder:
+    """The forwarding path, with the allowlist read once, now. An invalid file stops
+    start-up; no file means an empty allowlist (every URL refused)."""
+    path = settings.forwarding.allowlist_file
+    if path is None:
+        allowlist = Allowlist((), hashlib.sha256(b"").hexdigest(), Path("/dev/null"))
+        _log.warning("forwarding allowlist: none configured; every forward will be refused")
+    else:
+        allowlist = load_allowlist(path)
+        _log.info(
+            "forwarding allowlist loaded",
+            path=str(path),
+            sha256=allowlist.sha256,
+            destinations=[d.name for d in allowlist.destinations],
+        )
+    return Forwarder(service, allowlist, OutboundClient())
+
+
+def build_listeners(
+    settings: VaultSettings,
+    service: VaultService | None = None,
+    forwarder: Forwarder | None = None,
+) -> list[Listener]:
     """The vault's listeners, ready to serve. Raises ConfigurationError on bad settings."""
     srv = settings.server
     public_port = srv.public_port or srv.port
@@ -98,6 +129,14 @@ def build_listeners(settings: VaultSettings, service: VaultService | None = None
             publishable_limits=RateLimiter(lim.publishable_rate, lim.publishable_burst),
             idempotency_ttl=lim.idempotency_ttl,
         )
+        if forwarder is not None:
+            routes += forwarding_routes(
+                service,
+                forwarder,
+                secret_limits=RateLimiter(lim.secret_rate, lim.secret_burst),
+                publishable_limits=RateLimiter(lim.publishable_rate, lim.publishable_burst),
+                idempotency_ttl=lim.idempotency_ttl,
+            )
     listeners = [
         Listener(
             "public",
@@ -164,7 +203,8 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
             "payment API disabled: store.url and keyservice.* are not set; "
             "only /healthz and the transport endpoints are served"
         )
-    listeners = build_listeners(settings, service)
+    forwarder = build_forwarder(settings, service) if service is not None else None
+    listeners = build_listeners(settings, service, forwarder)
     _log.info("vault starting", profile=settings.profile, listeners=[lst.name for lst in listeners])
     tasks: list[asyncio.Task[None]] = []
 
@@ -176,6 +216,8 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
     async def shutdown() -> None:
         for task in tasks:
             task.cancel()
+        if forwarder is not None:
+            await forwarder.outbound.close()
         if service is not None:
             service.keys.wipe()
             await service.keys.keys.close()

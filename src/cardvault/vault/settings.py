@@ -74,6 +74,14 @@ class LimitSettings:
 
 
 @dataclasses.dataclass
+class ForwardingSettings:
+    #: The allowlist file (TOML), read once at start-up; no file means no destination.
+    allowlist_file: Path | None = None
+    #: Days a forwarding request (redacted) is kept before it is purged.
+    retention_days: int = 30
+
+
+@dataclasses.dataclass
 class VaultSettings:
     #: "production" (the default) or "development", which announces itself at start-up.
     profile: Profile = "production"
@@ -87,5 +95,6 @@ class VaultSettings:
     )
     datakeys: DataKeySettings = dataclasses.field(default_factory=DataKeySettings)
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
+    forwarding: ForwardingSettings = dataclasses.field(default_factory=ForwardingSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""
