@@ -48,11 +48,12 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ports = {name: free_port() for name in ("vault", "redirect", "keyservice", "admin")}
+    ports = {name: free_port() for name in ("vault", "redirect", "keyservice", "admin", "acquirer")}
     args = [
         sys.executable, "-m", "cardvault", "up", "--state", str(state),
         "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),
         "--keyservice-port", str(ports["keyservice"]), "--admin-port", str(ports["admin"]),
+        "--acquirer-port", str(ports["acquirer"]),
     ]  # fmt: skip
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(args, stdout=log, stderr=log)
@@ -60,7 +61,11 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
         wait_for(state / "stack.json", proc)
         stack = json.loads((state / "stack.json").read_text())
         children = pids_of_children(proc.pid)
-        assert len(children) == 2  # key service and vault
+        assert len(children) == 3  # key service, vault, simulated acquirer
+        assert (
+            stack["acquirer"]["forward_url"]
+            == f"https://localhost:{ports['acquirer']}/v1/authorizations"
+        )
 
         # Every zone's files are private to it.
         for path in state.rglob("*"):
@@ -79,6 +84,23 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
                  "card[exp_year]": "2031", "card[cvc]": "314"},
             )  # fmt: skip
             assert pm["card"]["last4"] == "4242"
+            fwd = vault.post(
+                "/v1/forwarding/requests",
+                {
+                    "payment_method": pm["id"],
+                    "url": stack["acquirer"]["forward_url"],
+                    "replacements[0]": "card_number",
+                    "replacements[1]": "card_expiry",
+                    "replacements[2]": "card_cvc",
+                    "request[headers][0][name]": "Content-Type",
+                    "request[headers][0][value]": "application/json",
+                    "request[body]": '{"amount": 1000, "currency": "usd", "card": {}}',
+                },
+            )
+            assert fwd["response_details"]["status"] == 200
+            assert '"approved"' in fwd["response_details"]["body"]
+        received = Path(stack["acquirer"]["state"]) / "received.jsonl"
+        assert "4242424242424242" in received.read_text()  # the acquirer got the real card
 
         # The shop's certificate is refused by the key service.
         shop = stack["identities"]["shop"]

@@ -40,8 +40,20 @@ def _issue_once(ca: Any, name: str, out_dir: Path, **kwargs: Any) -> None:
         ca.issue(name, out_dir=out_dir, **kwargs)
 
 
+def acquirer_entry() -> Path | None:
+    """The simulated acquirer's entry point, when cardvault runs from its repository."""
+    entry = Path(__file__).resolve().parents[3] / "examples" / "acquirer" / "__main__.py"
+    return entry if entry.exists() else None
+
+
 def prepare(
-    state: Path, *, vault_port: int, redirect_port: int, admin_port: int, keyservice_port: int
+    state: Path,
+    *,
+    vault_port: int,
+    redirect_port: int,
+    admin_port: int,
+    keyservice_port: int,
+    acquirer_port: int = 8445,
 ) -> dict[str, Any]:
     """Create (or reuse) certificates, configuration and the demo account under ``state``.
 
@@ -72,6 +84,27 @@ def prepare(
     vdir = _zone_dir(state, "vault")
     _issue_once(ca, "vault", vdir, client_identity="vault", **local)
     write_private(vdir / CA_CERT_FILE, ca_pem)
+    forward_url = f"https://localhost:{acquirer_port}/v1/authorizations"
+    write_private(
+        vdir / "allowlist.toml",
+        (
+            "# The local stack's forwarding allowlist: only the simulated acquirer.\n"
+            "[[destination]]\n"
+            'name = "acquirer"\n'
+            f'url = "{forward_url}"\n'
+            'methods = ["POST"]\n'
+            'replacements = ["card_number", "card_expiry", "card_cvc", "cardholder_name"]\n'
+            'accounts = ["*"]\n'
+            f'ca_file = "{vdir / CA_CERT_FILE}"\n'
+            "[destination.placements]\n"
+            'card_number = { json = "/card/number" }\n'
+            'card_expiry = { json_month = "/card/exp_month", json_year = "/card/exp_year" }\n'
+            'card_cvc = { json = "/card/cvc" }\n'
+            'cardholder_name = { json = "/card/name" }\n'
+        ).encode(),
+    )
+    adir = _zone_dir(state, "acquirer")
+    _issue_once(ca, "acquirer", adir, **local)
     write_private(
         vdir / "vault.toml",
         (
@@ -83,7 +116,8 @@ def prepare(
             f'[store]\nurl = "sqlite:///{vdir / "vault.db"}"\n\n'
             f'[keyservice]\nurl = "https://localhost:{keyservice_port}"\n'
             f'ca_file = "{vdir / CA_CERT_FILE}"\ncert_file = "{vdir / "vault.pem"}"\n'
-            f'key_file = "{vdir / "vault.key"}"\n'
+            f'key_file = "{vdir / "vault.key"}"\n\n'
+            f'[forwarding]\nallowlist_file = "{vdir / "allowlist.toml"}"\n'
         ).encode(),
     )
 
@@ -103,6 +137,14 @@ def prepare(
             "admin_url": f"https://localhost:{admin_port}",
             "config": str(vdir / "vault.toml"),
             "log": str(vdir / "vault.log"),
+        },
+        "acquirer": {
+            "url": f"https://localhost:{acquirer_port}",
+            "forward_url": forward_url,
+            "state": str(adir / "state"),
+            "cert": str(adir / "acquirer.pem"),
+            "key": str(adir / "acquirer.key"),
+            "log": str(adir / "acquirer.log"),
         },
         "keyservice": {
             "url": f"https://localhost:{keyservice_port}",
@@ -146,6 +188,17 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
     keys = asyncio.run(go())
     write_private(path, json.dumps(keys).encode())
     return keys
+
+
+def _spawn_script(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    os.chmod(log_path, 0o600)
+    try:
+        return subprocess.Popen(
+            [sys.executable, *args], stdout=log, stderr=log, start_new_session=True
+        )
+    finally:
+        log.close()
 
 
 def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
@@ -198,11 +251,14 @@ def up(
         int, typer.Option(help="The vault's HTTP port (redirects only).")
     ] = 8080,
     keyservice_port: Annotated[int, typer.Option(help="The key service's port (mTLS).")] = 8444,
+    acquirer_port: Annotated[int, typer.Option(help="The simulated acquirer's port.")] = 8445,
     admin_port: Annotated[int, typer.Option(help="The vault's admin API port (mTLS).")] = 8447,
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C."""
     state = state.resolve()
-    for port in (vault_port, redirect_port, keyservice_port, admin_port):
+    entry = acquirer_entry()
+    ports = [vault_port, redirect_port, keyservice_port, admin_port]
+    for port in ports + ([acquirer_port] if entry else []):
         _check_port_free(port)
     info = prepare(
         state,
@@ -210,6 +266,7 @@ def up(
         redirect_port=redirect_port,
         admin_port=admin_port,
         keyservice_port=keyservice_port,
+        acquirer_port=acquirer_port,
     )
     err.print(
         "[bold yellow]DEVELOPMENT STACK[/] — local certificates, a key service that unseals "
@@ -240,17 +297,38 @@ def up(
         procs.append(_spawn(["keyservice", "serve", "--config", ks["config"]], ks["log"]))
         info["keys"] = _demo_keys(state, vault["config"])
         procs.append(_spawn(["vault", "serve", "--config", vault["config"]], vault["log"]))
+        acq = info["acquirer"]
+        if entry is not None:
+            procs.append(
+                _spawn_script(
+                    [
+                        str(entry), "--host", "127.0.0.1", "--port", str(acquirer_port),
+                        "--cert", acq["cert"], "--key", acq["key"], "--state", acq["state"],
+                    ],
+                    acq["log"],
+                )
+            )  # fmt: skip
+        else:
+            err.print(
+                "[yellow]examples/acquirer not found: running without the simulated acquirer[/]"
+            )
         identity = info["identities"]["admin"]
         deadline = time.monotonic() + 30
         _wait_healthy(
             ks["url"], info["ca_bundle"], procs[0], deadline, (identity["cert"], identity["key"])
         )
         _wait_healthy(vault["url"], info["ca_bundle"], procs[1], deadline)
+        if entry is not None:
+            _wait_healthy(acq["url"], info["ca_bundle"], procs[2], deadline)
         write_private(stack_file, json.dumps(info, indent=2).encode())
         out.print(f"vault        {vault['url']}  (Stripe-compatible API, /healthz)")
         out.print(f"redirect     {vault['redirect_url']}  (answers only with a redirect to HTTPS)")
         out.print(f"admin API    {vault['admin_url']}  (mutual TLS, identity 'admin')")
         out.print(f"key service  {ks['url']}  (mutual TLS: identities 'vault' and 'admin')")
+        if entry is not None:
+            out.print(
+                f"acquirer     {acq['url']}  (simulated; the allowlisted {acq['forward_url']})"
+            )
         out.print(f"CA bundle    {info['ca_bundle']}")
         out.print(
             f"test keys    {info['keys']['publishable']}  /  {info['keys']['secret']}",
