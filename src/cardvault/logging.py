@@ -120,15 +120,16 @@ def configure_logging(
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
 
     structlog.configure(
+        # The scrubber runs once, in the formatter below, which every record passes
+        # through, structlog's and the standard library's alike.
         processors=[
             structlog.stdlib.filter_by_level,
             *shared,
-            scrub_card_data,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -23,7 +23,9 @@ PAN_MAX_DIGITS = 19
 
 # A run of ASCII digits where single spaces or dashes may separate digits. [0-9], not \d:
 # \d also matches other scripts' digits, which are never part of a card number.
-_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9](?:[ \-]?[0-9])+(?![0-9])")
+# Only runs long enough to be a card number are matched at all: shorter ones (times,
+# amounts) are the common case in logs and need no Luhn check.
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9](?:[ \-]?[0-9]){12,}(?![0-9])")
 _SEPARATORS = str.maketrans("", "", " -")
 
 
@@ -69,8 +71,8 @@ def redact_card_numbers(text: str, replacement: str = "[REDACTED CARD NUMBER]") 
     if len(text) < PAN_MIN_DIGITS:
         return text
     return _DIGIT_RUN.sub(
-        lambda m: replacement
-        if _run_holds_card_number(m.group().translate(_SEPARATORS))
-        else m.group(),
+        lambda m: (
+            replacement if _run_holds_card_number(m.group().translate(_SEPARATORS)) else m.group()
+        ),
         text,
     )

@@ -9,8 +9,9 @@
 * **Fingerprints**: the per-account key (HKDF of the ``fingerprint`` KEK in the key
   service) is cached the same way.
 
-With the defaults (20,000 uses) the key service sees at most one ``datakey`` call per
-20,000 tokenizations, inside the "one round trip per 10,000" target.
+With the defaults (20,000 uses per key) the key service sees one ``datakey`` call per
+20,000 tokenizations for card numbers, and one more per 20,000 CVCs: at most one round
+trip per 10,000 tokenizations, the target.
 """
 
 from __future__ import annotations
