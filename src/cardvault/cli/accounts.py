@@ -57,17 +57,49 @@ def _with_service(config: Path | None, work: Callable[[Any], Awaitable[T]]) -> T
         raise typer.Exit(1) from None
 
 
+OriginOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-origin",
+        "--origin",
+        help="An https origin (https://host[:port]) whose pages may frame the card "
+        "element. Repeatable.",
+    ),
+]
+
+
+def _origins(values: list[str] | None) -> list[str]:
+    """The normalized origins, duplicates dropped, or exit 2 naming the bad one."""
+    from cardvault.vault.element import normalize_origin
+
+    out: list[str] = []
+    for value in values or []:
+        try:
+            origin = normalize_origin(value)
+        except ValueError as exc:
+            err.print(f"[red]invalid origin[/] {value!r}: {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        if origin not in out:
+            out.append(origin)
+    return out
+
+
 @accounts_app.command("create")
 def create_account(
     config: ConfigOpt = None,
     name: Annotated[str, typer.Option(help="A name for people.")] = "",
     live: Annotated[bool, typer.Option("--live", help="Also create live-mode keys.")] = False,
+    allowed_origin: OriginOpt = None,
 ) -> None:
     """Create an account with test-mode keys (and live-mode keys with --live)."""
+    origins = _origins(allowed_origin)
 
     async def work(service: Any) -> list[tuple[str, str]]:
         account = await service.create_account(name)
         shown = [("account", account.id)]
+        if origins:
+            await service.store.set_allowed_origins(account.id, origins)
+            shown.append(("allowed origins", " ".join(origins)))
         modes: list[Literal["test", "live"]] = ["test", "live"] if live else ["test"]
         for mode in modes:
             for kind in ("publishable", "secret"):
@@ -78,6 +110,31 @@ def create_account(
     for label, value in _with_service(config, work):
         out.print(f"{label:22} {value}", highlight=False)
     out.print("[bold]Keys are shown once and stored only as hashes. Keep them now.[/]")
+
+
+@accounts_app.command("set-origins")
+def set_origins(
+    account: Annotated[str, typer.Argument(help="The account id (acct_…).")],
+    config: ConfigOpt = None,
+    origin: OriginOpt = None,
+) -> None:
+    """Replace the origins whose pages may frame the account's card element.
+
+    With no --origin, no page may frame it any more. Takes effect on the next frame load.
+    """
+    origins = _origins(origin)
+
+    async def work(service: Any) -> bool:
+        done: bool = await service.store.set_allowed_origins(account, origins)
+        return done
+
+    if not _with_service(config, work):
+        err.print("[red]no such account[/]")
+        raise typer.Exit(1)
+    if origins:
+        out.print(f"{account} allowed origins: {' '.join(origins)}", highlight=False)
+    else:
+        out.print(f"{account} allowed origins: none (no page may frame its card element)")
 
 
 @keys_app.command("create")

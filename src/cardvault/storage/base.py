@@ -14,6 +14,7 @@ Methods are single operations; compositions live in the vault's service.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -40,7 +41,7 @@ class Account:
     id: str  # acct_…
     name: str
     created: int  # unix seconds
-    #: Origins allowed to frame the card element for this account (later issue).
+    #: Origins (``https://host[:port]``) whose pages may frame this account's card element.
     allowed_origins: tuple[str, ...] = ()
 
 
@@ -133,6 +134,11 @@ class VaultStore(Protocol):
         """Raises DuplicateError if the id exists."""
 
     async def get_account(self, account_id: str) -> Account | None: ...
+
+    async def set_allowed_origins(self, account_id: str, origins: Sequence[str]) -> bool:
+        """Replace the origins allowed to frame the account's card element with
+        ``origins`` (already normalized by the caller; stored in this order). False if
+        there is no such account."""
 
     async def create_api_key(self, key: ApiKey) -> None:
         """Raises DuplicateError if the id or hash exists."""

@@ -18,7 +18,9 @@ VACUUM reclaims the space; the database's storage is expected to be encrypted at
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from cardvault.storage.base import (
@@ -161,6 +163,15 @@ class PostgresVaultStore:
         pool = await self._get_pool()
         row = await pool.fetchrow(f"{_SELECT_ACCOUNT} WHERE id = $1", account_id)
         return None if row is None else account_from_row(row)
+
+    async def set_allowed_origins(self, account_id: str, origins: Sequence[str]) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(
+            "UPDATE accounts SET allowed_origins = $1 WHERE id = $2",
+            json.dumps(list(origins), separators=(",", ":"), ensure_ascii=False),
+            account_id,
+        )
+        return _count(status) == 1
 
     async def create_api_key(self, key: ApiKey) -> None:
         await self._insert(_INSERT_API_KEY, api_key_params(key), "an API key")

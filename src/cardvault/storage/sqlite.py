@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,6 +449,17 @@ class SQLiteVaultStore:
             return None if row is None else account_from_row(row)
 
         return await self._read(op)
+
+    async def set_allowed_origins(self, account_id: str, origins: Sequence[str]) -> bool:
+        encoded = json.dumps(list(origins), separators=(",", ":"), ensure_ascii=False)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE accounts SET allowed_origins = ? WHERE id = ?", (encoded, account_id)
+            )
+            return cur.rowcount == 1
+
+        return await self._write(op)
 
     async def create_api_key(self, key: ApiKey) -> None:
         params = api_key_params(key)
