@@ -1,0 +1,40 @@
+"""The audit log's own exceptions.
+
+These are library exceptions, not leaves of :mod:`cardvault.errors`: a service catches
+:class:`AuditUnavailable` at its boundary and answers ``503`` with
+``raise ServiceUnavailable() from exc``, so the cause stays in the service's log.
+
+::
+
+    AuditError
+    ├── AuditUnavailable    a record could not be made durable; refuse the operation
+    └── AuditCorrupt        the log on disk does not continue a valid chain; refuse to start
+
+A record that would hold card data or key material is a programming error and raises
+:class:`ValueError` before anything is written.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AuditCorrupt", "AuditError", "AuditUnavailable"]
+
+
+class AuditError(Exception):
+    """Base of the audit log's exceptions."""
+
+
+class AuditUnavailable(AuditError):
+    """The record was not written (disk full, I/O error, log closed or broken).
+
+    The operation it describes must be refused: nothing may happen that the audit log
+    does not hold.
+    """
+
+
+class AuditCorrupt(AuditError):
+    """The log (or its ``audit.head``) is not a valid chain where the service must continue it.
+
+    Raised when the log is opened, so that a service refuses to start rather than fork
+    the chain from a damaged or tampered tail. Run ``cardvault audit verify`` to find the
+    first bad record.
+    """

@@ -1,0 +1,552 @@
+"""The audit log writer: an append-only, hash-chained, signed JSON-lines file.
+
+Files, all in the service's own state directory:
+
+``audit.jsonl``  the log (mode 0600), one record per line (see :mod:`.record`).
+``audit.key``    the Ed25519 signing key (mode 0600), made on first use.
+``audit.pub``    its public key (PEM), to be published and kept with shipped logs.
+``audit.head``   a copy of the newest checkpoint record, replaced atomically after each
+                 checkpoint, so that a log cut short after its last checkpoint is noticed.
+
+Durability, and why it is what "fail closed" rests on: :meth:`AuditLog.append` returns
+only after the record's line is written and ``fsync``-ed. A service performs a sensitive
+operation only after the append returned; when the append raises
+:class:`AuditUnavailable`, the service refuses the operation. So nothing happens that
+the log does not hold.
+
+Group commit: one writer thread owns the file. ``append`` validates the entry, puts it
+on a queue and awaits a future. The writer takes every entry waiting (up to
+``max_batch``), chains them, writes them with one ``write`` and one ``fsync``, and only
+then settles the futures. Concurrent requests thus share an fsync; a lone request waits
+for no one. :attr:`AuditLog.fsyncs` counts the commits.
+
+Failure: when a write or fsync fails, the file is cut back to its last durable length
+and every entry of the batch fails with :class:`AuditUnavailable` (nothing partial stays;
+the chain continues from the last durable record). If even that cut fails, the log is
+*broken*: every later append fails until the service is restarted, and the restart
+refuses to continue a damaged tail (:class:`AuditCorrupt`).
+
+Checkpoints: after every ``checkpoint_every`` records, after ``checkpoint_interval``
+seconds with unsigned records, and on :meth:`AuditLog.close`, the writer appends an
+``audit.checkpoint`` record whose detail holds ``head`` (the hash of the record before
+it), ``seq`` (that record's number), ``signature`` and ``key_id`` (see
+:mod:`.signing`). The checkpoint is itself part of the chain.
+
+Re-opening: the log reads its last two lines, checks their hashes and their link, checks
+that ``audit.head`` does not name a record beyond the end, and continues the chain from
+there. A partial or altered tail raises :class:`AuditCorrupt`: the service must not
+start and fork the chain. (Only the tail is checked, to keep start-up fast; run
+``cardvault audit verify`` for the whole log.) The file is locked (``flock``) while open,
+so two processes cannot write one log.
+
+A caller cancelled while its entry is queued cannot tell whether it was written: it may
+still be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Final
+
+import structlog
+
+from cardvault.audit._files import fsync_dir, read_last_lines, replace_private
+from cardvault.audit.errors import AuditCorrupt, AuditUnavailable
+from cardvault.audit.record import (
+    CHECKPOINT_ACTION,
+    GENESIS,
+    AuditRecord,
+    DetailValue,
+    RecordInvalid,
+    check_entry,
+    format_time,
+)
+from cardvault.audit.signing import (
+    ensure_public_key,
+    key_id,
+    load_or_create_signing_key,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "CHECKPOINT_INTERVAL",
+    "HEAD_FILE",
+    "LOG_FILE",
+    "MAX_BATCH",
+    "AuditLog",
+]
+
+LOG_FILE: Final = "audit.jsonl"
+HEAD_FILE: Final = "audit.head"
+#: Records between two checkpoints, at most.
+CHECKPOINT_EVERY: Final = 1000
+#: Seconds an unsigned record waits, at most, for a checkpoint. This bounds what a crash
+#: can leave unsigned: records after the last checkpoint can be cut off undetected.
+CHECKPOINT_INTERVAL: Final = 60.0
+#: Most records one fsync carries.
+MAX_BATCH: Final = 1024
+#: The actor of the checkpoint records the log writes itself.
+CHECKPOINT_ACTOR: Final = "audit"
+
+_EMPTY: Mapping[str, DetailValue] = MappingProxyType({})
+_log = structlog.get_logger("cardvault.audit")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    time: str
+    actor: str
+    origin: str | None
+    action: str
+    object_id: str | None
+    result: str
+    request_id: str | None
+    detail: Mapping[str, DetailValue]
+
+
+@dataclass(slots=True)
+class _Pending:
+    entry: _Entry
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[AuditRecord]
+
+
+class _AppendFile:
+    """The log's file descriptor: append all bytes and fsync, or cut back."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _settle(future: asyncio.Future[AuditRecord], outcome: AuditRecord | BaseException) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class AuditLog:
+    """The audit log of one service, kept in ``directory`` (its state directory).
+
+    Opening reads the tail and may raise :class:`AuditCorrupt` (the tail or
+    ``audit.head`` is not a valid continuation) or :class:`AuditUnavailable` (the files
+    cannot be opened or another process holds the log). Use ``await AuditLog.open(...)``
+    from async code to do this off the event loop, and close with ``await log.close()``
+    (or ``async with``), which writes a final checkpoint.
+
+    ``clock`` returns the time written in records (an aware ``datetime``); tests inject it.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        max_batch: int = MAX_BATCH,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        if checkpoint_every < 1 or max_batch < 1 or not checkpoint_interval > 0:
+            raise ValueError("checkpoint_every, max_batch and checkpoint_interval must be > 0")
+        self.directory = Path(directory)
+        self.path = self.directory / LOG_FILE
+        self.head_path = self.directory / HEAD_FILE
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval
+        self._max_batch = max_batch
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._fsyncs = 0
+        self._records = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._key = load_or_create_signing_key(self.directory)
+            self.public_key_path = ensure_public_key(self.directory, self._key)
+        except OSError as exc:
+            raise AuditUnavailable("the audit signing key cannot be read or created") from exc
+        self.key_id = key_id(self._key.public_key())
+        self._file = self._open_file()
+        try:
+            self._seq, self._prev, self._size, last_is_checkpoint = self._read_tail()
+        except BaseException:
+            self._file.close()
+            raise
+        # After a crash the count of unsigned records is unknown; "at least one" makes
+        # the timer sign them within checkpoint_interval.
+        self._since_checkpoint = 0 if last_is_checkpoint or self._seq == 0 else 1
+        self._last_checkpoint = time.monotonic()
+        self._writer = threading.Thread(
+            target=self._writer_main, name="cardvault-audit-writer", daemon=True
+        )
+        self._writer.start()
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        *,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        max_batch: int = MAX_BATCH,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> AuditLog:
+        """Open (see the class docstring) without blocking the event loop."""
+        return await asyncio.to_thread(
+            cls,
+            directory,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval=checkpoint_interval,
+            max_batch=max_batch,
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r}, seq={self._seq})"
+
+    # -- public API ----------------------------------------------------------------------
+
+    @property
+    def fsyncs(self) -> int:
+        """Commits (one ``write`` + ``fsync`` each) so far, for metrics and tests."""
+        return self._fsyncs
+
+    @property
+    def records_written(self) -> int:
+        """Records made durable since opening, checkpoints included."""
+        return self._records
+
+    @property
+    def seq(self) -> int:
+        """The number of the last durable record (0 for an empty log)."""
+        return self._seq
+
+    async def append(
+        self,
+        action: str,
+        *,
+        actor: str,
+        origin: str | None,
+        object_id: str | None,
+        result: str,
+        request_id: str | None,
+        detail: Mapping[str, DetailValue] = _EMPTY,
+    ) -> AuditRecord:
+        """Append one record and return it once it is durable.
+
+        ``action``: what was done, a dotted lower-case name (``keyservice.datakey.unwrap``).
+        ``actor``: who (an API key id, or a client certificate's identity).
+        ``origin``: the peer address. ``object_id``: what it was done to.
+        ``result``: ``ok``, ``denied``, ``error`` or an error code. ``request_id``: the
+        request's id. ``detail``: a few more facts (str, int, bool or None values).
+
+        Raises :class:`ValueError` (before anything is written) when a value holds card
+        data or key material or is malformed (see :mod:`.record`), and
+        :class:`AuditUnavailable` when the record could not be made durable: the caller
+        must then refuse the operation.
+        """
+        check_entry(
+            action=action,
+            actor=actor,
+            origin=origin,
+            object_id=object_id,
+            result=result,
+            request_id=request_id,
+            detail=detail,
+        )
+        entry = _Entry(
+            format_time(self._clock()),
+            actor,
+            origin,
+            action,
+            object_id,
+            result,
+            request_id,
+            MappingProxyType(dict(detail)),
+        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AuditRecord] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            if self._broken is not None:
+                raise AuditUnavailable("the audit log failed and cannot be written") from (
+                    self._broken
+                )
+            # Under the lock, so that nothing is queued behind close()'s stop marker.
+            self._queue.put(_Pending(entry, loop, future))
+        return await future
+
+    async def close(self) -> None:
+        """Write what is queued, sign the head (a final checkpoint), and close. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        await asyncio.to_thread(self._writer.join)
+        self._file.close()
+
+    async def __aenter__(self) -> AuditLog:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_file(self) -> _AppendFile:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            existed = self.path.exists()
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            raise AuditUnavailable("the audit log cannot be opened for writing") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise AuditUnavailable("another process has this audit log open") from exc
+        if not existed:
+            try:
+                os.fchmod(fd, 0o600)
+                fsync_dir(self.directory)
+            except OSError as exc:
+                os.close(fd)
+                raise AuditUnavailable("the audit log cannot be created") from exc
+        return _AppendFile(fd)
+
+    def _read_tail(self) -> tuple[int, str, int, bool]:
+        """(last seq, last hash, file size, last record is a checkpoint), or raise."""
+        try:
+            size = self.path.stat().st_size
+            lines, complete = read_last_lines(self.path, 2) if size else ([], True)
+            head_line = self.head_path.read_bytes() if self.head_path.exists() else None
+        except OSError as exc:
+            raise AuditUnavailable("the audit log cannot be read") from exc
+        if not complete:
+            raise AuditCorrupt(
+                f"{self.path} ends in a partial record (a crash during a write, or an edit); "
+                "run `cardvault audit verify` and repair it before starting"
+            )
+        try:
+            records = [AuditRecord.from_line(line) for line in lines]
+            head = AuditRecord.from_line(head_line) if head_line is not None else None
+        except RecordInvalid as exc:
+            raise AuditCorrupt(f"the tail of {self.path} or {self.head_path} is invalid") from exc
+        if not records:
+            if head is not None:
+                raise AuditCorrupt(f"{self.path} is empty but {self.head_path} names a record")
+            return 0, GENESIS, 0, False
+        last = records[-1]
+        if len(records) == 2:
+            before = records[0]
+            linked = last.seq == before.seq + 1 and last.prev == before.hash
+        else:
+            linked = last.seq == 1 and last.prev == GENESIS
+        if not linked:
+            raise AuditCorrupt(f"the last two records of {self.path} are not chained")
+        if last.is_checkpoint and not self._checkpoint_ok(last):
+            raise AuditCorrupt(f"the last checkpoint of {self.path} does not verify")
+        if head is not None:
+            if not head.is_checkpoint or not self._checkpoint_ok(head):
+                raise AuditCorrupt(f"{self.head_path} is not a valid checkpoint of this log")
+            by_seq = {r.seq: r for r in records}
+            if head.seq > last.seq:
+                raise AuditCorrupt(
+                    f"{self.path} ends at record {last.seq} but its signed head is record "
+                    f"{head.seq}: records were cut off"
+                )
+            if head.seq in by_seq and by_seq[head.seq].hash != head.hash:
+                raise AuditCorrupt(f"{self.head_path} does not match {self.path}")
+        return last.seq, last.hash, size, last.is_checkpoint
+
+    def _checkpoint_ok(self, record: AuditRecord) -> bool:
+        head, seq, sig = (record.detail.get(k) for k in ("head", "seq", "signature"))
+        return (
+            isinstance(head, str)
+            and isinstance(seq, int)
+            and isinstance(sig, str)
+            and head == record.prev
+            and seq == record.seq - 1
+            and verify_checkpoint(self._key.public_key(), head, seq, sig)
+        )
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        stop = False
+        while not stop:
+            timeout: float | None = None
+            if self._since_checkpoint and self._broken is None:
+                timeout = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._commit([], checkpoint=True)
+                # Also after a failed attempt: retry in one interval, not in a tight loop.
+                self._last_checkpoint = time.monotonic()
+                continue
+            batch: list[_Pending] = []
+            while True:
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+                if len(batch) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._commit(batch, checkpoint=stop)
+
+    def _checkpoint(self, seq: int, head: str) -> AuditRecord:
+        detail: dict[str, DetailValue] = {
+            "head": head,
+            "seq": seq,
+            "signature": sign_checkpoint(self._key, head, seq),
+            "key_id": self.key_id,
+        }
+        return AuditRecord.seal(
+            seq=seq + 1,
+            time=format_time(self._clock()),
+            actor=CHECKPOINT_ACTOR,
+            origin=None,
+            action=CHECKPOINT_ACTION,
+            object_id=None,
+            result="ok",
+            request_id=None,
+            detail=detail,
+            prev=head,
+        )
+
+    def _commit(self, batch: list[_Pending], *, checkpoint: bool) -> None:
+        """Chain, write and fsync ``batch`` (plus checkpoints), then settle its futures."""
+        if self._broken is not None:
+            self._fail(batch, "the audit log failed and cannot be written", self._broken)
+            return
+        try:
+            seq, prev, since = self._seq, self._prev, self._since_checkpoint
+            made: list[tuple[_Pending | None, AuditRecord]] = []
+            last_checkpoint: AuditRecord | None = None
+            for pending in batch:
+                e = pending.entry
+                record = AuditRecord.seal(
+                    seq=seq + 1,
+                    time=e.time,
+                    actor=e.actor,
+                    origin=e.origin,
+                    action=e.action,
+                    object_id=e.object_id,
+                    result=e.result,
+                    request_id=e.request_id,
+                    detail=e.detail,
+                    prev=prev,
+                )
+                made.append((pending, record))
+                seq, prev, since = record.seq, record.hash, since + 1
+                if since >= self._every:
+                    last_checkpoint = self._checkpoint(seq, prev)
+                    made.append((None, last_checkpoint))
+                    seq, prev, since = last_checkpoint.seq, last_checkpoint.hash, 0
+            if checkpoint and since:
+                last_checkpoint = self._checkpoint(seq, prev)
+                made.append((None, last_checkpoint))
+                seq, prev, since = last_checkpoint.seq, last_checkpoint.hash, 0
+            if not made:
+                return
+            data = b"".join(record.line() for _, record in made)
+        except Exception as exc:  # a bug: never leave a caller waiting forever
+            self._broken = exc
+            self._fail(batch, "the audit record could not be made", exc)
+            return
+
+        try:
+            self._file.write(data)
+            self._file.sync()
+        except OSError as exc:
+            self._rollback(exc)
+            self._fail(batch, "the audit record could not be written", exc)
+            return
+
+        self._seq, self._prev, self._since_checkpoint = seq, prev, since
+        self._size += len(data)
+        self._fsyncs += 1
+        self._records += len(made)
+        if last_checkpoint is not None:
+            self._last_checkpoint = time.monotonic()
+            try:
+                replace_private(self.head_path, last_checkpoint.line())
+            except OSError as exc:
+                # The records are durable, so their callers succeed; but without a
+                # current audit.head a cut-off log could pass verification, so refuse
+                # every later append (fail closed) until an operator looks.
+                self._broken = exc
+                _log.error("audit_head_write_failed", path=str(self.head_path), error=str(exc))
+        for owner, record in made:
+            if owner is not None:
+                self._deliver(owner, record)
+
+    def _rollback(self, cause: OSError) -> None:
+        """Cut the file back to its last durable length, or mark the log broken."""
+        try:
+            self._file.truncate(self._size)
+        except OSError as exc:
+            self._broken = exc
+            _log.error("audit_log_broken", path=str(self.path), error=str(exc))
+        else:
+            _log.error("audit_write_failed", path=str(self.path), error=str(cause))
+
+    def _fail(self, batch: list[_Pending], message: str, cause: BaseException | None) -> None:
+        for pending in batch:
+            # One exception per caller: a shared one would collect every traceback.
+            error = AuditUnavailable(message)
+            error.__cause__ = cause
+            self._deliver(pending, error)
+
+    @staticmethod
+    def _deliver(pending: _Pending, outcome: AuditRecord | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+            pending.loop.call_soon_threadsafe(_settle, pending.future, outcome)

@@ -1,0 +1,382 @@
+"""The audit record: its fields, its hash, its line on disk, and what it may hold.
+
+One record is one line of ``audit.jsonl``::
+
+    {"seq":12,"time":"2025-06-01T12:00:00.000000Z","actor":"spiffe://cardvault/vault",
+     "origin":"10.0.0.7","action":"keyservice.datakey.unwrap","object":"dk_1a2b",
+     "result":"ok","request_id":"req_x1","detail":{"kek_version":3},
+     "prev":"<64 hex>","hash":"<64 hex>"}
+
+(one line on disk; wrapped here). ``seq`` counts from 1 with no gap, so in an untouched
+log it equals the line number. ``prev`` is the ``hash`` of the record before (64 zeros
+for the first record). ``hash`` is the lower-case hex SHA-256 of the *canonical JSON* of
+the record without ``hash``: keys sorted, no spaces, ASCII only (``json.dumps(record,
+sort_keys=True, separators=(",", ":"), ensure_ascii=True)``). Values are strings,
+integers, booleans and ``null`` only, never floats, so the canonical form is exact.
+
+The line itself is the record with its keys in the order above (``detail`` sorted), with
+no spaces, ASCII only, and a newline. A reader must find exactly this text: a line that
+parses to the same record but is written differently was rewritten by someone else.
+
+What a record may hold (checked by :func:`check_entry` before anything is written; a
+violation raises :class:`ValueError`, since it is a programming error in the caller):
+
+* no card number: every string, and every integer written out, is searched with
+  :func:`cardvault.cards.find_card_numbers` (13–19 Luhn-valid digits, spaces or dashes
+  allowed);
+* nothing that looks like key material or a secret: a run of 40 or more hex digits, a run
+  of 40 or more base64/base64url characters mixing upper case, lower case and digits,
+  an API secret key (``sk_live_`` …), an unseal share (``cvshare1-``) or a PEM block.
+  Log a short key id or fingerprint (at most 39 characters) instead of a digest or key;
+* no ``detail`` key whose name says it holds card data or a secret (``cvc``, ``pan``,
+  ``number``, ``secret``, ``password``, ``share`` …), since a CVC cannot be recognised
+  by its shape;
+* plain text only: no control characters, at most :data:`MAX_TEXT` characters per value,
+  at most :data:`MAX_DETAIL` detail entries, ``action`` and ``result`` in lower-case
+  dotted identifier form (``vault.payment_method.create``, ``ok``, ``denied``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+from cardvault.cards.luhn import PAN_MIN_DIGITS, find_card_numbers
+
+__all__ = [
+    "CHECKPOINT_ACTION",
+    "FIELDS",
+    "GENESIS",
+    "MAX_DETAIL",
+    "MAX_TEXT",
+    "AuditRecord",
+    "DetailValue",
+    "RecordInvalid",
+    "canonical_json",
+    "check_entry",
+    "format_time",
+    "record_hash",
+]
+
+#: The ``prev`` of the first record.
+GENESIS: Final = "0" * 64
+#: The action of the signature records the log writes itself.
+CHECKPOINT_ACTION: Final = "audit.checkpoint"
+#: The keys of a record, in the order its line lists them.
+FIELDS: Final = (
+    "seq",
+    "time",
+    "actor",
+    "origin",
+    "action",
+    "object",
+    "result",
+    "request_id",
+    "detail",
+    "prev",
+    "hash",
+)
+#: Longest string value. Audit records name things; they do not carry payloads.
+MAX_TEXT: Final = 512
+#: Most entries in ``detail``.
+MAX_DETAIL: Final = 32
+
+DetailValue = str | int | bool | None
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+_ACTION = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*")
+_RESULT = re.compile(r"[a-z][a-z0-9_]*")
+_DETAIL_KEY = re.compile(r"[a-z][a-z0-9_]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Key material, by shape. A 128-bit key is 32 hex digits or 22 base64 characters, so
+# these miss short keys; they exist to catch the common mistake of logging a whole key,
+# token or digest. 40 characters leaves room for ids, key ids and short fingerprints.
+_HEX_RUN = re.compile(r"[0-9a-fA-F]{40,}")
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_=-]{40,}")
+_SECRET_MARKERS = re.compile(
+    r"(?:^|[^A-Za-z0-9])(?:sk|rk)_(?:live|test)_|cvshare1-|-----BEGIN|PRIVATE KEY", re.IGNORECASE
+)
+# Detail keys that name card data or secrets. A CVC is three digits and cannot be told
+# from any other number, so the name is all there is to refuse it by.
+_SENSITIVE_KEY_PARTS = frozenset(
+    {
+        "cvc",
+        "cvc2",
+        "cvv",
+        "cvv2",
+        "csc",
+        "cid",
+        "pan",
+        "number",
+        "track",
+        "pin",
+        "secret",
+        "password",
+        "passphrase",
+        "passwd",
+        "share",
+        "plaintext",
+        "private",
+        "material",
+        "token",
+    }
+)
+
+_EMPTY: Mapping[str, DetailValue] = MappingProxyType({})
+
+
+class RecordInvalid(ValueError):
+    """A line that is not a valid record. ``edited`` tells a hash mismatch from garbage."""
+
+    def __init__(self, message: str, *, edited: bool = False) -> None:
+        super().__init__(message)
+        self.edited = edited
+
+
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """The canonical JSON the hash is computed over (see module docstring)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def record_hash(fields: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of ``fields`` without ``hash``."""
+    body = {k: v for k, v in fields.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def format_time(moment: dt.datetime) -> str:
+    """``2025-06-01T12:00:00.000000Z`` for an aware ``datetime`` (converted to UTC)."""
+    if not isinstance(moment, dt.datetime) or moment.tzinfo is None:
+        raise ValueError("the audit clock must return an aware datetime")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One record of the chain, as written. ``object_id`` is the ``object`` field."""
+
+    seq: int
+    time: str
+    actor: str
+    origin: str | None
+    action: str
+    object_id: str | None
+    result: str
+    request_id: str | None
+    detail: Mapping[str, DetailValue]
+    prev: str
+    hash: str
+
+    @classmethod
+    def seal(
+        cls,
+        *,
+        seq: int,
+        time: str,
+        actor: str,
+        origin: str | None,
+        action: str,
+        object_id: str | None,
+        result: str,
+        request_id: str | None,
+        detail: Mapping[str, DetailValue],
+        prev: str,
+    ) -> AuditRecord:
+        """The record with these fields and its hash computed."""
+        frozen = MappingProxyType(dict(sorted(detail.items())))
+        fields: dict[str, Any] = {
+            "seq": seq,
+            "time": time,
+            "actor": actor,
+            "origin": origin,
+            "action": action,
+            "object": object_id,
+            "result": result,
+            "request_id": request_id,
+            "detail": dict(frozen),
+            "prev": prev,
+        }
+        return cls(
+            seq, time, actor, origin, action, object_id, result, request_id, frozen, prev,
+            record_hash(fields),
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON object, keys in :data:`FIELDS` order."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "actor": self.actor,
+            "origin": self.origin,
+            "action": self.action,
+            "object": self.object_id,
+            "result": self.result,
+            "request_id": self.request_id,
+            "detail": dict(sorted(self.detail.items())),
+            "prev": self.prev,
+            "hash": self.hash,
+        }
+
+    def line(self) -> bytes:
+        """The record's line in the log, newline included."""
+        text = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
+        return text.encode("ascii") + b"\n"
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.action == CHECKPOINT_ACTION
+
+    @classmethod
+    def from_line(cls, raw: bytes) -> AuditRecord:
+        """Parse and check one line (with or without its newline).
+
+        Raises :class:`RecordInvalid`: with ``edited=True`` when the line is a
+        well-formed record whose hash does not match its content or whose text is not
+        the one the log writes; with ``edited=False`` when it is not a record at all.
+        """
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        try:
+            value = json.loads(body, object_pairs_hook=_no_duplicates)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecordInvalid("not a JSON object") from exc
+        record = cls._from_value(value)
+        if record_hash(record.to_dict()) != record.hash:
+            raise RecordInvalid("the record's content does not match its hash", edited=True)
+        if record.line()[:-1] != body:
+            raise RecordInvalid(
+                "the record's text is not the text the log writes (it was rewritten)",
+                edited=True,
+            )
+        return record
+
+    @classmethod
+    def _from_value(cls, value: object) -> AuditRecord:
+        if not isinstance(value, dict) or tuple(sorted(value)) != tuple(sorted(FIELDS)):
+            raise RecordInvalid("not a record: wrong fields")
+        seq, detail = value["seq"], value["detail"]
+        if not _is_int(seq) or seq < 1:
+            raise RecordInvalid("not a record: bad seq")
+        for name in ("time", "actor", "action", "result", "prev", "hash"):
+            if not isinstance(value[name], str):
+                raise RecordInvalid(f"not a record: bad {name}")
+        for name in ("origin", "object", "request_id"):
+            if value[name] is not None and not isinstance(value[name], str):
+                raise RecordInvalid(f"not a record: bad {name}")
+        if not _HEX64.fullmatch(value["prev"]) or not _HEX64.fullmatch(value["hash"]):
+            raise RecordInvalid("not a record: bad prev or hash")
+        if not _TIME.fullmatch(value["time"]):
+            raise RecordInvalid("not a record: bad time")
+        if not isinstance(detail, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str | int))
+            for k, v in detail.items()
+        ):
+            raise RecordInvalid("not a record: bad detail")
+        return cls(
+            seq=seq,
+            time=value["time"],
+            actor=value["actor"],
+            origin=value["origin"],
+            action=value["action"],
+            object_id=value["object"],
+            result=value["result"],
+            request_id=value["request_id"],
+            detail=MappingProxyType(detail),
+            prev=value["prev"],
+            hash=value["hash"],
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, val in pairs:
+        if key in result:
+            raise ValueError("duplicate key")
+        result[key] = val
+    return result
+
+
+# --- what a record may hold ---------------------------------------------------------
+
+
+def _check_text(name: str, value: str) -> None:
+    # Messages name the field, never the value: the value is what must not be shown.
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"audit {name} is longer than {MAX_TEXT} characters")
+    if _CONTROL.search(value):
+        raise ValueError(f"audit {name} contains a control character")
+    if len(value) >= PAN_MIN_DIGITS and next(find_card_numbers(value), None) is not None:
+        raise ValueError(f"audit {name} contains a card number; audit records hold no card data")
+    if _SECRET_MARKERS.search(value):
+        raise ValueError(f"audit {name} contains a secret (API key, share or PEM block)")
+    if _HEX_RUN.search(value) or any(_looks_random(m.group()) for m in _B64_RUN.finditer(value)):
+        raise ValueError(
+            f"audit {name} contains something shaped like key material "
+            "(40+ hex or base64 characters); log a short key id instead"
+        )
+
+
+def _looks_random(run: str) -> bool:
+    return (
+        any(c.isupper() for c in run)
+        and any(c.islower() for c in run)
+        and any(c.isdigit() for c in run)
+    )
+
+
+def check_entry(
+    *,
+    action: str,
+    actor: str,
+    origin: str | None,
+    object_id: str | None,
+    result: str,
+    request_id: str | None,
+    detail: Mapping[str, DetailValue] = _EMPTY,
+) -> None:
+    """Raise :class:`ValueError` unless these fields may be written (module docstring)."""
+    if not isinstance(action, str) or not _ACTION.fullmatch(action) or len(action) > 128:
+        raise ValueError(
+            "audit action must be a dotted lower-case name (vault.payment_method.create)"
+        )
+    if action == CHECKPOINT_ACTION:
+        raise ValueError(f"{CHECKPOINT_ACTION!r} is written by the audit log itself")
+    if not isinstance(result, str) or not _RESULT.fullmatch(result) or len(result) > 64:
+        raise ValueError("audit result must be a lower-case name (ok, denied, error, ...)")
+    if not isinstance(actor, str) or not actor:
+        raise ValueError("audit actor must be a non-empty string")
+    _check_text("actor", actor)
+    for name, optional in (("origin", origin), ("object", object_id), ("request_id", request_id)):
+        if optional is not None:
+            if not isinstance(optional, str):
+                raise ValueError(f"audit {name} must be a string or None")
+            _check_text(name, optional)
+    if not isinstance(detail, Mapping):
+        raise ValueError("audit detail must be a mapping")
+    if len(detail) > MAX_DETAIL:
+        raise ValueError(f"audit detail has more than {MAX_DETAIL} entries")
+    for key, value in detail.items():
+        if not isinstance(key, str) or not _DETAIL_KEY.fullmatch(key) or len(key) > 64:
+            raise ValueError("audit detail keys must be lower-case identifiers")
+        if _SENSITIVE_KEY_PARTS.intersection(key.split("_")):
+            raise ValueError("audit detail key names card data or a secret; leave it out")
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            _check_text(f"detail[{key}]", str(value))
+        elif isinstance(value, str):
+            _check_text(f"detail[{key}]", value)
+        else:
+            raise ValueError("audit detail values must be str, int, bool or None")

@@ -1,0 +1,407 @@
+"""Verifying an audit log, and exporting it.
+
+:func:`verify_log` walks the log from the first line and stops at the first place where
+it stops being the chain the service wrote. It reports that place as a
+:class:`Problem`: its kind, the line number (1-based; in an untouched log line *n* holds
+record *n*), the record number concerned, and a sentence.
+
+How each kind is found:
+
+``malformed``      a line that is not a record at all.
+``edited``         a record whose hash does not match its content, or whose text was
+                   rewritten; or a record whose hash was recomputed after an edit, which
+                   the next record exposes (it still holds the old hash as its ``prev``).
+``deleted``        record numbers jump forward and the missing records are nowhere near.
+``inserted``       a record that is not part of the chain: the records around it link
+                   to each other past it (a forged record, even with a correct hash of
+                   its own, or a copied one).
+``reordered``      records out of order: the missing records turn up a little later.
+``truncated``      the last line is a partial record, or the log ends before the record
+                   that ``audit.head`` (the latest signed checkpoint) names.
+``bad_signature``  a checkpoint whose signature does not verify with the public key, that
+                   another key signed, or that does not sign the record before it.
+``head_mismatch``  ``audit.head`` is not a valid checkpoint, or the log holds another
+                   record at its number: the log was replaced or rewritten.
+``head_missing``   the log holds checkpoints but there is no ``audit.head`` beside it.
+
+Telling deletion from reordering and insertion looks at up to :data:`WINDOW` records on
+either side of the break. Whatever the kind, the break itself is always found.
+
+What cannot be found: someone who can write the file can rewrite everything after the
+last checkpoint named by ``audit.head`` (or append records after it) and recompute the
+hashes; only a signature can vouch for records, and only the service's key can sign.
+Someone who can also rewrite ``audit.head`` can roll it back to an older checkpoint and
+cut the log there. Keep a copy of the heads away from the host (see ``docs/audit.md``).
+A log rewritten in full with recomputed hashes fails at its first checkpoint (reported
+there, not at the edit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from cardvault.audit.errors import AuditCorrupt
+from cardvault.audit.log import HEAD_FILE
+from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid
+from cardvault.audit.signing import key_id, load_public_key, verify_checkpoint
+
+__all__ = ["WINDOW", "Problem", "ProblemKind", "VerifyResult", "export", "verify_log"]
+
+#: Records looked at on either side of a break to tell what happened there.
+WINDOW: Final = 1024
+#: Longest line read whole; a longer one is malformed (records are a few hundred bytes).
+_MAX_LINE: Final = 1 << 20
+_CHECKPOINT_KEYS: Final = frozenset({"head", "seq", "signature", "key_id"})
+
+
+class ProblemKind(StrEnum):
+    MALFORMED = "malformed"
+    EDITED = "edited"
+    DELETED = "deleted"
+    INSERTED = "inserted"
+    REORDERED = "reordered"
+    TRUNCATED = "truncated"
+    BAD_SIGNATURE = "bad_signature"
+    HEAD_MISMATCH = "head_mismatch"
+    HEAD_MISSING = "head_missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first place where the log is not what the service wrote."""
+
+    kind: ProblemKind
+    #: 1-based line of the log (None when the problem is in ``audit.head`` alone).
+    line: int | None
+    #: The record number concerned (the one edited, the first one missing, ...), if known.
+    seq: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{self.kind}: {where}{self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    path: Path
+    #: Lines that verified before the first problem (all of them when ``ok``).
+    records: int
+    #: The last record number that verified (0 if none).
+    last_seq: int
+    #: Valid checkpoints seen.
+    checkpoints: int
+    #: The last record number covered by a valid checkpoint signature, if any.
+    signed_seq: int | None
+    #: The record number ``audit.head`` names, if there is a valid one.
+    head_seq: int | None
+    problem: Problem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    @property
+    def unsigned(self) -> int:
+        """Records after the last checkpoint: not yet vouched for by a signature."""
+        return self.last_seq - (self.signed_seq + 1 if self.signed_seq is not None else 0)
+
+
+class _Lines:
+    """Numbered lines of a file, with look-ahead."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self._ahead: deque[tuple[int, bytes]] = deque()
+        self._count = 0
+
+    def _read(self) -> tuple[int, bytes] | None:
+        raw = self._fh.readline(_MAX_LINE)
+        if not raw:
+            return None
+        self._count += 1
+        return self._count, raw
+
+    def next(self) -> tuple[int, bytes] | None:
+        return self._ahead.popleft() if self._ahead else self._read()
+
+    def peek(self, count: int) -> list[tuple[int, bytes]]:
+        while len(self._ahead) < count and (item := self._read()) is not None:
+            self._ahead.append(item)
+        return list(itertools.islice(self._ahead, count))
+
+
+def _parse_quietly(raw: bytes) -> AuditRecord | None:
+    try:
+        return AuditRecord.from_line(raw)
+    except RecordInvalid:
+        return None
+
+
+def _checkpoint_problem(record: AuditRecord, public_key: Ed25519PublicKey, kid: str) -> str | None:
+    detail = record.detail
+    if set(detail) != _CHECKPOINT_KEYS:
+        return "the checkpoint's detail is not head, seq, signature and key_id"
+    head, seq, signature, signer = (detail[k] for k in ("head", "seq", "signature", "key_id"))
+    if head != record.prev or seq != record.seq - 1:
+        return f"checkpoint {record.seq} does not sign the record before it"
+    if signer != kid:
+        return f"checkpoint {record.seq} names another signing key ({signer!s:.40})"
+    if not (
+        isinstance(head, str)
+        and isinstance(seq, int)
+        and isinstance(signature, str)
+        and verify_checkpoint(public_key, head, seq, signature)
+    ):
+        return f"the signature of checkpoint {record.seq} does not verify with the public key"
+    return None
+
+
+def _read_head(
+    head_path: Path, public_key: Ed25519PublicKey, kid: str
+) -> tuple[AuditRecord | None, Problem | None]:
+    if not head_path.exists():
+        return None, None
+    try:
+        head = AuditRecord.from_line(head_path.read_bytes())
+    except (RecordInvalid, OSError):
+        return None, Problem(
+            ProblemKind.HEAD_MISMATCH, None, None, f"{head_path.name} is not a valid record"
+        )
+    if not head.is_checkpoint:
+        return None, Problem(
+            ProblemKind.HEAD_MISMATCH, None, head.seq, f"{head_path.name} is not a checkpoint"
+        )
+    why = _checkpoint_problem(head, public_key, kid)
+    if why is not None:
+        return None, Problem(ProblemKind.HEAD_MISMATCH, None, head.seq, f"{head_path.name}: {why}")
+    return head, None
+
+
+def _classify(
+    prev: AuditRecord | None,
+    prev_line: int,
+    record: AuditRecord,
+    line: int,
+    behind: deque[tuple[int, AuditRecord]],
+    ahead: list[tuple[int, AuditRecord]],
+) -> Problem:
+    """What happened where ``record`` (on ``line``) does not continue the chain from ``prev``."""
+    expected = prev.seq + 1 if prev is not None else 1
+    following = ahead[0][1] if ahead and ahead[0][0] == line + 1 else None
+
+    if prev is None:
+        if record.seq > 1:
+            if any(r.seq < record.seq for _, r in ahead):
+                return Problem(
+                    ProblemKind.REORDERED, line, record.seq, f"record {record.seq} comes first"
+                )
+            return Problem(
+                ProblemKind.DELETED,
+                line,
+                1,
+                f"records 1 to {record.seq - 1} are missing: the start of the log was removed",
+            )
+        return Problem(
+            ProblemKind.EDITED, line, 1, "the first record does not start the chain (prev)"
+        )
+
+    # Does the chain go on from prev a little further down?
+    resumes = next(((n, r) for n, r in ahead if r.prev == prev.hash and r.seq == expected), None)
+    if resumes is not None:
+        later = {r.hash for n, r in ahead if n >= resumes[0]}
+        if record.prev in later:
+            return Problem(
+                ProblemKind.REORDERED,
+                line,
+                record.seq,
+                f"record {record.seq} comes before record {expected} (which is on line "
+                f"{resumes[0]})",
+            )
+        return Problem(
+            ProblemKind.INSERTED,
+            line,
+            None,
+            f"this line is not part of the chain, which goes on from record {prev.seq} "
+            f"at line {resumes[0]}",
+        )
+
+    if record.seq > expected:
+        missing = range(expected, record.seq)
+        if any(r.seq in missing for _, r in ahead):
+            return Problem(
+                ProblemKind.REORDERED,
+                line,
+                record.seq,
+                f"record {record.seq} comes before record {expected}",
+            )
+        last_missing = record.seq - 1
+        span = (
+            f"record {expected} is"
+            if last_missing == expected
+            else (f"records {expected} to {last_missing} are")
+        )
+        return Problem(ProblemKind.DELETED, line, expected, f"{span} missing before this line")
+
+    if record.seq == expected:
+        if following is None or following.prev == record.hash:
+            # This record and the ones after it agree with each other, not with prev:
+            # prev was edited and its hash recomputed.
+            return Problem(
+                ProblemKind.EDITED,
+                prev_line,
+                prev.seq,
+                f"record {prev.seq} was changed: record {record.seq} holds another hash for it",
+            )
+        return Problem(
+            ProblemKind.EDITED,
+            line,
+            record.seq,
+            f"record {record.seq} was changed: it does not link to the record before it",
+        )
+
+    # The record number went backwards.
+    origin = next(((n, r) for n, r in reversed(behind) if r.hash == record.prev), None)
+    if origin is not None and origin[1].seq + 1 == record.seq:
+        skipped = {r.hash for n, r in behind if n > origin[0]}
+        if following is not None and following.prev in skipped:
+            return Problem(
+                ProblemKind.INSERTED, line, None, "this line repeats or forks an earlier record"
+            )
+        return Problem(
+            ProblemKind.INSERTED,
+            origin[0] + 1,
+            None,
+            f"lines {origin[0] + 1} to {line - 1} are not part of the chain: record "
+            f"{record.seq} links back to record {origin[1].seq}",
+        )
+    return Problem(
+        ProblemKind.REORDERED,
+        line,
+        record.seq,
+        f"record {record.seq} comes after record {prev.seq}",
+    )
+
+
+def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = None) -> VerifyResult:
+    """Verify the log at ``path`` with the Ed25519 public key (PEM) at ``public_key_path``.
+
+    ``head_path`` defaults to ``audit.head`` beside the log. Returns a
+    :class:`VerifyResult` whose ``problem`` is the first problem found (``None`` when the
+    log verifies). Raises ``OSError`` if the log or key cannot be read and ``ValueError``
+    if the key is not an Ed25519 public key.
+    """
+    path = Path(path)
+    public_key = load_public_key(Path(public_key_path))
+    kid = key_id(public_key)
+    head_file = Path(head_path) if head_path is not None else path.with_name(HEAD_FILE)
+    head, head_problem = _read_head(head_file, public_key, kid)
+
+    prev: AuditRecord | None = None
+    prev_line = 0
+    behind: deque[tuple[int, AuditRecord]] = deque(maxlen=WINDOW)
+    checkpoints = 0
+    signed_seq: int | None = None
+    problem: Problem | None = None
+
+    with open(path, "rb") as fh:
+        lines = _Lines(fh)
+        while problem is None and (item := lines.next()) is not None:
+            line, raw = item
+            try:
+                record = AuditRecord.from_line(raw)
+            except RecordInvalid as exc:
+                if not raw.endswith(b"\n") and not lines.peek(1):
+                    problem = Problem(
+                        ProblemKind.TRUNCATED, line, None, "the last line is a partial record"
+                    )
+                else:
+                    kind = ProblemKind.EDITED if exc.edited else ProblemKind.MALFORMED
+                    problem = Problem(kind, line, None, str(exc))
+                break
+            if not raw.endswith(b"\n"):
+                problem = Problem(
+                    ProblemKind.TRUNCATED, line, record.seq, "the last line lacks its newline"
+                )
+                break
+            expected = (prev.seq + 1, prev.hash) if prev is not None else (1, GENESIS)
+            if (record.seq, record.prev) != expected:
+                ahead = [
+                    (n, r) for n, raw_ahead in lines.peek(WINDOW)
+                    if (r := _parse_quietly(raw_ahead)) is not None
+                ]  # fmt: skip
+                problem = _classify(prev, prev_line, record, line, behind, ahead)
+                break
+            if record.is_checkpoint:
+                why = _checkpoint_problem(record, public_key, kid)
+                if why is not None:
+                    problem = Problem(ProblemKind.BAD_SIGNATURE, line, record.seq, why)
+                    break
+                checkpoints += 1
+                signed_seq = record.seq - 1
+            if head is not None and record.seq == head.seq and record.hash != head.hash:
+                problem = Problem(
+                    ProblemKind.HEAD_MISMATCH,
+                    line,
+                    record.seq,
+                    f"record {record.seq} is not the checkpoint {head_file.name} holds: "
+                    "the log was replaced or rewritten",
+                )
+                break
+            prev, prev_line = record, line
+            behind.append((line, record))
+
+    last_seq = prev.seq if prev is not None else 0
+    if problem is None:
+        problem = head_problem
+    if problem is None and head is not None and last_seq < head.seq:
+        problem = Problem(
+            ProblemKind.TRUNCATED,
+            prev_line + 1,
+            last_seq + 1,
+            f"the log ends at record {last_seq}, but {head_file.name} holds signed "
+            f"checkpoint {head.seq}: records were cut off",
+        )
+    if problem is None and head is None and checkpoints and not head_file.exists():
+        problem = Problem(
+            ProblemKind.HEAD_MISSING,
+            None,
+            None,
+            f"the log holds checkpoints but {head_file.name} is missing, so a cut-off "
+            "log could not be told from a whole one",
+        )
+    return VerifyResult(
+        path=path,
+        records=prev_line,
+        last_seq=last_seq,
+        checkpoints=checkpoints,
+        signed_seq=signed_seq,
+        head_seq=head.seq if head is not None else None,
+        problem=problem,
+    )
+
+
+def export(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of the log at ``path`` as dicts, in file order, without verifying.
+
+    Raises :class:`AuditCorrupt` at a line that is not a JSON object. Verify the log
+    first (:func:`verify_log`) when the export is meant as evidence.
+    """
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise AuditCorrupt(f"line {number} of {path} is not JSON") from exc
+            if not isinstance(value, dict):
+                raise AuditCorrupt(f"line {number} of {path} is not a JSON object")
+            yield value

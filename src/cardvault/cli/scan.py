@@ -1,0 +1,68 @@
+"""``cardvault scan``: search files for card numbers, CVCs and planted canaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cardvault.scan import scan_paths
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True)
+
+
+def _read_canaries(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories to search.")],
+    canary: Annotated[
+        list[str] | None,
+        typer.Option("--canary", help="A planted value to find (repeatable; 8+ characters)."),
+    ] = None,
+    canary_file: Annotated[
+        Path | None,
+        typer.Option("--canary-file", help="Canaries, one per line (# starts a comment)."),
+    ] = None,
+    cvc: Annotated[
+        list[str] | None,
+        typer.Option("--cvc", help="A CVC to find where a field name says CVC (repeatable)."),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option("--ignore", help="Leave out paths matching this glob (repeatable)."),
+    ] = None,
+) -> None:
+    """Search files for card numbers, CVCs and canaries (ASCII, UTF-16, hex, base64).
+
+    Prints one line per finding (never the value itself) and exits 1 when anything is
+    found or a file cannot be read, 0 when everything is clean.
+    """
+    canaries = list(canary or [])
+    try:
+        if canary_file is not None:
+            canaries += _read_canaries(canary_file)
+        findings = scan_paths(paths, canaries=canaries, cvcs=cvc or [], ignore=ignore or [])
+    except FileNotFoundError as exc:
+        err.print(f"[red]No such file or directory: {escape(str(exc.filename))}[/]")
+        raise typer.Exit(2) from None
+    except ValueError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    for finding in findings:
+        out.print(str(finding), markup=False)
+    if findings:
+        err.print(f"[red]{len(findings)} finding(s).[/]")
+        raise typer.Exit(1)
+    err.print("[green]clean[/]: nothing found.")
+
+
+#: ``scan`` on its own, for tests and for running this module without the main CLI.
+app = typer.Typer(add_completion=False)
+app.command()(scan)
