@@ -121,6 +121,10 @@ class SecurityHeaders:
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
                 have = {k.lower() for k, _ in headers}
                 headers += _STATIC_HEADERS
+                # An app that sets its own policy has said who may frame it
+                # (frame-ancestors); X-Frame-Options DENY would contradict it.
+                if b"content-security-policy" in have:
+                    have.add(b"x-frame-options")
                 headers += [(k, v) for k, v in _DEFAULTS if k not in have]
                 headers.append(rid_header)
                 message["headers"] = headers

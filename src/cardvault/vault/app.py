@@ -120,7 +120,7 @@ def build_listeners(
         raise ConfigurationError(
             "cannot load server.cert_file / server.key_file (missing, unreadable or not a pair)"
         ) from exc
-    routes = public_routes()
+    routes = public_routes(service)
     if service is not None:
         lim = settings.limits
         routes += payment_method_routes(

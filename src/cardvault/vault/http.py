@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,6 +13,9 @@ from starlette.routing import BaseRoute, Route
 from cardvault import __version__
 from cardvault.transport.asgi import json_response
 from cardvault.transport.identity import require_identity
+
+if TYPE_CHECKING:
+    from cardvault.vault.service import VaultService
 
 __all__ = ["admin_routes", "public_routes"]
 
@@ -37,12 +41,19 @@ async def openapi(_request: Request) -> Response:
     )
 
 
-def public_routes() -> list[BaseRoute]:
-    return [
+def public_routes(service: VaultService | None = None) -> list[BaseRoute]:
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/noop", noop, methods=["GET", "POST"]),
     ]
+    if service is not None:
+        # The card element (cardvault.js and its frame) needs the accounts' keys and
+        # allowed origins, so it exists only where the payment API does.
+        from cardvault.vault.element import element_routes
+
+        routes += element_routes(service)
+    return routes
 
 
 def admin_routes(allowed_identities: Collection[str]) -> list[BaseRoute]:
