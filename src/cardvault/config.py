@@ -38,6 +38,7 @@ from cardvault.errors import ConfigurationError
 __all__ = [
     "ENV_PREFIX",
     "MISSING",
+    "AuditSettings",
     "ListenerSettings",
     "LoggingSettings",
     "Profile",
@@ -145,6 +146,33 @@ class LoggingSettings:
     level: str = "info"
     #: "json", "console", or "auto" (JSON in production, console in development).
     format: Literal["auto", "json", "console"] = "auto"
+
+
+@dataclasses.dataclass
+class AuditSettings:
+    """A service's audit log (see docs/audit.md)."""
+
+    #: Where the audit log lives (audit.jsonl, audit.pub, audit.head, audit.key).
+    #: Defaults to the SQLite store's directory; required with PostgreSQL.
+    directory: Path | None = None
+    #: Where command-line administration (accounts, API keys) is recorded, since the
+    #: running service holds its own log. Defaults to "<directory>-admin".
+    admin_directory: Path | None = None
+    #: Sign the chain head every this many records, and at least this often (seconds).
+    checkpoint_every: int = 1000
+    checkpoint_interval: int = 60
+
+    def resolved(self, store_url: str) -> tuple[Path, Path]:
+        """``(directory, admin_directory)``; ConfigurationError when they cannot be known."""
+        directory = self.directory
+        if directory is None:
+            if not store_url.startswith("sqlite:///"):
+                raise ConfigurationError(
+                    "missing required setting audit.directory (needed when the store is not SQLite)"
+                )
+            directory = Path(store_url.removeprefix("sqlite://")).parent
+        admin = self.admin_directory or directory.with_name(directory.name + "-admin")
+        return directory, admin
 
 
 S = TypeVar("S")

@@ -16,6 +16,7 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     ├── APIError                         api_error              500
     │   ├── ServiceUnavailable           api_error              503  service_unavailable
     │   │   ├── KeyServiceUnavailable    api_error              503  keyservice_unavailable
+    │   │   ├── AuditUnavailableError    api_error              503  audit_unavailable
     │   │   └── KeyServiceSealed         api_error              503  keyservice_sealed
     │   ├── ForwardingDestinationError   api_error              502  forwarding_destination_error
     │   └── ConfigurationError           (start-up only; never rendered with details)
@@ -54,6 +55,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "APIError",
+    "AuditUnavailableError",
     "AuthenticationError",
     "CardError",
     "CardVaultError",
@@ -145,6 +147,13 @@ class ServiceUnavailable(APIError):
 class KeyServiceUnavailable(ServiceUnavailable):
     code = "keyservice_unavailable"
     default_message = "The key service cannot be reached. Nothing was stored; retry later."
+
+
+class AuditUnavailableError(ServiceUnavailable):
+    """The audit record of a sensitive operation could not be written: refused (fail closed)."""
+
+    code = "audit_unavailable"
+    default_message = "The audit log cannot be written, so the operation was refused. Retry later."
 
 
 class KeyServiceSealed(ServiceUnavailable):

@@ -102,6 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]
     kconf.write_text(
         f'profile = "development"\n[server]\nport = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\n'
         f'client_ca_file = "{pki.ca_file}"\n[store]\nurl = "sqlite:///{d / "keyd.db"}"\n'
+        f'[audit]\ndirectory = "{d / "keyd-audit"}"\n'
         f'[seal]\ntype = "dev"\ndev_key_file = "{d / "root.key"}"\n'
     )
     assert cli("keyservice", "init", "--config", str(kconf)).returncode == 0

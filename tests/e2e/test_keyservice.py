@@ -39,7 +39,8 @@ def write_config(
         f'profile = "{profile}"\n'
         "[server]\n"
         f'port = {port}\ncert_file = "{cert}"\nkey_file = "{key}"\nclient_ca_file = "{pki.ca_file}"\n'
-        f'[store]\nurl = "{store_url}"\n' + extra
+        f'[store]\nurl = "{store_url}"\n'
+        f'[audit]\ndirectory = "{directory / "audit"}"\n' + extra
     )
     return config, port
 

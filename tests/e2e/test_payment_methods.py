@@ -150,6 +150,7 @@ def _stack(
         'profile = "development"\n[server]\n'
         f'port = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
         f'[store]\nurl = "{dsn}"\n'
+        f'[audit]\ndirectory = "{d / "audit"}"\n'
         f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
         f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
         "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n"
@@ -583,11 +584,14 @@ def test_sealed_key_service_gives_503_keyservice_sealed(
     http: httpx.Client, pki: Pki, tmp_path: Path
 ) -> None:
     kport, vport = free_port(), free_port()
+    if not pki.cert("keyd")[0].exists():
+        pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
     kcert, kkey = pki.cert("keyd")
     kconf = tmp_path / "keyd.toml"
     kconf.write_text(
         f'[server]\nport = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\nclient_ca_file = "{pki.ca_file}"\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "keyd.db"}"\n'
+        f'[audit]\ndirectory = "{tmp_path / "keyd-audit"}"\n'
     )
     r = cli(
         "keyservice",

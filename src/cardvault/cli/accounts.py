@@ -40,12 +40,20 @@ def _with_service(config: Path | None, work: Callable[[Any], Awaitable[T]]) -> T
         raise ConfigurationError("missing required setting store.url")
 
     async def go() -> T:
+        from cardvault.audit import AuditLog
+        from cardvault.audit.recorder import Recorder
+
+        _directory, admin_directory = settings.audit.resolved(settings.store.url)
         store = open_vault_store(settings.store.url)
+        # The running vault holds its own log; administration is recorded in its own.
+        recorder = Recorder(await AuditLog.open(admin_directory))
         try:
             await store.migrate()
             # Accounts and keys need no card keys: no key-service client is made.
-            return await work(VaultService(store, keys=None))  # type: ignore[arg-type]
+            service = VaultService(store, keys=None, audit=recorder)  # type: ignore[arg-type]
+            return await work(service)
         finally:
+            await recorder.close()
             await store.close()
 
     try:

@@ -174,15 +174,20 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
     settings = load_settings(VaultSettings, Path(vault_config))
 
     async def go() -> dict[str, str]:
+        from cardvault.audit import AuditLog
+        from cardvault.audit.recorder import Recorder
+
         store = open_vault_store(settings.store.url)
+        recorder = Recorder(await AuditLog.open(settings.audit.resolved(settings.store.url)[1]))
         try:
             await store.migrate()
-            service = VaultService(store, keys=None)  # type: ignore[arg-type]
+            service = VaultService(store, keys=None, audit=recorder)  # type: ignore[arg-type]
             account = await service.create_account("demo")
             _, pk = await service.create_api_key(account.id, "publishable", "test")
             _, sk = await service.create_api_key(account.id, "secret", "test")
             return {"account": account.id, "publishable": pk, "secret": sk}
         finally:
+            await recorder.close()
             await store.close()
 
     keys = asyncio.run(go())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cardvault.audit.recorder import open_audit_log
 from cardvault.errors import ConfigurationError
 from cardvault.keyservice.http import routes
 from cardvault.keyservice.service import KeyService
@@ -79,13 +80,29 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
     listener = build_listener(settings, service)
 
     async def startup() -> None:
+        directory, _admin = settings.audit.resolved(settings.store.url)
+        service.audit.log = await open_audit_log(directory, settings.audit)
+        await service.audit.record(
+            "keyservice.config.loaded",
+            actor="keyservice",
+            origin="local",
+            detail={
+                "profile": settings.profile,
+                "seal": settings.seal.type,
+                "store": settings.store.url.split(":", 1)[0],
+                "tls_profile": settings.server.tls_profile,
+            },
+        )
         dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
         await service.start(dev_key_file=dev)
         _log.info("key service ready", sealed=service.sealed)
 
     async def shutdown() -> None:
-        await service.store.append_event("service", "stop", "ok", "")
-        await service.seal(actor="shutdown")
-        await service.store.close()
+        try:
+            await service._event("service", "stop", "ok", "")
+            await service.seal(actor="shutdown")
+        finally:
+            await service.audit.close()
+            await service.store.close()
 
     run_until_stopped([listener], ready=ready, startup=startup, shutdown=shutdown)

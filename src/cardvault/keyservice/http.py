@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from cardvault.errors import (
+    CardVaultError,
     InvalidRequestError,
     ParameterMissing,
     ParameterUnknown,
@@ -22,7 +23,7 @@ from cardvault.errors import (
 )
 from cardvault.keyservice.service import KeyService
 from cardvault.transport.asgi import json_response
-from cardvault.transport.identity import require_identity
+from cardvault.transport.identity import peer_identity, require_identity
 
 __all__ = ["routes"]
 
@@ -72,20 +73,30 @@ def routes(
 ) -> list[BaseRoute]:
     vault_ids, admin_ids = frozenset(vault), frozenset(admin)
 
-    def actor(request: Request, allowed: frozenset[str]) -> str:
-        return require_identity(request.scope, allowed)
+    async def actor(request: Request, allowed: frozenset[str]) -> str:
+        try:
+            return require_identity(request.scope, allowed)
+        except CardVaultError:
+            await service.audit.record(
+                "keyservice.auth.failed",
+                actor=peer_identity(request.scope) or "anonymous",
+                object_id=request.url.path[:100],
+                result="refused",
+            )
+            raise
 
     async def healthz(request: Request) -> Response:
         # Any verified identity may ask whether the service runs; nothing more.
-        actor(request, vault_ids | admin_ids)
+        await actor(request, vault_ids | admin_ids)
         return json_response({"status": "ok"})
 
     async def status(request: Request) -> Response:
-        actor(request, admin_ids)
+        who = await actor(request, admin_ids)
+        await service.audit.record("keyservice.status.read", actor=who)
         return json_response(service.status())
 
     async def unseal(request: Request) -> Response:
-        who = actor(request, admin_ids)
+        who = await actor(request, admin_ids)
         data = await _body(request, {"share"})
         share = data.get("share")
         if not isinstance(share, str) or not share:
@@ -100,26 +111,34 @@ def routes(
         )
 
     async def seal(request: Request) -> Response:
-        who = actor(request, admin_ids)
+        who = await actor(request, admin_ids)
         await service.seal(actor=who)
         return json_response({"sealed": True})
 
     async def datakey(request: Request) -> Response:
-        actor(request, vault_ids)
+        who = await actor(request, vault_ids)
         await _body(request, ())
-        plaintext, wrapped, version = service.datakey(request.path_params["name"])
+        name = request.path_params["name"]
+        plaintext, wrapped, version = service.datakey(name)
+        # Fail closed: a data key whose issue cannot be recorded is not handed out.
+        await service.audit.record(
+            "keyservice.datakey.issued", actor=who, object_id=name, detail={"kek_version": version}
+        )
         return json_response(
             {"plaintext": _enc(plaintext), "ciphertext": _enc(wrapped), "key_version": version}
         )
 
     async def unwrap(request: Request) -> Response:
-        actor(request, vault_ids)
+        who = await actor(request, vault_ids)
         data = await _body(request, {"ciphertext"})
         plaintext = service.unwrap(request.path_params["name"], _b64(data, "ciphertext"))
+        await service.audit.record(
+            "keyservice.datakey.unwrapped", actor=who, object_id=request.path_params["name"]
+        )
         return json_response({"plaintext": _enc(plaintext)})
 
     async def derive(request: Request) -> Response:
-        actor(request, vault_ids)
+        who = await actor(request, vault_ids)
         data = await _body(request, {"context", "version"})
         context = data.get("context")
         if not isinstance(context, str) or not context:
@@ -128,21 +147,33 @@ def routes(
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidRequestError("Expected an integer.", param="version")
         key, used = service.derive(request.path_params["name"], context, version)
+        await service.audit.record(
+            "keyservice.key.derived",
+            actor=who,
+            object_id=request.path_params["name"],
+            detail={"context": context[:100], "kek_version": used},
+        )
         return json_response({"key": _enc(key), "key_version": used})
 
     async def rotate(request: Request) -> Response:
-        who = actor(request, admin_ids)
+        who = await actor(request, admin_ids)
         await _body(request, ())
         return json_response(await service.rotate(request.path_params["name"], actor=who))
 
     async def rewrap(request: Request) -> Response:
-        actor(request, admin_ids)
+        who = await actor(request, admin_ids)
         data = await _body(request, {"ciphertext"})
         wrapped, version = service.rewrap(request.path_params["name"], _b64(data, "ciphertext"))
+        await service.audit.record(
+            "keyservice.datakey.rewrapped",
+            actor=who,
+            object_id=request.path_params["name"],
+            detail={"kek_version": version},
+        )
         return json_response({"ciphertext": _enc(wrapped), "key_version": version})
 
     async def config(request: Request) -> Response:
-        who = actor(request, admin_ids)
+        who = await actor(request, admin_ids)
         data = await _body(request, {"min_decryption_version"})
         minimum = data.get("min_decryption_version")
         if minimum is None:
@@ -155,7 +186,7 @@ def routes(
         return json_response(result)
 
     async def noop(request: Request) -> Response:
-        actor(request, vault_ids | admin_ids)
+        await actor(request, vault_ids | admin_ids)
         return json_response({"object": "noop"})
 
     return [

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cardvault import crypto
+from cardvault.audit.recorder import Recorder
 from cardvault.errors import (
     CiphertextInvalid,
     ConfigurationError,
@@ -119,8 +120,10 @@ class KeyService:
         *,
         unseal_timeout: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        audit: Recorder | None = None,
     ) -> None:
         self.store = store
+        self.audit = audit or Recorder(None)
         self.unseal_timeout = unseal_timeout
         self._clock = clock
         self._root: crypto.Key | None = None
@@ -129,6 +132,17 @@ class KeyService:
         self._pending_since = 0.0
         self._seal_meta: dict[str, Any] = {}
         self._kcv = ""
+
+    async def _event(self, actor: str, action: str, result: str, detail: str) -> None:
+        """Record an event in the store's event table and in the audit log (fail closed)."""
+        await self.store.append_event(actor, action, result, detail)
+        await self.audit.record(
+            f"keyservice.{action}",
+            actor=actor,
+            result=result,
+            detail={"detail": detail[:200]} if detail else None,
+            origin="local" if actor in ("service", "shutdown", "dev-seal") else None,
+        )
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -150,9 +164,7 @@ class KeyService:
                 )
             material = bytearray(dev_key_file.read_bytes())
             await self._unseal_with(crypto.Key(ROOT_KEY_NAME, 1, material), actor="dev-seal")
-        await self.store.append_event(
-            "service", "start", "sealed" if self.sealed else "unsealed", ""
-        )
+        await self._event("service", "start", "sealed" if self.sealed else "unsealed", "")
 
     @property
     def sealed(self) -> bool:
@@ -179,7 +191,7 @@ class KeyService:
         that rebuilds the wrong key wipes all progress and raises UnsealShareInvalid.
         """
         if not self.sealed:
-            await self.store.append_event(actor, "unseal_share", "already_unsealed", "")
+            await self._event(actor, "unseal_share", "already_unsealed", "")
             return UnsealProgress(False, 0, self.threshold)
         if self._seal_meta.get("type") != "shamir":
             raise InvalidRequestError(
@@ -187,7 +199,7 @@ class KeyService:
             )
         if self._pending_expired():
             self._wipe_pending()
-            await self.store.append_event(actor, "unseal_progress_expired", "wiped", "")
+            await self._event(actor, "unseal_progress_expired", "wiped", "")
         try:
             share = crypto.Share.from_text(text)
             if (
@@ -199,19 +211,19 @@ class KeyService:
                 raise crypto.InvalidShare("this share was already submitted")
         except crypto.InvalidShare as exc:
             self._wipe_pending()
-            await self.store.append_event(actor, "unseal_share", "rejected", str(exc))
+            await self._event(actor, "unseal_share", "rejected", str(exc))
             raise UnsealShareInvalid() from exc
         if not self._pending:
             self._pending_since = self._clock()
         self._pending.append(share)
-        await self.store.append_event(actor, "unseal_share", "accepted", f"index={share.index}")
+        await self._event(actor, "unseal_share", "accepted", f"index={share.index}")
         if len(self._pending) < self.threshold:
             return UnsealProgress(True, len(self._pending), self.threshold)
         try:
             material = crypto.shamir_combine(self._pending)
         except crypto.InvalidShare as exc:
             self._wipe_pending()
-            await self.store.append_event(actor, "unseal", "rejected", str(exc))
+            await self._event(actor, "unseal", "rejected", str(exc))
             raise UnsealShareInvalid() from exc
         finally:
             self._wipe_pending()
@@ -223,7 +235,7 @@ class KeyService:
             crypto.verify_key_check_value(root, self._kcv)
         except crypto.KeyCheckMismatch as exc:
             root.wipe()
-            await self.store.append_event(actor, "unseal", "wrong_key", "")
+            await self._event(actor, "unseal", "wrong_key", "")
             raise UnsealShareInvalid() from exc
         stored = await self.store.list_keks()
         minimums = await self.store.min_decryption_versions()
@@ -238,14 +250,14 @@ class KeyService:
             for keys in rings.values():
                 for key in keys:
                     key.wipe()
-            await self.store.append_event(actor, "unseal", "store_corrupt", "")
+            await self._event(actor, "unseal", "store_corrupt", "")
             raise ConfigurationError("a stored KEK does not open under the root key") from exc
         self._rings = {
             name: crypto.Keyring(keys, min_decryption_version=minimums.get(name, 1))
             for name, keys in rings.items()
         }
         self._root = root
-        await self.store.append_event(actor, "unseal", "ok", "")
+        await self._event(actor, "unseal", "ok", "")
         _log.info("key service unsealed", actor=actor)
 
     async def seal(self, *, actor: str) -> None:
@@ -257,7 +269,7 @@ class KeyService:
             ring.wipe()
         self._root = None
         self._rings = {}
-        await self.store.append_event(actor, "seal", "ok", "")
+        await self._event(actor, "seal", "ok", "")
         _log.info("key service sealed", actor=actor)
 
     # -- key operations ------------------------------------------------------------------
@@ -338,7 +350,7 @@ class KeyService:
         new = ring.rotate()
         sealed = crypto.seal(self._root, new.expose_secret(), _kek_context(name, new.version))
         await self.store.add_kek(StoredKek(name, new.version, sealed, int(time.time())))
-        await self.store.append_event(actor, "rotate", "ok", f"{name} v{new.version}")
+        await self._event(actor, "rotate", "ok", f"{name} v{new.version}")
         return self.status()["keys"][name]  # type: ignore[no-any-return]
 
     async def configure(
@@ -355,7 +367,7 @@ class KeyService:
                 param="min_decryption_version",
             ) from exc
         await self.store.set_min_decryption_version(name, min_decryption_version)
-        await self.store.append_event(
+        await self._event(
             actor, "config", "ok", f"{name} min_decryption_version={min_decryption_version}"
         )
         return self.status()["keys"][name]  # type: ignore[no-any-return]

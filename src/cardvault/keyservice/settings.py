@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from cardvault.config import (
+    AuditSettings,
     ListenerSettings,
     LoggingSettings,
     Profile,
@@ -52,4 +53,5 @@ class KeyServiceSettings:
     identities: IdentitySettings = dataclasses.field(default_factory=IdentitySettings)
     security_txt: SecurityTxtSettings = dataclasses.field(default_factory=SecurityTxtSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
+    audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     public_url: str = ""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -109,6 +110,9 @@ class SecurityHeaders:
         scope.setdefault("state", {})["request_id"] = request_id
         clear_request_context()
         bind_request_id(request_id)
+        client = scope.get("client")
+        if client:
+            structlog.contextvars.bind_contextvars(origin=client[0])
         started = time.perf_counter()
         status = 0
         rid_header = (b"request-id", request_id.encode())

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cardvault.errors import ConfigurationError
+from cardvault.audit.recorder import open_audit_log
+from cardvault.errors import CardVaultError, ConfigurationError
 from cardvault.logging import configure_logging, get_logger
 from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
@@ -210,6 +211,32 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
 
     async def startup() -> None:
         if service is not None:
+            directory, _admin = settings.audit.resolved(settings.store.url)
+            # A log whose tail does not verify stops start-up (AuditCorrupt): the chain
+            # must never fork silently.
+            service.audit.log = await open_audit_log(directory, settings.audit)
+            await service.audit.record("service.start", actor="vault", origin="local")
+            await service.audit.record(
+                "config.loaded",
+                actor="vault",
+                origin="local",
+                detail={
+                    "profile": settings.profile,
+                    "tls_profile": settings.server.tls_profile,
+                    "store": settings.store.url.split(":", 1)[0],
+                    "admin_api": bool(settings.admin.port),
+                },
+            )
+            if forwarder is not None:
+                await service.audit.record(
+                    "allowlist.loaded",
+                    actor="vault",
+                    origin="local",
+                    detail={
+                        "sha256": forwarder.allowlist.sha256,
+                        "destinations": len(forwarder.allowlist.destinations),
+                    },
+                )
             await service.store.migrate()
             tasks.append(asyncio.create_task(_sweeper(service, settings)))
 
@@ -219,6 +246,11 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
         if forwarder is not None:
             await forwarder.outbound.close()
         if service is not None:
+            try:
+                await service.audit.record("service.stop", actor="vault", origin="local")
+            except CardVaultError:
+                _log.error("could not record the stop in the audit log")
+            await service.audit.close()
             service.keys.wipe()
             await service.keys.keys.close()
             await service.store.close()

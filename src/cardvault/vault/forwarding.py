@@ -34,6 +34,7 @@ from cardvault import crypto
 from cardvault.cards import find_card_numbers
 from cardvault.errors import (
     APIError,
+    CardVaultError,
     InvalidRequestError,
     ParameterMissing,
     ResourceMissing,
@@ -284,17 +285,34 @@ class Forwarder:
                 "request[body] is larger than this destination accepts.", param="request[body]"
             )
 
-        response = await self.outbound.send(
-            destination=destination.name,
-            url=destination.url,
-            method="POST",
-            headers=out_headers + credentials,
-            body=payload,
-            timeout=destination.timeout,
-            max_response_bytes=destination.max_response_bytes,
-            ca_file=destination.ca_file,
-            pins=destination.pin_sha256,
+        # Recorded before anything leaves the vault: no record, no forward.
+        await self.service.audit.record(
+            "forward.requested",
+            actor=caller.key_id,
+            object_id=pm_id,
+            detail={"destination": destination.name, "replacements": ",".join(replacements)},
         )
+        try:
+            response = await self.outbound.send(
+                destination=destination.name,
+                url=destination.url,
+                method="POST",
+                headers=out_headers + credentials,
+                body=payload,
+                timeout=destination.timeout,
+                max_response_bytes=destination.max_response_bytes,
+                ca_file=destination.ca_file,
+                pins=destination.pin_sha256,
+            )
+        except CardVaultError:
+            await self.service.audit.record(
+                "forward.completed",
+                actor=caller.key_id,
+                object_id=pm_id,
+                result="destination_error",
+                detail={"destination": destination.name},
+            )
+            raise
         fwd = ForwardingRequestRecord(
             id=new_id("fwdreq_"),
             account_id=caller.account_id,
@@ -326,6 +344,16 @@ class Forwarder:
             },
         )
         await self.service.store.insert_forwarding_request(fwd)
+        await self.service.audit.record(
+            "forward.completed",
+            actor=caller.key_id,
+            object_id=fwd.id,
+            detail={
+                "destination": destination.name,
+                "payment_method": pm_id,
+                "status": response.status,
+            },
+        )
         _log.info(
             "forwarded",
             forwarding_request=fwd.id,
@@ -458,7 +486,12 @@ class Forwarder:
                 cvc_ct, cvc_dk = taken
                 cvc_key = await keys.for_decryption(cvc_dk, "cvc")
                 cvc = crypto.open_(cvc_key, cvc_ct, _context(caller, record.id, "cvc")).decode()
-                _log.info("cvc destroyed", payment_method=record.id, reason="used by a forward")
+                await self.service.audit.record(
+                    "cvc.destroyed",
+                    actor=caller.key_id,
+                    object_id=record.id,
+                    detail={"reason": "used by a forward"},
+                )
         except crypto.InvalidCiphertext as exc:
             _log.error("stored card data failed authentication", payment_method=record.id)
             raise APIError() from exc

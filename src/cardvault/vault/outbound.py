@@ -113,7 +113,9 @@ class OutboundClient:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._lock = asyncio.Lock()
 
-    async def _session(self, name: str, ca_file: Path | None, pins: Sequence[str]) -> aiohttp.ClientSession:
+    async def _session(
+        self, name: str, ca_file: Path | None, pins: Sequence[str]
+    ) -> aiohttp.ClientSession:
         session = self._sessions.get(name)
         if session is not None:
             return session
@@ -161,7 +163,10 @@ class OutboundClient:
                 if response.connection is not None and response.connection.transport is not None:
                     peername = response.connection.transport.get_extra_info("peername")
                     peer = str(peername[0]) if peername else None
-                if response.content_length is not None and response.content_length > max_response_bytes:
+                if (
+                    response.content_length is not None
+                    and response.content_length > max_response_bytes
+                ):
                     raise DestinationError()
                 chunks: list[bytes] = []
                 size = 0

@@ -21,9 +21,11 @@ from typing import Any, Literal
 import structlog
 
 from cardvault import crypto
+from cardvault.audit.recorder import Recorder
 from cardvault.cards import CardNumber, check_card_allowed, validate_cvc, validate_expiry
 from cardvault.errors import (
     APIError,
+    AuditUnavailableError,
     AuthenticationError,
     InvalidRequestError,
     ParameterMissing,
@@ -122,10 +124,18 @@ def _metadata(value: Any) -> dict[str, str]:
 
 
 class VaultService:
-    def __init__(self, store: VaultStore, keys: DataKeyManager, *, cvc_ttl: int = 3600) -> None:
+    def __init__(
+        self,
+        store: VaultStore,
+        keys: DataKeyManager,
+        *,
+        cvc_ttl: int = 3600,
+        audit: Recorder | None = None,
+    ) -> None:
         self.store = store
         self.keys = keys
         self.cvc_ttl = cvc_ttl
+        self.audit = audit or Recorder(None)
         self._key_cache: dict[str, tuple[ApiKey | None, float]] = {}
 
     # -- accounts and API keys -----------------------------------------------------------
@@ -133,6 +143,7 @@ class VaultService:
     async def create_account(self, name: str) -> Account:
         account = Account(new_id("acct_", 16), name, int(time.time()))
         await self.store.create_account(account)
+        await self.audit.record("account.created", actor="cli", object_id=account.id)
         return account
 
     async def create_api_key(
@@ -153,11 +164,20 @@ class VaultService:
             created=int(time.time()),
         )
         await self.store.create_api_key(record)
+        await self.audit.record(
+            "api_key.created",
+            actor="cli",
+            object_id=record.id,
+            detail={"account": account_id, "kind": kind, "mode": mode},
+        )
         return record, secret
 
     async def revoke_api_key(self, key_id: str) -> bool:
         done = await self.store.revoke_api_key(key_id, int(time.time()))
         self._key_cache.clear()
+        await self.audit.record(
+            "api_key.revoked", actor="cli", object_id=key_id, result="ok" if done else "not_found"
+        )
         return done
 
     async def authenticate(self, presented: str | None) -> Caller:
@@ -166,6 +186,7 @@ class VaultService:
         Lookups are cached for two seconds: a revoked key stops working within that time.
         """
         if not presented:
+            await self._auth_failed("missing")
             raise AuthenticationError(
                 "You did not provide an API key. Provide it as a Bearer token in the Authorization header."
             )
@@ -173,6 +194,7 @@ class VaultService:
             not presented.startswith(("sk_test_", "sk_live_", "pk_test_", "pk_live_"))
             or len(presented) > 200
         ):
+            await self._auth_failed("malformed")
             raise AuthenticationError()
         digest = hash_api_key(presented)
         now = time.monotonic()
@@ -189,6 +211,13 @@ class VaultService:
             or record.revoked is not None
             or not hmac.compare_digest(record.hash, digest)
         ):
+            # The presented key is a secret even when wrong: only its kind is recorded,
+            # and the key id when it is a known (revoked) key.
+            await self._auth_failed(
+                "revoked" if record is not None else "unknown",
+                presented[:7].rstrip("_"),
+                record.id if record is not None else None,
+            )
             raise AuthenticationError()
         return Caller(record.account_id, record.mode, record.kind, record.id)
 
@@ -275,6 +304,20 @@ class VaultService:
             if cvc is not None:
                 cvc.wipe()
         await self.store.insert_payment_method(record)
+        try:
+            await self.audit.record(
+                "payment_method.created",
+                actor=caller.key_id,
+                object_id=pm_id,
+                detail={
+                    "livemode": caller.livemode,
+                    "brand": record.brand,
+                },
+            )
+        except AuditUnavailableError:
+            # Fail closed: a card whose creation cannot be recorded is not kept.
+            await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id)
+            raise
         # On the request's access line rather than a line of its own: one line per
         # request is a measurable share of a tokenization's cost.
         structlog.contextvars.bind_contextvars(
@@ -285,12 +328,8 @@ class VaultService:
     async def retrieve_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
         self._require_secret(caller)
         record = await self._get(caller, pm_id)
-        name = None
-        if record.name_ct is not None:
-            key = await self.keys.for_decryption(record.data_key_id, "pan")
-            name = crypto.open_(key, record.name_ct, _context(caller, pm_id, "name")).decode(
-                "utf-8"
-            )
+        name = await self._open_name(caller, record)
+        await self.audit.record("payment_method.read", actor=caller.key_id, object_id=pm_id)
         return self._render(record, name=name)
 
     async def list_payment_methods(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
@@ -314,26 +353,36 @@ class VaultService:
         )
         has_more = len(records) > limit
         records = records[1:] if (has_more and before) else records[:limit]
-        data = []
-        for record in records:
-            name = None
-            if record.name_ct is not None:
-                key = await self.keys.for_decryption(record.data_key_id, "pan")
-                name = crypto.open_(
-                    key, record.name_ct, _context(caller, record.id, "name")
-                ).decode("utf-8")
-            data.append(self._render(record, name=name))
+        data = [self._render(r, name=await self._open_name(caller, r)) for r in records]
+        await self.audit.record(
+            "payment_method.listed", actor=caller.key_id, detail={"count": len(data)}
+        )
         return {"object": "list", "url": "/v1/payment_methods", "has_more": has_more, "data": data}
 
     async def delete_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
         self._require_secret(caller)
+        await self._get(caller, pm_id)
+        # Recorded first: if the record cannot be written, nothing is deleted.
+        await self.audit.record("payment_method.deleted", actor=caller.key_id, object_id=pm_id)
         if not await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id):
             raise ResourceMissing(f"No such PaymentMethod: '{pm_id[:40]}'", param="payment_method")
-        _log.info("payment method deleted", payment_method=pm_id, key=caller.key_id)
         return {"id": pm_id, "object": "payment_method", "deleted": True}
 
     async def sweep_expired_cvcs(self) -> int:
-        return await self.store.destroy_expired_cvcs(int(time.time()))
+        destroyed = await self.store.destroy_expired_cvcs(int(time.time()))
+        if destroyed:
+            await self.audit.record(
+                "cvc.destroyed", actor="sweeper", detail={"count": destroyed, "reason": "expired"}
+            )
+        return destroyed
+
+    async def _auth_failed(
+        self, reason: str, kind: str | None = None, key_id: str | None = None
+    ) -> None:
+        detail: dict[str, str | None] = {"reason": reason, "key_kind": kind}
+        await self.audit.record(
+            "auth.failed", actor=key_id or "anonymous", result="refused", detail=detail
+        )
 
     # -- helpers -------------------------------------------------------------------------
 

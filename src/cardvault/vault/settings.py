@@ -5,10 +5,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cardvault.config import ListenerSettings, LoggingSettings, Profile, SecurityTxtSettings
+from cardvault.config import (
+    AuditSettings,
+    ListenerSettings,
+    LoggingSettings,
+    Profile,
+    SecurityTxtSettings,
+)
 
 __all__ = [
     "AdminSettings",
+    "AuditSettings",
     "DataKeySettings",
     "KeyServiceClientSettings",
     "LimitSettings",
@@ -96,5 +103,6 @@ class VaultSettings:
     datakeys: DataKeySettings = dataclasses.field(default_factory=DataKeySettings)
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     forwarding: ForwardingSettings = dataclasses.field(default_factory=ForwardingSettings)
+    audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""
