@@ -202,7 +202,9 @@ def sites(pki: Pki, ports: Ports, vault: Vault) -> Iterator[Sites]:
 # -- Chromium ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this
+# thread while it is open, and suites that call asyncio.run() must not run inside it.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
@@ -210,7 +212,7 @@ def playwright() -> Iterator[Any]:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Any, tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Any]:
     home = nss_home(tmp_path_factory.mktemp("chromium-home"), pki.ca_file)
     b = launch(playwright, home)
