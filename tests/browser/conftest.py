@@ -89,12 +89,17 @@ def vault(tmp_path_factory: pytest.TempPathFactory, pki: Pki, ports: Ports) -> I
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
     kcert, kkey = pki.cert("keyd")
+    # Each service in a directory of its own: its SQLite store's directory is also where
+    # its audit log lives by default, and two services cannot share one log.
+    keyd_dir, vault_dir = d / "keyd", d / "vault"
+    keyd_dir.mkdir()
+    vault_dir.mkdir()
     kconf = d / "keyd.toml"
     kconf.write_text(
         'profile = "development"\n[server]\n'
         f'port = {ports.keyd}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\n'
         f'client_ca_file = "{pki.ca_file}"\n'
-        f'[store]\nurl = "sqlite:///{d / "keyd.db"}"\n'
+        f'[store]\nurl = "sqlite:///{keyd_dir / "keyd.db"}"\n'
         f'[seal]\ntype = "dev"\ndev_key_file = "{d / "root.key"}"\n'
     )
     r = cli("keyservice", "init", "--config", str(kconf))
@@ -104,7 +109,7 @@ def vault(tmp_path_factory: pytest.TempPathFactory, pki: Pki, ports: Ports) -> I
     vconf.write_text(
         'profile = "development"\n[server]\n'
         f'port = {ports.vault}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
-        f'[store]\nurl = "sqlite:///{d / "vault.db"}"\n'
+        f'[store]\nurl = "sqlite:///{vault_dir / "vault.db"}"\n'
         f'[keyservice]\nurl = "https://localhost:{ports.keyd}"\nca_file = "{pki.ca_file}"\n'
         f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
     )
