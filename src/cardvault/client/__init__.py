@@ -15,10 +15,14 @@
   ``Idempotency-Key`` (one is generated for every POST), so a retry never does twice
   what the first attempt did.
 * Stripe error objects become typed exceptions from :mod:`cardvault.errors`.
+* The API's resources as methods, named as in Stripe's libraries
+  (:mod:`cardvault.client.resources`): ``client.payment_methods.create/retrieve/list/
+  delete`` and ``client.forwarding.create/retrieve/list``.
 """
 
 from __future__ import annotations
 
 from cardvault.client.http import Client, PinMismatch, TransportError
+from cardvault.client.resources import Forwarding, PaymentMethods
 
-__all__ = ["Client", "PinMismatch", "TransportError"]
+__all__ = ["Client", "Forwarding", "PaymentMethods", "PinMismatch", "TransportError"]

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import random
+import re
 import ssl
 import time
 import uuid
@@ -20,12 +21,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cardvault import __version__
+from cardvault.client.resources import Forwarding, PaymentMethods
 from cardvault.errors import CardVaultError, error_class_for
 from cardvault.transport.tls import TlsProfile, client_context
 
 __all__ = ["Client", "PinMismatch", "TransportError", "spki_sha256"]
 
 _RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+#: ``sha384-`` and the base64 of a 48-byte digest: what a script tag's integrity takes.
+_SRI = re.compile(r"sha384-[A-Za-z0-9+/]{64}")
 
 
 class TransportError(Exception):
@@ -179,6 +183,10 @@ class Client:
             trust_env=False,
             headers={"user-agent": f"cardvault-python/{__version__}"},
         )
+        #: ``client.payment_methods.create(card={...})`` and the rest of Stripe's verbs.
+        self.payment_methods = PaymentMethods(self)
+        #: ``client.forwarding.create(payment_method=..., url=..., ...)``, retrieve, list.
+        self.forwarding = Forwarding(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -216,6 +224,22 @@ class Client:
         Raises a :class:`cardvault.errors.CardVaultError` subclass for an error object and
         :class:`TransportError` when the server could not be reached safely.
         """
+        response = self._send(
+            method, path, params=params, data=data, json=json, idempotency_key=idempotency_key
+        )
+        return _decode(response)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        json: Any = None,
+        idempotency_key: str | None = None,
+    ) -> httpx.Response:
+        """Send with retries and return the last response, whatever its status."""
         if not httpx.URL(path).is_relative_url:
             # httpx would send an absolute URL as is, ignoring base_url: over plain HTTP
             # or to another host, with the API key in the Authorization header.
@@ -242,7 +266,7 @@ class Client:
                     raise TransportError(_describe(exc)) from exc
             else:
                 if response.status_code not in _RETRY_STATUSES or attempt >= self.max_retries:
-                    return _decode(response)
+                    return response
             attempt += 1
             time.sleep(self._backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2))  # noqa: S311
 
@@ -257,6 +281,21 @@ class Client:
 
     def health(self) -> Any:
         return self.get("/healthz")
+
+    def element_integrity(self) -> str:
+        """The Subresource Integrity hash (``sha384-…``) of the vault's ``cardvault.js``,
+        as the vault computed it from the bytes it serves (``/js/v1/cardvault.js.sri``).
+
+        A checkout page puts it in the script tag's ``integrity`` attribute. Raises
+        :class:`ValueError` if the answer is not such a hash.
+        """
+        response = self._send("GET", "/js/v1/cardvault.js.sri")
+        if not response.is_success:
+            _decode(response)
+        value = response.text.strip()
+        if not _SRI.fullmatch(value):
+            raise ValueError("the vault's answer is not a sha384 integrity hash")
+        return value
 
 
 def _is_certificate_error(exc: Exception) -> bool:
