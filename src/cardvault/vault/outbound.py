@@ -97,6 +97,20 @@ class _PinningConnector(aiohttp.TCPConnector):
         return transport, protocol
 
 
+def _peer_ip(response: aiohttp.ClientResponse) -> str | None:
+    """The address the request was sent to. A small response may be read to its end,
+    and its connection handed back to the pool, before this runs; the protocol object
+    still knows its transport then."""
+    transport = None
+    if response.connection is not None:
+        transport = response.connection.transport
+    if transport is None:
+        protocol = getattr(response, "_protocol", None)
+        transport = getattr(protocol, "transport", None)
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return str(peername[0]) if peername else None
+
+
 @dataclass(frozen=True)
 class OutboundResponse:
     status: int
@@ -159,10 +173,7 @@ class OutboundClient:
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 proxy=None,
             ) as response:
-                peer = None
-                if response.connection is not None and response.connection.transport is not None:
-                    peername = response.connection.transport.get_extra_info("peername")
-                    peer = str(peername[0]) if peername else None
+                peer = _peer_ip(response)
                 if (
                     response.content_length is not None
                     and response.content_length > max_response_bytes
