@@ -58,7 +58,7 @@ class KeyServiceClientSettings:
 @dataclasses.dataclass
 class DataKeySettings:
     #: Encryptions per data key before the next is fetched.
-    max_uses: int = 20_000
+    max_uses: int = 50_000
     #: Seconds a data key is used for encryption.
     max_age: int = 3600
     #: Seconds an unwrapped data key stays cached for decryption, and how many.
