@@ -48,12 +48,15 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ports = {name: free_port() for name in ("vault", "redirect", "keyservice", "admin", "acquirer")}
+    ports = {
+        name: free_port()
+        for name in ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
+    }
     args = [
         sys.executable, "-m", "cardvault", "up", "--state", str(state),
         "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),
         "--keyservice-port", str(ports["keyservice"]), "--admin-port", str(ports["admin"]),
-        "--acquirer-port", str(ports["acquirer"]),
+        "--acquirer-port", str(ports["acquirer"]), "--shop-port", str(ports["shop"]),
     ]  # fmt: skip
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(args, stdout=log, stderr=log)
@@ -61,7 +64,8 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
         wait_for(state / "stack.json", proc)
         stack = json.loads((state / "stack.json").read_text())
         children = pids_of_children(proc.pid)
-        assert len(children) == 3  # key service, vault, simulated acquirer
+        assert len(children) == 4  # key service, vault, simulated acquirer, example shop
+        assert stack["shop"]["url"] == f"https://localhost:{ports['shop']}"
         assert (
             stack["acquirer"]["forward_url"]
             == f"https://localhost:{ports['acquirer']}/v1/authorizations"
@@ -125,6 +129,14 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
         wait_for(state / "stack.json", proc)
         again = json.loads((state / "stack.json").read_text())
         assert again["keys"] == stack["keys"]
+        # The shop's origin is still allowed to frame the card element.
+        with httpx.Client(verify=client_context(again["ca_bundle"]), trust_env=False) as c:
+            frame = c.get(
+                again["vault"]["url"] + "/element/v1/card.html",
+                params={"key": again["keys"]["publishable"], "origin": again["shop"]["url"]},
+                headers={"sec-fetch-dest": "iframe"},
+            )
+        assert frame.status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

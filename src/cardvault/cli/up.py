@@ -1,8 +1,9 @@
 """``cardvault up``: the local stack in one command.
 
-Today the stack is the vault (public HTTPS listener, HTTP redirect port, mTLS admin API);
-the key service, the acquirer and the example shop join it as they are built. Each zone
-gets its own state directory and certificate; every process is a real child process.
+The stack: the key service (mTLS only), the vault (public HTTPS listener, HTTP redirect
+port, mTLS admin API), the simulated acquirer and the example shop, each a real child
+process. Each zone gets its own state directory and certificate; the acquirer and the
+shop run only when cardvault runs from its repository (they live in ``examples/``).
 """
 
 from __future__ import annotations
@@ -40,10 +41,24 @@ def _issue_once(ca: Any, name: str, out_dir: Path, **kwargs: Any) -> None:
         ca.issue(name, out_dir=out_dir, **kwargs)
 
 
+def _example_entry(name: str) -> Path | None:
+    entry = Path(__file__).resolve().parents[3] / "examples" / name / "__main__.py"
+    return entry if entry.exists() else None
+
+
 def acquirer_entry() -> Path | None:
     """The simulated acquirer's entry point, when cardvault runs from its repository."""
-    entry = Path(__file__).resolve().parents[3] / "examples" / "acquirer" / "__main__.py"
-    return entry if entry.exists() else None
+    return _example_entry("acquirer")
+
+
+def shop_entry() -> Path | None:
+    """The example shop's entry point, when cardvault runs from its repository."""
+    return _example_entry("shop")
+
+
+def shop_origin(shop_port: int) -> str:
+    """The shop's origin: the demo account's card element may be framed there only."""
+    return f"https://localhost:{shop_port}"
 
 
 def prepare(
@@ -54,6 +69,7 @@ def prepare(
     admin_port: int,
     keyservice_port: int,
     acquirer_port: int = 8445,
+    shop_port: int = 8446,
 ) -> dict[str, Any]:
     """Create (or reuse) certificates, configuration and the demo account under ``state``.
 
@@ -128,6 +144,24 @@ def prepare(
         write_private(zdir / CA_CERT_FILE, ca_pem)
         zones[zone] = {"cert": str(zdir / f"{zone}.pem"), "key": str(zdir / f"{zone}.key")}
 
+    # The shop's HTTPS certificate: a server certificate only, apart from its client
+    # identity "shop" (which no service of ours accepts for anything).
+    sdir = state / "shop"
+    _issue_once(ca, "shop-server", sdir, **local)
+    write_private(
+        sdir / "shop.toml",
+        (
+            "# The example shop's settings, written by `cardvault up`.\n"
+            f'[server]\nhost = "127.0.0.1"\nport = {shop_port}\n'
+            f'cert_file = "{sdir / "shop-server.pem"}"\nkey_file = "{sdir / "shop-server.key"}"\n'
+            f'public_url = "{shop_origin(shop_port)}"\n\n'
+            f'[vault]\nurl = "https://localhost:{vault_port}"\nca_file = "{sdir / CA_CERT_FILE}"\n'
+            f'keys_file = "{sdir / "keys.json"}"\n\n'
+            f'[acquirer]\nforward_url = "{forward_url}"\n\n'
+            f'[store]\ndb_file = "{sdir / "shop.db"}"\n'
+        ).encode(),
+    )
+
     return {
         "state": str(state),
         "ca_bundle": str(state / "shop" / CA_CERT_FILE),
@@ -145,6 +179,13 @@ def prepare(
             "cert": str(adir / "acquirer.pem"),
             "key": str(adir / "acquirer.key"),
             "log": str(adir / "acquirer.log"),
+        },
+        "shop": {
+            "url": shop_origin(shop_port),
+            "dir": str(sdir),
+            "config": str(sdir / "shop.toml"),
+            "db": str(sdir / "shop.db"),
+            "log": str(sdir / "shop.log"),
         },
         "keyservice": {
             "url": f"https://localhost:{keyservice_port}",
@@ -193,6 +234,32 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
     keys = asyncio.run(go())
     write_private(path, json.dumps(keys).encode())
     return keys
+
+
+def _allow_origin(vault_config: str, account: str, origin: str) -> None:
+    """Add ``origin`` to the demo account's allowed origins (kept: any others), so that
+    the shop's checkout may frame the card element. Run before the vault starts."""
+    import asyncio
+
+    from cardvault.config import load_settings
+    from cardvault.storage import open_vault_store
+    from cardvault.vault.settings import VaultSettings
+
+    settings = load_settings(VaultSettings, Path(vault_config))
+
+    async def go() -> None:
+        store = open_vault_store(settings.store.url)
+        try:
+            await store.migrate()
+            found = await store.get_account(account)
+            if found is None:
+                raise RuntimeError(f"the demo account {account} is not in the vault's store")
+            if origin not in found.allowed_origins:
+                await store.set_allowed_origins(account, [*found.allowed_origins, origin])
+        finally:
+            await store.close()
+
+    asyncio.run(go())
 
 
 def _spawn_script(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
@@ -257,13 +324,17 @@ def up(
     ] = 8080,
     keyservice_port: Annotated[int, typer.Option(help="The key service's port (mTLS).")] = 8444,
     acquirer_port: Annotated[int, typer.Option(help="The simulated acquirer's port.")] = 8445,
+    shop_port: Annotated[int, typer.Option(help="The example shop's HTTPS port.")] = 8446,
     admin_port: Annotated[int, typer.Option(help="The vault's admin API port (mTLS).")] = 8447,
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C."""
     state = state.resolve()
     entry = acquirer_entry()
+    shop = shop_entry()
     ports = [vault_port, redirect_port, keyservice_port, admin_port]
-    for port in ports + ([acquirer_port] if entry else []):
+    ports += [acquirer_port] if entry else []
+    ports += [shop_port] if shop else []
+    for port in ports:
         _check_port_free(port)
     info = prepare(
         state,
@@ -272,7 +343,10 @@ def up(
         admin_port=admin_port,
         keyservice_port=keyservice_port,
         acquirer_port=acquirer_port,
+        shop_port=shop_port,
     )
+    if shop is None:
+        del info["shop"]
     err.print(
         "[bold yellow]DEVELOPMENT STACK[/] — local certificates, a key service that unseals "
         "itself from a local file; never put real card data in it."
@@ -299,20 +373,24 @@ def up(
             )
             if init.returncode != 0:
                 raise RuntimeError(f"key service init failed: {init.stderr.strip()}")
-        procs.append(_spawn(["keyservice", "serve", "--config", ks["config"]], ks["log"]))
+        ks_proc = _spawn(["keyservice", "serve", "--config", ks["config"]], ks["log"])
+        procs.append(ks_proc)
         info["keys"] = _demo_keys(state, vault["config"])
-        procs.append(_spawn(["vault", "serve", "--config", vault["config"]], vault["log"]))
+        if shop is not None:
+            _allow_origin(vault["config"], info["keys"]["account"], info["shop"]["url"])
+        vault_proc = _spawn(["vault", "serve", "--config", vault["config"]], vault["log"])
+        procs.append(vault_proc)
         acq = info["acquirer"]
+        acq_proc = None
         if entry is not None:
-            procs.append(
-                _spawn_script(
-                    [
-                        str(entry), "--host", "127.0.0.1", "--port", str(acquirer_port),
-                        "--cert", acq["cert"], "--key", acq["key"], "--state", acq["state"],
-                    ],
-                    acq["log"],
-                )
+            acq_proc = _spawn_script(
+                [
+                    str(entry), "--host", "127.0.0.1", "--port", str(acquirer_port),
+                    "--cert", acq["cert"], "--key", acq["key"], "--state", acq["state"],
+                ],
+                acq["log"],
             )  # fmt: skip
+            procs.append(acq_proc)
         else:
             err.print(
                 "[yellow]examples/acquirer not found: running without the simulated acquirer[/]"
@@ -320,11 +398,20 @@ def up(
         identity = info["identities"]["admin"]
         deadline = time.monotonic() + 30
         _wait_healthy(
-            ks["url"], info["ca_bundle"], procs[0], deadline, (identity["cert"], identity["key"])
+            ks["url"], info["ca_bundle"], ks_proc, deadline, (identity["cert"], identity["key"])
         )
-        _wait_healthy(vault["url"], info["ca_bundle"], procs[1], deadline)
-        if entry is not None:
-            _wait_healthy(acq["url"], info["ca_bundle"], procs[2], deadline)
+        _wait_healthy(vault["url"], info["ca_bundle"], vault_proc, deadline)
+        if acq_proc is not None:
+            _wait_healthy(acq["url"], info["ca_bundle"], acq_proc, deadline)
+        if shop is not None:
+            # Started once the vault answers: it asks the vault for cardvault.js's hash.
+            shop_proc = _spawn_script(
+                [str(shop), "--config", info["shop"]["config"]], info["shop"]["log"]
+            )
+            procs.append(shop_proc)
+            _wait_healthy(info["shop"]["url"], info["ca_bundle"], shop_proc, time.monotonic() + 30)
+        else:
+            err.print("[yellow]examples/shop not found: running without the example shop[/]")
         write_private(stack_file, json.dumps(info, indent=2).encode())
         out.print(f"vault        {vault['url']}  (Stripe-compatible API, /healthz)")
         out.print(f"redirect     {vault['redirect_url']}  (answers only with a redirect to HTTPS)")
@@ -334,12 +421,24 @@ def up(
             out.print(
                 f"acquirer     {acq['url']}  (simulated; the allowlisted {acq['forward_url']})"
             )
+        if shop is not None:
+            out.print(
+                f"shop         {info['shop']['url']}  (the example shop; holds only pm_ ids)",
+                soft_wrap=True,
+            )
         out.print(f"CA bundle    {info['ca_bundle']}")
         out.print(
             f"test keys    {info['keys']['publishable']}  /  {info['keys']['secret']}",
             highlight=False,
         )
         out.print(f"stack        {stack_file}")
+        if shop is not None:
+            out.print(
+                f"[bold]open {info['shop']['url']} to buy something[/] (your browser must "
+                f"trust {state / 'ca' / CA_CERT_FILE}); test cards: 4242 4242 4242 4242",
+                highlight=False,
+                soft_wrap=True,
+            )
         out.print("Press Ctrl-C to stop.")
         while not stopping:
             for proc in procs:
@@ -350,7 +449,7 @@ def up(
                     stopping = True
             time.sleep(0.2)
     except RuntimeError as exc:
-        err.print(f"[red]{exc}[/] (logs: {ks['log']}, {vault['log']})")
+        err.print(f"[red]{exc}[/] (logs: {state}/*/*.log)")
         raise typer.Exit(1) from None
     finally:
         stack_file.unlink(missing_ok=True)

@@ -14,7 +14,9 @@
 * Retries on network errors and on 409/429/5xx, with backoff, reusing the same
   ``Idempotency-Key`` (one is generated for every POST), so a retry never does twice
   what the first attempt did.
-* Stripe error objects become typed exceptions from :mod:`cardvault.errors`.
+* Stripe error objects become typed exceptions from :mod:`cardvault.errors`, whose base
+  class is exported here as ``CardVaultError`` too, so that an application can use the
+  SDK by importing this package alone.
 * The API's resources as methods, named as in Stripe's libraries
   (:mod:`cardvault.client.resources`): ``client.payment_methods.create/retrieve/list/
   delete`` and ``client.forwarding.create/retrieve/list``.
@@ -24,5 +26,13 @@ from __future__ import annotations
 
 from cardvault.client.http import Client, PinMismatch, TransportError
 from cardvault.client.resources import Forwarding, PaymentMethods
+from cardvault.errors import CardVaultError
 
-__all__ = ["Client", "Forwarding", "PaymentMethods", "PinMismatch", "TransportError"]
+__all__ = [
+    "CardVaultError",
+    "Client",
+    "Forwarding",
+    "PaymentMethods",
+    "PinMismatch",
+    "TransportError",
+]

@@ -1,0 +1,279 @@
+"""The example shop in the whole stack: ``cardvault up`` in a temporary directory, and a
+purchase through the API path the checkout page takes.
+
+The card element (in a browser) posts the card to the vault with the publishable key and
+hands the shop's page a ``pm_…``; the page posts that id to the shop's ``/orders``. Here
+the test does the same two requests itself (the browser path is
+tests/browser/test_shop_checkout.py). Then it checks what each zone ended up with: the
+acquirer got the card, the shop's database, log and files hold no card number or CVC,
+the shop's certificates open nothing at the key service, and stopping ``up`` leaves no
+process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cardvault.client import Client
+from cardvault.scan import scan_paths
+from cardvault.transport.tls import client_context
+from helpers import free_port
+
+VISA = "4242424242424242"  # published test cards (shared/testdata/test_cards.json)
+DECLINED = "4000000000000002"
+MASTERCARD = "5555555555554444"
+CVC = "737"
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    state: Path
+    info: dict[str, Any]
+    children: list[int]
+    log: Path
+
+    @property
+    def shop_url(self) -> str:
+        return str(self.info["shop"]["url"])
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            verify=client_context(self.info["ca_bundle"]), trust_env=False, timeout=30
+        )
+
+    def pm(self, number: str, cvc: str = CVC) -> dict[str, Any]:
+        """What the card element does: the card to the vault, with the publishable key."""
+        with Client(
+            self.info["keys"]["publishable"],
+            base_url=self.info["vault"]["url"],
+            ca_bundle=self.info["ca_bundle"],
+        ) as vault:
+            return vault.payment_methods.create(
+                card={"number": number, "exp_month": 12, "exp_year": 2031, "cvc": cvc},
+                billing_details={"name": "Jenny Rosen"},
+            )
+
+    def order(self, pm_id: str, **headers: str) -> httpx.Response:
+        """What the checkout page does next: only the pm_ id to the shop's server."""
+        with self.http() as http:
+            return http.post(
+                f"{self.shop_url}/orders", json={"payment_method": pm_id}, headers=headers
+            )
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("shop-stack")
+    state = tmp / "state"
+    ports = {
+        name: free_port()
+        for name in ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
+    }
+    args = [
+        sys.executable, "-m", "cardvault", "up", "--state", str(state),
+        "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),
+        "--keyservice-port", str(ports["keyservice"]), "--admin-port", str(ports["admin"]),
+        "--acquirer-port", str(ports["acquirer"]), "--shop-port", str(ports["shop"]),
+    ]  # fmt: skip
+    log = tmp / "up.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=fh)
+    try:
+        deadline = time.monotonic() + 90
+        while not (state / "stack.json").exists():
+            assert proc.poll() is None, f"cardvault up exited: {log.read_text()}"
+            assert time.monotonic() < deadline, "stack.json did not appear"
+            time.sleep(0.1)
+        info = json.loads((state / "stack.json").read_text())
+        yield Stack(proc, state, info, children_of(proc.pid), log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_up_runs_the_shop_as_a_fourth_process_and_names_it_in_stack_json(stack: Stack) -> None:
+    assert len(stack.children) == 4  # key service, vault, acquirer, shop
+    shop = stack.info["shop"]
+    assert shop["url"].startswith("https://localhost:")
+    assert Path(shop["db"]).parent == stack.state / "shop"
+    assert "open " + shop["url"] + " to buy something" in stack.log.read_text()
+
+
+def test_the_shop_speaks_https_with_hsts_and_its_own_certificate(stack: Stack) -> None:
+    with stack.http() as http:
+        r = http.get(stack.shop_url + "/")
+    assert r.status_code == 200
+    assert r.headers["strict-transport-security"].startswith("max-age=63072000")
+    # The checkout loads the vault's script pinned by the hash the vault publishes,
+    # and its policy names the vault for the script and the frame only.
+    vault = stack.info["vault"]["url"]
+    with stack.http() as http:
+        sri = http.get(vault + "/js/v1/cardvault.js.sri").text.strip()
+    assert f'<script src="{vault}/js/v1/cardvault.js" integrity="{sri}"' in r.text
+    assert f"script-src 'self' {vault}; frame-src {vault};" in r.headers["content-security-policy"]
+    assert stack.info["keys"]["publishable"] in r.text
+    assert stack.info["keys"]["secret"] not in r.text
+
+
+def test_the_vault_lets_the_shops_checkout_frame_the_card_element(stack: Stack) -> None:
+    with stack.http() as http:
+        r = http.get(
+            stack.info["vault"]["url"] + "/element/v1/card.html",
+            params={"key": stack.info["keys"]["publishable"], "origin": stack.shop_url},
+            headers={"sec-fetch-dest": "iframe"},
+        )
+    assert r.status_code == 200
+    assert f"frame-ancestors {stack.shop_url}" in r.headers["content-security-policy"]
+
+
+def test_buying_something_approves_it_and_the_orders_page_shows_brand_last4_and_answer(
+    stack: Stack,
+) -> None:
+    pm = stack.pm(VISA)
+    r = stack.order(pm["id"], origin=stack.shop_url)
+    assert r.status_code == 200, r.text
+    order = r.json()["order"]
+    assert order["status"] == "approved"
+    assert (order["brand"], order["last4"], order["amount"]) == ("visa", "4242", 6000)
+    assert order["authorization_id"].startswith("auth_")
+    assert order["forwarding_request"].startswith("fwdreq_")
+    with stack.http() as http:
+        page = http.get(stack.shop_url + "/orders").text
+    row = page[page.index(f'<tr id="{order["id"]}"') :].split("</tr>", 1)[0]
+    assert "Visa •••• 4242" in row
+    assert "approved" in row
+    assert order["authorization_id"] in row
+
+    # The acquirer received the real card, the CVC and the shop's amount and reference.
+    received = [
+        json.loads(line)
+        for line in (Path(stack.info["acquirer"]["state"]) / "received.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    sent = [json.loads(r["body"]) for r in received if order["id"] in (r["body"] or "")]
+    assert len(sent) == 1
+    assert sent[0]["card"]["number"] == VISA
+    assert sent[0]["card"]["cvc"] == CVC
+    assert (sent[0]["amount"], sent[0]["currency"]) == (6000, "usd")
+
+
+def test_a_declined_card_is_recorded_with_the_acquirers_decline_code(stack: Stack) -> None:
+    pm = stack.pm(DECLINED)
+    r = stack.order(pm["id"])
+    assert r.status_code == 200, r.text
+    order = r.json()["order"]
+    assert (order["status"], order["decline_code"], order["last4"]) == (
+        "declined",
+        "card_declined",
+        "0002",
+    )
+
+
+def test_a_payment_method_pays_for_one_order_only(stack: Stack) -> None:
+    pm = stack.pm(MASTERCARD)
+    assert stack.order(pm["id"]).json()["order"]["status"] == "approved"
+    again = stack.order(pm["id"])
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "payment_method_used"
+
+
+def test_the_shop_refuses_orders_from_other_origins_and_unknown_payment_methods(
+    stack: Stack,
+) -> None:
+    pm = stack.pm(VISA)
+    assert stack.order(pm["id"], origin="https://evil.example").status_code == 403
+    assert stack.order(pm["id"], **{"sec-fetch-site": "cross-site"}).status_code == 403
+    with stack.http() as http:
+        form = http.post(f"{stack.shop_url}/orders", data={"payment_method": pm["id"]})
+    assert form.status_code == 415
+    unknown = stack.order("pm_" + "x" * 24)
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["code"] == "invalid_payment_method"
+    assert stack.order("../v1/forwarding").status_code == 400
+    # None of these made an order: the pm is still good for one.
+    assert stack.order(pm["id"]).json()["order"]["status"] == "approved"
+
+
+def test_the_shops_database_files_and_logs_hold_no_card_number_or_cvc(stack: Stack) -> None:
+    # Something must have been bought for this to mean anything.
+    db = Path(stack.info["shop"]["db"])
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT payment_method, last4, status FROM orders").fetchall()
+    assert {status for _pm, _last4, status in rows} >= {"approved", "declined"}
+    assert all(pm.startswith("pm_") for pm, _last4, _status in rows)
+    shop_dir = stack.state / "shop"
+    assert (shop_dir / "shop.log").stat().st_size > 0
+    findings = scan_paths([shop_dir], canaries=[VISA, DECLINED, MASTERCARD], cvcs=[CVC])
+    assert findings == [], [str(f) for f in findings]
+    # The scan can fail: the acquirer's record, which holds the cards on purpose, is found.
+    assert scan_paths([Path(stack.info["acquirer"]["state"])], canaries=[VISA])
+
+
+def test_the_shops_certificates_are_refused_by_the_key_service(stack: Stack) -> None:
+    url = stack.info["keyservice"]["url"] + "/v1/keys/pan/datakey"
+    identity = stack.info["identities"]["shop"]
+    ctx = client_context(stack.info["ca_bundle"], client_cert=(identity["cert"], identity["key"]))
+    with httpx.Client(verify=ctx, trust_env=False) as c:
+        assert c.post(url).status_code == 403
+    # Its HTTPS certificate is no client certificate at all: the handshake fails.
+    shop_dir = stack.state / "shop"
+    server = (str(shop_dir / "shop-server.pem"), str(shop_dir / "shop-server.key"))
+    ctx = client_context(stack.info["ca_bundle"], client_cert=server)
+    with httpx.Client(verify=ctx, trust_env=False) as c:
+        try:
+            status = c.post(url).status_code
+        except (httpx.TransportError, ssl.SSLError):
+            status = None
+    assert status in (None, 403)
+
+
+def test_stopping_up_stops_the_shop_and_leaves_no_process_behind(stack: Stack) -> None:
+    children = stack.children
+    assert all(alive(pid) for pid in children)
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(30) == 0
+    assert not (stack.state / "stack.json").exists()
+    deadline = time.monotonic() + 5
+    while [pid for pid in children if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in children if alive(pid)] == []
+    with pytest.raises(httpx.TransportError), stack.http() as http:
+        http.get(stack.shop_url + "/healthz", timeout=2)
