@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from cardvault.storage.base import (
     Account,
@@ -63,6 +63,8 @@ __all__ = ["PostgresVaultStore"]
 #: number, distinct from the key service's 7301 in case both share a database).
 MIGRATION_LOCK = 7302
 
+R = TypeVar("R")
+
 
 def _columns(columns: tuple[str, ...]) -> str:
     return ", ".join(columns)
@@ -89,9 +91,6 @@ _SELECT_API_KEY = f"SELECT {_columns(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S
 _SELECT_DATA_KEY = f"SELECT {_columns(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
 _SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
 _SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
-_CURSOR = (
-    "(SELECT created, id FROM payment_methods WHERE id = $3 AND account_id = $1 AND livemode = $2)"
-)
 
 
 def _count(status: str) -> int:
@@ -231,6 +230,23 @@ class PostgresVaultStore:
         starting_after: str | None = None,
         ending_before: str | None = None,
     ) -> list[PaymentMethodRecord]:
+        return await self._list(
+            "payment_methods", _SELECT_PM, payment_method_from_row,
+            account_id, livemode, limit, starting_after, ending_before,
+        )  # fmt: skip
+
+    async def _list(
+        self,
+        table: str,
+        select: str,
+        from_row: Callable[[Any], R],
+        account_id: str,
+        livemode: bool,
+        limit: int,
+        starting_after: str | None,
+        ending_before: str | None,
+    ) -> list[R]:
+        """One page of ``table`` in Stripe's order and cursor semantics (see base.py)."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         if starting_after is not None and ending_before is not None:
@@ -239,17 +255,20 @@ class PostgresVaultStore:
         where = "account_id = $1 AND livemode = $2"
         # A cursor is looked up within the same account and mode: an id from elsewhere
         # matches nothing, so the page is empty.
+        cursor = (
+            f"(SELECT created, id FROM {table} WHERE id = $3 AND account_id = $1 AND livemode = $2)"  # noqa: S608 - table is a constant of ours
+        )
         if starting_after is not None:
-            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) < {_CURSOR} ORDER BY created DESC, id DESC LIMIT $4"
+            sql = f"{select} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT $4"
             args: tuple[Any, ...] = (account_id, bool(livemode), starting_after, limit)
         elif ending_before is not None:
             # The page just newer than the cursor: the nearest ones first, then reversed.
-            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) > {_CURSOR} ORDER BY created ASC, id ASC LIMIT $4"
+            sql = f"{select} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT $4"
             args = (account_id, bool(livemode), ending_before, limit)
         else:
-            sql = f"{_SELECT_PM} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
+            sql = f"{select} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
             args = (account_id, bool(livemode), limit)
-        records = [payment_method_from_row(r) for r in await pool.fetch(sql, *args)]
+        records = [from_row(r) for r in await pool.fetch(sql, *args)]
         if ending_before is not None:
             records.reverse()
         return records
@@ -328,26 +347,10 @@ class PostgresVaultStore:
         starting_after: str | None = None,
         ending_before: str | None = None,
     ) -> list[ForwardingRequestRecord]:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        if starting_after is not None and ending_before is not None:
-            raise ValueError("give starting_after or ending_before, not both")
-        pool = await self._get_pool()
-        where = "account_id = $1 AND livemode = $2"
-        cursor = "(SELECT created, id FROM forwarding_requests WHERE id = $3 AND account_id = $1 AND livemode = $2)"
-        if starting_after is not None:
-            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT $4"
-            args: tuple[Any, ...] = (account_id, bool(livemode), starting_after, limit)
-        elif ending_before is not None:
-            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT $4"
-            args = (account_id, bool(livemode), ending_before, limit)
-        else:
-            sql = f"{_SELECT_FWD} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
-            args = (account_id, bool(livemode), limit)
-        records = [forwarding_from_row(r) for r in await pool.fetch(sql, *args)]
-        if ending_before is not None:
-            records.reverse()
-        return records
+        return await self._list(
+            "forwarding_requests", _SELECT_FWD, forwarding_from_row,
+            account_id, livemode, limit, starting_after, ending_before,
+        )  # fmt: skip
 
     async def purge_forwarding_requests(self, before: int) -> int:
         pool = await self._get_pool()

@@ -85,6 +85,7 @@ from cardvault.storage.migrations import (
 __all__ = ["SQLiteVaultStore"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: The most operations one transaction carries. Larger batches spread one fsync over
 #: more writes but hold the answers of the first callers longer; at ~60k rows/s a full
@@ -128,9 +129,6 @@ _SELECT_API_KEY = f"SELECT {_columns(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S
 _SELECT_DATA_KEY = f"SELECT {_columns(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
 _SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
 _SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
-_CURSOR = (
-    "(SELECT created, id FROM payment_methods WHERE id = ? AND account_id = ? AND livemode = ?)"
-)
 
 _DUPLICATE_CODES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -531,6 +529,23 @@ class SQLiteVaultStore:
         starting_after: str | None = None,
         ending_before: str | None = None,
     ) -> list[PaymentMethodRecord]:
+        return await self._list(
+            "payment_methods", _SELECT_PM, payment_method_from_row,
+            account_id, livemode, limit, starting_after, ending_before,
+        )  # fmt: skip
+
+    async def _list(
+        self,
+        table: str,
+        select: str,
+        from_row: Callable[[Any], R],
+        account_id: str,
+        livemode: bool,
+        limit: int,
+        starting_after: str | None,
+        ending_before: str | None,
+    ) -> list[R]:
+        """One page of ``table`` in Stripe's order and cursor semantics (see base.py)."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         if starting_after is not None and ending_before is not None:
@@ -539,19 +554,22 @@ class SQLiteVaultStore:
         where = "account_id = ? AND livemode = ?"
         # A cursor is looked up within the same account and mode: an id from elsewhere
         # matches nothing, so the page is empty.
+        cursor = (
+            f"(SELECT created, id FROM {table} WHERE id = ? AND account_id = ? AND livemode = ?)"  # noqa: S608 - table is a constant of ours
+        )
         if starting_after is not None:
-            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) < {_CURSOR} ORDER BY created DESC, id DESC LIMIT ?"
+            sql = f"{select} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT ?"
             params: tuple[Any, ...] = (*scope, starting_after, *scope, limit)
         elif ending_before is not None:
             # The page just newer than the cursor: the nearest ones first, then reversed.
-            sql = f"{_SELECT_PM} WHERE {where} AND (created, id) > {_CURSOR} ORDER BY created ASC, id ASC LIMIT ?"
+            sql = f"{select} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT ?"
             params = (*scope, ending_before, *scope, limit)
         else:
-            sql = f"{_SELECT_PM} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?"
+            sql = f"{select} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?"
             params = (*scope, limit)
 
-        def op(conn: sqlite3.Connection) -> list[PaymentMethodRecord]:
-            return [payment_method_from_row(r) for r in conn.execute(sql, params).fetchall()]
+        def op(conn: sqlite3.Connection) -> list[R]:
+            return [from_row(r) for r in conn.execute(sql, params).fetchall()]
 
         records = await self._read(op)
         if ending_before is not None:
@@ -640,30 +658,10 @@ class SQLiteVaultStore:
         starting_after: str | None = None,
         ending_before: str | None = None,
     ) -> list[ForwardingRequestRecord]:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        if starting_after is not None and ending_before is not None:
-            raise ValueError("give starting_after or ending_before, not both")
-        scope = (account_id, bool(livemode))
-        where = "account_id = ? AND livemode = ?"
-        cursor = "(SELECT created, id FROM forwarding_requests WHERE id = ? AND account_id = ? AND livemode = ?)"
-        if starting_after is not None:
-            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT ?"
-            params: tuple[Any, ...] = (*scope, starting_after, *scope, limit)
-        elif ending_before is not None:
-            sql = f"{_SELECT_FWD} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT ?"
-            params = (*scope, ending_before, *scope, limit)
-        else:
-            sql = f"{_SELECT_FWD} WHERE {where} ORDER BY created DESC, id DESC LIMIT ?"
-            params = (*scope, limit)
-
-        def op(conn: sqlite3.Connection) -> list[ForwardingRequestRecord]:
-            return [forwarding_from_row(r) for r in conn.execute(sql, params).fetchall()]
-
-        records = await self._read(op)
-        if ending_before is not None:
-            records.reverse()
-        return records
+        return await self._list(
+            "forwarding_requests", _SELECT_FWD, forwarding_from_row,
+            account_id, livemode, limit, starting_after, ending_before,
+        )  # fmt: skip
 
     async def purge_forwarding_requests(self, before: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
