@@ -265,6 +265,91 @@ def test_the_shops_certificates_are_refused_by_the_key_service(stack: Stack) -> 
     assert status in (None, 403)
 
 
+def cli(stack: Stack, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDVAULT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", *args, "--stack", str(stack.state / "stack.json")],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def test_the_cli_stores_a_card_read_from_stdin_and_forwards_it_with_the_stacks_keys(
+    stack: Stack,
+) -> None:
+    created = cli(
+        stack, "payment-methods", "create", "--exp-month", "12", "--exp-year", "2031",
+        "--number", "-", "--cvc", "-", "--name", "Jenny Rosen", stdin=f"{VISA}\n{CVC}\n",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert "warning" not in created.stderr
+    assert VISA not in created.stdout
+    pm = json.loads(created.stdout)
+    assert (pm["card"]["last4"], pm["billing_details"]["name"]) == ("4242", "Jenny Rosen")
+
+    got = cli(stack, "payment-methods", "retrieve", pm["id"])
+    assert json.loads(got.stdout)["id"] == pm["id"]
+    # (Newest first, but several were made this second: their order is the ids'.)
+    listed = json.loads(cli(stack, "payment-methods", "list", "--limit", "1").stdout)
+    assert len(listed["data"]) == 1 and listed["has_more"] is True
+    every = json.loads(cli(stack, "payment-methods", "list", "--all").stdout)
+    assert pm["id"] in [p["id"] for p in every] and len(every) > 1
+
+    # Forwarding goes to the stack's acquirer by default, with its demo body.
+    fwd = cli(stack, "forwarding", "create", "--payment-method", pm["id"])
+    assert fwd.returncode == 0, fwd.stderr
+    forwarded = json.loads(fwd.stdout)
+    assert forwarded["response_details"]["status"] == 200
+    assert '"approved"' in forwarded["response_details"]["body"]
+    assert VISA not in fwd.stdout
+    again = json.loads(cli(stack, "forwarding", "retrieve", forwarded["id"]).stdout)
+    assert again["id"] == forwarded["id"]
+    listed = json.loads(cli(stack, "forwarding", "list", "--limit", "100").stdout)
+    assert forwarded["id"] in [f["id"] for f in listed["data"]]
+
+    deleted = cli(stack, "payment-methods", "delete", pm["id"], "--yes")
+    assert json.loads(deleted.stdout)["deleted"] is True
+    gone = cli(stack, "payment-methods", "retrieve", pm["id"])
+    assert gone.returncode == 1
+    assert "resource_missing" in gone.stderr
+
+
+def test_the_cli_warns_about_a_card_number_on_the_command_line(stack: Stack) -> None:
+    r = cli(
+        stack, "payment-methods", "create", "--exp-month", "12", "--exp-year", "2031",
+        "--number", MASTERCARD, "--publishable",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "shell history" in r.stderr
+    assert MASTERCARD not in r.stdout + r.stderr
+    assert json.loads(r.stdout)["card"]["last4"] == "4444"
+
+
+def test_the_cli_reports_errors_without_echoing_input(stack: Stack) -> None:
+    bad = cli(stack, "payment-methods", "retrieve", f"{VISA}/../x")
+    assert bad.returncode == 2
+    assert VISA not in bad.stderr
+    declined = cli(
+        stack, "payment-methods", "create", "--exp-month", "12", "--exp-year", "2031",
+        stdin="4242424242424241\n",  # the Visa test card with its check digit changed
+    )  # fmt: skip
+    assert declined.returncode == 1
+    assert "4242424242424241" not in declined.stdout + declined.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "cardvault", "payment-methods", "list", "--stack", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "cardvault up" in missing.stderr
+
+
 def test_stopping_up_stops_the_shop_and_leaves_no_process_behind(stack: Stack) -> None:
     children = stack.children
     assert all(alive(pid) for pid in children)
