@@ -132,7 +132,9 @@ def test_expired_cvcs_are_destroyed_by_the_sweeper(tmp_path: Path) -> None:
         service, secret, client = await make(tmp_path)
         service.cvc_ttl = 0
         headers = {"authorization": f"Bearer {secret}"}
-        r = await client.post("/v1/payment_methods", data={**FORM, "card[cvc]": "123"}, headers=headers)
+        r = await client.post(
+            "/v1/payment_methods", data={**FORM, "card[cvc]": "123"}, headers=headers
+        )
         assert r.status_code == 200
         before = await asyncio.to_thread(_cvcs, tmp_path / "v.db")
         destroyed = await service.sweep_expired_cvcs()
@@ -151,4 +153,6 @@ def _cvcs(path: Path) -> list[Any]:
     import sqlite3
 
     with sqlite3.connect(path) as db:
-        return db.execute("SELECT cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods").fetchall()
+        return db.execute(
+            "SELECT cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods"
+        ).fetchall()
