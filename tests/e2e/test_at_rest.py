@@ -49,12 +49,12 @@ def test_a_workload_leaves_no_card_data_at_rest_and_a_verifiable_audit_trail(
     state = tmp_path / "state"
     temp = tmp_path / "tmp"
     temp.mkdir()
-    ports = [free_port() for _ in range(5)]
+    ports = [free_port() for _ in range(6)]
     env = {**os.environ, "TMPDIR": str(temp)}
     up = subprocess.Popen(
         [sys.executable, "-m", "cardvault", "up", "--state", str(state),
          "--vault-port", str(ports[0]), "--redirect-port", str(ports[1]), "--keyservice-port", str(ports[2]),
-         "--admin-port", str(ports[3]), "--acquirer-port", str(ports[4])],
+         "--admin-port", str(ports[3]), "--acquirer-port", str(ports[4]), "--shop-port", str(ports[5])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     rng = random.Random(20261129)
