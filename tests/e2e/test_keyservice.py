@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import secrets
 import subprocess
 import sys
@@ -371,3 +372,33 @@ def test_restart_comes_back_sealed_with_keys_intact(
                 )
                 assert r.json()["plaintext"] == old["plaintext"]
             assert vault.post(f"{info.url}/v1/keys/pan/datakey").json()["key_version"] == 2
+
+
+def test_every_key_operation_is_in_the_audit_log(keyd: Keyd, keyd_pki: Pki) -> None:
+    # Runs after the tests above, which unsealed, sealed, rotated, rewrapped and were refused.
+    with client(keyd_pki, "shop") as shop:
+        shop.post(f"{keyd.url}/v1/keys/pan/datakey")
+    log = keyd.config.parent / "audit" / "audit.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    actions = {r["action"] for r in records}
+    assert {
+        "keyservice.config.loaded", "keyservice.start", "keyservice.unseal_share", "keyservice.unseal",
+        "keyservice.seal", "keyservice.datakey.issued", "keyservice.datakey.unwrapped", "keyservice.rotate",
+        "keyservice.datakey.rewrapped", "keyservice.config", "keyservice.key.derived", "keyservice.status.read",
+        "keyservice.auth.failed",
+    } <= actions  # fmt: skip
+    rejected = [
+        r for r in records if r["action"] == "keyservice.unseal_share" and r["result"] == "rejected"
+    ]
+    assert rejected
+    assert rejected[0]["actor"] == "admin"
+    refused = [r for r in records if r["action"] == "keyservice.auth.failed"]
+    assert refused[-1]["actor"] == "shop"
+    issued = next(r for r in records if r["action"] == "keyservice.datakey.issued")
+    assert issued["actor"] == "vault"
+    assert issued["origin"] == "127.0.0.1"
+    assert issued["request_id"].startswith("req_")
+    # No share, key or wrapped key in the log.
+    text = log.read_text()
+    for share in keyd.shares:
+        assert share not in text

@@ -32,6 +32,52 @@ out = Console()
 err = Console(stderr=True)
 
 
+def admin_log_directory(log: Path) -> Path:
+    """Where reading ``log`` is recorded: its zone's admin log (``<zone>-admin/``), or the
+    same directory for an admin log itself. The running service holds its own log open."""
+    zone = log.resolve().parent
+    return zone if zone.name.endswith("-admin") else zone.with_name(zone.name + "-admin")
+
+
+def record_access(log: Path, action: str, *, required: bool) -> None:
+    """Record that ``log`` was read or exported, before it is.
+
+    An export hands the records out, so when its record cannot be written the export is
+    refused (exit 1). A verification only checks integrity; it must still be able to
+    report a damaged log, so a failure to record it is a warning. An admin log's own
+    readers are not recorded in it (the log under examination is not written to)."""
+    import asyncio
+    import getpass
+
+    from cardvault.audit import AuditError, AuditLog
+
+    target = admin_log_directory(log)
+    if target == log.resolve().parent:
+        return
+
+    async def go() -> None:
+        audit = await AuditLog.open(target)
+        try:
+            await audit.append(
+                action,
+                actor=f"os-user:{getpass.getuser()}",
+                origin="local",
+                object_id=str(log.resolve())[-200:],
+                result="ok",
+                request_id=None,
+            )
+        finally:
+            await audit.close()
+
+    try:
+        asyncio.run(go())
+    except (AuditError, OSError) as exc:
+        err.print(
+            f"[red]cannot record this access in the audit log, so it is refused: {escape(str(exc))}[/]"
+        )
+        raise typer.Exit(1) from None
+
+
 def _logs_under(state: Path) -> list[Path]:
     """Every zone's log in a local stack: STATE/<zone>/audit.jsonl."""
     return sorted(state.glob(f"*/{LOG_FILE}"))
@@ -99,6 +145,8 @@ def verify(
     failed = False
     for log in logs:
         name = str(log.relative_to(state)) if state is not None else str(log)
+        if log.exists():
+            record_access(log, "audit.verified", required=False)
         result = _verify_one(log, public_key, head)
         if isinstance(result, str):
             failed = True
@@ -129,6 +177,8 @@ def export(
 
     Run `cardvault audit verify` before and after shipping an export.
     """
+    if path.exists():
+        record_access(path, "audit.exported", required=True)
     try:
         lines = (
             json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"
