@@ -103,11 +103,10 @@ def server_context(
     _set_groups(ctx, GROUPS)
     ctx.load_cert_chain(str(cert_file), str(key_file))
     ctx.set_alpn_protocols(["http/1.1"])
+    # A server context asks for no client certificate unless told to (a public listener).
     if client_ca_file is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=str(client_ca_file))
-    else:
-        ctx.verify_mode = ssl.CERT_NONE  # a public listener asks for no client certificate
     return ctx
 
 
