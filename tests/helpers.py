@@ -158,3 +158,30 @@ def wait_for_port(
                 return
         time.sleep(0.05)
     raise RuntimeError(f"port {port} did not open")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cardvault ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def keyservice_and_vault(
+    keyd_config: Path, keyd_port: int, vault_config: Path, vault_port: int, logs: Path
+) -> Iterator[None]:
+    """The key service, then the vault, as real processes; both stopped afterwards."""
+    with cardvault_process(
+        ["keyservice", "serve", "--config", str(keyd_config)], log=logs / "keyd.log"
+    ) as keyd:
+        wait_for_port(keyd_port, keyd)
+        with cardvault_process(
+            ["vault", "serve", "--config", str(vault_config)], log=logs / "vault.log"
+        ) as vault:
+            wait_for_port(vault_port, vault)
+            yield

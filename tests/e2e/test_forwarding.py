@@ -17,7 +17,14 @@ import httpx
 import pytest
 
 from cardvault.transport.tls import client_context
-from helpers import ROOT, Pki, cardvault_process, free_port, wait_for_port
+from helpers import (
+    ROOT,
+    Pki,
+    cli,
+    free_port,
+    keyservice_and_vault,
+    wait_for_port,
+)
 
 VISA = "4242424242424242"
 DECLINED = "4000000000000002"
@@ -71,16 +78,6 @@ class Stack:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cardvault", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def account(config: Path) -> tuple[str, str, str]:
@@ -187,17 +184,10 @@ accounts = ["acct_nobodyatall"]
     )  # fmt: skip
     try:
         wait_for_port(aport, acq)
-        with cardvault_process(
-            ["keyservice", "serve", "--config", str(kconf)], log=d / "keyd.log"
-        ) as kp:
-            wait_for_port(kport, kp)
-            with cardvault_process(
-                ["vault", "serve", "--config", str(vconf)], log=d / "vault.log"
-            ) as vp:
-                wait_for_port(vport, vp)
-                yield Stack(
-                    f"https://localhost:{vport}", f"https://localhost:{aport}", sport, sk, pk, other_sk,
-                    astate, sink, [d / "vault.log", d / "keyd.log", d / "vault.db"],
+        with keyservice_and_vault(kconf, kport, vconf, vport, d):
+            yield Stack(
+            f"https://localhost:{vport}", f"https://localhost:{aport}", sport, sk, pk, other_sk,
+            astate, sink, [d / "vault.log", d / "keyd.log", d / "vault.db"],
                 )  # fmt: skip
     finally:
         acq.terminate()

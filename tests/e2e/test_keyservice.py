@@ -7,7 +7,6 @@ import contextlib
 import json
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from cardvault.transport.tls import client_context
-from helpers import Pki, cardvault_process, free_port, wait_for_port
+from helpers import Pki, cardvault_process, cli, free_port, wait_for_port
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -44,16 +43,6 @@ def write_config(
         f'[audit]\ndirectory = "{directory / "audit"}"\n' + extra
     )
     return config, port
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cardvault", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import random
 import re
 import secrets
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import pytest
 
 from cardvault.cards import luhn_valid
 from cardvault.transport.tls import client_context
-from helpers import Pki, cardvault_process, free_port, wait_for_port
+from helpers import Pki, cardvault_process, cli, free_port, keyservice_and_vault, wait_for_port
 
 VISA = "4242424242424242"
 AMEX = "378282246310005"
@@ -63,16 +61,6 @@ class Stack:
                 await conn.close()
 
         return asyncio.run(run())
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cardvault", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def create_account(config: Path, *, live: bool = False) -> dict[str, str]:
@@ -156,25 +144,18 @@ def _stack(
         "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n"
     )
     accounts = [create_account(vconf, live=True), create_account(vconf)]
-    with cardvault_process(
-        ["keyservice", "serve", "--config", str(kconf)], log=d / "keyd.log"
-    ) as kp:
-        wait_for_port(kport, kp)
-        with cardvault_process(
-            ["vault", "serve", "--config", str(vconf)], log=d / "vault.log"
-        ) as vp:
-            wait_for_port(vport, vp)
-            yield Stack(
-                d,
-                f"https://localhost:{vport}",
-                vconf,
-                kport,
-                d / "vault.log",
-                d / "keyd.log",
-                accounts,
-                backend,
-                dsn,
-            )
+    with keyservice_and_vault(kconf, kport, vconf, vport, d):
+        yield Stack(
+            d,
+            f"https://localhost:{vport}",
+            vconf,
+            kport,
+            d / "vault.log",
+            d / "keyd.log",
+            accounts,
+            backend,
+            dsn,
+        )
 
 
 @pytest.fixture(scope="module")
