@@ -186,9 +186,9 @@ accounts = ["acct_nobodyatall"]
         wait_for_port(aport, acq)
         with keyservice_and_vault(kconf, kport, vconf, vport, d):
             yield Stack(
-            f"https://localhost:{vport}", f"https://localhost:{aport}", sport, sk, pk, other_sk,
-            astate, sink, [d / "vault.log", d / "keyd.log", d / "vault.db"],
-                )  # fmt: skip
+                f"https://localhost:{vport}", f"https://localhost:{aport}", sport, sk, pk, other_sk,
+                astate, sink, [d / "vault.log", d / "keyd.log", d / "vault.db"],
+            )  # fmt: skip
     finally:
         acq.terminate()
         acq.wait(10)
