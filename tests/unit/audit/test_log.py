@@ -299,6 +299,42 @@ def test_append_raises_when_fsync_fails(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_failed_fsync_refuses_every_record_it_would_have_covered_and_the_chain_resumes(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        log = await AuditLog.open(tmp_path)
+        await append_many(log, 3)
+        durable = (tmp_path / "audit.jsonl").read_bytes()
+        real = log._file.sync
+        failures = 0
+
+        def fails_once() -> None:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise OSError(errno.EIO, "I/O error")
+            real()
+
+        log._file.sync = fails_once  # type: ignore[method-assign]
+        outcomes = await asyncio.gather(
+            *(log.append("vault.payment_method.create", **entry(i)) for i in range(40)),
+            return_exceptions=True,
+        )
+        # Written before the failed fsync or chained on records that were: all refused,
+        # and none of their lines is left behind.
+        assert all(isinstance(o, AuditUnavailable) for o in outcomes), outcomes
+        assert (tmp_path / "audit.jsonl").read_bytes() == durable
+        assert log.seq == 3
+        record = await log.append("vault.payment_method.create", **entry(99))
+        assert record.seq == 4
+        assert record.prev == records(tmp_path / "audit.jsonl")[2]["hash"]
+        await log.close()
+
+    run(main())
+    verified(tmp_path)
+
+
 def test_a_log_that_cannot_be_cut_back_refuses_all_later_appends(tmp_path: Path) -> None:
     async def main() -> None:
         log = await AuditLog.open(tmp_path)
