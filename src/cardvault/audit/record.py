@@ -312,6 +312,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # --- what a record may hold ---------------------------------------------------------
 
 
+#: Texts of the fields that repeat from record to record (actor, origin, detail values)
+#: that passed :func:`_check_text`, so that each is checked once rather than on every
+#: append. Only clean texts enter; emptied when full.
+_CLEAN: set[str] = set()
+_CLEAN_MAX = 4096
+
+
+def _check_repeated(name: str, value: str) -> None:
+    if value not in _CLEAN:
+        _check_text(name, value)
+        if len(_CLEAN) >= _CLEAN_MAX:
+            _CLEAN.clear()
+        _CLEAN.add(value)
+
+
 def _check_text(name: str, value: str) -> None:
     # Messages name the field, never the value: the value is what must not be shown.
     if len(value) > MAX_TEXT:
@@ -358,12 +373,15 @@ def check_entry(
         raise ValueError("audit result must be a lower-case name (ok, denied, error, ...)")
     if not isinstance(actor, str) or not actor:
         raise ValueError("audit actor must be a non-empty string")
-    _check_text("actor", actor)
+    _check_repeated("actor", actor)
     for name, optional in (("origin", origin), ("object", object_id), ("request_id", request_id)):
         if optional is not None:
             if not isinstance(optional, str):
                 raise ValueError(f"audit {name} must be a string or None")
-            _check_text(name, optional)
+            if name == "origin":
+                _check_repeated(name, optional)
+            else:
+                _check_text(name, optional)
     if not isinstance(detail, Mapping):
         raise ValueError("audit detail must be a mapping")
     if len(detail) > MAX_DETAIL:
@@ -376,12 +394,12 @@ def check_entry(
         if value is None or isinstance(value, bool):
             continue
         if isinstance(value, int):
-            _check_text(f"detail[{key}]", str(value))
+            _check_repeated(f"detail[{key}]", str(value))
         elif isinstance(value, str):
             # A digest of a public file (the forwarding allowlist's SHA-256) is what an
             # auditor must see, and is not key material: allowed under a *sha256 key.
             if key.endswith("sha256") and _SHA256_HEX.fullmatch(value):
                 continue
-            _check_text(f"detail[{key}]", value)
+            _check_repeated(f"detail[{key}]", value)
         else:
             raise ValueError("audit detail values must be str, int, bool or None")

@@ -6,6 +6,7 @@ to the same bytes; that is what makes associated data unambiguous.
 
 from __future__ import annotations
 
+import re
 import secrets
 import struct
 from collections.abc import Callable, Mapping
@@ -58,17 +59,23 @@ def as_bytes(value: bytes | bytearray, what: str) -> bytes:
     return bytes(value)
 
 
+_U8 = struct.Struct(">B").pack
+_U32 = struct.Struct(">I").pack
+# Printable ASCII without space: what a key name may hold.
+_NAME_BYTES = re.compile(rb"[\x21-\x7e]+")
+
+
 def u8(value: int) -> bytes:
-    return struct.pack(">B", value)
+    return _U8(value)
 
 
 def u32(value: int) -> bytes:
-    return struct.pack(">I", value)
+    return _U32(value)
 
 
 def lp(data: bytes) -> bytes:
     """``data`` prefixed with its length as a 4-byte big-endian integer."""
-    return u32(len(data)) + data
+    return _U32(len(data)) + data
 
 
 def check_key_name(name: str) -> bytes:
@@ -83,7 +90,7 @@ def check_key_name(name: str) -> bytes:
         raw = name.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError("a key name must be printable ASCII") from None
-    if not 1 <= len(raw) <= _MAX_NAME_BYTES or any(not 0x21 <= b <= 0x7E for b in raw):
+    if len(raw) > _MAX_NAME_BYTES or _NAME_BYTES.fullmatch(raw) is None:
         raise ValueError("a key name must be 1..255 printable ASCII characters, no spaces")
     return raw
 
@@ -119,11 +126,10 @@ def encode_context(context: Context) -> bytes:
         # "strict" refuses lone surrogates, which have no UTF-8 encoding.
         entries.append((key.encode("utf-8"), value.encode("utf-8")))
     entries.sort()
-    out = bytearray(u32(len(entries)))
+    out = [_U32(len(entries))]
     for key_bytes, value_bytes in entries:
-        out += lp(key_bytes)
-        out += lp(value_bytes)
-    return bytes(out)
+        out += (_U32(len(key_bytes)), key_bytes, _U32(len(value_bytes)), value_bytes)
+    return b"".join(out)
 
 
 class Reader:

@@ -12,6 +12,7 @@ choose one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from cardvault.crypto._encoding import (
@@ -58,7 +59,10 @@ class EnvelopeHeader:
     key_version: int
 
 
+@functools.lru_cache(maxsize=256, typed=True)
 def _header(key_name: str, key_version: int) -> bytes:
+    # Cached: a process seals under a handful of keys. Invalid names and versions raise,
+    # and raising is never cached.
     name = check_key_name(key_name)
     return u8(ENVELOPE_FORMAT_V1) + u8(len(name)) + name + u32(check_key_version(key_version))
 

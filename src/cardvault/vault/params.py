@@ -10,28 +10,67 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_BODY_BYTES", "parse_body", "parse_form"]
+__all__ = ["MAX_BODY_BYTES", "parse_body", "parse_form", "parse_pairs"]
 
 #: A payment method with metadata fits in a few kilobytes; a larger body is a mistake or
 #: an attack, and is refused before it is parsed.
 MAX_BODY_BYTES = 64 * 1024
 _MAX_DEPTH = 4
+#: The most fields a form body may have (as ``parse_qsl(max_num_fields=...)``).
+_MAX_FIELDS = 1000
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_PART = re.compile(r"\[([^\[\]]*)\]")
+#: Parsed parameter names, so that the few names real clients send are parsed once.
+_KEY_CACHE: dict[str, tuple[str, ...]] = {}
+_KEY_CACHE_MAX = 512
+
+
+def _form_value(raw: str) -> str:
+    """A form field's name or value decoded as ``parse_qsl`` does: ``+`` is a space and
+    ``%XX`` escapes are UTF-8 (invalid sequences become U+FFFD)."""
+    if "%" in raw or "+" in raw:
+        return unquote(raw.replace("+", " "))
+    return raw
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """The ``(name, value)`` pairs of a form body, exactly as
+    ``urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=1000)``
+    returns them (a property test holds the two together), in a fraction of its time:
+    a field without ``=`` has an empty value, empty fields are skipped, and more than
+    1000 fields raise :class:`ValueError`."""
+    if text.count("&") >= _MAX_FIELDS:
+        raise ValueError("Max number of fields exceeded")
+    pairs: list[tuple[str, str]] = []
+    for field in text.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            pairs.append((_form_value(name), _form_value(value)))
+    return pairs
+
+
+def _key_parts(raw_key: str) -> tuple[str, ...]:
+    parts = _KEY_CACHE.get(raw_key)
+    if parts is None:
+        match = _KEY.match(raw_key)
+        if match is None:
+            raise InvalidRequestError("A parameter name is malformed.")
+        parts = (match.group(1), *_PART.findall(match.group(2)))
+        if len(parts) > _MAX_DEPTH:
+            raise InvalidRequestError("Parameters are nested too deeply.")
+        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+            _KEY_CACHE[raw_key] = parts
+    return parts
 
 
 def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for raw_key, value in pairs:
-        match = _KEY.match(raw_key)
-        if match is None:
-            raise InvalidRequestError("A parameter name is malformed.")
-        parts = [match.group(1), *re.findall(r"\[([^\[\]]*)\]", match.group(2))]
-        if len(parts) > _MAX_DEPTH:
-            raise InvalidRequestError("Parameters are nested too deeply.")
+        parts = _key_parts(raw_key)
         node: Any = out
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
@@ -79,10 +118,7 @@ def parse_body(body: bytes, content_type: str | None) -> dict[str, Any]:
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
         try:
-            text = body.decode("utf-8")
-            pairs = parse_qsl(
-                text, keep_blank_values=True, strict_parsing=False, max_num_fields=1000
-            )
+            pairs = parse_pairs(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidRequestError("The form body could not be parsed.") from exc
         return parse_form(pairs)
