@@ -831,6 +831,35 @@ def test_sqlite_concurrent_writes_share_a_transaction_and_are_committed_on_retur
     _sqlite_run(path, check, group_commit=group_commit)
 
 
+def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cardvault.storage import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", 64 * 1024)
+    path = tmp_path / "vault.db"
+    wal = tmp_path / "vault.db-wal"
+
+    async def check(store: SQLiteVaultStore) -> None:
+        largest = 0
+        for n in range(400):  # one commit each: about 3 MB of WAL frames in all
+            await store.insert_payment_method(pm(f"pm_ck_{n:03d}", metadata={"n": "x" * 400}))
+            largest = max(largest, wal.stat().st_size)
+            if n % 50 == 0:
+                await asyncio.sleep(0.05)  # let a checkpoint finish now and then
+        assert store.checkpoints >= 2
+        # The WAL is reused from its start after each checkpoint instead of growing.
+        assert largest < 1024 * 1024, largest
+        # The checkpointer's copies are the rows: a connection of its own sees them all.
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            (count,) = other.execute(
+                "SELECT count(*) FROM payment_methods WHERE id LIKE 'pm_ck_%'"
+            ).fetchone()
+        assert count == 400
+
+    _sqlite_run(path, check)
+
+
 def test_sqlite_a_failing_write_fails_alone_inside_a_shared_transaction(tmp_path: Path) -> None:
     path = tmp_path / "vault.db"
     existing = pm("pm_existing")

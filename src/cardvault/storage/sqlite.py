@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -100,6 +102,8 @@ __all__ = ["SQLiteVaultStore"]
 T = TypeVar("T")
 R = TypeVar("R")
 
+_log = structlog.get_logger("cardvault.storage")
+
 #: The most operations one transaction carries. Larger batches spread one fsync over
 #: more writes but stop the loop longer; at ~60k rows/s a full batch takes under 10 ms.
 MAX_BATCH = 512
@@ -117,6 +121,10 @@ SCRUB_WAIT_MS = 20
 
 #: Read connections (threads).
 READERS = 4
+
+#: The size of the WAL at which the checkpointer thread copies it into the database
+#: (SQLite's own default is 1000 pages, about 4 MiB).
+CHECKPOINT_WAL_BYTES = 4 * 1024 * 1024
 
 
 def _columns(columns: tuple[str, ...]) -> str:
@@ -173,7 +181,7 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("the database cannot use write-ahead logging")
 
 
-def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
+def _connect(path: Path, *, writer: bool, query_only: bool | None = None) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
     )
@@ -184,7 +192,10 @@ def _connect(path: Path, *, writer: bool) -> sqlite3.Connection:
         # Deleted card data is overwritten with zeros, not left in free space.
         conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA foreign_keys=ON")
-        if not writer:
+        if writer:
+            # Checkpoints run on a thread of their own (see the module docstring).
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        if (not writer) if query_only is None else query_only:
             conn.execute("PRAGMA query_only=ON")
     except BaseException:
         conn.close()
@@ -307,6 +318,10 @@ class SQLiteVaultStore:
         self._flush_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpointing = False
+        self._checkpoints = 0
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._open_error: BaseException | None = None
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
@@ -315,6 +330,11 @@ class SQLiteVaultStore:
 
     def __repr__(self) -> str:
         return f"SQLiteVaultStore({str(self.path)!r})"
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints the checkpointer thread has completed (for metrics and tests)."""
+        return self._checkpoints
 
     @property
     def commits(self) -> int:
@@ -341,6 +361,9 @@ class SQLiteVaultStore:
                 self._conn = conn
             self._readers = ThreadPoolExecutor(
                 max_workers=self._readers_count, thread_name_prefix="cardvault-sqlite-read"
+            )
+            self._checkpointer = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="cardvault-sqlite-checkpoint"
             )
         return self._readers
 
@@ -410,7 +433,7 @@ class SQLiteVaultStore:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[_Outcome]:
         if self._insert_alone(conn, batch):
-            self._commits += 1
+            self._committed(batch[0].loop)
             return [(op, None, None) for op in batch]
         outcomes: list[_Outcome] = []
         try:
@@ -437,10 +460,49 @@ class SQLiteVaultStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             return [(op, None, _copy_error(exc)) for op in batch]
-        self._commits += 1
+        self._committed(batch[0].loop)
         if self._scrub_pending or any(op.erases for op in batch):
             self._scrub_pending = not self._scrub(conn, wait=False)
         return outcomes
+
+    def _committed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count a commit; start a checkpoint on the checkpointer thread once the WAL has
+        grown past ``CHECKPOINT_WAL_BYTES`` (SQLite's automatic checkpoint is off for the
+        writing connection: it would copy megabytes and fsync the database inside a
+        ``COMMIT``, stopping the event loop for tens of milliseconds)."""
+        self._commits += 1
+        if self._checkpointing or self._checkpointer is None:
+            return
+        try:
+            size = os.stat(self._wal_path).st_size
+        except OSError:
+            return
+        if size < CHECKPOINT_WAL_BYTES:
+            return
+        self._checkpointing = True
+        done = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
+        done.add_done_callback(self._checkpoint_done)
+
+    def _run_checkpoint(self) -> None:
+        # PASSIVE: copies what no reader still needs and never blocks the writer; the
+        # next transaction then starts the WAL over from its beginning. The connection
+        # has synchronous=FULL, so the database is fsynced before the WAL is reused.
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, writer=False, query_only=False)
+            self._local.conn = conn
+            with self._lock:
+                self._read_conns.append(conn)
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
+        self._checkpointing = False
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            _log.warning("sqlite_checkpoint_failed", error=str(done.exception()))
+        else:
+            self._checkpoints += 1
 
     @staticmethod
     def _run_one(conn: sqlite3.Connection, op: _Write) -> _Outcome:
@@ -855,7 +917,9 @@ class SQLiteVaultStore:
             if self._closed:
                 return
             self._closed = True
-            readers = self._readers
+            readers, checkpointer = self._readers, self._checkpointer
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.shutdown, wait=True)
         if readers is not None:
             await asyncio.to_thread(self._close_readers, readers)
         conn = self._conn
