@@ -836,7 +836,8 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
 ) -> None:
     from cardvault.storage import sqlite as sqlite_store
 
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", 64 * 1024)
+    threshold = 64 * 1024
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
     path = tmp_path / "vault.db"
     wal = tmp_path / "vault.db-wal"
 
@@ -845,11 +846,11 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
         for n in range(400):  # one commit each: about 3 MB of WAL frames in all
             await store.insert_payment_method(pm(f"pm_ck_{n:03d}", metadata={"n": "x" * 400}))
             largest = max(largest, wal.stat().st_size)
-            if n % 50 == 0:
-                await asyncio.sleep(0.05)  # let a checkpoint finish now and then
-        assert store.checkpoints >= 2
-        # The WAL is reused from its start after each checkpoint instead of growing.
-        assert largest < 1024 * 1024, largest
+        assert store.checkpoints >= 1  # on the checkpointer thread
+        # The WAL is started over after checkpoints instead of growing with the writes:
+        # at worst the writer checkpoints itself at 4x the threshold.
+        limit = threshold * sqlite_store.CHECKPOINT_FALLBACK_FACTOR
+        assert largest < limit + 64 * 1024, largest
         # The checkpointer's copies are the rows: a connection of its own sees them all.
         with contextlib.closing(sqlite3.connect(path)) as other:
             (count,) = other.execute(

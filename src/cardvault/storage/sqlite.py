@@ -126,6 +126,9 @@ READERS = 4
 #: (SQLite's own default is 1000 pages, about 4 MiB).
 CHECKPOINT_WAL_BYTES = 4 * 1024 * 1024
 
+#: At this multiple of ``CHECKPOINT_WAL_BYTES`` the writer checkpoints on its own.
+CHECKPOINT_FALLBACK_FACTOR = 4
+
 
 def _columns(columns: tuple[str, ...]) -> str:
     return ", ".join(columns)
@@ -471,13 +474,20 @@ class SQLiteVaultStore:
         writing connection: it would copy megabytes and fsync the database inside a
         ``COMMIT``, stopping the event loop for tens of milliseconds)."""
         self._commits += 1
-        if self._checkpointing or self._checkpointer is None:
+        if self._checkpointer is None:
             return
         try:
             size = os.stat(self._wal_path).st_size
         except OSError:
             return
-        if size < CHECKPOINT_WAL_BYTES:
+        if size >= CHECKPOINT_WAL_BYTES * CHECKPOINT_FALLBACK_FACTOR and self._conn is not None:
+            # Under sustained writes a checkpoint beside the writer may never catch up
+            # with it, and the WAL is only started over once one has. Then the writer
+            # checkpoints itself, between two transactions, as SQLite would.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return
+        if self._checkpointing or size < CHECKPOINT_WAL_BYTES:
             return
         self._checkpointing = True
         done = loop.run_in_executor(self._checkpointer, self._run_checkpoint)
