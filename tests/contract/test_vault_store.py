@@ -836,7 +836,7 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
 ) -> None:
     from cardvault.storage import sqlite as sqlite_store
 
-    threshold = 64 * 1024
+    threshold = 256 * 1024
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
     path = tmp_path / "vault.db"
     wal = tmp_path / "vault.db-wal"
@@ -851,6 +851,9 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
         # at worst the writer checkpoints itself at 4x the threshold.
         limit = threshold * sqlite_store.CHECKPOINT_FALLBACK_FACTOR
         assert largest < limit + 64 * 1024, largest
+        # ... and rarely: the file is cut back when the WAL starts over, so a large file
+        # means frames waiting, not a WAL that was large once.
+        assert store.writer_checkpoints < 40, store.writer_checkpoints
         # The checkpointer's copies are the rows: a connection of its own sees them all.
         with contextlib.closing(sqlite3.connect(path)) as other:
             (count,) = other.execute(

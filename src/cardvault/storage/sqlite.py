@@ -196,8 +196,11 @@ def _connect(path: Path, *, writer: bool, query_only: bool | None = None) -> sql
         conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA foreign_keys=ON")
         if writer:
-            # Checkpoints run on a thread of their own (see the module docstring).
+            # Checkpoints run on a thread of their own (see the module docstring). The
+            # WAL is cut back when it starts over, so that its size on disk says how
+            # much is waiting to be copied.
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_WAL_BYTES // 4}")
         if (not writer) if query_only is None else query_only:
             conn.execute("PRAGMA query_only=ON")
     except BaseException:
@@ -324,6 +327,7 @@ class SQLiteVaultStore:
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpointing = False
         self._checkpoints = 0
+        self._writer_checkpoints = 0
         self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._open_error: BaseException | None = None
         self._local = threading.local()
@@ -338,6 +342,11 @@ class SQLiteVaultStore:
     def checkpoints(self) -> int:
         """Checkpoints the checkpointer thread has completed (for metrics and tests)."""
         return self._checkpoints
+
+    @property
+    def writer_checkpoints(self) -> int:
+        """Checkpoints the writer ran itself because the WAL outgrew the checkpointer."""
+        return self._writer_checkpoints
 
     @property
     def commits(self) -> int:
@@ -484,6 +493,7 @@ class SQLiteVaultStore:
             # Under sustained writes a checkpoint beside the writer may never catch up
             # with it, and the WAL is only started over once one has. Then the writer
             # checkpoints itself, between two transactions, as SQLite would.
+            self._writer_checkpoints += 1
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             return
