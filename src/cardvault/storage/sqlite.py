@@ -231,8 +231,8 @@ def _copy_error(exc: BaseException) -> BaseException:
 @dataclass(frozen=True, slots=True)
 class _Insert:
     """One row for a plain ``INSERT``: the writer may merge consecutive ones for the same
-    table into a single multi-row statement (one ``sqlite3_step``, so the writer thread
-    takes the GIL once for all of them instead of once per row)."""
+    table into a single multi-row statement (one ``sqlite3_step`` and one statement to
+    prepare for all of them instead of one per row)."""
 
     table: str
     columns: tuple[str, ...]
@@ -816,8 +816,8 @@ class SQLiteVaultStore:
         self, account_id: str, livemode: bool, pm_id: str
     ) -> tuple[bytes, str] | None:
         def op(conn: sqlite3.Connection) -> tuple[bytes, str] | None:
-            # The single writer thread runs this whole function inside its transaction,
-            # so no other write can come between the read and the erase.
+            # The only writing connection runs this whole function inside its
+            # transaction, so no other write can come between the read and the erase.
             row = conn.execute(
                 "SELECT cvc_ct, cvc_data_key_id FROM payment_methods "
                 "WHERE id = ? AND account_id = ? AND livemode = ? AND cvc_ct IS NOT NULL",

@@ -23,12 +23,15 @@ content type.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode
+
+import structlog
 
 from cardvault import crypto
 from cardvault.cards import find_card_numbers
@@ -343,23 +346,32 @@ class Forwarder:
                 "status": response.status,
             },
         )
-        await self.service.store.insert_forwarding_request(fwd)
-        await self.service.audit.record(
-            "forward.completed",
-            actor=caller.key_id,
-            object_id=fwd.id,
-            detail={
-                "destination": destination.name,
-                "payment_method": pm_id,
-                "status": response.status,
-            },
+        # The forward has happened: its record and its audit record are both true
+        # whatever becomes of the other, so they are made durable together (one flush
+        # of each in the same loop iteration), and the answer waits for both.
+        stored, recorded = await asyncio.gather(
+            self.service.store.insert_forwarding_request(fwd),
+            self.service.audit.record(
+                "forward.completed",
+                actor=caller.key_id,
+                object_id=fwd.id,
+                detail={
+                    "destination": destination.name,
+                    "payment_method": pm_id,
+                    "status": response.status,
+                },
+            ),
+            return_exceptions=True,
         )
-        _log.info(
-            "forwarded",
+        for outcome in (recorded, stored):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        # On the request's access line rather than a line of its own.
+        structlog.contextvars.bind_contextvars(
             forwarding_request=fwd.id,
             payment_method=pm_id,
             destination=destination.name,
-            status=response.status,
+            destination_status=response.status,
             key=caller.key_id,
         )
         return self.render(fwd)
