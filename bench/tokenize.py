@@ -147,6 +147,9 @@ def vault_config(directory: Path, pki: Pki, port: int, keyd_port: int, store_url
         f'cert_file = "{pki.vault[0]}"\nkey_file = "{pki.vault[1]}"\n'
         # The only non-default: the per-key rate limit must not throttle the load.
         "[limits]\nsecret_rate = 1000000.0\nsecret_burst = 1000000.0\n"
+        # With PostgreSQL the audit log's directory must be named (with SQLite it is
+        # the database's own directory, the same place).
+        f'[audit]\ndirectory = "{directory / "audit"}"\n'
     )
     return config
 
