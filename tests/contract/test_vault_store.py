@@ -864,6 +864,38 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
     _sqlite_run(path, check)
 
 
+def test_sqlite_a_bug_in_the_writer_fails_the_batch_instead_of_leaving_it_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "vault.db"
+    real = SQLiteVaultStore._insert_run
+    calls = 0
+
+    def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return real(*args)
+
+    async def check(store: SQLiteVaultStore) -> None:
+        monkeypatch.setattr(SQLiteVaultStore, "_insert_run", staticmethod(broken_once))
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(store.insert_payment_method(pm(f"pm_bug_{n}")) for n in range(3)),
+                return_exceptions=True,
+            ),
+            timeout=5,
+        )
+        assert all(isinstance(r, RuntimeError) for r in results), results
+        assert await store.get_payment_method(ACCT, False, "pm_bug_0") is None
+        # The writer goes on: the next write works.
+        await store.insert_payment_method(pm("pm_bug_after"))
+        assert await store.get_payment_method(ACCT, False, "pm_bug_after") is not None
+
+    _sqlite_run(path, check)
+
+
 def test_sqlite_a_failing_write_fails_alone_inside_a_shared_transaction(tmp_path: Path) -> None:
     path = tmp_path / "vault.db"
     existing = pm("pm_existing")

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cardvault.audit import AuditLog
-from cardvault.cards import luhn_valid
+from cardvault.cards import luhn_valid, testcards
 from cardvault.cli.scan import app
 from cardvault.scan import (
     CHUNK_SIZE,
@@ -30,7 +30,9 @@ from cardvault.scan import (
 )
 
 RNG_SEED = 20250601
-TEST_CARDS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "test_cards.json"
+# The packaged copy of shared/testdata/test_cards.json (tests/unit/cards checks that it is
+# a verbatim copy), so that the test does not depend on where the checkout sits.
+TEST_CARDS = Path(testcards.__file__).with_name("test_cards.json")
 
 
 def generated_card_number(rng: random.Random, length: int = 16) -> str:

@@ -439,6 +439,11 @@ class SQLiteVaultStore:
                     self._flush_handle = loop.call_later(BUSY_RETRY_S, self._flush)
                     return
                 outcomes = [(op, None, _copy_error(busy.error)) for op in batch]
+            except Exception as exc:  # a bug: never leave a caller waiting forever
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                outcomes = [(op, None, _copy_error(exc)) for op in batch]
             self._busy_since = None
             del self._pending[: len(batch)]
             _settle(outcomes)
