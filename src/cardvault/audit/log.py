@@ -185,7 +185,9 @@ class AuditLog:
         self._unsynced = 0
         self._head: bytes | None = None
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._fsyncs = 0
         self._records = 0
         try:
@@ -427,8 +429,8 @@ class AuditLog:
         records: list[AuditRecord],
         waiter: _Waiter | None,
     ) -> None:
-        """Write ``records`` (already chained on the last written one) and hand them to
-        the syncer; ``waiter`` is settled when their fsync is done. Raises
+        """Write ``records`` (already chained on the last written one) and schedule the
+        flush that makes them durable; ``waiter`` is settled after it. Raises
         :class:`AuditUnavailable` (nothing written) when the write fails."""
         data = b"".join(record.line() for record in records)
         try:
@@ -452,9 +454,12 @@ class AuditLog:
             self._head = head
         if waiter is not None:
             self._waiters.append(waiter)
-        if self._flush_handle is None:
-            self._flush_handle = loop.call_soon(self._flush)
-        if since and self._timer is None and not self._closed:
+        if self._flush_handle is None or self._flush_loop is not loop:
+            # (A flush scheduled on another event loop, one that has since stopped,
+            # would never run: each loop gets its own.)
+            self._flush_handle, self._flush_loop = loop.call_soon(self._flush), loop
+        if since and (self._timer is None or self._timer_loop is not loop) and not self._closed:
+            self._timer_loop = loop
             delay = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
             self._timer = loop.call_later(delay, self._timed_checkpoint, loop)
 

@@ -322,6 +322,7 @@ class SQLiteVaultStore:
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Write] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._busy_since: float | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._checkpointer: ThreadPoolExecutor | None = None
@@ -399,8 +400,10 @@ class SQLiteVaultStore:
         if self._conn is None:
             raise self._unavailable()
         self._pending.append(_Write(fn, loop, future, erases, compound, insert))
-        if self._flush_handle is None:
-            self._flush_handle = loop.call_soon(self._flush)
+        if self._flush_handle is None or self._flush_loop is not loop:
+            # (A flush scheduled on another event loop, one that has since stopped,
+            # would never run: each loop gets its own.)
+            self._flush_handle, self._flush_loop = loop.call_soon(self._flush), loop
         return await future
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -437,6 +440,7 @@ class SQLiteVaultStore:
                 if now - self._busy_since < BUSY_TIMEOUT_S:
                     loop = batch[0].loop
                     self._flush_handle = loop.call_later(BUSY_RETRY_S, self._flush)
+                    self._flush_loop = loop
                     return
                 outcomes = [(op, None, _copy_error(busy.error)) for op in batch]
             except Exception as exc:  # a bug: never leave a caller waiting forever

@@ -139,6 +139,30 @@ def test_a_checkpoint_is_written_after_the_interval_without_closing(tmp_path: Pa
     verified(tmp_path)
 
 
+def test_a_log_used_from_one_event_loop_after_another_still_flushes_and_signs(
+    tmp_path: Path,
+) -> None:
+    log = AuditLog(tmp_path, checkpoint_interval=0.2)
+
+    async def first() -> None:
+        await append_many(log, 1)  # arms the checkpoint timer on this loop, which ends
+
+    async def second() -> None:
+        record = await asyncio.wait_for(
+            log.append("vault.payment_method.create", **entry(5)), timeout=5
+        )
+        assert record.seq == 2
+        deadline = time.monotonic() + 5
+        while records(tmp_path / "audit.jsonl")[-1]["action"] != CHECKPOINT_ACTION:
+            assert time.monotonic() < deadline, "no checkpoint on the second loop"
+            await asyncio.sleep(0.02)
+        await log.close()
+
+    run(first())
+    run(second())
+    verified(tmp_path)
+
+
 def test_reopening_continues_the_chain_with_the_same_key(tmp_path: Path) -> None:
     async def main() -> None:
         log = await AuditLog.open(tmp_path)
