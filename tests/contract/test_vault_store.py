@@ -737,6 +737,39 @@ def test_data_persists_across_close_and_reopen(backend: Backend) -> None:
     backend.run(check)
 
 
+@pytest.mark.postgres
+def test_postgres_concurrent_payment_methods_share_multi_row_inserts(
+    vault_postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real = PostgresVaultStore._insert_pms
+
+    async def counting(self: PostgresVaultStore, batch: Any) -> None:
+        batches.append(len(batch))
+        await real(self, batch)
+
+    monkeypatch.setattr(PostgresVaultStore, "_insert_pms", counting)
+    records = [pm(f"pm_pgb_{n:04d}") for n in range(700)]
+
+    async def main() -> None:
+        store = PostgresVaultStore(vault_postgres_dsn)
+        try:
+            await store.migrate()
+            await seed(store)
+            assert await asyncio.gather(*(store.insert_payment_method(r) for r in records)) == [
+                None
+            ] * 700
+            # Then one alone: it waits for no one.
+            await store.insert_payment_method(pm("pm_pgb_alone"))
+            assert await store.get_payment_method(ACCT, False, "pm_pgb_alone") is not None
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    # 700 rows queued together: at most PM_BATCH per statement, so two statements.
+    assert batches == [512, 188, 1], batches
+
+
 def test_500_concurrent_inserts_all_succeed_and_are_readable(backend: Backend) -> None:
     records = [pm(f"pm_many_{n:04d}", created=NOW + n) for n in range(500)]
 

@@ -7,6 +7,12 @@ PostgreSQL's WAL writer already flushes the commits that arrive together with on
 fsync (FACTS: 4.4k rows/s on one connection, 18.7k on 32). ``commit_delay`` on the
 server trades latency for larger groups if that is ever needed.
 
+Payment methods are the exception: tokenizations arrive many at a time, so
+:meth:`insert_payment_method` queues its row, and the rows queued in the same couple of
+event-loop iterations go to the server as one multi-row ``INSERT`` (one round trip, one
+commit). If that statement fails on a duplicate, the rows are inserted one by one, so
+that each caller gets its own outcome.
+
 Several replicas may share the database: :meth:`migrate` holds a transaction-scoped
 advisory lock, and :meth:`claim_idempotency_key` relies on the primary key
 (``INSERT … ON CONFLICT DO NOTHING``, then ``SELECT``).
@@ -93,9 +99,37 @@ _SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  
 _SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
 
 
+#: The most rows one multi-row insert carries (PostgreSQL binds at most 32767 values).
+PM_BATCH = 512
+
+
+def _multi_insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
+    width = len(columns)
+    values = ", ".join(
+        "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(rows)
+    )
+    # Built only from the constant table and column names, never from input.
+    return f"INSERT INTO {table} ({_columns(columns)}) VALUES {values}"  # noqa: S608
+
+
 def _count(status: str) -> int:
     """The row count of a command tag such as ``UPDATE 3``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+class _OneByOne(Exception):  # a signal, not an error
+    """Insert the rows one by one."""
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """A fresh exception per caller, so that concurrent callers do not share (and grow)
+    one traceback."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:
+        return exc
+    copy.__cause__ = exc
+    return copy
 
 
 class PostgresVaultStore:
@@ -108,6 +142,11 @@ class PostgresVaultStore:
         self._max_size = max_size
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
+        # Payment-method rows waiting for their multi-row insert (module docstring).
+        self._pm_pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._pm_flush: asyncio.Handle | None = None
+        self._pm_flush_loop: asyncio.AbstractEventLoop | None = None
+        self._pm_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         # The DSN may hold a password.
@@ -207,7 +246,53 @@ class PostgresVaultStore:
     # -- payment methods -----------------------------------------------------------------
 
     async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
-        await self._insert(_INSERT_PM, payment_method_params(record), "a payment method")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pm_pending.append((payment_method_params(record), future))
+        if self._pm_flush is None or self._pm_flush_loop is not loop:
+            # Two loop iterations later, so that requests already under way join in.
+            self._pm_flush = loop.call_soon(self._pm_flush_next, loop)
+            self._pm_flush_loop = loop
+        await future
+
+    def _pm_flush_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pm_flush = loop.call_soon(self._pm_flush_start, loop)
+
+    def _pm_flush_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pm_flush = None
+        batch, self._pm_pending = self._pm_pending, []
+        for start in range(0, len(batch), PM_BATCH):
+            task = loop.create_task(self._insert_pms(batch[start : start + PM_BATCH]))
+            self._pm_tasks.add(task)
+            task.add_done_callback(self._pm_tasks.discard)
+
+    async def _insert_pms(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]]) -> None:
+        import asyncpg
+
+        outcomes: list[BaseException | None]
+        try:
+            if len(batch) == 1:
+                raise _OneByOne
+            pool = await self._get_pool()
+            sql = _multi_insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS, len(batch))
+            await pool.execute(sql, *(value for params, _ in batch for value in params))
+            outcomes = [None] * len(batch)
+        except (_OneByOne, asyncpg.UniqueViolationError):
+            # Nothing of the statement was written; each row on its own, for its outcome.
+            results = await asyncio.gather(
+                *(self._insert(_INSERT_PM, params, "a payment method") for params, _ in batch),
+                return_exceptions=True,
+            )
+            outcomes = [r if isinstance(r, BaseException) else None for r in results]
+        except Exception as exc:
+            outcomes = [_copy_error(exc) for _ in batch]
+        for (_, future), error in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller was cancelled
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
     async def get_payment_method(
         self, account_id: str, livemode: bool, pm_id: str
@@ -410,7 +495,12 @@ class PostgresVaultStore:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the pool. Idempotent."""
+        """Finish the queued inserts and close the pool. Idempotent."""
+        if self._pm_flush is not None:
+            self._pm_flush.cancel()
+            self._pm_flush_start(asyncio.get_running_loop())
+        if self._pm_tasks:
+            await asyncio.gather(*self._pm_tasks, return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
