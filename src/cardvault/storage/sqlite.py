@@ -37,8 +37,11 @@ Concurrency:
   The writing connection never waits inside SQLite (``busy_timeout=0``): when another
   process holds the write lock, the flush tries again ``BUSY_RETRY_S`` later, for up to
   ``BUSY_TIMEOUT_S``, then fails that batch.
-* Reads run on a small pool of threads, each with its own connection (WAL readers do
-  not block the writer or each other) and see every committed write.
+* Lookups by primary key (a payment method, a forwarding request, an API key, an
+  account, a data key) run on the event loop through the writing connection, between
+  flushes: they take microseconds, and a hand-off to a thread and back costs more.
+  Other reads (lists) run on a small pool of threads, each with its own connection (WAL
+  readers do not block the writer or each other). Both see every committed write.
 
 A caller that is cancelled while its write is queued cannot tell whether it happened:
 the operation may still be committed.
@@ -408,6 +411,22 @@ class SQLiteVaultStore:
             self._flush_loop = loop
         return await future
 
+    async def _lookup(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A lookup by primary key: run on the event loop through the writing
+        connection, between two flushes (a few microseconds, where handing it to a read
+        thread and back costs far more). A busy answer from SQLite sends it to a read
+        connection instead."""
+        with self._lock:
+            self._start()
+        conn = self._conn
+        if conn is not None and not conn.in_transaction:
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                    raise
+        return await self._read(fn)
+
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             pool = self._start()
@@ -664,7 +683,7 @@ class SQLiteVaultStore:
             row = conn.execute(f"{_SELECT_ACCOUNT} WHERE id = ?", (account_id,)).fetchone()
             return None if row is None else account_from_row(row)
 
-        return await self._read(op)
+        return await self._lookup(op)
 
     async def set_allowed_origins(self, account_id: str, origins: Sequence[str]) -> bool:
         encoded = json.dumps(list(origins), separators=(",", ":"), ensure_ascii=False)
@@ -686,7 +705,7 @@ class SQLiteVaultStore:
             row = conn.execute(f"{_SELECT_API_KEY} WHERE hash = ?", (key_hash,)).fetchone()
             return None if row is None else api_key_from_row(row)
 
-        return await self._read(op)
+        return await self._lookup(op)
 
     async def list_api_keys(self, account_id: str) -> list[ApiKey]:
         def op(conn: sqlite3.Connection) -> list[ApiKey]:
@@ -718,7 +737,7 @@ class SQLiteVaultStore:
             row = conn.execute(f"{_SELECT_DATA_KEY} WHERE id = ?", (data_key_id,)).fetchone()
             return None if row is None else data_key_from_row(row)
 
-        return await self._read(op)
+        return await self._lookup(op)
 
     # -- payment methods -----------------------------------------------------------------
 
@@ -739,7 +758,7 @@ class SQLiteVaultStore:
             ).fetchone()
             return None if row is None else payment_method_from_row(row)
 
-        return await self._read(op)
+        return await self._lookup(op)
 
     async def list_payment_methods(
         self,
@@ -868,7 +887,7 @@ class SQLiteVaultStore:
             ).fetchone()
             return None if row is None else forwarding_from_row(row)
 
-        return await self._read(op)
+        return await self._lookup(op)
 
     async def list_forwarding_requests(
         self,
