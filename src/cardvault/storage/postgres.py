@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from cardvault.storage._shared import column_list, copy_error
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -72,14 +73,10 @@ MIGRATION_LOCK = 7302
 R = TypeVar("R")
 
 
-def _columns(columns: tuple[str, ...]) -> str:
-    return ", ".join(columns)
-
-
 def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
     marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
     # Built only from the constant table and column names above, never from input.
-    return f"INSERT INTO {table} ({_columns(columns)}) VALUES ({marks})"  # noqa: S608
+    return f"INSERT INTO {table} ({column_list(columns)}) VALUES ({marks})"  # noqa: S608
 
 
 _INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
@@ -87,16 +84,16 @@ _INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
 _INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
 _INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
 _INSERT_FWD = _insert_sql("forwarding_requests", FORWARDING_COLUMNS)
-_SELECT_FWD = f"SELECT {_columns(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
+_SELECT_FWD = f"SELECT {column_list(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
 _INSERT_IDEMPOTENCY = (
     _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING RETURNING 1"
 )
-_SELECT_ACCOUNT = f"SELECT {_columns(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
-_SELECT_API_KEY = f"SELECT {_columns(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
-_SELECT_DATA_KEY = f"SELECT {_columns(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
-_SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
-_SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
+_SELECT_ACCOUNT = f"SELECT {column_list(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
+_SELECT_API_KEY = f"SELECT {column_list(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
+_SELECT_DATA_KEY = f"SELECT {column_list(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
+_SELECT_PM = f"SELECT {column_list(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
+_SELECT_IDEMPOTENCY = f"SELECT {column_list(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
 
 
 #: The most rows one multi-row insert carries (PostgreSQL binds at most 32767 values).
@@ -109,7 +106,7 @@ def _multi_insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
         "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(rows)
     )
     # Built only from the constant table and column names, never from input.
-    return f"INSERT INTO {table} ({_columns(columns)}) VALUES {values}"  # noqa: S608
+    return f"INSERT INTO {table} ({column_list(columns)}) VALUES {values}"  # noqa: S608
 
 
 def _count(status: str) -> int:
@@ -119,17 +116,6 @@ def _count(status: str) -> int:
 
 class _OneByOne(Exception):  # a signal, not an error
     """Insert the rows one by one."""
-
-
-def _copy_error(exc: BaseException) -> BaseException:
-    """A fresh exception per caller, so that concurrent callers do not share (and grow)
-    one traceback."""
-    try:
-        copy = type(exc)(*exc.args)
-    except Exception:
-        return exc
-    copy.__cause__ = exc
-    return copy
 
 
 class PostgresVaultStore:
@@ -285,7 +271,7 @@ class PostgresVaultStore:
             )
             outcomes = [r if isinstance(r, BaseException) else None for r in results]
         except Exception as exc:
-            outcomes = [_copy_error(exc) for _ in batch]
+            outcomes = [copy_error(exc) for _ in batch]
         for (_, future), error in zip(batch, outcomes, strict=True):
             if future.done():  # the caller was cancelled
                 continue

@@ -67,6 +67,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from cardvault.storage._shared import column_list, copy_error
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -134,14 +135,10 @@ CHECKPOINT_WAL_BYTES = 4 * 1024 * 1024
 CHECKPOINT_FALLBACK_FACTOR = 4
 
 
-def _columns(columns: tuple[str, ...]) -> str:
-    return ", ".join(columns)
-
-
 def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
     marks = ", ".join("?" for _ in columns)
     # Built only from the constant table and column names above, never from input.
-    return f"INSERT INTO {table} ({_columns(columns)}) VALUES ({marks})"  # noqa: S608
+    return f"INSERT INTO {table} ({column_list(columns)}) VALUES ({marks})"  # noqa: S608
 
 
 _INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
@@ -149,16 +146,16 @@ _INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
 _INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
 _INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
 _INSERT_FWD = _insert_sql("forwarding_requests", FORWARDING_COLUMNS)
-_SELECT_FWD = f"SELECT {_columns(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
+_SELECT_FWD = f"SELECT {column_list(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
 _INSERT_IDEMPOTENCY = (
     _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING"
 )
-_SELECT_ACCOUNT = f"SELECT {_columns(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
-_SELECT_API_KEY = f"SELECT {_columns(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
-_SELECT_DATA_KEY = f"SELECT {_columns(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
-_SELECT_PM = f"SELECT {_columns(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
-_SELECT_IDEMPOTENCY = f"SELECT {_columns(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
+_SELECT_ACCOUNT = f"SELECT {column_list(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
+_SELECT_API_KEY = f"SELECT {column_list(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
+_SELECT_DATA_KEY = f"SELECT {column_list(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
+_SELECT_PM = f"SELECT {column_list(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
+_SELECT_IDEMPOTENCY = f"SELECT {column_list(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
 
 _DUPLICATE_CODES = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
@@ -219,17 +216,6 @@ def _create_private_file(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)
-
-
-def _copy_error(exc: BaseException) -> BaseException:
-    """A fresh exception per caller, so that concurrent callers do not share (and grow)
-    one traceback."""
-    try:
-        copy = type(exc)(*exc.args)
-    except Exception:
-        return exc
-    copy.__cause__ = exc
-    return copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,12 +456,12 @@ class SQLiteVaultStore:
                     self._flush_handle = loop.call_later(BUSY_RETRY_S, self._flush)
                     self._flush_loop = loop
                     return
-                outcomes = [(op, None, _copy_error(busy.error)) for op in batch]
+                outcomes = [(op, None, copy_error(busy.error)) for op in batch]
             except Exception as exc:  # a bug: never leave a caller waiting forever
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
-                outcomes = [(op, None, _copy_error(exc)) for op in batch]
+                outcomes = [(op, None, copy_error(exc)) for op in batch]
             self._busy_since = None
             del self._pending[: len(batch)]
             _settle(outcomes)
@@ -508,7 +494,7 @@ class SQLiteVaultStore:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            return [(op, None, _copy_error(exc)) for op in batch]
+            return [(op, None, copy_error(exc)) for op in batch]
         self._committed(batch[0].loop)
         if self._scrub_pending or any(op.erases for op in batch):
             self._scrub_pending = not self._scrub(conn, wait=False)
@@ -627,7 +613,7 @@ class SQLiteVaultStore:
         row = "(" + ", ".join("?" * len(first.columns)) + ")"
         # Built only from the constant table and column names, never from input.
         sql = (
-            f"INSERT INTO {first.table} ({_columns(first.columns)}) "  # noqa: S608
+            f"INSERT INTO {first.table} ({column_list(first.columns)}) "  # noqa: S608
             f"VALUES {', '.join([row] * len(run))}"
         )
         params = [value for op in run if op.insert is not None for value in op.insert.params]
