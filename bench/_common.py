@@ -41,10 +41,20 @@ def run_cardvault(args: Sequence[str], *, log: Path) -> None:
 
 @contextlib.contextmanager
 def cardvault_process(args: Sequence[str], *, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``python -m cardvault ARGS`` as a child process; SIGTERM it afterwards."""
+    """Run ``python -m cardvault ARGS`` as a child process; SIGTERM it afterwards.
+
+    With ``CARDVAULT_BENCH_PROFILE=FILE`` in the environment, a ``vault serve`` child
+    runs under cProfile and writes its statistics to FILE when it stops (read them with
+    ``python -m pstats FILE``). Profiling slows the vault: its figures are then not
+    comparable with a normal run.
+    """
+    profile = os.environ.get("CARDVAULT_BENCH_PROFILE")
+    wrapper: list[str] = []
+    if profile and list(args[:2]) == ["vault", "serve"]:
+        wrapper = ["-m", "cProfile", "-o", profile]
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cardvault", *args],
+            [sys.executable, *wrapper, "-m", "cardvault", *args],
             stdout=fh,
             stderr=fh,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -8,6 +8,9 @@
   ``cache_size`` of them (least recently used goes first), and wiped when dropped.
 * **Fingerprints**: the per-account key (HKDF of the ``fingerprint`` KEK in the key
   service) is cached the same way.
+* **One fetch per key**: requests that miss the same key at the same moment (a cold
+  start, or a cached key just expired, under concurrent load) share one key-service
+  call instead of sending one each.
 
 With the defaults (50,000 uses per key) the key service sees one ``datakey`` call per
 50,000 tokenizations for card numbers and one more per 50,000 CVCs: 0.4 round trips per
@@ -21,7 +24,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cardvault import crypto
@@ -99,6 +102,7 @@ class DataKeyManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
         self._account_keys = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
+        self._flights: dict[str, asyncio.Future[crypto.Key]] = {}
 
     def _fresh(self, current: _Current | None) -> bool:
         return (
@@ -137,22 +141,48 @@ class DataKeyManager:
         key = self._cache.get(data_key_id)
         if key is not None:
             return key
-        record = await self.store.get_data_key(data_key_id)
-        if record is None or record.kek != kek:
-            # A payment method that names a data key we do not have is corrupt storage.
-            raise APIError()
-        key = crypto.Key(data_key_id, 1, await self.keys.unwrap(kek, record.wrapped))
-        self._cache.put(data_key_id, key)
-        return key
+
+        async def fetch() -> crypto.Key:
+            record = await self.store.get_data_key(data_key_id)
+            if record is None or record.kek != kek:
+                # A payment method that names a data key we do not have is corrupt storage.
+                raise APIError()
+            key = crypto.Key(data_key_id, 1, await self.keys.unwrap(kek, record.wrapped))
+            self._cache.put(data_key_id, key)
+            return key
+
+        return await self._once(f"unwrap:{kek}:{data_key_id}", fetch)
 
     async def account_key(self, account_id: str) -> crypto.Key:
         """The per-account fingerprint key."""
         key = self._account_keys.get(account_id)
-        if key is None:
+        if key is not None:
+            return key
+
+        async def fetch() -> crypto.Key:
             material, version = await self.keys.derive("fingerprint", account_id)
             key = crypto.Key(f"fingerprint:{account_id}", version, material)
             self._account_keys.put(account_id, key)
-        return key
+            return key
+
+        return await self._once(f"derive:{account_id}", fetch)
+
+    async def _once(self, name: str, fetch: Callable[[], Awaitable[crypto.Key]]) -> crypto.Key:
+        """``fetch()``, shared by every caller that asks for ``name`` while it runs. A
+        caller that is cancelled does not cancel the others' fetch; a failure reaches
+        every caller, and the next request tries again."""
+        flight = self._flights.get(name)
+        if flight is None:
+            flight = asyncio.ensure_future(fetch())
+            self._flights[name] = flight
+            flight.add_done_callback(lambda done: self._landed(name, done))
+        return await asyncio.shield(flight)
+
+    def _landed(self, name: str, flight: asyncio.Future[crypto.Key]) -> None:
+        if self._flights.get(name) is flight:
+            del self._flights[name]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every waiter may have been cancelled
 
     def wipe(self) -> None:
         self._cache.clear()

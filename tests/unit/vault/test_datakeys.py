@@ -142,3 +142,102 @@ def test_account_keys_are_derived_once_per_account(tmp_path: Path) -> None:
     assert calls == 2
     assert same
     assert different
+
+
+class SlowKeyService(FakeKeyService):
+    """Each call yields to the event loop, as a real round trip does, and may fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    async def unwrap(self, kek: str, wrapped: bytes) -> bytearray:
+        await asyncio.sleep(0.01)
+        if self.fail:
+            self.calls["unwrap"] += 1
+            raise ConnectionError("key service unreachable")
+        return await super().unwrap(kek, wrapped)
+
+    async def derive(self, kek: str, context: str) -> tuple[bytearray, int]:
+        await asyncio.sleep(0.01)
+        if self.fail:
+            self.calls["derive"] += 1
+            raise ConnectionError("key service unreachable")
+        return await super().derive(kek, context)
+
+
+def run_slow(tmp_path: Path, body):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        store = SQLiteVaultStore(tmp_path / "v.db")
+        await store.migrate()
+        ks = SlowKeyService()
+        manager = DataKeyManager(store, ks)  # type: ignore[arg-type]
+        try:
+            return await body(manager, ks, store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_misses_of_one_account_key_share_one_derive(tmp_path: Path) -> None:
+    async def body(manager, ks, store):  # type: ignore[no-untyped-def]
+        keys = await asyncio.gather(
+            *(manager.account_key("acct_a") for _ in range(100)),
+            *(manager.account_key("acct_b") for _ in range(100)),
+        )
+        return ks.calls["derive"], {id(k) for k in keys[:100]}, {id(k) for k in keys[100:]}
+
+    calls, a_keys, b_keys = run_slow(tmp_path, body)
+    assert calls == 2  # one per account, not one per request
+    assert len(a_keys) == 1
+    assert len(b_keys) == 1
+    assert a_keys != b_keys
+
+
+def test_concurrent_misses_of_one_data_key_share_one_unwrap(tmp_path: Path) -> None:
+    async def body(manager, ks, store):  # type: ignore[no-untyped-def]
+        dk_id, key = await manager.for_encryption("pan")
+        sealed = crypto.seal(key, b"secret", {"f": "x"})
+        manager.wipe()
+        keys = await asyncio.gather(*(manager.for_decryption(dk_id, "pan") for _ in range(100)))
+        return ks.calls["unwrap"], {crypto.open_(k, sealed, {"f": "x"}) for k in keys}
+
+    calls, plains = run_slow(tmp_path, body)
+    assert calls == 1
+    assert plains == {b"secret"}
+
+
+def test_a_failed_shared_fetch_fails_every_waiter_and_the_next_request_retries(
+    tmp_path: Path,
+) -> None:
+    async def body(manager, ks, store):  # type: ignore[no-untyped-def]
+        ks.fail = True
+        outcomes = await asyncio.gather(
+            *(manager.account_key("acct_a") for _ in range(20)), return_exceptions=True
+        )
+        failed_calls = ks.calls["derive"]
+        ks.fail = False
+        key = await manager.account_key("acct_a")
+        return outcomes, failed_calls, ks.calls["derive"], key
+
+    outcomes, failed_calls, calls, key = run_slow(tmp_path, body)
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert failed_calls == 1
+    assert calls == 2
+    assert key is not None
+
+
+def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch(tmp_path: Path) -> None:
+    async def body(manager, ks, store):  # type: ignore[no-untyped-def]
+        first = asyncio.ensure_future(manager.account_key("acct_a"))
+        second = asyncio.ensure_future(manager.account_key("acct_a"))
+        await asyncio.sleep(0)
+        first.cancel()
+        key = await second
+        return first.cancelled(), key, ks.calls["derive"]
+
+    cancelled, key, calls = run_slow(tmp_path, body)
+    assert cancelled
+    assert key is not None
+    assert calls == 1
