@@ -9,7 +9,7 @@ limit (``limits.secret_rate``/``secret_burst``), raised so that it does not thro
 Each service has its own directory, so each keeps its audit log next to its store (the
 default); the report counts the vault's audit records per forward.
 
-Two cases, measured in the same run against the same acquirer process:
+Three cases, measured in the same run against the same acquirer process:
 
 * DIRECT: ``POST /v1/authorizations`` to the acquirer, a JSON body with the published
   test card 4242424242424242 and no CVC;
@@ -18,6 +18,11 @@ Two cases, measured in the same run against the same acquirer process:
   payment methods made beforehand (the same card, no CVC, so no forward consumes a
   CVC), ``replacements`` ``card_number`` and ``card_expiry``, and a body with an empty
   ``card`` object the vault fills in. The acquirer receives the same JSON as DIRECT.
+* PASSTHROUGH: the DIRECT request sent through ``bench/_passthrough.py``, a bare HTTPS
+  hop on the vault's transport (uvicorn, uvloop, cardvault's TLS context in; one pooled
+  aiohttp session out) with nothing of the vault in it: no framework, authentication,
+  logging, crypto or storage. PASSTHROUGH − DIRECT is the floor: what any Python hop
+  adds on this machine, which the vault's own work comes on top of.
 
 The acquirer declines a card without a CVC (``402 incorrect_cvc``): that is the answer
 both cases get, counted; latency does not depend on it. Every forward must be a 200
@@ -25,7 +30,7 @@ whose ``response_details.status`` is the acquirer's 200 or 402.
 
 The load is aiohttp over HTTPS keep-alive (one ``TCPConnector(limit=N)`` per case and
 concurrency level), each of N workers waiting for its previous answer. Per concurrency
-level: a 1 s warm-up of each case, then ``--rounds`` DIRECT/FORWARD pairs sharing
+level: a 1 s warm-up of each case, then ``--rounds`` DIRECT/PASSTHROUGH/FORWARD rounds sharing
 ``--seconds`` per case, so that drift on the shared machine hits both alike. The
 forward's added latency is FORWARD minus DIRECT at the same percentile.
 
@@ -63,6 +68,7 @@ from cardvault.transport.tls import client_context
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECT = "DIRECT acquirer"
+PASSTHROUGH = "PASSTHROUGH bare hop"
 FORWARD = "FORWARD via vault"
 WARMUP_S = 1.0
 #: Stripe's published Visa test card: the only card number this benchmark sends.
@@ -90,6 +96,7 @@ class Deployment:
     keyd_port: int
     acquirer_port: int
     vault_port: int
+    passthrough_port: int
     keyd_config: Path
     vault_config: Path
     acquirer_args: list[str]
@@ -102,6 +109,22 @@ class Deployment:
     def vault_url(self) -> str:
         return f"https://localhost:{self.vault_port}"
 
+    @property
+    def passthrough_url(self) -> str:
+        return f"https://localhost:{self.passthrough_port}/v1/authorizations"
+
+    @property
+    def passthrough_args(self) -> list[str]:
+        pki = self.directory / "pki"
+        return [
+            str(ROOT / "bench" / "_passthrough.py"),
+            "--port", str(self.passthrough_port),
+            "--cert", str(pki / "vault.pem"),
+            "--key", str(pki / "vault.key"),
+            "--ca", str(self.ca),
+            "--target", self.acquirer_url,
+        ]  # fmt: skip
+
 
 def write_deployment(directory: Path) -> Deployment:
     """Certificates, the key service's and the vault's configurations, the allowlist."""
@@ -110,6 +133,7 @@ def write_deployment(directory: Path) -> Deployment:
     vault = ca.issue("vault", dns=["localhost"], ips=["127.0.0.1"], client_identity="vault")
     acquirer = ca.issue("acquirer", dns=["localhost"], ips=["127.0.0.1"])
     keyd_port, acquirer_port, vault_port = free_port(), free_port(), free_port()
+    passthrough_port = free_port()
     # One directory per service: each keeps its audit log next to its SQLite store.
     keyd_dir, vault_dir = directory / "keyd", directory / "vault"
     keyd_dir.mkdir(mode=0o700)
@@ -167,6 +191,7 @@ def write_deployment(directory: Path) -> Deployment:
         keyd_port,
         acquirer_port,
         vault_port,
+        passthrough_port,
         keyd_config,
         vault_config,
         acquirer_args,
@@ -403,7 +428,7 @@ async def drive(
     rounds: int,
     levels: list[int],
     payment_methods: int,
-) -> list[tuple[Totals, Totals]]:
+) -> list[tuple[Totals, Totals, Totals]]:
     ssl_context = client_context(deployment.ca)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=32, ssl=ssl_context)
@@ -418,6 +443,13 @@ async def drive(
         itertools.repeat(DIRECT_BODY),
         check_direct,
     )
+    passthrough = Case(
+        PASSTHROUGH,
+        deployment.passthrough_url,
+        {"content-type": "application/json"},
+        itertools.repeat(DIRECT_BODY),
+        check_direct,
+    )
     forward = Case(
         FORWARD,
         f"{deployment.vault_url}/v1/forwarding/requests",
@@ -428,17 +460,18 @@ async def drive(
         forward_bodies(deployment, pms),
         check_forward,
     )
-    results: list[tuple[Totals, Totals]] = []
+    cases = (direct, passthrough, forward)
+    results: list[tuple[Totals, Totals, Totals]] = []
     for concurrency in levels:
         # One client session per case, so that neither shares the other's connections.
         sessions = {
             case.label: aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context)
             )
-            for case in (direct, forward)
+            for case in cases
         }
         try:
-            for case in (direct, forward):
+            for case in cases:
                 await load(
                     sessions[case.label],
                     case,
@@ -447,12 +480,9 @@ async def drive(
                     into=None,
                     pids=pids,
                 )
-            totals = {
-                DIRECT: Totals(DIRECT, concurrency),
-                FORWARD: Totals(FORWARD, concurrency),
-            }
+            totals = {case.label: Totals(case.label, concurrency) for case in cases}
             for _ in range(rounds):
-                for case in (direct, forward):
+                for case in cases:
                     await load(
                         sessions[case.label],
                         case,
@@ -471,7 +501,7 @@ async def drive(
         finally:
             for session in sessions.values():
                 await session.close()
-        results.append((totals[DIRECT], totals[FORWARD]))
+        results.append((totals[DIRECT], totals[PASSTHROUGH], totals[FORWARD]))
     return results
 
 
@@ -493,7 +523,7 @@ def audit_actions(directory: Path) -> Counter[str]:
 
 
 def print_report(
-    results: list[tuple[Totals, Totals]],
+    results: list[tuple[Totals, Totals, Totals]],
     args: argparse.Namespace,
     rows: int | None,
     audit: Counter[str],
@@ -502,7 +532,7 @@ def print_report(
     print(
         f"\nforwarding vs calling the acquirer directly; HTTPS keep-alive from the load "
         f"generator to each server; {args.seconds:g} s per case and concurrency level, in "
-        f"{args.rounds} alternating DIRECT/FORWARD rounds after a {WARMUP_S:g} s warm-up "
+        f"{args.rounds} alternating DIRECT/PASSTHROUGH/FORWARD rounds after a {WARMUP_S:g} s warm-up "
         f"of each; one run\n"
         f"{platform.python_implementation()} {platform.python_version()}; the acquirer, "
         f"the vault, the key service and the load generator share {cpus} CPUs\n"
@@ -513,11 +543,11 @@ def print_report(
         f"vault's audit-log records (each fsynced before the vault goes on; counted "
         f"below)\n"
     )
-    header = ("case", "conc", "req/s", "p50 ms", "p99 ms", "answers", "vault CPU µs/req",
+    header = ("case", "conc", "req/s", "p50 ms", "p99 ms", "answers", "hop CPU µs/req",
               "acquirer CPU µs/req", "client CPU µs/req")  # fmt: skip
     table: list[tuple[str, ...]] = []
-    for direct, forward in results:
-        for t in (direct, forward):
+    for direct, passthrough, forward in results:
+        for t in (direct, passthrough, forward):
             answers = " ".join(f"{s}:{n}" for s, n in sorted(t.acquirer_status.items()))
             if t.failures:
                 answers += " FAILED " + " ".join(f"{k}:{v}" for k, v in t.failures.items())
@@ -529,7 +559,11 @@ def print_report(
                     f"{t.percentile(50):.2f}",
                     f"{t.percentile(99):.2f}",
                     answers,
-                    f"{t.cpu_us_per_request('vault'):,.0f}" if t is forward else "-",
+                    f"{t.cpu_us_per_request('vault'):,.0f}"
+                    if t is forward
+                    else f"{t.cpu_us_per_request('passthrough'):,.0f}"
+                    if t is passthrough
+                    else "-",
                     f"{t.cpu_us_per_request('acquirer'):,.0f}",
                     f"{t.cpu_us_per_request('client'):,.0f}",
                 )
@@ -547,7 +581,7 @@ def print_report(
         print(line(row))
 
     print("\nadded by the vault (FORWARD − DIRECT, same run; goal ≤ 1 ms at p50):")
-    for direct, forward in results:
+    for direct, _, forward in results:
         p50 = forward.percentile(50) - direct.percentile(50)
         p99 = forward.percentile(99) - direct.percentile(99)
         verdict = "within" if p50 <= 1.0 else "above"
@@ -556,8 +590,18 @@ def print_report(
             f"p99 {p99:+.2f} ms; throughput {forward.per_second / direct.per_second:.2f}× "
             f"direct"
         )
-    forwards = sum(f.ok + sum(f.failures.values()) for _, f in results)
-    valid = all(not d.failures and not f.failures and f.ok for d, f in results)
+    print("the floor: a bare Python HTTPS hop (PASSTHROUGH − DIRECT, same run):")
+    for direct, passthrough, forward in results:
+        floor = passthrough.percentile(50) - direct.percentile(50)
+        own = forward.percentile(50) - passthrough.percentile(50)
+        print(
+            f"  concurrency {direct.concurrency:>3}: p50 {floor:+.2f} ms, "
+            f"p99 {passthrough.percentile(99) - direct.percentile(99):+.2f} ms; "
+            f"throughput {passthrough.per_second / direct.per_second:.2f}× direct; "
+            f"the vault's own work above it: p50 {own:+.2f} ms"
+        )
+    forwards = sum(f.ok + sum(f.failures.values()) for _, _, f in results)
+    valid = all(not t.failures and t.ok for triple in results for t in triple)
     if rows is not None:
         print(
             f"\nforwarding records stored: {rows:,} (measured forwards {forwards:,}, plus warm-ups)"
@@ -574,8 +618,8 @@ def print_report(
     )
     if not valid:
         print("\nINVALID RUN: some requests failed (see 'answers'):")
-        for d, f in results:
-            for t in (d, f):
+        for triple in results:
+            for t in triple:
                 for example in t.examples:
                     print(f"  {t.label} c={t.concurrency}: {example}")
     return valid
@@ -590,7 +634,7 @@ def main() -> int:
         help="comma-separated numbers of keep-alive connections (default 1,32)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="DIRECT/FORWARD pairs per concurrency (5)"
+        "--rounds", type=int, default=5, help="rounds of the three cases per concurrency (5)"
     )
     parser.add_argument(
         "--payment-methods", type=int, default=200, help="payment methods forwarded (200)"
@@ -603,6 +647,7 @@ def main() -> int:
     deployment = write_deployment(directory)
     keyd_log, vault_log = directory / "keyd.log", directory / "vault.log"
     acquirer_log = directory / "acquirer.log"
+    passthrough_log = directory / "passthrough.log"
     run_cardvault(["keyservice", "init", "--config", str(deployment.keyd_config)], log=keyd_log)
     secret_key = create_account(deployment.vault_config, vault_log)
 
@@ -610,11 +655,13 @@ def main() -> int:
     rows: int | None = None
     with (
         python_process(deployment.acquirer_args, log=acquirer_log) as acquirer,
+        python_process(deployment.passthrough_args, log=passthrough_log) as passthrough,
         cardvault_process(
             ["keyservice", "serve", "--config", str(deployment.keyd_config)], log=keyd_log
         ) as keyd,
     ):
         wait_for_port(deployment.acquirer_port, acquirer, log=acquirer_log)
+        wait_for_port(deployment.passthrough_port, passthrough, log=passthrough_log)
         wait_for_port(deployment.keyd_port, keyd, log=keyd_log)
         with cardvault_process(
             ["vault", "serve", "--config", str(deployment.vault_config)], log=vault_log
@@ -637,7 +684,11 @@ def main() -> int:
                     drive(
                         deployment,
                         secret_key,
-                        pids={"vault": vault.pid, "acquirer": acquirer.pid},
+                        pids={
+                            "vault": vault.pid,
+                            "acquirer": acquirer.pid,
+                            "passthrough": passthrough.pid,
+                        },
                         seconds=args.seconds,
                         rounds=args.rounds,
                         levels=levels,
@@ -650,6 +701,8 @@ def main() -> int:
         codes["key service"] = keyd.wait(15)
         acquirer.terminate()
         codes["acquirer"] = acquirer.wait(15)
+        passthrough.terminate()
+        codes["passthrough"] = passthrough.wait(15)
 
     with contextlib.closing(sqlite3.connect(directory / "vault" / "vault.db")) as db:
         (rows,) = db.execute("SELECT count(*) FROM forwarding_requests").fetchone()
