@@ -756,9 +756,10 @@ def test_postgres_concurrent_payment_methods_share_multi_row_inserts(
         try:
             await store.migrate()
             await seed(store)
-            assert await asyncio.gather(*(store.insert_payment_method(r) for r in records)) == [
-                None
-            ] * 700
+            assert (
+                await asyncio.gather(*(store.insert_payment_method(r) for r in records))
+                == [None] * 700
+            )
             # Then one alone: it waits for no one.
             await store.insert_payment_method(pm("pm_pgb_alone"))
             assert await store.get_payment_method(ACCT, False, "pm_pgb_alone") is not None
@@ -884,8 +885,8 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
         # at worst the writer checkpoints itself at 4x the threshold.
         limit = threshold * sqlite_store.CHECKPOINT_FALLBACK_FACTOR
         assert largest < limit + 64 * 1024, largest
-        # ... and rarely: the file is cut back when the WAL starts over, so a large file
-        # means frames waiting, not a WAL that was large once.
+        # ... and rarely: what triggers a checkpoint is the frames waiting (read from
+        # the WAL index), not the size of a file that is reused.
         assert store.writer_checkpoints < 40, store.writer_checkpoints
         # The checkpointer's copies are the rows: a connection of its own sees them all.
         with contextlib.closing(sqlite3.connect(path)) as other:
@@ -893,6 +894,41 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
                 "SELECT count(*) FROM payment_methods WHERE id LIKE 'pm_ck_%'"
             ).fetchone()
         assert count == 400
+
+    _sqlite_run(path, check)
+
+
+def test_sqlite_wal_bytes_counts_the_frames_waiting_and_the_wal_file_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cardvault.storage import sqlite as sqlite_store
+
+    threshold = 256 * 1024
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
+    path = tmp_path / "vault.db"
+    wal = tmp_path / "vault.db-wal"
+
+    async def check(store: SQLiteVaultStore) -> None:
+        # A WAL that has never started over: the file is its 32-byte header and frames.
+        for n in range(5):
+            await store.insert_payment_method(pm(f"pm_wb_{n}"))
+            assert store.wal_bytes() == wal.stat().st_size - 32
+        # Past the threshold: the checkpointer copies the frames, a later commit starts
+        # the WAL over at its beginning, and the file keeps its size instead of being
+        # cut back and grown again.
+        largest = 0
+        for n in range(2000):
+            await store.insert_payment_method(pm(f"pm_wb_x{n}", metadata={"n": "x" * 400}))
+            largest = max(largest, wal.stat().st_size)
+            waiting = store.wal_bytes()
+            assert waiting is not None
+            if store.checkpoints and waiting < threshold // 4:
+                break
+            await asyncio.sleep(0.001)  # time for the checkpointer thread
+        else:
+            raise AssertionError("the WAL never started over")
+        assert largest >= threshold
+        assert wal.stat().st_size == largest
 
     _sqlite_run(path, check)
 
