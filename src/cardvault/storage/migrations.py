@@ -227,8 +227,13 @@ IDEMPOTENCY_COLUMNS = (
 )
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    if type(value) is dict and not value:
+        return "{}"  # most rows' metadata and billing details
+    return _JSON.encode(value)
 
 
 def _opt_bytes(value: Any) -> bytes | None:

@@ -215,3 +215,90 @@ def test_check_entry_refuses_detail_keys_that_name_card_data_or_secrets(key: str
 def test_check_entry_refuses_malformed_fields(change: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         check_entry(**{**OK, **change})  # type: ignore[arg-type]
+
+
+# --- the shortcuts taken on the hot path must change no outcome -----------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cardvault.audit import record as record_module  # noqa: E402
+
+_ID_LIKE = st.from_regex(r"[a-z]{1,9}_[A-Za-z0-9_\- ]{6,34}", fullmatch=True)
+_DIGIT_HEAVY = st.builds(
+    lambda prefix, digits, sep: f"{prefix}_{sep.join(digits)}",
+    st.sampled_from(["pm", "req", "fwdreq", "sk", "x"]),
+    st.lists(st.text("0123456789", min_size=1, max_size=6), min_size=1, max_size=6),
+    st.sampled_from(["", "-", "_", " "]),
+)
+_MARKED = st.builds(
+    lambda a, m, b: a + m + b,
+    st.text("abc_", max_size=3),
+    st.sampled_from(["sk_live_", "rk_test_", "_sk_test_", "cvshare1-"]),
+    st.text("abcXYZ0189", max_size=20),
+)
+
+
+def _outcome(check: Any, value: str) -> str | None:
+    try:
+        check("object", value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@settings(max_examples=500)
+@given(st.one_of(_ID_LIKE, _DIGIT_HEAVY, _MARKED, st.text(max_size=48)))
+def test_the_id_shortcut_refuses_exactly_what_the_full_check_refuses(value: str) -> None:
+    assert _outcome(record_module._check_id, value) == _outcome(record_module._check_text, value)
+
+
+def test_the_id_shortcut_still_finds_a_card_number_and_a_secret_prefix() -> None:
+    pan = generated_card_number()
+    glued = f"pm_{pan[:4]}-{pan[4:8]}-{pan[8:12]}-{pan[12:]}"
+    with pytest.raises(ValueError, match="card number"):
+        record_module._check_id("object", glued)
+    with pytest.raises(ValueError, match="secret"):
+        record_module._check_id("object", "x_sk_live_abcdefgh")
+
+
+_DETAIL = st.dictionaries(
+    st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)),
+    max_size=5,
+)
+
+
+@settings(max_examples=300)
+@given(_DETAIL, st.text(min_size=1, max_size=20), st.integers(min_value=1, max_value=10**9))
+def test_the_line_made_at_sealing_is_the_line_of_the_record(
+    detail: dict[str, Any], actor: str, seq: int
+) -> None:
+    sealed = AuditRecord.seal(
+        seq=seq,
+        time="2025-06-01T12:00:00.000000Z",
+        actor=actor,
+        origin=None,
+        action="vault.test",
+        object_id="pm_1",
+        result="ok",
+        request_id=None,
+        detail=detail,
+        prev=GENESIS,
+    )
+    expected = json.dumps(sealed.to_dict(), separators=(",", ":"), ensure_ascii=True)
+    assert sealed.line() == expected.encode("ascii") + b"\n"
+    parsed = AuditRecord.from_line(sealed.line())
+    assert parsed == sealed
+    assert parsed.line() == sealed.line()
+    assert (
+        sealed.hash
+        == hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in sealed.to_dict().items() if k != "hash"},
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=True,
+            ).encode("ascii")
+        ).hexdigest()
+    )
