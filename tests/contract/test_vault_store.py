@@ -23,6 +23,8 @@ import re
 import secrets
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -929,6 +931,41 @@ def test_sqlite_wal_bytes_counts_the_frames_waiting_and_the_wal_file_is_reused(
             raise AssertionError("the WAL never started over")
         assert largest >= threshold
         assert wal.stat().st_size == largest
+
+    _sqlite_run(path, check)
+
+
+def test_sqlite_reading_the_wal_index_keeps_sqlites_locks_on_the_shm_file(
+    tmp_path: Path,
+) -> None:
+    # Closing any descriptor of a file drops the process's fcntl locks on it. SQLite
+    # holds a shared lock on the -shm file's "DMS" byte (128) while a connection is
+    # open, so that no other process rebuilds the file under it; after the store has
+    # read the WAL index, another process must still be unable to lock that byte.
+    path = tmp_path / "vault.db"
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\n"
+        "except OSError:\n"
+        "    print('held')\n"
+        "else:\n"
+        "    print('free')\n"
+    )
+
+    async def check(store: SQLiteVaultStore) -> None:
+        for n in range(3):
+            await store.insert_payment_method(pm(f"pm_lock_{n}"))
+        assert store.wal_bytes() is not None
+        out = subprocess.run(
+            [sys.executable, "-c", probe, f"{path}-shm"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        assert out == "held"
 
     _sqlite_run(path, check)
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import mmap
 import os
 import sqlite3
 import struct
@@ -297,36 +296,49 @@ class _WalIndex:
     valid frame; 0 once the WAL has started over). The WAL file's size cannot say it,
     since the file is reused. Read on the event loop by the writer, right after its own
     commit, so no other connection is changing the field. ``frames()`` is None when the
-    file cannot be mapped; the store then falls back to the WAL file's size.
+    file cannot be read; the store then falls back to the WAL file's size.
 
-    The map is made only after a commit and closed before the writing connection: while
-    that connection is open, no other one may truncate and rebuild the ``-shm`` file
-    (SQLite does so only for the first connection to open the database)."""
+    One descriptor, opened once and kept until every connection of the store is closed:
+    on POSIX, closing *any* descriptor of a file drops all of the process's ``fcntl``
+    locks on it, SQLite's included (its "How To Corrupt" page, section 2.2), which would
+    let another process rebuild the ``-shm`` file under this one's connections. It is
+    read with ``pread``, not mapped, so a file cut short can only give a short read."""
 
     _MX_FRAME = struct.Struct("=I")
 
     def __init__(self, shm_path: Path) -> None:
         self._path = shm_path
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
         self._failed = False
 
     def frames(self) -> int | None:
-        if self._map is None:
-            if self._failed:
-                return None
-            try:
-                with open(self._path, "rb") as fh:
-                    self._map = mmap.mmap(fh.fileno(), 48, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as exc:
-                self._failed = True
-                _log.warning("sqlite_wal_index_unreadable", error=str(exc))
-                return None
-        return int(self._MX_FRAME.unpack_from(self._map, 16)[0])
+        if self._failed:
+            return None
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            raw = os.pread(self._fd, 4, 16)
+        except OSError as exc:
+            self._fail(str(exc))
+            return None
+        if len(raw) != 4:
+            self._fail("short read")
+            return None
+        return int(self._MX_FRAME.unpack(raw)[0])
+
+    def _fail(self, error: str) -> None:
+        self._failed = True
+        _log.warning("sqlite_wal_index_unreadable", error=error)
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Call only after every connection to the database in this process is closed."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class SQLiteVaultStore:
@@ -367,6 +379,7 @@ class SQLiteVaultStore:
         self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._wal_index = _WalIndex(self.path.with_name(self.path.name + "-shm"))
         self._frame_bytes = 0
+        self._size_limit_restored = False
         self._open_error: BaseException | None = None
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
@@ -387,11 +400,19 @@ class SQLiteVaultStore:
         return self._writer_checkpoints
 
     def wal_bytes(self) -> int | None:
-        """The bytes of WAL frames waiting to be copied into the database (the WAL file's
-        size when its index cannot be read), or None before the first write."""
+        """The bytes of the frames in the WAL since it last started over (copied or not:
+        what a checkpoint would have to look at), or the WAL file's size when its index
+        cannot be read; None before the first write."""
         frames = self._wal_index.frames() if self._conn is not None else None
         if frames is not None:
             return frames * self._frame_bytes
+        if self._wal_index.failed and not self._size_limit_restored and self._conn is not None:
+            # The file's size must mean something again: cut it back when the WAL starts
+            # over, as before the index was read (else, once it had grown to the
+            # fallback size, every commit would checkpoint on the loop).
+            self._size_limit_restored = True
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute(f"PRAGMA journal_size_limit={CHECKPOINT_WAL_BYTES // 4}")
         try:
             return os.stat(self._wal_path).st_size
         except OSError:
@@ -1038,8 +1059,9 @@ class SQLiteVaultStore:
                 await asyncio.sleep(BUSY_RETRY_S)
         # The writer closes last, with no reader left, so its final checkpoint can
         # truncate the WAL.
-        self._wal_index.close()
         with contextlib.suppress(sqlite3.Error):
             self._scrub(conn, wait=True)
         conn.close()
+        # Last: its descriptor must outlive every connection (see _WalIndex).
+        self._wal_index.close()
         self._conn = None
