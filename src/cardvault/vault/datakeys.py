@@ -21,6 +21,7 @@ so at low volume the count is set by time instead (one pair of calls per hour).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import secrets
 import time
 from collections import OrderedDict
@@ -103,6 +104,7 @@ class DataKeyManager:
         self._cache = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
         self._account_keys = _TtlCache(self.policy.cache_size, self.policy.cache_ttl, clock)
         self._flights: dict[str, asyncio.Future[crypto.Key]] = {}
+        self._generation = 0
 
     def _fresh(self, current: _Current | None) -> bool:
         return (
@@ -147,11 +149,9 @@ class DataKeyManager:
             if record is None or record.kek != kek:
                 # A payment method that names a data key we do not have is corrupt storage.
                 raise APIError()
-            key = crypto.Key(data_key_id, 1, await self.keys.unwrap(kek, record.wrapped))
-            self._cache.put(data_key_id, key)
-            return key
+            return crypto.Key(data_key_id, 1, await self.keys.unwrap(kek, record.wrapped))
 
-        return await self._once(f"unwrap:{kek}:{data_key_id}", fetch)
+        return await self._once(f"unwrap:{kek}:{data_key_id}", fetch, self._cache, data_key_id)
 
     async def account_key(self, account_id: str) -> crypto.Key:
         """The per-account fingerprint key."""
@@ -161,19 +161,36 @@ class DataKeyManager:
 
         async def fetch() -> crypto.Key:
             material, version = await self.keys.derive("fingerprint", account_id)
-            key = crypto.Key(f"fingerprint:{account_id}", version, material)
-            self._account_keys.put(account_id, key)
-            return key
+            return crypto.Key(f"fingerprint:{account_id}", version, material)
 
-        return await self._once(f"derive:{account_id}", fetch)
+        return await self._once(f"derive:{account_id}", fetch, self._account_keys, account_id)
 
-    async def _once(self, name: str, fetch: Callable[[], Awaitable[crypto.Key]]) -> crypto.Key:
-        """``fetch()``, shared by every caller that asks for ``name`` while it runs. A
-        caller that is cancelled does not cancel the others' fetch; a failure reaches
-        every caller, and the next request tries again."""
+    async def _once(
+        self,
+        name: str,
+        fetch: Callable[[], Awaitable[crypto.Key]],
+        cache: _TtlCache,
+        cache_name: str,
+    ) -> crypto.Key:
+        """``fetch()``, shared by every caller that asks for ``name`` while it runs, and
+        its key cached as ``cache_name``. A caller that is cancelled does not cancel the
+        others' fetch; a failure reaches every caller, and the next request tries again.
+
+        The fetch runs in a context of its own (it serves many requests, so its log
+        lines carry none's request id). A key fetched after :meth:`wipe` is not cached:
+        nothing put in a cache after it was wiped could be wiped again."""
         flight = self._flights.get(name)
         if flight is None:
-            flight = asyncio.ensure_future(fetch())
+            generation = self._generation
+
+            async def run() -> crypto.Key:
+                key = await fetch()
+                if generation == self._generation:
+                    cache.put(cache_name, key)
+                return key
+
+            loop = asyncio.get_running_loop()
+            flight = loop.create_task(run(), context=contextvars.Context())
             self._flights[name] = flight
             flight.add_done_callback(lambda done: self._landed(name, done))
         return await asyncio.shield(flight)
@@ -185,6 +202,10 @@ class DataKeyManager:
             flight.exception()  # retrieved: every waiter may have been cancelled
 
     def wipe(self) -> None:
+        self._generation += 1
+        for flight in self._flights.values():
+            flight.cancel()
+        self._flights.clear()
         self._cache.clear()
         self._account_keys.clear()
         self._current.clear()

@@ -9,7 +9,10 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cardvault.audit import record as record_module
 from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid, check_entry
 from cardvault.audit.signing import CHECKPOINT_CONTEXT, checkpoint_message
 
@@ -219,10 +222,6 @@ def test_check_entry_refuses_malformed_fields(change: dict[str, object]) -> None
 
 # --- the shortcuts taken on the hot path must change no outcome -----------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from cardvault.audit import record as record_module  # noqa: E402
 
 _ID_LIKE = st.from_regex(r"[a-z]{1,9}_[A-Za-z0-9_\- ]{6,34}", fullmatch=True)
 _DIGIT_HEAVY = st.builds(

@@ -241,3 +241,17 @@ def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch(tmp_path: Path) -> 
     assert cancelled
     assert key is not None
     assert calls == 1
+
+
+def test_a_key_fetched_after_wipe_is_not_cached(tmp_path: Path) -> None:
+    async def body(manager, ks, store):  # type: ignore[no-untyped-def]
+        waiting = asyncio.ensure_future(manager.account_key("acct_a"))
+        await asyncio.sleep(0)  # the fetch is under way
+        manager.wipe()  # shutting down: the fetch is cancelled, nothing is cached
+        outcome = await asyncio.gather(waiting, return_exceptions=True)
+        cached = manager._account_keys.get("acct_a")
+        return outcome, cached
+
+    (outcome,), cached = run_slow(tmp_path, body)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert cached is None
