@@ -867,15 +867,22 @@ def test_sqlite_concurrent_writes_share_a_transaction_and_are_committed_on_retur
     _sqlite_run(path, check, group_commit=group_commit)
 
 
-def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def small_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Path, Path]:
+    """A checkpoint threshold of 256 KiB, the database's path and its WAL's."""
     from cardvault.storage import sqlite as sqlite_store
 
     threshold = 256 * 1024
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
-    path = tmp_path / "vault.db"
-    wal = tmp_path / "vault.db-wal"
+    return threshold, tmp_path / "vault.db", tmp_path / "vault.db-wal"
+
+
+def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
+    small_wal: tuple[int, Path, Path],
+) -> None:
+    from cardvault.storage import sqlite as sqlite_store
+
+    threshold, path, wal = small_wal
 
     async def check(store: SQLiteVaultStore) -> None:
         largest = 0
@@ -900,15 +907,10 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
     _sqlite_run(path, check)
 
 
-def test_sqlite_wal_bytes_counts_the_frames_waiting_and_the_wal_file_is_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_sqlite_wal_bytes_counts_the_frames_in_the_wal_and_the_wal_file_is_reused(
+    small_wal: tuple[int, Path, Path],
 ) -> None:
-    from cardvault.storage import sqlite as sqlite_store
-
-    threshold = 256 * 1024
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
-    path = tmp_path / "vault.db"
-    wal = tmp_path / "vault.db-wal"
+    threshold, path, wal = small_wal
 
     async def check(store: SQLiteVaultStore) -> None:
         # A WAL that has never started over: the file is its 32-byte header and frames.
