@@ -35,7 +35,6 @@ from browser_support import (
     Site,
     Sites,
     Vault,
-    cli,
     launch,
     nss_home,
     site_app,
@@ -44,7 +43,7 @@ from browser_support import (
 from cardvault.transport.server import Listener
 from cardvault.transport.tls import client_context, server_context
 from cardvault.vault.element import sri_hash
-from helpers import Pki, ThreadedServers, cardvault_process, wait_for_port
+from helpers import Pki, ThreadedServers, cardvault_process, cli, wait_for_port
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,10 +9,11 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from browser_support import CARDVAULT_JS, Ports, Vault, cli
+from browser_support import CARDVAULT_JS, Ports, Vault
 
 from cardvault.transport.asgi import API_CSP, HSTS
 from cardvault.vault.element import frame_csp, normalize_origin, sri_hash
+from helpers import cli
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "element.md"
 REFUSED = "This card form cannot be shown on this page."

@@ -595,20 +595,13 @@ def test_sealed_key_service_gives_503_keyservice_sealed(
         f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
     )
     acct = create_account(vconf)
-    with cardvault_process(
-        ["keyservice", "serve", "--config", str(kconf)], log=tmp_path / "k.log"
-    ) as kp:
-        wait_for_port(kport, kp)
-        with cardvault_process(
-            ["vault", "serve", "--config", str(vconf)], log=tmp_path / "v.log"
-        ) as vp:
-            wait_for_port(vport, vp)
-            url = f"https://localhost:{vport}/v1/payment_methods"
-            auth = {"authorization": f"Bearer {acct['sk']}"}
-            r = http.post(url, data=card_form(), headers=auth)
-            assert r.status_code == 503
-            assert r.json()["error"]["code"] == "keyservice_sealed"
-            assert http.get(url, headers=auth).json()["data"] == []
+    with keyservice_and_vault(kconf, kport, vconf, vport, tmp_path):
+        url = f"https://localhost:{vport}/v1/payment_methods"
+        auth = {"authorization": f"Bearer {acct['sk']}"}
+        r = http.post(url, data=card_form(), headers=auth)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "keyservice_sealed"
+        assert http.get(url, headers=auth).json()["data"] == []
 
 
 def test_wrong_method_names_every_allowed_method(http: httpx.Client, stack: Stack) -> None:

@@ -217,7 +217,7 @@ class AuditRecord:
         digest = hashlib.sha256(canonical_json(fields)).hexdigest()
         record = cls(
             seq, time, actor, origin, action, object_id, result, request_id,
-            MappingProxyType(dict(ordered)), prev, digest,
+            MappingProxyType(ordered), prev, digest,
         )  # fmt: skip
         # The fields are already in line order (to_dict's): the line is made once, here.
         fields["hash"] = digest

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["column_list", "copy_error"]
+import asyncio
+from typing import Any
+
+__all__ = ["column_list", "copy_error", "settle"]
 
 
 def column_list(names: tuple[str, ...]) -> str:
@@ -20,3 +23,13 @@ def copy_error(exc: BaseException) -> BaseException:
         return exc
     copy.__cause__ = exc
     return copy
+
+
+def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Give a queued write's caller its outcome, unless the caller was cancelled."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)

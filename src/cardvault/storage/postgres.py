@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from cardvault.storage._shared import column_list, copy_error
+from cardvault.storage._shared import column_list, copy_error, settle
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -273,12 +273,7 @@ class PostgresVaultStore:
         except Exception as exc:
             outcomes = [copy_error(exc) for _ in batch]
         for (_, future), error in zip(batch, outcomes, strict=True):
-            if future.done():  # the caller was cancelled
-                continue
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+            settle(future, None, error)
 
     async def get_payment_method(
         self, account_id: str, livemode: bool, pm_id: str

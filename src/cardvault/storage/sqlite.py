@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from cardvault.storage._shared import column_list, copy_error
+from cardvault.storage._shared import column_list, copy_error, settle
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -281,12 +281,7 @@ def _settle(outcomes: list[_Outcome]) -> None:
 
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, value, error in items:
-        if future.done():  # the caller was cancelled
-            continue
-        if error is None:
-            future.set_result(value)
-        else:
-            future.set_exception(error)
+        settle(future, value, error)
 
 
 class _WalIndex:
