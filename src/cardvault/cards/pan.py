@@ -57,13 +57,25 @@ _SHOWN_TRAILING: Final = 4
 _LUHN_DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
+#: ``bytearray.translate`` table: an ASCII digit to its value when doubled by Luhn.
+_LUHN_DOUBLED_ASCII: Final = bytes(
+    _LUHN_DOUBLED[b - _ZERO] if _ZERO <= b <= _ZERO + 9 else 0 for b in range(256)
+)
+
+
 def _luhn_ok(buf: bytearray) -> bool:
-    total = 0
+    """Luhn over a buffer of ASCII digits, in a few C-level calls rather than a Python
+    loop per digit. The slices and the translated copy hold digits of the card number,
+    so they are wiped before returning, as the buffer itself will be."""
     parity = len(buf) % 2
-    for i in range(len(buf)):
-        d = buf[i] - _ZERO
-        total += _LUHN_DOUBLED[d] if i % 2 == parity else d
-    return total % 10 == 0
+    doubled = buf[parity::2]
+    plain = buf[1 - parity :: 2]
+    values = doubled.translate(_LUHN_DOUBLED_ASCII)
+    try:
+        return (sum(values) + sum(plain) - _ZERO * len(plain)) % 10 == 0
+    finally:
+        for copy in (doubled, plain, values):
+            copy[:] = bytes(len(copy))
 
 
 def _digits_from_str(value: str) -> bytearray:
@@ -74,6 +86,14 @@ def _digits_from_str(value: str) -> bytearray:
     growing buffer (a ``bytearray`` that grows is reallocated, leaving the old copy
     behind in freed memory).
     """
+    if value.isascii() and value.isdigit():
+        # The common case, plain digits: one pass, nothing to check between them.
+        if len(value) > PAN_MAX_DIGITS:
+            raise IncorrectNumber(param=PARAM)
+        buf = bytearray(len(value))
+        for j, ch in enumerate(value):
+            buf[j] = ord(ch)
+        return buf
     start, end = 0, len(value)
     while start < end and value[start] == " ":
         start += 1
@@ -135,13 +155,15 @@ class CardNumber(SecretDigits):
     refuse pickling and copying.
     """
 
-    __slots__ = ("_bin", "_brand", "_funding", "_last4", "_length")
+    __slots__ = ("_bin", "_brand", "_funding", "_last4", "_length", "_test_card")
 
     _bin: str
     _brand: Brand
     _funding: Funding
     _last4: str
     _length: int
+    #: The published test card this number is, found once by :meth:`parse`.
+    _test_card: testcards.TestCardInfo | None
 
     @classmethod
     def parse(cls, value: object) -> CardNumber:
@@ -187,6 +209,7 @@ class CardNumber(SecretDigits):
         card._brand = brand
         # Without a BIN table, funding is known only for the published test cards.
         card._funding = known.funding if known is not None else Funding.UNKNOWN
+        card._test_card = known
         return card
 
     # --- non-secret facts, available after wipe() --------------------------------------

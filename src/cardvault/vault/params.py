@@ -12,6 +12,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
+from cardvault.cards.luhn import PAN_MIN_DIGITS
 from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
 
 __all__ = ["MAX_BODY_BYTES", "parse_body", "parse_form", "parse_pairs"]
@@ -24,9 +25,18 @@ _MAX_DEPTH = 4
 _MAX_FIELDS = 1000
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _PART = re.compile(r"\[([^\[\]]*)\]")
-#: Parsed parameter names, so that the few names real clients send are parsed once.
+#: Decoded and parsed parameter names, so that the few names real clients send
+#: (``card%5Bnumber%5D``) are decoded and parsed once. Only names with fewer digits than
+#: a card number has are kept: a name is the caller's text, and none that could hold a
+#: card number may stay in memory.
+_NAME_CACHE: dict[str, str] = {}
 _KEY_CACHE: dict[str, tuple[str, ...]] = {}
 _KEY_CACHE_MAX = 512
+_NO_DIGITS = str.maketrans("", "", "0123456789")
+
+
+def _cacheable(name: str) -> bool:
+    return len(name) - len(name.translate(_NO_DIGITS)) < PAN_MIN_DIGITS
 
 
 def _form_value(raw: str) -> str:
@@ -48,8 +58,13 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for field in text.split("&"):
         if field:
-            name, _, value = field.partition("=")
-            pairs.append((_form_value(name), _form_value(value)))
+            raw, _, value = field.partition("=")
+            name = _NAME_CACHE.get(raw)
+            if name is None:
+                name = _form_value(raw)
+                if len(_NAME_CACHE) < _KEY_CACHE_MAX and _cacheable(raw) and _cacheable(name):
+                    _NAME_CACHE[raw] = name
+            pairs.append((name, _form_value(value)))
     return pairs
 
 
@@ -62,7 +77,7 @@ def _key_parts(raw_key: str) -> tuple[str, ...]:
         parts = (match.group(1), *_PART.findall(match.group(2)))
         if len(parts) > _MAX_DEPTH:
             raise InvalidRequestError("Parameters are nested too deeply.")
-        if len(_KEY_CACHE) < _KEY_CACHE_MAX:
+        if len(_KEY_CACHE) < _KEY_CACHE_MAX and _cacheable(raw_key):
             _KEY_CACHE[raw_key] = parts
     return parts
 

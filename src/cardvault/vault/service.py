@@ -22,7 +22,13 @@ import structlog
 
 from cardvault import crypto
 from cardvault.audit.recorder import Recorder
-from cardvault.cards import CardNumber, check_card_allowed, validate_cvc, validate_expiry
+from cardvault.cards import (
+    CardNumber,
+    brand_info,
+    check_card_allowed,
+    validate_cvc,
+    validate_expiry,
+)
 from cardvault.errors import (
     APIError,
     AuditUnavailableError,
@@ -55,6 +61,8 @@ _PM_PARAMS = {"type", "card", "billing_details", "metadata", "expand"}
 _CARD_PARAMS = {"number", "exp_month", "exp_year", "cvc"}
 _BILLING_PARAMS = {"name", "email", "phone", "address"}
 _ADDRESS_PARAMS = {"line1", "line2", "city", "state", "postal_code", "country"}
+#: The order Stripe's objects list them in (alphabetical).
+_ADDRESS_FIELDS = tuple(sorted(_ADDRESS_PARAMS))
 
 
 def new_id(prefix: str, length: int = 24) -> str:
@@ -422,8 +430,6 @@ class VaultService:
     def _render(
         record: PaymentMethodRecord, *, name: str | None, display_brand: str | None = None
     ) -> dict[str, Any]:
-        from cardvault.cards import brand_info
-
         raw_address = record.billing_details.get("address")
         address: dict[str, Any] = raw_address if isinstance(raw_address, dict) else {}
         return {
@@ -435,7 +441,7 @@ class VaultService:
             "metadata": record.metadata,
             "customer": None,
             "billing_details": {
-                "address": {k: address.get(k) for k in sorted(_ADDRESS_PARAMS)},
+                "address": {k: address.get(k) for k in _ADDRESS_FIELDS},
                 "email": record.billing_details.get("email"),
                 "name": name,
                 "phone": record.billing_details.get("phone"),

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardvault.cards import CardNumber, WipedError, find_card_numbers
-from cardvault.errors import CardError, IncorrectNumber, ParameterMissing
+from cardvault.errors import CardError, CardVaultError, IncorrectNumber, ParameterMissing
 
 from ._gen import SPEC, card_numbers, complete, leaks, published
 
@@ -336,3 +336,28 @@ def test_copying_is_refused(fn: object) -> None:
 def test_card_number_has_no_instance_dict() -> None:
     with pytest.raises(TypeError):
         vars(CardNumber.parse(VISA))
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=40))
+def test_the_buffer_luhn_check_agrees_with_the_text_one_and_wipes_its_copies(
+    digits: str,
+) -> None:
+    from cardvault.cards import luhn_valid
+    from cardvault.cards.pan import _luhn_ok
+
+    buf = bytearray(digits.encode("ascii"))
+    assert _luhn_ok(buf) == luhn_valid(digits)
+    assert buf == bytearray(digits.encode("ascii"))  # the buffer itself is untouched
+
+
+@given(st.text(alphabet="0123456789", min_size=13, max_size=19))
+def test_plain_digits_and_spaced_digits_parse_to_the_same_card(digits: str) -> None:
+    spaced = " ".join(digits[i : i + 4] for i in range(0, len(digits), 4))
+    outcomes = []
+    for text in (digits, spaced, f"  {digits} "):
+        try:
+            with CardNumber.parse(text) as card:
+                outcomes.append((card.brand, card.last4, card.length, card.masked()))
+        except CardVaultError as exc:
+            outcomes.append((type(exc).__name__,))
+    assert outcomes[0] == outcomes[1] == outcomes[2]

@@ -1,4 +1,9 @@
-"""HKDF-SHA256 and HMAC-SHA256, straight from ``cryptography``. Hazardous: see the package.
+"""HKDF-SHA256 and HMAC-SHA256. Hazardous: see the package.
+
+HKDF comes from ``cryptography``. HMAC is the standard library's one-shot
+:func:`hmac.digest`, which CPython computes in OpenSSL (the same library ``cryptography``
+uses) in a single call: a card's fingerprint is computed on every tokenization, and
+``cryptography``'s HMAC object (made, updated, finalized) cost about four times as much.
 
 Neither function adds a label or a length prefix: domain separation is the caller's job,
 and the safe layer does it (see ``docs/crypto-formats.md``).
@@ -6,8 +11,9 @@ and the safe layer does it (see ``docs/crypto-formats.md``).
 
 from __future__ import annotations
 
+import hmac as _hmac
+
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = ["hkdf_sha256_into", "hmac_sha256"]
@@ -28,6 +34,4 @@ def hkdf_sha256_into(
 
 def hmac_sha256(key: bytes | bytearray, data: bytes | bytearray | memoryview) -> bytes:
     """RFC 2104 HMAC-SHA256 of ``data`` under ``key``: 32 bytes."""
-    mac = _hmac.HMAC(key, hashes.SHA256())
-    mac.update(data)
-    return mac.finalize()
+    return _hmac.digest(key, data, "sha256")
