@@ -61,6 +61,8 @@ def as_bytes(value: bytes | bytearray, what: str) -> bytes:
 
 _U8 = struct.Struct(">B").pack
 _U32 = struct.Struct(">I").pack
+#: ``u32 len(name) || name`` of context field names already seen.
+_FIELD_PREFIXES: dict[str, bytes] = {}
 # Printable ASCII without space: what a key name may hold.
 _NAME_BYTES = re.compile(rb"[\x21-\x7e]+")
 
@@ -113,22 +115,34 @@ def encode_context(context: Context) -> bytes:
     An empty context is refused: a ciphertext bound to nothing can be moved anywhere,
     which is the mistake this encoding exists to prevent.
     """
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):
         raise TypeError("a context must be a mapping of str to str")
     if not context:
         raise ValueError("a context must name at least one field")
-    entries: list[tuple[bytes, bytes]] = []
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str):
+    try:
+        # Sorting the str keys sorts their UTF-8 bytes too: UTF-8 keeps code point order.
+        keys = sorted(context)
+    except TypeError:
+        raise TypeError("a context must be a mapping of str to str") from None
+    out = [_U32(len(keys))]
+    for key in keys:
+        value = context[key]
+        if type(value) is not str and not isinstance(value, str):
             raise TypeError("a context must be a mapping of str to str")
-        if not key:
-            raise ValueError("context field names must not be empty")
-        # "strict" refuses lone surrogates, which have no UTF-8 encoding.
-        entries.append((key.encode("utf-8"), value.encode("utf-8")))
-    entries.sort()
-    out = [_U32(len(entries))]
-    for key_bytes, value_bytes in entries:
-        out += (_U32(len(key_bytes)), key_bytes, _U32(len(value_bytes)), value_bytes)
+        # A field name's prefix is made once: services bind ciphertexts to a few names.
+        prefix = _FIELD_PREFIXES.get(key)
+        if prefix is None:
+            if not isinstance(key, str):
+                raise TypeError("a context must be a mapping of str to str")
+            if not key:
+                raise ValueError("context field names must not be empty")
+            # "strict" refuses lone surrogates, which have no UTF-8 encoding.
+            key_bytes = key.encode("utf-8")
+            prefix = _U32(len(key_bytes)) + key_bytes
+            if len(_FIELD_PREFIXES) < 256:
+                _FIELD_PREFIXES[key] = prefix
+        value_bytes = value.encode("utf-8")
+        out += (prefix, _U32(len(value_bytes)), value_bytes)
     return b"".join(out)
 
 
