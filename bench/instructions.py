@@ -1,0 +1,236 @@
+"""Instructions per request of the vault's app, counted by callgrind: a figure that does
+not move with the load on a shared machine.
+
+Timed benchmarks on this project's 2-core machines drift by 10-20 % between runs, which
+hides any single change worth less than that. This script runs the vault's ASGI
+application *in this process* (no TLS, no HTTP parsing: only the application, its
+store, its audit log and its access log, configured as in production) against a real
+key service, and drives ``--concurrency`` concurrent requests on one event loop. Under
+``valgrind --tool=callgrind`` it runs twice, with ``--small`` and ``--large``
+requests, and prints ``(large - small) / (large - small requests)``: the instructions
+one more request costs, start-up excluded, repeatable to about 1 %. Instructions are
+not time (cache misses and system calls, fsync included, are not in them), so confirm a
+gain with ``tokenize.py``; but they tell whether a change did anything at all.
+
+    .venv/bin/python bench/instructions.py                    # tokenize and noop
+    .venv/bin/python bench/instructions.py --endpoint tokenize --small 100 --large 300
+
+Without valgrind on the machine, ``--no-valgrind`` prints CPU time per request instead
+(noisy, as above). The work is done by the same script run as ``--child``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ENDPOINTS = {"tokenize": "/v1/payment_methods", "noop": "/v1/noop"}
+WARMUP = 300
+
+
+def _bench_tokenize() -> Any:
+    """bench/tokenize.py as a module (it registers the standard library's tokenize)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_tokenize", HERE / "tokenize.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_bench_tokenize"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exchange(body: bytes) -> tuple[Any, Any, list[int]]:
+    """An ASGI ``receive`` that delivers ``body`` once, and a ``send`` that keeps the
+    status."""
+    delivered = False
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    return receive, send, statuses
+
+
+async def _drive(app: Any, path: str, bodies: list[bytes], key: str, count: int, c: int) -> int:
+    """``count`` POSTs to ``path`` from ``c`` concurrent tasks; the statuses must be 200."""
+    done = 0
+    cycle = itertools.cycle(bodies)
+
+    async def worker() -> None:
+        nonlocal done
+        while done < count:
+            done += 1
+            body = next(cycle)
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "https",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "root_path": "",
+                "headers": [
+                    (b"host", b"localhost"),
+                    (b"authorization", b"Bearer " + key.encode()),
+                    (b"content-type", b"application/x-www-form-urlencoded"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                "client": ("127.0.0.1", 50000),
+                "server": ("127.0.0.1", 443),
+                "extensions": {},
+            }
+            receive, send, statuses = _exchange(body)
+            await app(scope, receive, send)
+            if statuses != [200]:
+                raise RuntimeError(f"{path} answered {statuses}")
+
+    await asyncio.gather(*(worker() for _ in range(c)))
+    return count
+
+
+def child(args: argparse.Namespace) -> None:
+    """Set up the deployment, warm up, then run ``--count`` requests and exit."""
+    bt = _bench_tokenize()
+    from _common import cardvault_process, free_port, run_cardvault, wait_for_port
+
+    from cardvault.audit.recorder import open_audit_log
+    from cardvault.config import load_settings
+    from cardvault.logging import configure_logging
+    from cardvault.vault import app as vault_app
+    from cardvault.vault.settings import VaultSettings
+
+    work = Path(tempfile.mkdtemp(prefix="cardvault-instructions-"))
+    try:
+        pki = bt.make_pki(work)
+        keyd_port = free_port()
+        keyd_config = bt.keyd_config(work, pki, keyd_port)
+        keyd_log = work / "keyd.log"
+        run_cardvault(["keyservice", "init", "--config", str(keyd_config)], log=keyd_log)
+        with cardvault_process(
+            ["keyservice", "serve", "--config", str(keyd_config)], log=keyd_log
+        ) as keyd:
+            wait_for_port(keyd_port, keyd, log=keyd_log)
+            (work / "vault").mkdir()
+            config = bt.vault_config(
+                work / "vault", pki, free_port(), keyd_port, f"sqlite:///{work / 'vault' / 'v.db'}"
+            )
+            key = bt.create_account(config, work / "accounts.log")
+            settings = load_settings(VaultSettings, config)
+            # The production configuration: JSON lines at info, to a file.
+            with open(work / "vault.log", "w") as log:
+                configure_logging(profile="production", level="info", fmt="json", stream=log)
+                service = vault_app.build_service(settings)
+                assert service is not None
+                app = vault_app.build_listeners(settings, service)[0].app
+                bodies = bt.card_bodies() if args.endpoint == "tokenize" else [b""]
+                path = ENDPOINTS[args.endpoint]
+
+                async def run() -> None:
+                    directory, _ = settings.audit.resolved(settings.store.url)
+                    service.audit.log = await open_audit_log(directory, settings.audit)
+                    await service.store.migrate()
+                    await _drive(app, path, bodies, key, WARMUP, args.concurrency)
+                    started = time.process_time()
+                    await _drive(app, path, bodies, key, args.count, args.concurrency)
+                    cpu = time.process_time() - started
+                    print(f"cpu_us_per_request {1e6 * cpu / args.count:.1f}", flush=True)
+                    await service.audit.close()
+                    await service.keys.keys.close()
+                    await service.store.close()
+
+                import uvloop
+
+                uvloop.run(run())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _count(endpoint: str, n: int, concurrency: int, valgrind: bool) -> float:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--endpoint",
+        endpoint,
+        "--count",
+        str(n),
+        "--concurrency",
+        str(concurrency),
+    ]
+    if valgrind:
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"{endpoint} x{n} failed ({result.returncode}):\n{output[-3000:]}")
+    if valgrind:
+        found = re.search(r"Collected : (\d+)", output)
+    else:
+        found = re.search(r"cpu_us_per_request ([\d.]+)", output)
+    if found is None:
+        raise RuntimeError(f"no figure in the output of {endpoint} x{n}:\n{output[-3000:]}")
+    return float(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint", choices=[*ENDPOINTS, "both"], default="both")
+    parser.add_argument("--small", type=int, default=100)
+    parser.add_argument("--large", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--no-valgrind", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    valgrind = not args.no_valgrind
+    if valgrind and shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (or use --no-valgrind)")
+    if args.large <= args.small:
+        parser.error("--large must be more than --small")
+    endpoints = list(ENDPOINTS) if args.endpoint == "both" else [args.endpoint]
+    figures: dict[str, float] = {}
+    for endpoint in endpoints:
+        if valgrind:
+            small = _count(endpoint, args.small, args.concurrency, True)
+            large = _count(endpoint, args.large, args.concurrency, True)
+            figures[endpoint] = (large - small) / (args.large - args.small)
+            unit = "instructions"
+        else:
+            figures[endpoint] = _count(endpoint, args.large, args.concurrency, False)
+            unit = "µs of CPU"
+        print(f"{endpoint:>8}: {figures[endpoint]:>12,.0f} {unit} per request", flush=True)
+    if len(figures) == 2:
+        print(f"   ratio: {figures['noop'] / figures['tokenize']:.3f} (noop / tokenize)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
