@@ -53,7 +53,14 @@ from cardvault.vault.allowlist import (
     match_url,
 )
 from cardvault.vault.outbound import HOP_BY_HOP, OutboundClient
-from cardvault.vault.service import Caller, VaultService, _check_keys, _context, _metadata, new_id
+from cardvault.vault.service import (
+    Caller,
+    VaultService,
+    _check_keys,
+    _context,
+    _metadata,
+    time_ordered_id,
+)
 
 __all__ = ["Forwarder", "mask_card_numbers"]
 
@@ -317,7 +324,7 @@ class Forwarder:
             )
             raise
         fwd = ForwardingRequestRecord(
-            id=new_id("fwdreq_"),
+            id=time_ordered_id("fwdreq_"),
             account_id=caller.account_id,
             livemode=caller.livemode,
             created=int(time.time()),

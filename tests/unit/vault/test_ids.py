@@ -33,3 +33,38 @@ def test_each_byte_maps_to_its_symbol_and_the_biased_bytes_are_dropped(
     monkeypatch.setattr(service.secrets, "token_bytes", lambda n: next(stream))
     expected = [ALPHABET[b % 62] for b in list(range(240, 248)) + list(range(16))]
     assert new_id("", 24) == "".join(expected)
+
+
+def test_time_ordered_ids_sort_by_the_time_they_were_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Milliseconds that need one more symbol each, and neighbours: the ids sort as the
+    # times do, whatever the random part.
+    moments = [0, 1, 61, 62, 3843, 3844, 1_764_000_000_000, 1_764_000_000_001, 62**8 - 1]
+    ids = []
+    for ms in moments:
+        monkeypatch.setattr(service.time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
+        ids.append(service.time_ordered_id("pm_"))
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        assert value.startswith("pm_")
+        assert len(value) == 3 + 24
+        assert set(value[3:]) <= set(ALPHABET)
+    # The head is the time: 0 ms is all zeros, 62**8 - 1 ms is all "z".
+    assert ids[0][3:11] == "00000000"
+    assert ids[-1][3:11] == "zzzzzzzz"
+    assert ids[3][3:11] == "00000010"
+
+
+def test_time_ordered_ids_made_in_one_millisecond_differ() -> None:
+    # Thousands of ids share a millisecond under load; the random part tells them apart.
+    ids = [service.time_ordered_id("fwdreq_") for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert len({value[7:15] for value in ids}) < 2000
+
+
+def test_a_time_ordered_id_needs_room_for_a_random_part() -> None:
+    with pytest.raises(ValueError, match="more than 8"):
+        service.time_ordered_id("pm_", 8)
+    assert len(service.time_ordered_id("pm_", 9)) == 3 + 9
