@@ -116,7 +116,7 @@ def seal(
     header = _header(key.name, key.version)
     aad = header + encode_context(context)
     nonce = draw_nonce(nonce_source_for_tests)
-    return header + nonce + aes_gcm_encrypt(key._secret_buffer(), nonce, plaintext, aad)
+    return header + nonce + aes_gcm_encrypt(key._aes_gcm(), nonce, plaintext, aad)
 
 
 def open_(key: Key, ciphertext: bytes | bytearray, context: Context) -> bytes:
@@ -127,11 +127,11 @@ def open_(key: Key, ciphertext: bytes | bytearray, context: Context) -> bytes:
     """
     blob = as_bytes(ciphertext, "ciphertext")
     context_bytes = encode_context(context)
-    key_material = key._secret_buffer()
+    cipher = key._aes_gcm()
     header, header_bytes, nonce, body = _parse(blob)
     if header.key_name != key.name or header.key_version != key.version:
         raise InvalidCiphertext from None
     try:
-        return aes_gcm_decrypt(key_material, nonce, body, header_bytes + context_bytes)
+        return aes_gcm_decrypt(cipher, nonce, body, header_bytes + context_bytes)
     except InvalidTag:
         raise InvalidCiphertext from None

@@ -16,7 +16,7 @@ from typing import NoReturn, final
 
 from cardvault.crypto._encoding import check_key_name, check_key_version
 from cardvault.crypto.exceptions import KeyCheckMismatch
-from cardvault.crypto.hazmat import hmac_sha256
+from cardvault.crypto.hazmat import AesGcmContext, aes_gcm_context, hmac_sha256
 
 __all__ = [
     "KEY_SIZE",
@@ -55,7 +55,7 @@ class Key:
     encrypting under 32 zero bytes.
     """
 
-    __slots__ = ("_material", "_name", "_version", "_wiped")
+    __slots__ = ("_aead", "_material", "_name", "_version", "_wiped")
 
     def __init__(self, name: str, version: int, material: bytes | bytearray) -> None:
         check_key_name(name)
@@ -68,6 +68,7 @@ class Key:
         self._version = version
         self._material = material if isinstance(material, bytearray) else bytearray(material)
         self._wiped = False
+        self._aead: AesGcmContext | None = None
 
     @classmethod
     def generate(cls, name: str, version: int = 1) -> Key:
@@ -95,6 +96,16 @@ class Key:
             raise ValueError("this key has been wiped")
         return self._material
 
+    def _aes_gcm(self) -> AesGcmContext:
+        """The key made ready for AES-256-GCM, built on first use and kept until
+        :meth:`wipe` (building it is most of the cost of sealing one card number). For
+        :mod:`cardvault.crypto`'s own modules only; raises if wiped."""
+        if self._wiped:
+            raise ValueError("this key has been wiped")
+        if self._aead is None:
+            self._aead = aes_gcm_context(self._material)
+        return self._aead
+
     def expose_secret(self) -> bytes:
         """A copy of the material, for the one place it must leave: the key service
         handing a data key to the vault over mTLS. The copy cannot be wiped; keep it
@@ -103,7 +114,9 @@ class Key:
         return bytes(self._secret_buffer())
 
     def wipe(self) -> None:
-        """Zero the material in place. Idempotent."""
+        """Zero the material in place and drop the AES-GCM context built from it (OpenSSL
+        clears a cipher context's key when it frees it). Idempotent."""
+        self._aead = None
         self._material[:] = bytes(len(self._material))
         self._wiped = True
 

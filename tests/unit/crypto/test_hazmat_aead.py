@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cardvault.crypto.hazmat import (
+    AesGcmContext,
     InvalidTag,
+    aes_gcm_context,
     aes_gcm_decrypt,
     aes_gcm_decrypt_into,
     aes_gcm_encrypt,
@@ -53,6 +55,25 @@ def test_aes_gcm_decrypt_matches_every_cavp_decrypt_vector_including_fail() -> N
             assert aes_gcm_decrypt_into(key, iv, data, aad) == bytearray(v.hex("PT"))
 
 
+def test_a_kept_context_gives_every_cavp_answer_that_the_key_itself_gives() -> None:
+    # One context per key, used for many operations in both directions, as a Key keeps it.
+    contexts: dict[bytes, AesGcmContext] = {}
+    for v in ENCRYPT:
+        context = contexts.setdefault(v.hex("Key"), aes_gcm_context(v.hex("Key")))
+        out = aes_gcm_encrypt(context, v.hex("IV"), v.hex("PT"), v.hex("AAD"))
+        assert out == v.hex("CT") + v.hex("Tag")
+        back = aes_gcm_decrypt(context, v.hex("IV"), out, v.hex("AAD"))
+        assert back == v.hex("PT")
+    for v in DECRYPT:
+        context = aes_gcm_context(v.hex("Key"))
+        data = v.hex("CT") + v.hex("Tag")
+        if v.fail:
+            with pytest.raises(InvalidTag):
+                aes_gcm_decrypt(context, v.hex("IV"), data, v.hex("AAD"))
+        else:
+            assert aes_gcm_decrypt(context, v.hex("IV"), data, v.hex("AAD")) == v.hex("PT")
+
+
 def test_aes_gcm_decrypt_rejects_each_cavp_encrypt_vector_with_altered_aad() -> None:
     for v in ENCRYPT[:50]:
         data = v.hex("CT") + v.hex("Tag")
@@ -66,6 +87,8 @@ def test_aes_gcm_refuses_keys_that_are_not_256_bits(key_size: int) -> None:
         aes_gcm_encrypt(bytes(key_size), bytes(12), b"", b"")
     with pytest.raises(ValueError, match="32-byte key"):
         aes_gcm_decrypt(bytes(key_size), bytes(12), bytes(16), b"")
+    with pytest.raises(ValueError, match="32-byte key"):
+        aes_gcm_context(bytes(key_size))
 
 
 @pytest.mark.parametrize("nonce_size", [0, 8, 11, 13, 16])
@@ -74,6 +97,11 @@ def test_aes_gcm_refuses_nonces_that_are_not_96_bits(nonce_size: int) -> None:
         aes_gcm_encrypt(bytes(32), bytes(nonce_size), b"", b"")
     with pytest.raises(ValueError, match="12-byte nonce"):
         aes_gcm_decrypt(bytes(32), bytes(nonce_size), bytes(16), b"")
+    context = aes_gcm_context(bytes(32))
+    with pytest.raises(ValueError, match="12-byte nonce"):
+        aes_gcm_encrypt(context, bytes(nonce_size), b"", b"")
+    with pytest.raises(ValueError, match="12-byte nonce"):
+        aes_gcm_decrypt(context, bytes(nonce_size), bytes(16), b"")
 
 
 def test_aes_gcm_decrypt_rejects_input_shorter_than_a_tag() -> None:

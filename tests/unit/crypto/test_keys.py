@@ -13,6 +13,8 @@ from cardvault.crypto import (
     KeyCheckMismatch,
     generate_key,
     key_check_value,
+    open_,
+    seal,
     verify_key_check_value,
 )
 
@@ -47,6 +49,22 @@ def test_key_wipe_zeroes_the_buffer_it_was_given() -> None:
     assert "wiped" in repr(key)
     with pytest.raises(ValueError, match="wiped"):
         key.expose_secret()
+
+
+def test_a_wiped_key_drops_its_cipher_context_and_seals_and_opens_nothing() -> None:
+    key = Key("pan", 1, bytearray(KAT_KEY))
+    context = {"account": "acct_1", "object": "pm_1", "field": "number"}
+    sealed = seal(key, b"secret", context)
+    assert key._aead is not None  # kept after the first use
+    assert open_(key, sealed, context) == b"secret"
+    key.wipe()
+    assert key._aead is None
+    with pytest.raises(ValueError, match="wiped"):
+        seal(key, b"secret", context)
+    with pytest.raises(ValueError, match="wiped"):
+        open_(key, sealed, context)
+    # The same material in a new key still opens it: nothing was tied to the object.
+    assert open_(Key("pan", 1, KAT_KEY), sealed, context) == b"secret"
 
 
 def test_key_copies_immutable_bytes_and_context_manager_wipes() -> None:

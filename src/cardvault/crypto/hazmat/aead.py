@@ -15,7 +15,9 @@ __all__ = [
     "AES_256_KEY_SIZE",
     "GCM_NONCE_SIZE",
     "GCM_TAG_SIZE",
+    "AesGcmContext",
     "InvalidTag",
+    "aes_gcm_context",
     "aes_gcm_decrypt",
     "aes_gcm_decrypt_into",
     "aes_gcm_encrypt",
@@ -26,35 +28,63 @@ GCM_NONCE_SIZE = 12
 GCM_TAG_SIZE = 16
 
 
-def _check_sizes(key: bytes | bytearray, nonce: bytes | bytearray) -> None:
+#: A key made ready for AES-256-GCM (``cryptography``'s ``AESGCM``): OpenSSL's cipher
+#: context is built on its first use and kept, which is most of the cost of one small
+#: encryption. It refers to the key's buffer and holds the expanded key in OpenSSL's
+#: memory for as long as it lives; drop it with the key (see ``Key.wipe``).
+AesGcmContext = AESGCM
+
+
+def _check_key(key: bytes | bytearray) -> None:
     if len(key) != AES_256_KEY_SIZE:
         raise ValueError("AES-256-GCM needs a 32-byte key")
+
+
+def _check_nonce(nonce: bytes | bytearray) -> None:
     if len(nonce) != GCM_NONCE_SIZE:
         raise ValueError("AES-256-GCM here needs a 12-byte nonce")
 
 
+def aes_gcm_context(key: bytes | bytearray) -> AesGcmContext:
+    """``key`` (32 bytes) made ready for :func:`aes_gcm_encrypt` and
+    :func:`aes_gcm_decrypt`. The context refers to ``key``: do not change the buffer
+    while the context is in use."""
+    _check_key(key)
+    return AESGCM(key)
+
+
+def _context(key: bytes | bytearray | AesGcmContext) -> AesGcmContext:
+    if isinstance(key, AESGCM):
+        return key
+    _check_key(key)
+    return AESGCM(key)
+
+
 def aes_gcm_encrypt(
-    key: bytes | bytearray,
+    key: bytes | bytearray | AesGcmContext,
     nonce: bytes | bytearray,
     plaintext: bytes | bytearray | memoryview,
     associated_data: bytes | bytearray,
 ) -> bytes:
-    """Return ``ciphertext || tag`` (tag: 16 bytes). The nonce must never repeat per key."""
-    _check_sizes(key, nonce)
-    return AESGCM(key).encrypt(nonce, plaintext, associated_data)
+    """Return ``ciphertext || tag`` (tag: 16 bytes). The nonce must never repeat per key.
+    ``key``: 32 bytes, or a context from :func:`aes_gcm_context`."""
+    _check_nonce(nonce)
+    return _context(key).encrypt(nonce, plaintext, associated_data)
 
 
 def aes_gcm_decrypt(
-    key: bytes | bytearray,
+    key: bytes | bytearray | AesGcmContext,
     nonce: bytes | bytearray,
     ciphertext_and_tag: bytes | bytearray,
     associated_data: bytes | bytearray,
 ) -> bytes:
-    """Return the plaintext, or raise :class:`InvalidTag` if anything does not verify."""
-    _check_sizes(key, nonce)
+    """Return the plaintext, or raise :class:`InvalidTag` if anything does not verify.
+    ``key``: 32 bytes, or a context from :func:`aes_gcm_context`."""
+    _check_nonce(nonce)
+    context = _context(key)
     if len(ciphertext_and_tag) < GCM_TAG_SIZE:
         raise InvalidTag
-    return AESGCM(key).decrypt(nonce, ciphertext_and_tag, associated_data)
+    return context.decrypt(nonce, ciphertext_and_tag, associated_data)
 
 
 def aes_gcm_decrypt_into(
@@ -67,7 +97,8 @@ def aes_gcm_decrypt_into(
 
     Used for key material, so that the caller holds the only copy and can zero it.
     """
-    _check_sizes(key, nonce)
+    _check_key(key)
+    _check_nonce(nonce)
     if len(ciphertext_and_tag) < GCM_TAG_SIZE:
         raise InvalidTag
     out = bytearray(len(ciphertext_and_tag) - GCM_TAG_SIZE)
