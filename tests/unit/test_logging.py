@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -14,10 +15,12 @@ from structlog.testing import capture_logs
 from cardvault.cards.luhn import luhn_valid
 from cardvault.logging import (
     REDACTED,
+    bind_request_fields,
     bind_request_id,
     clear_request_context,
     configure_logging,
     get_logger,
+    request_fields,
     scrub_card_data,
 )
 
@@ -151,3 +154,64 @@ def test_capture_logs_sees_the_scrubbed_event_when_scrubber_is_a_processor() -> 
         structlog.get_logger().info("x", pan=VISA, note=f"n {VISA}")
     assert logs[0]["pan"] == REDACTED
     assert VISA not in logs[0]["note"]
+
+
+def test_request_fields_ride_on_every_line_until_the_request_ends() -> None:
+    def emit() -> None:
+        bind_request_id("req_one")
+        bind_request_fields(origin="10.0.0.7", payment_method="pm_123")
+        get_logger("t").info("inside", payment_method="pm_own")
+        assert request_fields() == {
+            "request_id": "req_one",
+            "origin": "10.0.0.7",
+            "payment_method": "pm_123",
+        }
+        clear_request_context()
+        assert request_fields() == {}
+        get_logger("t").info("after")
+        # A new request starts from its id alone: nothing of the last one is left.
+        bind_request_id("req_two")
+        get_logger("t").info("next")
+
+    inside, after, following = (
+        json.loads(line) for line in run_configured("json", emit).splitlines()
+    )
+    assert inside["request_id"] == "req_one"
+    assert inside["origin"] == "10.0.0.7"
+    assert inside["payment_method"] == "pm_own"  # the line's own field wins
+    assert "request_id" not in after and "origin" not in after
+    assert following["request_id"] == "req_two"
+    assert "origin" not in following and "payment_method" not in following
+
+
+def test_request_fields_are_shared_with_the_requests_tasks_and_kept_from_others() -> None:
+    async def request(name: str) -> dict[str, object]:
+        bind_request_id(f"req_{name}")
+
+        async def handler() -> None:
+            await asyncio.sleep(0)
+            bind_request_fields(key=f"key_{name}")
+
+        await asyncio.gather(handler())  # a task of its own, as gather makes
+        await asyncio.sleep(0)
+        return dict(request_fields())
+
+    async def main() -> list[dict[str, object]]:
+        return list(await asyncio.gather(request("a"), request("b")))
+
+    assert asyncio.run(main()) == [
+        {"request_id": "req_a", "key": "key_a"},
+        {"request_id": "req_b", "key": "key_b"},
+    ]
+
+
+def test_request_fields_hold_no_card_number_on_the_line() -> None:
+    def emit() -> None:
+        bind_request_id("req_pan")
+        bind_request_fields(note=f"card {VISA}", cvc="123")
+        get_logger("t").info("line")
+
+    text = run_configured("json", emit)
+    assert VISA not in text
+    assert '"cvc": "123"' not in text and '"cvc":"123"' not in text
+    assert json.loads(text)["request_id"] == "req_pan"

@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import structlog
-
 from cardvault.audit.errors import AuditError, AuditUnavailable
 from cardvault.audit.log import AuditLog
 from cardvault.audit.record import DetailValue
 from cardvault.config import AuditSettings
 from cardvault.errors import AuditUnavailableError, ConfigurationError
-from cardvault.logging import get_logger
+from cardvault.logging import get_logger, request_fields
 
 __all__ = ["Recorder", "open_audit_log"]
 
@@ -42,7 +40,7 @@ class Recorder:
         """Append one record; raise ServiceUnavailable (503) when it cannot be written."""
         if self.log is None:
             return
-        context = structlog.contextvars.get_contextvars()
+        context = request_fields()
         try:
             await self.log.append(
                 action,

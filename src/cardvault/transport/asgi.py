@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -38,7 +37,12 @@ from cardvault.errors import (
     RequestTooLarge,
     UrlNotFound,
 )
-from cardvault.logging import bind_request_id, clear_request_context, get_logger
+from cardvault.logging import (
+    bind_request_fields,
+    bind_request_id,
+    clear_request_context,
+    get_logger,
+)
 from cardvault.transport.securitytxt import PATH as SECURITY_TXT_PATH
 
 __all__ = [
@@ -116,7 +120,7 @@ class SecurityHeaders:
         bind_request_id(request_id)
         client = scope.get("client")
         if client:
-            structlog.contextvars.bind_contextvars(origin=client[0])
+            bind_request_fields(origin=client[0])
         started = time.perf_counter()
         status = 0
         rid_header = (b"request-id", request_id.encode())

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode
 
-import structlog
-
 from cardvault import crypto
 from cardvault.cards import find_card_numbers
 from cardvault.errors import (
@@ -42,7 +40,7 @@ from cardvault.errors import (
     ParameterMissing,
     ResourceMissing,
 )
-from cardvault.logging import get_logger
+from cardvault.logging import bind_request_fields, get_logger
 from cardvault.storage.base import ForwardingRequestRecord, PaymentMethodRecord
 from cardvault.vault.allowlist import (
     PLACEHOLDERS,
@@ -374,7 +372,7 @@ class Forwarder:
             if isinstance(outcome, BaseException):
                 raise outcome
         # On the request's access line rather than a line of its own.
-        structlog.contextvars.bind_contextvars(
+        bind_request_fields(
             forwarding_request=fwd.id,
             payment_method=pm_id,
             destination=destination.name,

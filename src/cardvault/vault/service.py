@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import structlog
-
 from cardvault import crypto
 from cardvault.audit.recorder import Recorder
 from cardvault.cards import (
@@ -39,7 +37,7 @@ from cardvault.errors import (
     PermissionDenied,
     ResourceMissing,
 )
-from cardvault.logging import get_logger
+from cardvault.logging import bind_request_fields, get_logger
 from cardvault.storage.base import Account, ApiKey, PaymentMethodRecord, VaultStore
 from cardvault.vault.datakeys import DataKeyManager
 
@@ -363,9 +361,7 @@ class VaultService:
             raise
         # On the request's access line rather than a line of its own: one line per
         # request is a measurable share of a tokenization's cost.
-        structlog.contextvars.bind_contextvars(
-            payment_method=pm_id, key=caller.key_id, livemode=caller.livemode
-        )
+        bind_request_fields(payment_method=pm_id, key=caller.key_id, livemode=caller.livemode)
         return self._render(record, name=name, display_brand=display_brand)
 
     async def retrieve_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
