@@ -15,12 +15,12 @@ operation only after the append returned; when the append raises
 the log does not hold.
 
 Group commit: everything happens on the event loop, in the order appends are made, so
-the chain needs no lock. An append chains its record and writes its line (``write``, into
-the page cache); the first append after a flush schedules the next one, to run two loop
-iterations later (``call_soon`` twice), and every append awaits it. The flush makes
-every record written by then durable with one ``fsync``, then settles every caller.
-Concurrent requests thus share an fsync and a lone request waits for no one.
-:attr:`AuditLog.fsyncs` counts the fsyncs.
+the chain needs no lock. An append chains its record and keeps its line in memory; the
+first append after a flush schedules the next one, to run two loop iterations later
+(``call_soon`` twice), and every append awaits it. The flush writes the lines of every
+record made by then with one ``write`` and makes them durable with one ``fsync``, then
+settles every caller. Concurrent requests thus share a write and an fsync, and a lone
+request waits for no one. :attr:`AuditLog.fsyncs` counts the fsyncs.
 
 Why the ``fsync`` blocks the loop instead of running on a thread: a thread that must
 take the interpreter back from a busy event loop after every ``fsync`` costs the loop
@@ -31,10 +31,9 @@ fsync per event-loop iteration, before any reply. The price is that a disk whose
 stalls stalls the service with it, which a service that must not answer before its
 records are durable cannot avoid anyway.
 
-Failure: when a write fails, the file is cut back to its length before that write and
-the append fails with :class:`AuditUnavailable`. When an fsync fails, the file is cut
-back to its last durable length and every record of the flush fails; the chain
-continues from the last durable record. If even that cut fails, the log is *broken*:
+Failure: when the flush's write or fsync fails, the file is cut back to its last
+durable length and every record of the flush fails with :class:`AuditUnavailable`; the
+chain continues from the last durable record. If even that cut fails, the log is *broken*:
 every later append fails until the service is restarted, and the restart refuses to
 continue a damaged tail (:class:`AuditCorrupt`).
 
@@ -52,7 +51,7 @@ start and fork the chain. (Only the tail is checked, to keep start-up fast; run
 so two processes cannot write one log.
 
 A caller cancelled while it awaits the flush cannot tell whether its record is durable:
-it was written, and the flush still makes it durable unless the fsync fails.
+it was made, and the flush still makes it durable unless the write or fsync fails.
 """
 
 from __future__ import annotations
@@ -182,6 +181,7 @@ class AuditLog:
         # Written since the last flush: the callers waiting, how many records, and the
         # newest checkpoint's line (for audit.head).
         self._waiters: list[_Waiter] = []
+        self._lines: list[bytes] = []
         self._unsynced = 0
         self._head: bytes | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -429,15 +429,13 @@ class AuditLog:
         records: list[AuditRecord],
         waiter: _Waiter | None,
     ) -> None:
-        """Write ``records`` (already chained on the last written one) and schedule the
-        flush that makes them durable; ``waiter`` is settled after it. Raises
-        :class:`AuditUnavailable` (nothing written) when the write fails."""
-        data = b"".join(record.line() for record in records)
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            self._cut(self._size, exc)
-            raise AuditUnavailable("the audit record could not be written") from exc
+        """Add ``records`` (already chained on the last one made) to the next flush,
+        which writes them and makes them durable; ``waiter`` is settled after it."""
+        size = 0
+        for record in records:
+            line = record.line()
+            self._lines.append(line)
+            size += len(line)
         since = self._since_checkpoint
         head = None
         for record in records:
@@ -448,7 +446,7 @@ class AuditLog:
                 since += 1
         last = records[-1]
         self._seq, self._prev, self._since_checkpoint = last.seq, last.hash, since
-        self._size += len(data)
+        self._size += size
         self._unsynced += len(records)
         if head is not None:
             self._head = head
@@ -469,12 +467,7 @@ class AuditLog:
         self._timer = None
         if self._closed or self._broken is not None or not self._since_checkpoint:
             return
-        try:
-            self._write(loop, [self._checkpoint(self._seq, self._prev)], None)
-        except AuditUnavailable:
-            # Retry in one interval, not in a tight loop.
-            self._last_checkpoint = time.monotonic()
-            self._timer = loop.call_later(self._interval, self._timed_checkpoint, loop)
+        self._write(loop, [self._checkpoint(self._seq, self._prev)], None)
 
     def _cut(self, size: int, cause: OSError) -> None:
         """Cut the file back to ``size``, or mark the log broken."""
@@ -494,20 +487,29 @@ class AuditLog:
         self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Make everything written since the last flush durable, then settle its callers
-        (runs on the loop, see the module's docstring)."""
+        """Write everything made since the last flush and make it durable, then settle
+        its callers (runs on the loop, see the module's docstring)."""
         self._flush_handle = None
         waiters, records, head = self._waiters, self._unsynced, self._head
-        self._waiters, self._unsynced, self._head = [], 0, None
+        lines = self._lines
+        self._waiters, self._unsynced, self._head, self._lines = [], 0, None, []
         if not records:
             return
         try:
+            self._file.write(b"".join(lines))
             self._file.sync()
         except OSError as exc:
             seq, prev, size, since = self._durable
             self._seq, self._prev, self._size, self._since_checkpoint = seq, prev, size, since
             self._cut(size, exc)
             _fail(waiters, "the audit record could not be written", exc)
+            if since and self._timer is None and not self._closed and self._broken is None:
+                # What was durable before stays unsigned: sign it one interval from now
+                # (a failed timed checkpoint ends here too).
+                loop = asyncio.get_running_loop()
+                self._last_checkpoint = time.monotonic()
+                self._timer_loop = loop
+                self._timer = loop.call_later(self._interval, self._timed_checkpoint, loop)
             return
         self._fsyncs += 1
         self._records += records
