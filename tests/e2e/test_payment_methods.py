@@ -370,6 +370,33 @@ def test_wrong_content_type_is_415(http: httpx.Client, stack: Stack) -> None:
     assert r.status_code == 415
 
 
+def test_a_body_over_the_limit_is_413_and_creates_nothing(http: httpx.Client, stack: Stack) -> None:
+    acct = stack.accounts[1]
+    before = http.get(f"{stack.url}/v1/payment_methods?limit=100", auth=(acct["sk"], ""))
+    headers = {
+        "authorization": f"Bearer {acct['sk']}",
+        "content-type": "application/x-www-form-urlencoded",
+    }
+    # Declared: refused from Content-Length. Chunked (no length): refused once read past
+    # the limit. Either way the card in it is not echoed and nothing is stored.
+    padded = card_form(VISA, **{"metadata[pad]": "x" * 70_000})
+    declared = http.post(f"{stack.url}/v1/payment_methods", data=padded, headers=headers)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"type=card&card[number]=" + VISA.encode() + b"&metadata[pad]="
+        for _ in range(20):
+            yield b"y" * 8192
+
+    streamed = http.post(f"{stack.url}/v1/payment_methods", content=chunks(), headers=headers)
+    for r in (declared, streamed):
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert VISA not in r.text
+    after = http.get(f"{stack.url}/v1/payment_methods?limit=100", auth=(acct["sk"], ""))
+    assert after.json()["data"] == before.json()["data"]
+
+
 # --- idempotency and limits ---------------------------------------------------------------
 
 

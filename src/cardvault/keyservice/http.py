@@ -22,7 +22,7 @@ from cardvault.errors import (
     UnsupportedMediaType,
 )
 from cardvault.keyservice.service import KeyService
-from cardvault.transport.asgi import json_response
+from cardvault.transport.asgi import json_response, read_body
 from cardvault.transport.identity import peer_identity, require_identity
 
 __all__ = ["routes"]
@@ -32,9 +32,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def _body(request: Request, allowed: Collection[str]) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise InvalidRequestError("The request body is too large.")
+    raw = await read_body(request, _MAX_BODY)
     if not raw:
         data: Any = {}
     else:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,6 +91,36 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
         media_type="application/json",
         headers=headers,
     )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read from the ASGI channel, refused with
+    :class:`RequestTooLarge` (413) as soon as it is known to exceed ``limit`` bytes: from
+    ``Content-Length`` before anything is read, else once the chunks received pass it. So
+    a large body is never held in memory (Starlette's ``Request.body`` reads it all),
+    and a small one is read without Starlette's stream machinery. A client that goes
+    away raises ``ClientDisconnect``, as Starlette does. Read a request's body once."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge()
+    receive = request.receive
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge()
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def error_response(exc: CardVaultError) -> Response:

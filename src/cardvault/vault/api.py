@@ -24,9 +24,9 @@ from cardvault.errors import (
     error_class_for,
 )
 from cardvault.storage.base import IdempotencyRecord
-from cardvault.transport.asgi import json_response
+from cardvault.transport.asgi import json_response, read_body
 from cardvault.vault.forwarding import Forwarder
-from cardvault.vault.params import parse_body, parse_form
+from cardvault.vault.params import MAX_BODY_BYTES, parse_body, parse_form
 from cardvault.vault.ratelimit import RateLimiter
 from cardvault.vault.service import Caller, VaultService
 
@@ -153,7 +153,9 @@ def payment_method_routes(
 
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
-        params = parse_body(await request.body(), request.headers.get("content-type"))
+        params = parse_body(
+            await read_body(request, MAX_BODY_BYTES), request.headers.get("content-type")
+        )
 
         async def replay(pm_id: str) -> dict[str, Any]:
             return await service.retrieve_payment_method(
@@ -208,7 +210,9 @@ def forwarding_routes(
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
         service._require_secret(caller)
-        params = parse_body(await request.body(), request.headers.get("content-type"))
+        params = parse_body(
+            await read_body(request, MAX_BODY_BYTES), request.headers.get("content-type")
+        )
         return await idempotent(
             service,
             request,
