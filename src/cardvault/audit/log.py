@@ -78,6 +78,7 @@ from cardvault.audit.record import (
     RecordInvalid,
     check_entry,
     format_time,
+    now_text,
 )
 from cardvault.audit.signing import (
     ensure_public_key,
@@ -176,6 +177,10 @@ class AuditLog:
         self._every = checkpoint_every
         self._interval = checkpoint_interval
         self._clock = clock
+        # The default clock's text is made without a datetime (see now_text).
+        self._now: Callable[[], str] = (
+            now_text if clock is _utcnow else lambda: format_time(self._clock())
+        )
         self._closed = False
         self._broken: BaseException | None = None
         # Written since the last flush: the callers waiting, how many records, and the
@@ -291,7 +296,7 @@ class AuditLog:
             )
         record = AuditRecord.seal(
             seq=self._seq + 1,
-            time=format_time(self._clock()),
+            time=self._now(),
             actor=actor,
             origin=origin,
             action=action,
@@ -536,7 +541,7 @@ class AuditLog:
         }
         return AuditRecord.seal(
             seq=seq + 1,
-            time=format_time(self._clock()),
+            time=self._now(),
             actor=CHECKPOINT_ACTOR,
             origin=None,
             action=CHECKPOINT_ACTION,

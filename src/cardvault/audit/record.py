@@ -42,6 +42,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import time as _time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -61,6 +62,7 @@ __all__ = [
     "canonical_json",
     "check_entry",
     "format_time",
+    "now_text",
     "record_hash",
 ]
 
@@ -184,6 +186,23 @@ def format_time(moment: dt.datetime) -> str:
         raise ValueError("the audit clock must return an aware datetime")
     # isoformat (C, and a four-digit year always) ends in "+00:00" for UTC.
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+#: (second, its text) of the last call to :func:`now_text`.
+_LAST_SECOND: tuple[int, str] = (-1, "")
+
+
+def now_text() -> str:
+    """The current UTC time as :func:`format_time` writes it, from ``time.time_ns()``:
+    the text of the second is made once per second, the microseconds on each call
+    (a third of the cost of ``format_time(datetime.now(UTC))``)."""
+    global _LAST_SECOND
+    second, micro = divmod(_time.time_ns() // 1000, 1_000_000)
+    last, text = _LAST_SECOND
+    if second != last:
+        text = format_time(dt.datetime.fromtimestamp(second, dt.UTC))[:-8]
+        _LAST_SECOND = (second, text)
+    return f"{text}.{micro:06d}Z"
 
 
 @dataclass(frozen=True, slots=True)

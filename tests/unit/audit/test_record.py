@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as dt
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardvault.audit import record as record_module
-from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid, check_entry
+from cardvault.audit.log import AuditLog
+from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid, check_entry, format_time
 from cardvault.audit.signing import CHECKPOINT_CONTEXT, checkpoint_message
 
 from ._support import generated_card_number
@@ -316,3 +320,40 @@ def test_the_line_made_at_sealing_is_the_line_of_the_record(
             ).encode("ascii")
         ).hexdigest()
     )
+
+
+def test_now_text_writes_the_instant_as_format_time_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    # Within one second (the second's text is reused), across seconds, days and years,
+    # and at the first and last microsecond of a second.
+    instants_us = [
+        1_748_779_200_000_000,
+        1_748_779_200_000_001,
+        1_748_779_200_999_999,
+        1_748_779_201_000_000,
+        1_767_225_599_999_999,
+        1_767_225_600_000_000,
+        0,
+        253_402_300_799_999_999,  # 9999-12-31T23:59:59.999999Z
+        1_748_779_200_500_000,
+    ]
+    for us in instants_us:
+        monkeypatch.setattr(record_module._time, "time_ns", lambda us=us: us * 1000 + 999)
+        expected = format_time(epoch + dt.timedelta(microseconds=us))
+        assert record_module.now_text() == expected
+
+
+def test_an_audit_log_on_the_default_clock_writes_the_current_time(tmp_path: Path) -> None:
+    async def main() -> AuditRecord:
+        log = await AuditLog.open(tmp_path)
+        record = await log.append(
+            "vault.payment_method.create", actor="key_1", origin=None, object_id=None,
+            result="ok", request_id=None,
+        )  # fmt: skip
+        await log.close()
+        return record
+
+    before = dt.datetime.now(dt.UTC)
+    written = dt.datetime.strptime(asyncio.run(main()).time, "%Y-%m-%dT%H:%M:%S.%fZ")
+    after = dt.datetime.now(dt.UTC)
+    assert before <= written.replace(tzinfo=dt.UTC) <= after
