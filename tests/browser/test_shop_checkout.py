@@ -27,7 +27,7 @@ import pytest
 from browser_support import Recorder, launch, nss_home
 
 from cardvault.scan import scan_paths
-from helpers import free_port
+from helpers import free_ports
 
 VISA = "4242424242424242"  # published test cards (shared/testdata/test_cards.json)
 DECLINED = "4000000000000002"
@@ -40,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("shop-browser")
     state = tmp / "state"
     names = ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
-    ports = {name: free_port() for name in names}
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     args = [sys.executable, "-m", "cardvault", "up", "--state", str(state)]
     for name in names:
         args += [f"--{name}-port", str(ports[name])]

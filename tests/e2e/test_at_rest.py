@@ -28,7 +28,7 @@ from cardvault.cards import luhn_valid
 from cardvault.cli.audit import app as audit_app
 from cardvault.scan import scan_paths
 from cardvault.transport.tls import client_context
-from helpers import free_port
+from helpers import free_ports
 
 TOKENIZATIONS = 2000
 FORWARDS = 60
@@ -49,7 +49,7 @@ def test_a_workload_leaves_no_card_data_at_rest_and_a_verifiable_audit_trail(
     state = tmp_path / "state"
     temp = tmp_path / "tmp"
     temp.mkdir()
-    ports = [free_port() for _ in range(6)]
+    ports = free_ports(6)
     env = {**os.environ, "TMPDIR": str(temp)}
     up = subprocess.Popen(
         [sys.executable, "-m", "cardvault", "up", "--state", str(state),

@@ -31,7 +31,7 @@ import pytest
 from cardvault.client import Client
 from cardvault.scan import scan_paths
 from cardvault.transport.tls import client_context
-from helpers import free_port
+from helpers import free_ports
 
 VISA = "4242424242424242"  # published test cards (shared/testdata/test_cards.json)
 DECLINED = "4000000000000002"
@@ -98,10 +98,8 @@ def alive(pid: int) -> bool:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("shop-stack")
     state = tmp / "state"
-    ports = {
-        name: free_port()
-        for name in ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
-    }
+    names = ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     args = [
         sys.executable, "-m", "cardvault", "up", "--state", str(state),
         "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),

@@ -16,7 +16,7 @@ import pytest
 
 from cardvault.client import Client
 from cardvault.transport.tls import client_context
-from helpers import free_port
+from helpers import free_ports
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -48,10 +48,8 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ports = {
-        name: free_port()
-        for name in ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
-    }
+    names = ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     args = [
         sys.executable, "-m", "cardvault", "up", "--state", str(state),
         "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),
@@ -167,3 +165,21 @@ def test_up_reports_a_port_in_use(tmp_path: Path) -> None:
         )
     assert r.returncode == 1
     assert f"port {port} is in use" in r.stderr
+
+
+def test_up_refuses_one_port_for_two_services(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    args = [
+        sys.executable, "-m", "cardvault", "up", "--state", str(tmp_path),
+        "--vault-port", str(port), "--acquirer-port", str(port),
+    ]  # fmt: skip
+    r = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert f"port {port} is given to two services" in r.stderr
+    assert not (tmp_path / "stack.json").exists()

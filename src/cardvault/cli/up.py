@@ -334,6 +334,13 @@ def up(
     ports = [vault_port, redirect_port, keyservice_port, admin_port]
     ports += [acquirer_port] if entry else []
     ports += [shop_port] if shop else []
+    if len(set(ports)) != len(ports):
+        taken = sorted({port for port in ports if ports.count(port) > 1})
+        err.print(
+            f"[red]port {', '.join(map(str, taken))} is given to two services[/]: "
+            "each service needs a port of its own (see --help)"
+        )
+        raise typer.Exit(2)
     for port in ports:
         _check_port_free(port)
     info = prepare(
