@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Pki, cardvault_process, free_port, wait_for_port
+from helpers import Pki, cardvault_process, free_ports, wait_for_port
 
 
 @dataclass
@@ -31,7 +31,7 @@ class VaultProcess:
 def write_vault_config(
     directory: Path, pki: Pki, *, profile: str = "intermediate"
 ) -> tuple[Path, VaultProcess]:
-    port, redirect_port, admin_port = free_port(), free_port(), free_port()
+    port, redirect_port, admin_port = free_ports(3)
     cert, key = pki.cert("vault")
     config = directory / "vault.toml"
     config.write_text(

@@ -21,7 +21,7 @@ from helpers import (
     ROOT,
     Pki,
     cli,
-    free_port,
+    free_ports,
     keyservice_and_vault,
     wait_for_port,
 )
@@ -93,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Stack]
     for name in ("keyd", "acquirer"):
         if not pki.cert(name)[0].exists():
             pki.ca.issue(name, dns=["localhost"], ips=["127.0.0.1"])
-    kport, vport, aport, sport = free_port(), free_port(), free_port(), free_port()
+    kport, vport, aport, sport = free_ports(4)
     kcert, kkey = pki.cert("keyd")
     kconf = d / "keyd.toml"
     kconf.write_text(

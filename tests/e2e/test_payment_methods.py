@@ -18,7 +18,7 @@ import pytest
 
 from cardvault.cards import luhn_valid
 from cardvault.transport.tls import client_context
-from helpers import Pki, cardvault_process, cli, free_port, keyservice_and_vault, wait_for_port
+from helpers import Pki, cardvault_process, cli, free_ports, keyservice_and_vault, wait_for_port
 
 VISA = "4242424242424242"
 AMEX = "378282246310005"
@@ -122,7 +122,7 @@ def _stack(
     d = tmp_path_factory.mktemp("stack")
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
-    kport, vport = free_port(), free_port()
+    kport, vport = free_ports(2)
     kcert, kkey = pki.cert("keyd")
     kconf = d / "keyd.toml"
     kconf.write_text(
@@ -515,7 +515,7 @@ def test_key_service_down_gives_503_and_stores_nothing(
     http: httpx.Client, stack: Stack, pki: Pki, tmp_path: Path
 ) -> None:
     # A second vault on the same kind of store, pointed at a key service that is not there.
-    port, dead = free_port(), free_port()
+    port, dead = free_ports(2)
     vcert, vkey = pki.cert("vault")
     conf = tmp_path / "vault.toml"
     conf.write_text(
@@ -595,7 +595,7 @@ def test_revoked_keys_stop_working(http: httpx.Client, stack: Stack) -> None:
 def test_sealed_key_service_gives_503_keyservice_sealed(
     http: httpx.Client, pki: Pki, tmp_path: Path
 ) -> None:
-    kport, vport = free_port(), free_port()
+    kport, vport = free_ports(2)
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
     kcert, kkey = pki.cert("keyd")
