@@ -245,6 +245,41 @@ def test_json_bodies_are_accepted(http: httpx.Client, stack: Stack) -> None:
     assert r.json()["card"]["brand"] == "amex"
 
 
+def test_billing_details_are_strings_without_card_numbers_or_the_create_is_400(
+    http: httpx.Client, stack: Stack
+) -> None:
+    acct = stack.accounts[0]
+    url, auth = f"{stack.url}/v1/payment_methods", {"authorization": f"Bearer {acct['pk']}"}
+    before = http.get(f"{url}?limit=100", auth=(acct["sk"], "")).json()["data"]
+    card = {"number": VISA, "exp_month": 12, "exp_year": 2034}
+    refused = [
+        # A number that no JSON encoder of 64-bit integers could echo back.
+        ({"email": 123456789012345678901234567890}, "billing_details[email]"),
+        ({"phone": ["a"]}, "billing_details[phone]"),
+        ({"address": {"city": {"x": 1}}}, "billing_details[address][city]"),
+        ({"address": {"line1": "x" * 501}}, "billing_details[address][line1]"),
+        ({"phone": f"call {VISA}"}, "billing_details"),
+        ({"address": {"line2": VISA[:8] + " " + VISA[8:]}}, "billing_details"),
+    ]
+    for billing, param in refused:
+        body = {"type": "card", "card": card, "billing_details": billing}
+        r = http.post(url, json=body, headers=auth)
+        assert r.status_code == 400, (billing, r.text)
+        assert r.json()["error"]["param"] == param
+        assert VISA not in r.text and VISA[:8] not in r.text
+    after = http.get(f"{url}?limit=100", auth=(acct["sk"], "")).json()["data"]
+    assert after == before  # nothing was stored, and the list still renders
+    billing = {"email": "j@example.com", "phone": "", "address": {"city": "Paris"}}
+    r = http.post(
+        url, json={"type": "card", "card": card, "billing_details": billing}, headers=auth
+    )
+    assert r.status_code == 200, r.text
+    shown = r.json()["billing_details"]
+    assert shown["email"] == "j@example.com"
+    assert shown["phone"] is None
+    assert shown["address"]["city"] == "Paris" and shown["address"]["line1"] is None
+
+
 def test_secret_key_retrieves_and_publishable_key_cannot(http: httpx.Client, stack: Stack) -> None:
     acct = stack.accounts[0]
     pm = create(http, stack, acct["pk"], card_form(**{"billing_details[name]": "A B"})).json()

@@ -169,6 +169,50 @@ def _metadata(value: Any) -> dict[str, str]:
     return out
 
 
+#: The longest billing detail other than the name that is kept (email, phone, and each
+#: address field).
+_BILLING_MAX = 500
+
+
+def _billing_text(value: object, param: str) -> str | None:
+    """A billing detail as stored: a string of at most ``_BILLING_MAX`` characters, or
+    None when absent or empty. Numbers are refused like any other non-string: stored
+    and echoed as given, a huge integer would be an answer that cannot be written."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > _BILLING_MAX:
+        raise InvalidRequestError(
+            f"{param} must be a string of at most {_BILLING_MAX} characters.", param=param
+        )
+    return value
+
+
+def _billing_details(billing: dict[str, Any], address: dict[str, Any]) -> dict[str, Any]:
+    """The billing details kept in the clear (the name is sealed apart): email, phone and
+    the address, each checked by :func:`_billing_text`, none holding a card number."""
+    from cardvault.cards import find_card_numbers
+
+    out: dict[str, Any] = {}
+    for key in ("email", "phone"):
+        text = _billing_text(billing.get(key), f"billing_details[{key}]")
+        if text is not None:
+            out[key] = text
+    if address:
+        fields = {
+            key: _billing_text(address.get(key), f"billing_details[address][{key}]")
+            for key in _ADDRESS_FIELDS
+            if key in address
+        }
+        out["address"] = {k: v for k, v in fields.items() if v is not None}
+    texts = [*(v for k, v in out.items() if k != "address"), *out.get("address", {}).values()]
+    for text in texts:
+        if len(text) >= 13 and next(find_card_numbers(text), None) is not None:
+            raise InvalidRequestError(
+                "billing_details must not contain card numbers.", param="billing_details"
+            )
+    return out
+
+
 class VaultService:
     def __init__(
         self,
@@ -290,6 +334,7 @@ class VaultService:
             raise InvalidRequestError("address must be a hash.", param="billing_details[address]")
         _check_keys(address, _ADDRESS_PARAMS, "billing_details[address]")
         metadata = _metadata(params.get("metadata"))
+        other_billing = _billing_details(billing, address)
         name = billing.get("name")
         if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
             raise InvalidRequestError(
@@ -322,7 +367,6 @@ class VaultService:
                     cvc_dk, cvc.digits_for_crypto(), _context(caller, pm_id, "cvc")
                 )
                 cvc_expires = int(time.time()) + self.cvc_ttl
-            other_billing = {k: v for k, v in billing.items() if k != "name"}
             record = PaymentMethodRecord(
                 id=pm_id,
                 account_id=caller.account_id,

@@ -45,3 +45,14 @@ def test_a_payment_method_shaped_body_and_its_headers() -> None:
     assert response.headers["content-type"] == "application/json"
     assert response.headers["content-length"] == str(len(_stdlib(body)))
     assert response.headers["idempotent-replayed"] == "true"
+
+
+def test_what_orjson_refuses_is_written_by_the_standard_library() -> None:
+    # Integers beyond 64 bits and nesting deeper than orjson's 255 levels.
+    deep: Any = "leaf"
+    for _ in range(300):
+        deep = {"d": deep}
+    for value in ({"n": 2**70, "m": -(2**80)}, {"deep": deep}, {"list": [2**64]}):
+        response = json_response(value)
+        assert response.status_code == 200
+        assert response.body == _stdlib(value)
