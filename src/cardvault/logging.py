@@ -109,7 +109,9 @@ def merge_request_fields(_logger: WrappedLogger, _name: str, event_dict: EventDi
     """structlog processor: the current request's fields, under the line's own."""
     fields = _REQUEST_FIELDS.get()
     if fields:
-        for key, value in fields.items():
+        # A copy: a thread the request started (asyncio.to_thread) may log while a task
+        # of the same request adds a field.
+        for key, value in fields.copy().items():
             event_dict.setdefault(key, value)
     return event_dict
 

@@ -181,5 +181,5 @@ def test_up_refuses_one_port_for_two_services(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 2
-    assert f"port {port} is given to two services" in r.stderr
+    assert f"port {port} given to more than one service" in r.stderr
     assert not (tmp_path / "stack.json").exists()

@@ -337,8 +337,9 @@ def up(
     if len(set(ports)) != len(ports):
         taken = sorted({port for port in ports if ports.count(port) > 1})
         err.print(
-            f"[red]port {', '.join(map(str, taken))} is given to two services[/]: "
-            "each service needs a port of its own (see --help)"
+            f"[red]{'ports' if len(taken) > 1 else 'port'} {', '.join(map(str, taken))} "
+            "given to more than one service[/]: each service needs a port of its own "
+            "(see --help)"
         )
         raise typer.Exit(2)
     for port in ports:

@@ -3,8 +3,9 @@
 A :class:`Key` is what every safe-layer function takes. Its material sits in a
 ``bytearray`` so that :meth:`Key.wipe` can zero it when the key is no longer needed.
 Wiping is best effort: ``cryptography`` and OpenSSL copy the key into their own
-contexts for the length of each operation, and CPython does not zero freed ``bytes``.
-It still shortens how long a key lingers in this process's memory and in core dumps.
+contexts (a key used for AES-GCM keeps one such context until it is wiped, see
+``Key._aes_gcm``), and CPython does not zero freed ``bytes``. It still shortens how long
+a key lingers in this process's memory and in core dumps.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class Key:
     def wipe(self) -> None:
         """Zero the material in place and drop the AES-GCM context built from it (OpenSSL
         clears a cipher context's key when it frees it). Idempotent."""
+        self._wiped = True  # first: no use from here on can build a new context
         self._aead = None
         self._material[:] = bytes(len(self._material))
-        self._wiped = True
 
     def __enter__(self) -> Key:
         return self

@@ -101,7 +101,7 @@ _SELECT_IDEMPOTENCY = f"SELECT {column_list(IDEMPOTENCY_COLUMNS)} FROM idempoten
 PM_BATCH = 512
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=128)
 def _multi_insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
     """The statement that inserts ``rows`` rows (made once per size: 19 columns by a
     batch of rows is hundreds of placeholders, which cost a measurable part of a

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 
 from cardvault.crypto.hazmat import (
@@ -108,3 +111,20 @@ def test_aes_gcm_decrypt_rejects_input_shorter_than_a_tag() -> None:
     for n in range(16):
         with pytest.raises(InvalidTag):
             aes_gcm_decrypt(bytes(32), bytes(12), bytes(n), b"")
+
+
+def test_a_context_is_made_only_from_a_256_bit_key_and_never_shows_it() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    # cryptography's own object for a 128-bit key is not a context: the 256-bit rule holds.
+    with pytest.raises(TypeError):
+        aes_gcm_encrypt(AESGCM(bytes(16)), bytes(12), b"", b"")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        aes_gcm_decrypt(AESGCM(bytes(32)), bytes(12), bytes(16), b"")  # type: ignore[arg-type]
+    key = bytes(range(32))
+    context = aes_gcm_context(key)
+    assert key.hex() not in repr(context) and repr(key) not in repr(context)
+    with pytest.raises(TypeError):
+        pickle.dumps(context)
+    with pytest.raises(TypeError):
+        copy.copy(context)

@@ -72,3 +72,23 @@ def test_a_client_that_leaves_raises_client_disconnect() -> None:
     request, _ = _request([*_chunks(b"partial")[:0], {"type": "http.disconnect"}])
     with pytest.raises(ClientDisconnect):
         asyncio.run(read_body(request, 100))
+
+
+@pytest.mark.parametrize("declared", ["²", "1²", "-5", "0x10", " 7", "1e9", ""])
+def test_a_content_length_that_is_not_ascii_digits_is_ignored_and_the_read_still_limited(
+    declared: str,
+) -> None:
+    request, _ = _request(_chunks(b"ok"), {"content-length": declared})
+    assert asyncio.run(read_body(request, 10)) == b"ok"
+    request, _ = _request(_chunks(b"x" * 11), {"content-length": declared})
+    with pytest.raises(RequestTooLarge):
+        asyncio.run(read_body(request, 10))
+
+
+def test_a_content_length_of_many_digits_is_too_large_without_parsing_it() -> None:
+    # More digits than Python parses by default (4300) must not raise anything else.
+    for declared in ("9" * 19, "1" + "0" * 5000):
+        request, state = _request(_chunks(b"x"), {"content-length": declared})
+        with pytest.raises(RequestTooLarge):
+            asyncio.run(read_body(request, 64 * 1024))
+        assert state["received"] == 0

@@ -8,6 +8,8 @@ that random nonces rely on.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -28,11 +30,25 @@ GCM_NONCE_SIZE = 12
 GCM_TAG_SIZE = 16
 
 
-#: A key made ready for AES-256-GCM (``cryptography``'s ``AESGCM``): OpenSSL's cipher
-#: context is built on its first use and kept, which is most of the cost of one small
-#: encryption. It refers to the key's buffer and holds the expanded key in OpenSSL's
-#: memory for as long as it lives; drop it with the key (see ``Key.wipe``).
-AesGcmContext = AESGCM
+class AesGcmContext:
+    """A 256-bit key made ready for AES-256-GCM, by :func:`aes_gcm_context` only.
+
+    It holds ``cryptography``'s ``AESGCM`` for the key: building that (OpenSSL's cipher
+    context, the expanded key) was most of the cost of sealing one card number, so a
+    ``Key`` keeps one. The context holds its own copy of the key material in OpenSSL's
+    memory for as long as it lives: drop it with the key (see ``Key.wipe``).
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, aead: AESGCM) -> None:
+        self._aead = aead
+
+    def __repr__(self) -> str:
+        return "AesGcmContext(...)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("AesGcmContext objects cannot be pickled or copied")
 
 
 def _check_key(key: bytes | bytearray) -> None:
@@ -47,15 +63,16 @@ def _check_nonce(nonce: bytes | bytearray) -> None:
 
 def aes_gcm_context(key: bytes | bytearray) -> AesGcmContext:
     """``key`` (32 bytes) made ready for :func:`aes_gcm_encrypt` and
-    :func:`aes_gcm_decrypt`. The context refers to ``key``: do not change the buffer
-    while the context is in use."""
+    :func:`aes_gcm_decrypt`."""
     _check_key(key)
-    return AESGCM(key)
+    return AesGcmContext(AESGCM(key))
 
 
-def _context(key: bytes | bytearray | AesGcmContext) -> AesGcmContext:
-    if isinstance(key, AESGCM):
-        return key
+def _context(key: bytes | bytearray | AesGcmContext) -> AESGCM:
+    if type(key) is AesGcmContext:
+        return key._aead
+    if not isinstance(key, bytes | bytearray):
+        raise TypeError("key must be 32 bytes or an AesGcmContext")
     _check_key(key)
     return AESGCM(key)
 
