@@ -24,6 +24,7 @@ from cardvault.cards import (
     CardNumber,
     brand_info,
     check_card_allowed,
+    find_card_numbers,
     validate_cvc,
     validate_expiry,
 )
@@ -161,8 +162,6 @@ def _metadata(value: Any) -> dict[str, str]:
             )
         out[k] = str(v)
     # Metadata is stored in the clear: refuse values that hold a card number.
-    from cardvault.cards import find_card_numbers
-
     for k, v in out.items():
         if any(True for _ in find_card_numbers(f"{k} {v}")):
             raise InvalidRequestError("metadata must not contain card numbers.", param="metadata")
@@ -190,9 +189,9 @@ def _billing_text(value: object, param: str) -> str | None:
 def _billing_details(billing: dict[str, Any], address: dict[str, Any]) -> dict[str, Any]:
     """The billing details kept in the clear (the name is sealed apart): email, phone and
     the address, each checked by :func:`_billing_text`, none holding a card number."""
-    from cardvault.cards import find_card_numbers
-
     out: dict[str, Any] = {}
+    if not billing or (len(billing) == 1 and "name" in billing):
+        return out
     for key in ("email", "phone"):
         text = _billing_text(billing.get(key), f"billing_details[{key}]")
         if text is not None:
