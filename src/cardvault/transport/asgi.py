@@ -232,6 +232,12 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return error_response(leaf)
 
 
+async def _client_gone(_request: Request, _exc: Exception) -> Response:
+    # The client closed the connection while its body was being read: nobody will read
+    # an answer, and it is not a server error. The access line records status 400.
+    return Response(status_code=400)
+
+
 async def _crash(_request: Request, exc: Exception) -> Response:
     # The message says nothing; the log has the traceback, scrubbed of card data.
     _log.error("unhandled error", exc_info=exc)
@@ -322,6 +328,7 @@ def build_app(
         exception_handlers={
             CardVaultError: _cardvault_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _crash,
         },
         lifespan=lifespan,

@@ -92,3 +92,45 @@ def test_a_content_length_of_many_digits_is_too_large_without_parsing_it() -> No
         with pytest.raises(RequestTooLarge):
             asyncio.run(read_body(request, 64 * 1024))
         assert state["received"] == 0
+
+
+def test_a_client_gone_mid_body_is_not_an_unhandled_error() -> None:
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from structlog.testing import capture_logs
+
+    from cardvault.transport.asgi import build_app
+
+    async def endpoint(request: Request) -> Response:
+        await read_body(request, 1024)
+        return Response("read")
+
+    app = build_app([Route("/", endpoint, methods=["POST"])], service="t", security_txt=None)
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"type=card", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 443),
+        "scheme": "https",
+    }
+    with capture_logs() as logs:
+        asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert not [entry for entry in logs if entry["log_level"] in ("error", "critical")], logs
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 400
