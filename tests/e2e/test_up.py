@@ -140,6 +140,17 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
         proc.wait(30)
 
 
+def _up_refused(state: Path, *ports: str) -> subprocess.CompletedProcess[str]:
+    """``cardvault up`` with these port options, expected to stop before it starts."""
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", "up", "--state", str(state), *ports],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_up_reports_a_port_in_use(tmp_path: Path) -> None:
     import socket
 
@@ -147,39 +158,14 @@ def test_up_reports_a_port_in_use(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cardvault",
-                "up",
-                "--state",
-                str(tmp_path),
-                "--vault-port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        r = _up_refused(tmp_path, "--vault-port", str(port))
     assert r.returncode == 1
     assert f"port {port} is in use" in r.stderr
 
 
 def test_up_refuses_one_port_for_two_services(tmp_path: Path) -> None:
     (port,) = free_ports(1)
-    args = [
-        sys.executable, "-m", "cardvault", "up", "--state", str(tmp_path),
-        "--vault-port", str(port), "--acquirer-port", str(port),
-    ]  # fmt: skip
-    r = subprocess.run(
-        args,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = _up_refused(tmp_path, "--vault-port", str(port), "--acquirer-port", str(port))
     assert r.returncode == 2
     assert f"port {port} given to more than one service" in r.stderr
     assert not (tmp_path / "stack.json").exists()

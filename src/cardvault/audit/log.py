@@ -463,9 +463,13 @@ class AuditLog:
             self._flush_handle = loop.call_soon(self._flush_next, loop)
             self._flush_loop = loop
         if since and (self._timer is None or self._timer_loop is not loop) and not self._closed:
-            self._timer_loop = loop
-            delay = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
-            self._timer = loop.call_later(delay, self._timed_checkpoint, loop)
+            self._arm_timer(loop)
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sign the unsigned records ``checkpoint_interval`` after the last checkpoint."""
+        self._timer_loop = loop
+        delay = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
+        self._timer = loop.call_later(delay, self._timed_checkpoint, loop)
 
     def _timed_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sign what has waited ``checkpoint_interval`` unsigned (runs on the loop)."""
@@ -511,10 +515,8 @@ class AuditLog:
             if since and self._timer is None and not self._closed and self._broken is None:
                 # What was durable before stays unsigned: sign it one interval from now
                 # (a failed timed checkpoint ends here too).
-                loop = asyncio.get_running_loop()
                 self._last_checkpoint = time.monotonic()
-                self._timer_loop = loop
-                self._timer = loop.call_later(self._interval, self._timed_checkpoint, loop)
+                self._arm_timer(asyncio.get_running_loop())
             return
         self._fsyncs += 1
         self._records += records

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from cardvault.cards.luhn import PAN_MIN_DIGITS, find_card_numbers
+from cardvault.cards.luhn import PAN_MIN_DIGITS, holds_card_number
 
 __all__ = [
     "CHECKPOINT_ACTION",
@@ -416,7 +416,7 @@ def _check_text(name: str, value: str) -> None:
         raise ValueError(f"audit {name} is longer than {MAX_TEXT} characters")
     if _CONTROL.search(value):
         raise ValueError(f"audit {name} contains a control character")
-    if len(value) >= PAN_MIN_DIGITS and next(find_card_numbers(value), None) is not None:
+    if holds_card_number(value):
         raise ValueError(f"audit {name} contains a card number; audit records hold no card data")
     if _SECRET_MARKERS.search(value):
         raise ValueError(f"audit {name} contains a secret (API key, share or PEM block)")

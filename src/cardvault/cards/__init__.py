@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from cardvault.cards._secret import WipedError
 from cardvault.cards.brands import Brand, BrandInfo, Funding, brand_info, detect_brand
-from cardvault.cards.luhn import find_card_numbers, luhn_valid, redact_card_numbers
+from cardvault.cards.luhn import (
+    find_card_numbers,
+    holds_card_number,
+    luhn_valid,
+    redact_card_numbers,
+)
 from cardvault.cards.pan import CardNumber
 from cardvault.cards.testcards import (
     TestCardInfo,
@@ -30,6 +35,7 @@ __all__ = [
     "check_card_allowed",
     "detect_brand",
     "find_card_numbers",
+    "holds_card_number",
     "is_test_card",
     "luhn_valid",
     "redact_card_numbers",

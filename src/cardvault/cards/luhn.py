@@ -14,6 +14,7 @@ __all__ = [
     "PAN_MAX_DIGITS",
     "PAN_MIN_DIGITS",
     "find_card_numbers",
+    "holds_card_number",
     "luhn_valid",
     "redact_card_numbers",
 ]
@@ -64,6 +65,12 @@ def find_card_numbers(text: str) -> Iterator[re.Match[str]]:
     for match in _DIGIT_RUN.finditer(text):
         if _run_holds_card_number(match.group().translate(_SEPARATORS)):
             yield match
+
+
+def holds_card_number(text: str) -> bool:
+    """Whether ``text`` holds a card number (see module docstring); a text shorter than
+    a card number is answered without a search."""
+    return len(text) >= PAN_MIN_DIGITS and next(find_card_numbers(text), None) is not None
 
 
 def redact_card_numbers(text: str, replacement: str = "[REDACTED CARD NUMBER]") -> str:

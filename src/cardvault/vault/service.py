@@ -24,7 +24,7 @@ from cardvault.cards import (
     CardNumber,
     brand_info,
     check_card_allowed,
-    find_card_numbers,
+    holds_card_number,
     validate_cvc,
     validate_expiry,
 )
@@ -163,7 +163,7 @@ def _metadata(value: Any) -> dict[str, str]:
         out[k] = str(v)
     # Metadata is stored in the clear: refuse values that hold a card number.
     for k, v in out.items():
-        if any(True for _ in find_card_numbers(f"{k} {v}")):
+        if holds_card_number(f"{k} {v}"):
             raise InvalidRequestError("metadata must not contain card numbers.", param="metadata")
     return out
 
@@ -190,25 +190,25 @@ def _billing_details(billing: dict[str, Any], address: dict[str, Any]) -> dict[s
     """The billing details kept in the clear (the name is sealed apart): email, phone and
     the address, each checked by :func:`_billing_text`, none holding a card number."""
     out: dict[str, Any] = {}
-    if not billing or (len(billing) == 1 and "name" in billing):
+    if billing.keys() <= {"name"}:
         return out
+    texts: list[str] = []
     for key in ("email", "phone"):
         text = _billing_text(billing.get(key), f"billing_details[{key}]")
         if text is not None:
             out[key] = text
+            texts.append(text)
     if address:
-        fields = {
-            key: _billing_text(address.get(key), f"billing_details[address][{key}]")
-            for key in _ADDRESS_FIELDS
-            if key in address
-        }
-        out["address"] = {k: v for k, v in fields.items() if v is not None}
-    texts = [*(v for k, v in out.items() if k != "address"), *out.get("address", {}).values()]
-    for text in texts:
-        if len(text) >= 13 and next(find_card_numbers(text), None) is not None:
-            raise InvalidRequestError(
-                "billing_details must not contain card numbers.", param="billing_details"
-            )
+        out["address"] = {}
+        for key in _ADDRESS_FIELDS:
+            text = _billing_text(address.get(key), f"billing_details[address][{key}]")
+            if text is not None:
+                out["address"][key] = text
+                texts.append(text)
+    if any(holds_card_number(text) for text in texts):
+        raise InvalidRequestError(
+            "billing_details must not contain card numbers.", param="billing_details"
+        )
     return out
 
 

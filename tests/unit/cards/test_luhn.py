@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cardvault.cards import find_card_numbers, luhn_valid, redact_card_numbers
+from cardvault.cards import find_card_numbers, holds_card_number, luhn_valid, redact_card_numbers
 
 from ._gen import complete, published
 
@@ -25,3 +25,20 @@ def test_redact_and_find_handle_separated_numbers() -> None:
     text = f"paid with {spaced} today"
     assert [m.group() for m in find_card_numbers(text)] == [spaced]
     assert redact_card_numbers(text) == "paid with [REDACTED CARD NUMBER] today"
+
+
+def test_holds_card_number_agrees_with_find_card_numbers() -> None:
+    texts = [
+        "4242424242424242",
+        "card 4242 4242 4242 4242 here",
+        "4242-4242-4242-4242",
+        "4242424242424241",  # fails Luhn
+        "424242424242",  # twelve digits
+        "no digits at all",
+        "",
+        "pm_0VcM2qKnAbCdEfGhIjKlMnOp",
+    ]
+    for text in texts:
+        assert holds_card_number(text) == any(True for _ in find_card_numbers(text)), text
+    assert holds_card_number("4242 4242 4242 4242")
+    assert not holds_card_number("424242424242")
