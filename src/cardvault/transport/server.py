@@ -14,6 +14,7 @@ a plain listener exists only to redirect (:func:`cardvault.transport.asgi.redire
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import ssl
@@ -27,7 +28,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cardvault.logging import get_logger
 from cardvault.transport.identity import identity_from_peercert
 
-__all__ = ["Listener", "TlsHttpProtocol", "bind", "build_server", "run_until_stopped", "serve"]
+__all__ = [
+    "GC_THRESHOLDS",
+    "Listener",
+    "TlsHttpProtocol",
+    "bind",
+    "build_server",
+    "run_until_stopped",
+    "serve",
+    "tune_gc_for_serving",
+]
 
 _log = get_logger("cardvault.server")
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -183,6 +193,33 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
+#: The cyclic garbage collector's thresholds while a service serves (CPython's default
+#: is 700, 10, 10). See :func:`tune_gc_for_serving`.
+GC_THRESHOLDS = (20_000, 20, 10)
+
+
+def tune_gc_for_serving() -> None:
+    """Set the cyclic garbage collector up for a long-running server, once start-up is
+    done: collect, move every object that start-up made (modules, classes, functions,
+    configuration) into the permanent generation with :func:`gc.freeze`, and raise the
+    young generation's threshold to ``GC_THRESHOLDS``.
+
+    Why: CPython starts a young-generation collection whenever 700 more container
+    objects are alive than at the last one. 32 tokenizations in flight hold more than
+    that, so the vault ran about 40 young collections a second that found nothing to
+    free, and every few seconds a full collection that walked the whole heap, start-up
+    objects included, for about 90 ms with the event loop stopped. Frozen objects are
+    never walked again, and in-flight requests no longer trigger collections. Reference
+    cycles are still collected: later, in larger batches. On ``bench/tokenize.py`` this
+    cut the vault's CPU per tokenization by about 8% and halved its p99 latency (see
+    ``bench/README.md``). Memory is unchanged: nothing that start-up made was garbage
+    (the collection before the freeze makes sure of it).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_until_stopped(
     listeners: Sequence[Listener],
     *,
@@ -194,12 +231,15 @@ def run_until_stopped(
 
     ``startup`` runs on the same loop before any socket is bound (an error there stops
     start-up with nothing listening); ``shutdown`` runs after every listener closed.
+    The garbage collector is tuned for serving between the two
+    (:func:`tune_gc_for_serving`).
     """
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if startup is not None:
             runner.run(startup())
+        tune_gc_for_serving()
         try:
             runner.run(serve(listeners, ready=ready))
         finally:
