@@ -53,7 +53,8 @@ class Key:
     returns) and do not reuse it. ``bytes`` are copied into a new bytearray.
 
     A wiped key refuses every further use with ``ValueError`` rather than quietly
-    encrypting under 32 zero bytes.
+    encrypting under 32 zero bytes. A key that is dropped without :meth:`wipe` zeroes
+    its buffer when the last reference to it goes.
     """
 
     __slots__ = ("_aead", "_material", "_name", "_version", "_wiped")
@@ -120,6 +121,15 @@ class Key:
         self._wiped = True  # first: no use from here on can build a new context
         self._aead = None
         self._material[:] = bytes(len(self._material))
+
+    def __del__(self) -> None:
+        # A key that nobody refers to any more (a data key that left the vault's cache,
+        # a derived key a caller dropped) is zeroed at once, by reference counting,
+        # instead of leaving its material in freed memory. Explicit wipe() stays the
+        # rule for keys whose end is known.
+        material = getattr(self, "_material", None)
+        if material is not None:
+            material[:] = bytes(len(material))
 
     def __enter__(self) -> Key:
         return self

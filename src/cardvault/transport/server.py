@@ -199,24 +199,29 @@ GC_THRESHOLDS = (20_000, 20, 10)
 
 
 def tune_gc_for_serving() -> None:
-    """Set the cyclic garbage collector up for a long-running server, once start-up is
-    done: collect, move every object that start-up made (modules, classes, functions,
+    """Set the cyclic garbage collector up for a long-running server: collect, move
+    every object that exists now (modules, classes, functions, the application and its
     configuration) into the permanent generation with :func:`gc.freeze`, and raise the
-    young generation's threshold to ``GC_THRESHOLDS``.
+    young generation's threshold to ``GC_THRESHOLDS``. :func:`run_until_stopped` calls
+    it before the service's start-up, so that what start-up opens (database pools and
+    their connections, files) stays in the collected generations: a pool replaces
+    connections over time, and a frozen cycle that is dropped is never freed.
 
     Why: CPython starts a young-generation collection whenever 700 more container
     objects are alive than at the last one. 32 tokenizations in flight hold more than
     that, so the vault ran about 40 young collections a second that found nothing to
-    free, and every few seconds a full collection that walked the whole heap, start-up
-    objects included, for about 90 ms with the event loop stopped. Frozen objects are
-    never walked again, and in-flight requests no longer trigger collections. Reference
-    cycles are still collected: later, in larger batches. On ``bench/tokenize.py`` this
-    cut the vault's CPU per tokenization by about 8% and halved its p99 latency (see
-    ``bench/README.md``). Memory is unchanged: nothing that start-up made was garbage
-    (the collection before the freeze makes sure of it). A frozen object is still freed
-    as soon as nothing refers to it; only a reference cycle among start-up objects that
-    the service drops later would stay in memory. Nothing secret relies on the collector:
-    key material and card data are wiped explicitly (``Key.wipe``, ``CardNumber.wipe``).
+    free, and every few seconds a full collection that walked the whole heap, modules
+    included, for about 90 ms with the event loop stopped. Frozen objects are never
+    walked again, and requests in flight rarely reach the new threshold. Reference
+    cycles are still collected, later and in larger batches: up to about 20,000
+    container objects of cyclic garbage (and what they hold) may wait for a collection.
+    On ``bench/tokenize.py`` the tokenization's p99 fell by half and its vault CPU by
+    5-18% in three alternating pairs (see ``bench/README.md``).
+
+    Card data and keys do not wait for the collector on the request path: they are
+    wiped explicitly (``CardNumber.wipe`` in the handlers, ``Key.wipe``, and a dropped
+    ``Key`` wipes itself as soon as nothing refers to it). The ``__del__`` of card data
+    is a backstop, and for an object caught in a reference cycle it now runs later.
     """
     gc.collect()
     gc.freeze()
@@ -234,15 +239,15 @@ def run_until_stopped(
 
     ``startup`` runs on the same loop before any socket is bound (an error there stops
     start-up with nothing listening); ``shutdown`` runs after every listener closed.
-    The garbage collector is tuned for serving between the two
+    The garbage collector is tuned for serving before ``startup``
     (:func:`tune_gc_for_serving`).
     """
     import uvloop
 
+    tune_gc_for_serving()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if startup is not None:
             runner.run(startup())
-        tune_gc_for_serving()
         try:
             runner.run(serve(listeners, ready=ready))
         finally:

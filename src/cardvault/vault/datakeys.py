@@ -5,7 +5,8 @@
   one fetch runs at a time; concurrent requests wait for it. The wrapped key is stored
   (durably) before its first use, so no ciphertext can exist whose key is not stored.
 * **Decryption**: unwrapped keys are cached for ``cache_ttl`` seconds, at most
-  ``cache_size`` of them (least recently used goes first), and wiped when dropped.
+  ``cache_size`` of them (least recently used goes first). A key that leaves the cache
+  is zeroed as soon as no request still uses it (``Key`` wipes itself when dropped).
 * **Fingerprints**: the per-account key (HKDF of the ``fingerprint`` KEK in the key
   service) is cached the same way.
 * **One fetch per key**: requests that miss the same key at the same moment (a cold
@@ -55,7 +56,9 @@ class _Current:
 
 
 class _TtlCache:
-    """An LRU of keys with a lifetime; evicted keys are wiped."""
+    """An LRU of keys with a lifetime. A key that expires or is evicted is not wiped
+    here (a request may still be using it): it zeroes itself when the last reference
+    goes. :meth:`clear` wipes at once."""
 
     def __init__(self, size: int, ttl: float, clock: Callable[[], float]) -> None:
         self._items: OrderedDict[str, tuple[crypto.Key, float]] = OrderedDict()
@@ -67,8 +70,8 @@ class _TtlCache:
             return None
         key, expires = item
         if expires <= self._clock():
-            # Not wiped here: a request may still be using it; it is unreachable now and
-            # its buffer goes with it.
+            # Not wiped here: a request may still be using it. Key zeroes its buffer
+            # when the last reference goes.
             del self._items[name]
             return None
         self._items.move_to_end(name)

@@ -51,6 +51,17 @@ def test_key_wipe_zeroes_the_buffer_it_was_given() -> None:
         key.expose_secret()
 
 
+def test_a_dropped_key_zeroes_the_buffer_it_was_given() -> None:
+    buffer = bytearray(KAT_KEY)
+    key = Key("pan", 1, buffer)
+    seal(key, b"secret", {"object": "pm_1"})  # with its AES-GCM context built
+    user = key  # a second reference: nothing happens while it lives
+    del key
+    assert buffer == bytearray(KAT_KEY)
+    del user
+    assert buffer == bytearray(KEY_SIZE)
+
+
 def test_a_wiped_key_drops_its_cipher_context_and_seals_and_opens_nothing() -> None:
     key = Key("pan", 1, bytearray(KAT_KEY))
     context = {"account": "acct_1", "object": "pm_1", "field": "number"}

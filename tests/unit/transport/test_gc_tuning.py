@@ -1,4 +1,4 @@
-"""The garbage collector is tuned once a service has started (run_until_stopped)."""
+"""The garbage collector is tuned for serving (run_until_stopped), before start-up."""
 
 from __future__ import annotations
 
@@ -6,69 +6,87 @@ import gc
 import subprocess
 import sys
 import textwrap
+import weakref
+from collections.abc import Iterator
+
+import pytest
 
 from cardvault.transport.server import GC_THRESHOLDS, tune_gc_for_serving
 
 
-def test_tune_gc_for_serving_freezes_and_raises_the_threshold() -> None:
+@pytest.fixture
+def tuned() -> Iterator[None]:
+    """Tune this process's collector for one test, then put it back."""
     before = gc.get_threshold()
     try:
-        made_at_startup = object.__new__(type("StartupThing", (), {}))
+        tune_gc_for_serving()
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_tuning_freezes_what_exists_and_raises_the_threshold() -> None:
+    made_before = type("MadeBefore", (), {})()
+    before = gc.get_threshold()
+    try:
         tune_gc_for_serving()
         assert gc.get_threshold() == GC_THRESHOLDS
         assert gc.get_freeze_count() > 0
-        # What existed before the call is frozen, hence not in any generation's list.
-        assert not any(made_at_startup is o for o in gc.get_objects())
+        # Frozen: in no generation the collector walks.
+        assert not any(made_before is o for o in gc.get_objects())
+        made_after = type("MadeAfter", (), {})()
+        assert any(made_after is o for o in gc.get_objects())
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
 
 
-def test_tuning_still_collects_reference_cycles() -> None:
-    before = gc.get_threshold()
-    try:
-        tune_gc_for_serving()
+@pytest.mark.usefixtures("tuned")
+def test_cycles_are_still_collected_without_being_asked() -> None:
+    class Node:
+        other: object
 
-        class Node:
-            other: Node
-
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        alive = len([o for o in gc.get_objects() if isinstance(o, Node)])
-        del a, b
-        assert alive == 2
-        gc.collect()
-        assert not [o for o in gc.get_objects() if isinstance(o, Node)]
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    assert gc.isenabled()
+    assert gone() is not None  # garbage, waiting for a collection
+    # More container objects alive than the young threshold: a collection starts by
+    # itself (nothing here calls gc.collect) and frees the cycle.
+    alive = [[] for _ in range(GC_THRESHOLDS[0] + 1_000)]
+    assert gone() is None
+    assert len(alive) > GC_THRESHOLDS[0]
 
 
-def test_run_until_stopped_tunes_the_collector_after_startup() -> None:
+def test_run_until_stopped_tunes_the_collector_before_startup() -> None:
     # A real process: the tuning is process-wide, so it must not touch the test run's.
     script = textwrap.dedent(
         """
         import gc, os, signal
         from cardvault.transport.server import run_until_stopped
 
-        seen = {"default": gc.get_threshold()}
+        seen = {}
 
         async def startup():
-            seen["startup"] = (gc.get_threshold(), gc.get_freeze_count())
+            seen["startup"] = (gc.get_threshold(), gc.get_freeze_count() > 0)
+            seen["opened"] = type("Pool", (), {})()
 
         def ready():
-            print(seen["default"] == seen["startup"][0], seen["startup"][1])
-            print(gc.get_threshold(), gc.get_freeze_count() > 0)
+            print(*seen["startup"])
+            # What start-up made stays where the collector walks (a pool that drops a
+            # connection later must not leak it).
+            print(any(o is seen["opened"] for o in gc.get_objects()))
             os.kill(os.getpid(), signal.SIGINT)
 
-        run_until_stopped([], ready=ready, startup=startup)
+        async def shutdown():
+            print("shutdown")
+
+        run_until_stopped([], ready=ready, startup=startup, shutdown=shutdown)
         """
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
-    at_startup, serving = result.stdout.strip().splitlines()
-    # Untouched while start-up runs (the interpreter's defaults, nothing frozen) ...
-    assert at_startup == "True 0"
-    # ... tuned once it is done.
-    assert serving == f"{GC_THRESHOLDS} True"
+    assert result.stdout.splitlines() == [f"{GC_THRESHOLDS} True", "True", "shutdown"]

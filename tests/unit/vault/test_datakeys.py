@@ -255,3 +255,21 @@ def test_a_key_fetched_after_wipe_is_not_cached(tmp_path: Path) -> None:
     (outcome,), cached = run_slow(tmp_path, body)
     assert isinstance(outcome, asyncio.CancelledError)
     assert cached is None
+
+
+def test_a_key_that_leaves_the_cache_is_zeroed_once_no_request_uses_it() -> None:
+    from cardvault.vault.datakeys import _TtlCache
+
+    now = [0.0]
+    cache = _TtlCache(size=1, ttl=10.0, clock=lambda: now[0])
+    evicted_buffer, expired_buffer = bytearray(b"\x01" * 32), bytearray(b"\x02" * 32)
+    cache.put("dk_a", crypto.Key("dk_a", 1, evicted_buffer))
+    in_use = cache.get("dk_a")  # a request holds it
+    cache.put("dk_b", crypto.Key("dk_b", 1, expired_buffer))  # evicts dk_a
+    assert cache.get("dk_a") is None
+    assert evicted_buffer == bytearray(b"\x01" * 32)  # still usable by that request
+    del in_use
+    assert evicted_buffer == bytearray(32)
+    now[0] = 11.0
+    assert cache.get("dk_b") is None  # expired: dropped, nothing else refers to it
+    assert expired_buffer == bytearray(32)
