@@ -126,10 +126,9 @@ class Key:
         # A key that nobody refers to any more (a data key that left the vault's cache,
         # a derived key a caller dropped) is zeroed at once, by reference counting,
         # instead of leaving its material in freed memory. Explicit wipe() stays the
-        # rule for keys whose end is known.
-        material = getattr(self, "_material", None)
-        if material is not None:
-            material[:] = bytes(len(material))
+        # rule for keys whose end is known. (No material: __init__ refused its input.)
+        if hasattr(self, "_material"):
+            self.wipe()
 
     def __enter__(self) -> Key:
         return self
