@@ -1,0 +1,149 @@
+"""The local stack for end-to-end suites: the key service and the vault as real
+processes over real TLS, on SQLite or on a PostgreSQL database of the test's own."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import Pki, cli, free_ports, keyservice_and_vault
+
+__all__ = ["Stack", "create_account", "run_stack", "vault_database"]
+
+
+@dataclass
+class Stack:
+    dir: Path
+    url: str
+    vault_config: Path
+    keyd_port: int
+    vault_log: Path
+    keyd_log: Path
+    accounts: list[dict[str, str]]
+    backend: str
+    dsn: str
+
+    @property
+    def db(self) -> Path:
+        return Path(self.dsn.removeprefix("sqlite://"))
+
+    def sql(self, query: str, *args: object) -> list[tuple[object, ...]]:
+        """Run one statement on the vault's own database, behind the vault's back."""
+        if self.backend == "sqlite":
+            with sqlite3.connect(self.db) as db:
+                return db.execute(query, args).fetchall()
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> list[tuple[object, ...]]:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                pg = query
+                for i in range(1, len(args) + 1):
+                    pg = pg.replace("?", f"${i}", 1)
+                return [tuple(r) for r in await conn.fetch(pg, *args)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+
+def create_account(config: Path, *, live: bool = False) -> dict[str, str]:
+    r = cli(
+        "accounts", "create", "--config", str(config), "--name", "t", *(["--live"] if live else [])
+    )
+    assert r.returncode == 0, r.stderr
+    found = dict(re.findall(r"^(\S+(?: \(\w+\))?)\s+(\S+)$", r.stdout, re.M))
+    return {
+        "account": found["account"],
+        "pk": found["publishable (test)"],
+        "sk": found["secret (test)"],
+        **(
+            {"sk_live": found["secret (live)"], "pk_live": found["publishable (live)"]}
+            if live
+            else {}
+        ),
+    }
+
+
+@contextlib.contextmanager
+def vault_database(backend: str, d: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{d / 'vault.db'}"
+        return
+    import asyncio
+
+    import asyncpg
+
+    name = f"vault_e2e_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def run_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki,
+    backend: str,
+    dsn: str,
+    *,
+    vault_toml: str = "",
+) -> Iterator[Stack]:
+    """The key service and the vault as real processes on ``dsn``, with two accounts
+    (the first with live keys too). ``vault_toml`` is appended to the vault's settings
+    file (a table of its own, such as ``[server.limits]``)."""
+    d = tmp_path_factory.mktemp("stack")
+    if not pki.cert("keyd")[0].exists():
+        pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
+    kport, vport = free_ports(2)
+    kcert, kkey = pki.cert("keyd")
+    kconf = d / "keyd.toml"
+    kconf.write_text(
+        'profile = "development"\n[server]\n'
+        f'port = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\nclient_ca_file = "{pki.ca_file}"\n'
+        f'[store]\nurl = "sqlite:///{d / "keyd.db"}"\n'
+        f'[seal]\ntype = "dev"\ndev_key_file = "{d / "root.key"}"\n'
+    )
+    assert cli("keyservice", "init", "--config", str(kconf)).returncode == 0
+    vcert, vkey = pki.cert("vault")
+    vconf = d / "vault.toml"
+    vconf.write_text(
+        'profile = "development"\n[server]\n'
+        f'port = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        f'[store]\nurl = "{dsn}"\n'
+        f'[audit]\ndirectory = "{d / "audit"}"\n'
+        f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
+        f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n" + vault_toml
+    )
+    accounts = [create_account(vconf, live=True), create_account(vconf)]
+    with keyservice_and_vault(kconf, kport, vconf, vport, d):
+        yield Stack(
+            d,
+            f"https://localhost:{vport}",
+            vconf,
+            kport,
+            d / "vault.log",
+            d / "keyd.log",
+            accounts,
+            backend,
+            dsn,
+        )
