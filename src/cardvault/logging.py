@@ -46,6 +46,7 @@ __all__ = [
     "merge_request_fields",
     "request_fields",
     "scrub_card_data",
+    "scrub_text",
 ]
 
 REDACTED = "[REDACTED]"
@@ -211,6 +212,12 @@ def request_fields() -> Mapping[str, Any]:
 def clear_request_context() -> None:
     """Forget the current request's fields."""
     _REQUEST_FIELDS.set(None)
+
+
+def scrub_text(text: str) -> str:
+    """The scrubber for one text that is not a log line (an error's message): every
+    card number in it replaced."""
+    return redact_card_numbers(text) if len(text) >= PAN_MIN_DIGITS else text
 
 
 def scrub_mapping(data: MutableMapping[str, Any]) -> dict[str, Any]:

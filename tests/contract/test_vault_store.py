@@ -47,6 +47,7 @@ from cardvault.storage import (
     VaultStore,
     open_vault_store,
 )
+from cardvault.storage.base import UnstorableValue
 from cardvault.storage.migrations import latest_version
 
 #: The server CI starts; trust authentication for the ``postgres`` role.
@@ -98,6 +99,26 @@ class Backend:
         finally:
             await conn.close()
         return [tuple(r) for r in rows]
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        """Run one writing statement (``?`` placeholders) past the store, committed."""
+        if self.path is not None:
+            path = self.path
+
+            def work() -> None:
+                with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+                    conn.execute(sql, args)
+
+            await asyncio.to_thread(work)
+            return
+        import asyncpg
+
+        numbers = iter(range(1, 100))
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(re.sub(r"\?", lambda _: f"${next(numbers)}", sql), *args)
+        finally:
+            await conn.close()
 
 
 async def _admin_execute(sql: str) -> None:
@@ -249,6 +270,21 @@ def test_migrate_twice_is_harmless_and_keeps_data(backend: Backend) -> None:
         assert [v for (v,) in versions] == list(range(1, latest_version() + 1))
 
     backend.run(check, migrate=False)
+
+
+def test_migration_3_drops_idempotency_keys_stored_in_the_clear(backend: Backend) -> None:
+    # Before version 3 the Idempotency-Key header was stored verbatim, and a caller could
+    # put a card number in it. Since then the vault stores "ik_" and a MAC.
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for key in ("order-17 retry", "ik_AbCdEfGhIjKlMnOp", "ikX-not-a-mac"):
+            await store.claim_idempotency_key(claim(key))
+        await backend.execute("DELETE FROM schema_version WHERE version >= 3")
+        await store.migrate()
+        rows = await backend.fetch("SELECT idempotency_key FROM idempotency_keys")
+        assert [k for (k,) in rows] == ["ik_AbCdEfGhIjKlMnOp"]
+
+    backend.run(check)
 
 
 def test_migrate_from_two_stores_at_once_applies_each_version_once(backend: Backend) -> None:
@@ -813,6 +849,41 @@ def test_a_duplicate_among_concurrent_inserts_fails_alone(backend: Backend) -> N
         assert twin in (twin_a, twin_b) and twin not in failed
         stored = await asyncio.gather(*(store.get_payment_method(ACCT, False, r.id) for r in fresh))
         assert stored == fresh
+
+    backend.run(check)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"metadata": {"order": "\ud800"}},
+        {"billing_details": {"email": "x\udfff@example.com"}},
+        {"exp_year": 2**70},
+    ],
+    ids=["lone-surrogate-metadata", "lone-surrogate-billing", "integer-past-64-bits"],
+)
+def test_a_value_no_store_can_hold_fails_its_own_insert_alone(
+    backend: Backend, bad: dict[str, Any]
+) -> None:
+    # Before: a lone surrogate raised UnicodeEncodeError inside SQLite's multi-row
+    # INSERT, which failed the whole group-commit batch: other accounts' cards too.
+    fresh = [pm(f"pm_ok_{n:03d}", created=NOW + n) for n in range(40)]
+    poison = pm("pm_poison", **bad)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        batch = [*fresh[:20], poison, *fresh[20:]]
+        results = await asyncio.gather(
+            *(store.insert_payment_method(r) for r in batch), return_exceptions=True
+        )
+        assert isinstance(results[20], UnstorableValue), results[20]
+        assert [r for n, r in enumerate(results) if n != 20] == [None] * 40
+        assert await store.get_payment_method(ACCT, False, "pm_poison") is None
+        stored = await asyncio.gather(*(store.get_payment_method(ACCT, False, r.id) for r in fresh))
+        assert stored == fresh
+        # Alone, too.
+        with pytest.raises(UnstorableValue):
+            await store.insert_payment_method(poison)
 
     backend.run(check)
 

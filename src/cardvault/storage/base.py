@@ -26,6 +26,7 @@ __all__ = [
     "ForwardingRequestRecord",
     "IdempotencyRecord",
     "PaymentMethodRecord",
+    "UnstorableValue",
     "VaultStore",
 ]
 
@@ -34,6 +35,12 @@ Mode = Literal["test", "live"]
 
 class DuplicateError(Exception):
     """A record with this primary key (or unique value) already exists."""
+
+
+class UnstorableValue(ValueError):
+    """A value of this record cannot be stored at all: text that is not valid Unicode
+    (a lone surrogate), an integer past 64 bits. Nothing of the operation was written,
+    and it fails alone: a write that shared a batch with it is not affected."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ __all__ = [
     "MIGRATIONS",
     "PAYMENT_METHOD_COLUMNS",
     "SCHEMA_VERSION_TABLE",
+    "STORED_IDEMPOTENCY_KEY_PREFIX",
     "Dialect",
     "Migration",
     "latest_version",
@@ -163,8 +164,26 @@ _V2 = Migration(
     ),
 )
 
+#: The prefix of an idempotency key as the vault stores it since version 3: a keyed MAC
+#: of the caller's header (see cardvault.vault.api.stored_idempotency_key), never the
+#: header itself, which is the caller's text and may hold a card number.
+STORED_IDEMPOTENCY_KEY_PREFIX = "ik_"  # the constant in _V3's statement, too
+
+_V3 = Migration(
+    3,
+    "idempotency keys are stored as MACs; claims stored in the clear are dropped",
+    (
+        # Earlier versions stored the Idempotency-Key header verbatim, and an outside
+        # tester stored a card number in the clear that way. Those rows cannot be
+        # rewritten here (the MAC needs the account's key, held by the key service), so
+        # they are dropped: a request sent before the upgrade and retried after it runs
+        # again (docs/deploy.md: drain clients before this upgrade).
+        "DELETE FROM idempotency_keys WHERE substr(idempotency_key, 1, 3) <> 'ik_'",
+    ),
+)
+
 #: Every migration, oldest first; ``version`` is its position, counting from 1.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 
 
 def latest_version() -> int:

@@ -40,6 +40,7 @@ from cardvault.storage.base import (
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
+    UnstorableValue,
 )
 from cardvault.storage.migrations import (
     ACCOUNT_COLUMNS,
@@ -162,6 +163,10 @@ class PostgresVaultStore:
             await pool.execute(sql, *params)
         except asyncpg.UniqueViolationError as exc:
             raise DuplicateError(f"{what} with this id or unique value exists") from exc
+        except asyncpg.DataError as exc:
+            # A value could not be encoded (a lone surrogate, an integer past 64 bits)
+            # or the server refused it as data: the statement did not commit.
+            raise UnstorableValue(f"{what} holds a value that cannot be stored") from exc
 
     # -- schema --------------------------------------------------------------------------
 
@@ -268,8 +273,9 @@ class PostgresVaultStore:
             sql = _multi_insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS, len(batch))
             await pool.execute(sql, *(value for params, _ in batch for value in params))
             outcomes = [None] * len(batch)
-        except (_OneByOne, asyncpg.UniqueViolationError):
-            # Nothing of the statement was written; each row on its own, for its outcome.
+        except (_OneByOne, asyncpg.UniqueViolationError, asyncpg.DataError):
+            # Nothing of the statement was written (a duplicate, or a value that cannot
+            # be stored); each row on its own, for its outcome: the bad row fails alone.
             results = await asyncio.gather(
                 *(self._insert(_INSERT_PM, params, "a payment method") for params, _ in batch),
                 return_exceptions=True,

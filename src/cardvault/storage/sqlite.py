@@ -78,6 +78,7 @@ from cardvault.storage.base import (
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
+    UnstorableValue,
 )
 from cardvault.storage.migrations import (
     ACCOUNT_COLUMNS,
@@ -260,6 +261,11 @@ class _Busy(Exception):
     def __init__(self, error: sqlite3.OperationalError) -> None:
         super().__init__("the database is locked")
         self.error = error
+
+
+#: What binding a value raises when SQLite cannot hold it: text that does not encode to
+#: UTF-8, an integer past 64 bits. The statement never ran.
+_BINDING_ERRORS = (UnicodeError, OverflowError)
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
@@ -629,6 +635,14 @@ class SQLiteVaultStore:
             conn.execute("SAVEPOINT op")
         try:
             value = op.fn(conn)
+        except _BINDING_ERRORS as exc:
+            # Nothing ran: the value could not even be bound to the statement.
+            if op.compound:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            error = UnstorableValue("a value cannot be stored")
+            error.__cause__ = exc
+            return (op, None, error)
         except Exception as exc:
             if not conn.in_transaction:
                 # SQLite rolled the whole transaction back (disk full, I/O error): the
@@ -697,6 +711,10 @@ class SQLiteVaultStore:
         except sqlite3.Error:
             if not conn.in_transaction:
                 raise
+            return False
+        except _BINDING_ERRORS:
+            # A value could not be bound (a lone surrogate, a huge integer): the
+            # statement never ran. One by one, the bad row fails alone.
             return False
         return True
 

@@ -24,15 +24,19 @@ from cardvault.errors import (
     error_class_for,
 )
 from cardvault.storage.base import IdempotencyRecord
+from cardvault.storage.migrations import STORED_IDEMPOTENCY_KEY_PREFIX
 from cardvault.transport.asgi import json_response, read_body
 from cardvault.vault.forwarding import Forwarder
-from cardvault.vault.params import MAX_BODY_BYTES, parse_body, parse_form
+from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.ratelimit import RateLimiter
 from cardvault.vault.service import Caller, VaultService
 
 __all__ = ["forwarding_routes", "payment_method_routes"]
 
 _MAX_IDEMPOTENCY_KEY = 255
+#: Domain separation: the same account key makes card fingerprints (digits only) and
+#: parameter MACs (a JSON array), so this prefix can be neither.
+_IDEMPOTENCY_KEY_CONTEXT = b"cardvault idempotency-key v1\x00"
 
 
 def _presented_key(request: Request) -> str | None:
@@ -49,6 +53,16 @@ def _presented_key(request: Request) -> str | None:
             raise AuthenticationError() from exc
         return user
     raise AuthenticationError()
+
+
+def stored_idempotency_key(account_key: crypto.Key, header: str) -> str:
+    """The Idempotency-Key as it is stored: ``ik_`` and a MAC of the header under the
+    account's key. The header is the caller's text, and an outside tester stored a card
+    number in the clear through it; keyed, because an unkeyed hash of a card number is
+    undone by trying every number."""
+    return STORED_IDEMPOTENCY_KEY_PREFIX + crypto.fingerprint(
+        account_key, _IDEMPOTENCY_KEY_CONTEXT + header.encode("utf-8")
+    )
 
 
 async def idempotent(
@@ -79,6 +93,7 @@ async def idempotent(
     canonical = json.dumps([request.url.path, params], sort_keys=True, separators=(",", ":"))
     mac = crypto.fingerprint(account_key, canonical.encode())
     now = int(time.time())
+    key = stored_idempotency_key(account_key, key)
     claim = IdempotencyRecord(caller.account_id, caller.mode, key, mac, now)
     existing = await service.store.claim_idempotency_key(claim)
     if existing is not None and existing.created < now - ttl:
@@ -142,20 +157,32 @@ def make_caller_of(
     return caller_of
 
 
+def make_body_reader(
+    limits: ParseLimits,
+) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    """Read a request's body (413 past ``limits.max_body_bytes``) and parse it."""
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await read_body(request, limits.max_body_bytes)
+        return parse_body(raw, request.headers.get("content-type"), limits)
+
+    return body_of
+
+
 def payment_method_routes(
     service: VaultService,
     *,
     secret_limits: RateLimiter,
     publishable_limits: RateLimiter,
     idempotency_ttl: int = 86_400,
+    parse_limits: ParseLimits = DEFAULT_LIMITS,
 ) -> list[BaseRoute]:
     caller_of = make_caller_of(service, secret_limits, publishable_limits)
+    body_of = make_body_reader(parse_limits)
 
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
-        params = parse_body(
-            await read_body(request, MAX_BODY_BYTES), request.headers.get("content-type")
-        )
+        params = await body_of(request)
 
         async def replay(pm_id: str) -> dict[str, Any]:
             return await service.retrieve_payment_method(
@@ -174,7 +201,7 @@ def payment_method_routes(
 
     async def list_(request: Request) -> Response:
         caller = await caller_of(request)
-        query = parse_form(list(request.query_params.multi_items()))
+        query = parse_form(list(request.query_params.multi_items()), parse_limits)
         return json_response(await service.list_payment_methods(caller, query))
 
     async def retrieve(request: Request) -> Response:
@@ -204,15 +231,15 @@ def forwarding_routes(
     secret_limits: RateLimiter,
     publishable_limits: RateLimiter,
     idempotency_ttl: int = 86_400,
+    parse_limits: ParseLimits = DEFAULT_LIMITS,
 ) -> list[BaseRoute]:
     caller_of = make_caller_of(service, secret_limits, publishable_limits)
+    body_of = make_body_reader(parse_limits)
 
     async def create(request: Request) -> Response:
         caller = await caller_of(request)
         service._require_secret(caller)
-        params = parse_body(
-            await read_body(request, MAX_BODY_BYTES), request.headers.get("content-type")
-        )
+        params = await body_of(request)
         return await idempotent(
             service,
             request,
@@ -225,7 +252,7 @@ def forwarding_routes(
 
     async def list_(request: Request) -> Response:
         caller = await caller_of(request)
-        query = parse_form(list(request.query_params.multi_items()))
+        query = parse_form(list(request.query_params.multi_items()), parse_limits)
         return json_response(await forwarder.list_requests(caller, query))
 
     async def retrieve(request: Request) -> Response:

@@ -51,6 +51,7 @@ from cardvault.vault.allowlist import (
     match_url,
 )
 from cardvault.vault.outbound import HOP_BY_HOP, OutboundClient
+from cardvault.vault.params import looks_like_id, parse_page
 from cardvault.vault.service import (
     Caller,
     VaultService,
@@ -384,7 +385,7 @@ class Forwarder:
     async def retrieve(self, caller: Caller, fwd_id: str) -> dict[str, Any]:
         self.service._require_secret(caller)
         record = None
-        if fwd_id.startswith("fwdreq_") and len(fwd_id) <= 64:
+        if looks_like_id(fwd_id, "fwdreq_"):
             record = await self.service.store.get_forwarding_request(
                 caller.account_id, caller.livemode, fwd_id
             )
@@ -395,22 +396,15 @@ class Forwarder:
     async def list_requests(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
         self.service._require_secret(caller)
         _check_keys(query, {"limit", "starting_after", "ending_before", "expand", "created"})
-        try:
-            limit = int(query.get("limit", 10))
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError("limit must be an integer.", param="limit") from exc
-        if not 1 <= limit <= 100:
-            raise InvalidRequestError("limit must be between 1 and 100.", param="limit")
-        after, before = query.get("starting_after"), query.get("ending_before")
-        if after and before:
-            raise InvalidRequestError("Give starting_after or ending_before, not both.")
+        page = parse_page(query, "fwdreq_")
         records = await self.service.store.list_forwarding_requests(
             caller.account_id,
             caller.livemode,
-            limit=limit + 1,
-            starting_after=after,
-            ending_before=before,
+            limit=page.limit + 1,
+            starting_after=page.starting_after,
+            ending_before=page.ending_before,
         )
+        limit, before = page.limit, page.ending_before
         has_more = len(records) > limit
         records = records[1:] if (has_more and before) else records[:limit]
         return {

@@ -3,28 +3,77 @@
 ``card[number]=4242…&metadata[order]=6735&expand[]=x`` becomes
 ``{"card": {"number": "4242…"}, "metadata": {"order": "6735"}, "expand": ["x"]}``.
 Errors name the parameter, never its value.
+
+Every size a request chooses is bounded before work is done on it (:class:`ParseLimits`):
+the number of fields, how deeply a name nests, and how long a list may grow. A list
+index addresses an item that exists or the next one, never a gap: ``a[100000000]=x``
+is refused, not padded to a hundred million items (an outside tester grew the vault by
+800 MB with one 95-byte request that way). A JSON body is parsed by orjson, which
+refuses lone surrogates (text no database can store) and nesting past 1024 levels
+without recursing in Python; the shape is then held to the same limits as a form.
+
+:func:`parse_page` reads the list endpoints' pagination parameters, the same way for
+every list.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
+
+import orjson
 
 from cardvault.cards.luhn import PAN_MIN_DIGITS
 from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_BODY_BYTES", "parse_body", "parse_form", "parse_pairs"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_BODY_BYTES",
+    "Page",
+    "ParseLimits",
+    "looks_like_id",
+    "parse_body",
+    "parse_form",
+    "parse_json",
+    "parse_page",
+    "parse_pairs",
+]
 
 #: A payment method with metadata fits in a few kilobytes; a larger body is a mistake or
 #: an attack, and is refused before it is parsed.
 MAX_BODY_BYTES = 64 * 1024
-_MAX_DEPTH = 4
-#: The most fields a form body may have (as ``parse_qsl(max_num_fields=...)``).
-_MAX_FIELDS = 1000
-_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """What one request's parameters may be. Each is a setting (``[limits]`` in the
+    vault's configuration; see docs/security.md)."""
+
+    #: The most fields a form body or query string may have, and the most values
+    #: (objects, lists and scalars) a JSON body may hold.
+    max_fields: int = 1000
+    #: The most names in one parameter: ``request[headers][0][name]`` has four.
+    max_depth: int = 4
+    #: The most items one list may hold (indices 0 to max_list_items - 1).
+    max_list_items: int = 100
+    #: The largest body read, in bytes.
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if min(self.max_fields, self.max_depth, self.max_list_items, self.max_body_bytes) < 1:
+            raise ValueError("parse limits must be at least 1")
+
+
+DEFAULT_LIMITS = ParseLimits()
+
+#: A parameter's first name is a word, as every name of Stripe's API is. The names in
+#: brackets after it may be any text without brackets (metadata keys are the caller's).
+_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,63})((?:\[[^\[\]]*\])*)$")
 _PART = re.compile(r"\[([^\[\]]*)\]")
+#: The longest list index written out: max_list_items is far below a million.
+_MAX_INDEX_DIGITS = 6
 #: Decoded and parsed parameter names, so that the few names real clients send
 #: (``card%5Bnumber%5D``) are decoded and parsed once. Only names with fewer digits than
 #: a card number has are kept: a name is the caller's text, and none that could hold a
@@ -47,13 +96,13 @@ def _form_value(raw: str) -> str:
     return raw
 
 
-def parse_pairs(text: str) -> list[tuple[str, str]]:
+def parse_pairs(text: str, max_fields: int = DEFAULT_LIMITS.max_fields) -> list[tuple[str, str]]:
     """The ``(name, value)`` pairs of a form body, exactly as
-    ``urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=1000)``
+    ``urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=max_fields)``
     returns them (a property test holds the two together), in a fraction of its time:
     a field without ``=`` has an empty value, empty fields are skipped, and more than
-    1000 fields raise :class:`ValueError`."""
-    if text.count("&") >= _MAX_FIELDS:
+    ``max_fields`` fields raise :class:`ValueError`."""
+    if text.count("&") >= max_fields:
         raise ValueError("Max number of fields exceeded")
     pairs: list[tuple[str, str]] = []
     for field in text.split("&"):
@@ -68,81 +117,196 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _key_parts(raw_key: str) -> tuple[str, ...]:
+def _key_parts(raw_key: str, max_depth: int) -> tuple[str, ...]:
     parts = _KEY_CACHE.get(raw_key)
     if parts is None:
         match = _KEY.match(raw_key)
         if match is None:
-            raise InvalidRequestError("A parameter name is malformed.")
+            raise InvalidRequestError(
+                "A parameter name is malformed: names are words, with names in brackets "
+                "after them (card[number])."
+            )
         parts = (match.group(1), *_PART.findall(match.group(2)))
-        if len(parts) > _MAX_DEPTH:
-            raise InvalidRequestError("Parameters are nested too deeply.")
         if len(_KEY_CACHE) < _KEY_CACHE_MAX and _cacheable(raw_key):
             _KEY_CACHE[raw_key] = parts
+    if len(parts) > max_depth:
+        raise InvalidRequestError("Parameters are nested too deeply.", param=parts[0])
     return parts
 
 
-def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+def _container_for(next_part: str) -> dict[str, Any] | list[Any]:
+    """What a name's next part opens: ``a[]``/``a[0]`` a list, ``a[b]`` a hash."""
+    return [] if next_part == "" or (next_part.isascii() and next_part.isdigit()) else {}
+
+
+def _list_index(node: list[Any], part: str, param: str, limits: ParseLimits) -> int:
+    """The index ``part`` names in ``node``: an item that exists or the next one."""
+    if part == "":
+        index = len(node)
+    elif not (part.isascii() and part.isdigit()):
+        raise InvalidRequestError("A parameter name is malformed.", param=param)
+    elif len(part) > _MAX_INDEX_DIGITS or int(part) > len(node):
+        raise InvalidRequestError(
+            "List indices must count up from 0 without gaps (a[0], a[1], …).", param=param
+        )
+    else:
+        index = int(part)
+    if index >= limits.max_list_items:
+        raise InvalidRequestError(
+            f"A list may hold at most {limits.max_list_items} items.", param=param
+        )
+    return index
+
+
+def parse_form(
+    pairs: list[tuple[str, str]], limits: ParseLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """Nest form pairs by their bracket names (see the module docstring for the limits)."""
+    if len(pairs) > limits.max_fields:
+        raise InvalidRequestError(f"A request may have at most {limits.max_fields} parameters.")
     out: dict[str, Any] = {}
     for raw_key, value in pairs:
-        parts = _key_parts(raw_key)
+        parts = _key_parts(raw_key, limits.max_depth)
+        param = parts[0]
         node: Any = out
+        last_at = len(parts) - 1
         for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            nxt = None if last else parts[i + 1]
+            last = i == last_at
             if isinstance(node, list):
-                # ``a[]=x`` appends; ``a[0][b]=x`` addresses an index.
-                if part == "":
-                    if last:
-                        node.append(value)
-                        break
-                    node.append({})
-                    node = node[-1]
-                    continue
-                if not part.isdigit():
-                    raise InvalidRequestError("A parameter name is malformed.", param=parts[0])
-                index = int(part)
-                while len(node) <= index:
-                    node.append({} if not last else None)
-                if last:
+                index = _list_index(node, part, param, limits)
+                if index == len(node):
+                    node.append(value if last else _container_for(parts[i + 1]))
+                elif last:
+                    if isinstance(node[index], dict | list):
+                        raise InvalidRequestError("A parameter is given twice.", param=param)
                     node[index] = value
-                else:
-                    if not isinstance(node[index], dict | list):
-                        node[index] = [] if nxt == "" or (nxt or "").isdigit() else {}
-                    node = node[index]
+                elif not isinstance(node[index], dict | list):
+                    raise InvalidRequestError("A parameter is given twice.", param=param)
+                node = node[index]
                 continue
             if last:
                 if part in node and isinstance(node[part], dict | list):
-                    raise InvalidRequestError("A parameter is given twice.", param=parts[0])
+                    raise InvalidRequestError("A parameter is given twice.", param=param)
                 node[part] = value
             else:
-                container: Any = [] if nxt == "" or (nxt or "").isdigit() else {}
-                existing = node.setdefault(part, container)
+                existing = node.setdefault(part, _container_for(parts[i + 1]))
                 if not isinstance(existing, dict | list):
-                    raise InvalidRequestError("A parameter is given twice.", param=parts[0])
+                    raise InvalidRequestError("A parameter is given twice.", param=param)
                 node = existing
     return out
 
 
-def parse_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+def _check_json_shape(data: dict[str, Any], limits: ParseLimits) -> None:
+    """Hold a parsed JSON object to the limits a form is held to, without recursion."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            if len(value) > limits.max_list_items:
+                raise InvalidRequestError(f"A list may hold at most {limits.max_list_items} items.")
+            children = value
+        else:
+            continue
+        count += len(value)
+        if count > limits.max_fields:
+            raise InvalidRequestError(f"A request may have at most {limits.max_fields} parameters.")
+        if value and depth + 1 > limits.max_depth:
+            raise InvalidRequestError("Parameters are nested too deeply.")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(body: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """A JSON body's parameters: an object of at most ``limits``' size and depth."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message quotes positions, never the text; it is still not shown.
+        raise InvalidRequestError(
+            "The JSON body could not be parsed: send UTF-8 JSON without lone surrogates "
+            "(\\ud800) or non-finite numbers."
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The JSON body must be an object.")
+    _check_json_shape(data, limits)
+    return data
+
+
+def parse_body(
+    body: bytes, content_type: str | None, limits: ParseLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
     """The parameters of a request body (empty body → no parameters)."""
-    if len(body) > MAX_BODY_BYTES:
+    if len(body) > limits.max_body_bytes:
         raise RequestTooLarge()
     if not body:
         return {}
     media = (content_type or "").split(";")[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
+        if body[:1] == b"{":
+            # curl -d sends JSON as a form unless told otherwise; the whole body would
+            # otherwise become one parameter name.
+            raise InvalidRequestError(
+                "The body looks like JSON: send it with Content-Type: application/json."
+            )
         try:
-            pairs = parse_pairs(body.decode("utf-8"))
+            pairs = parse_pairs(body.decode("utf-8"), limits.max_fields)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidRequestError("The form body could not be parsed.") from exc
-        return parse_form(pairs)
+        return parse_form(pairs, limits)
     if media == "application/json":
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise InvalidRequestError("The JSON body could not be parsed.") from exc
-        if not isinstance(data, dict):
-            raise InvalidRequestError("The JSON body must be an object.")
-        return data
+        return parse_json(body, limits)
     raise UnsupportedMediaType()
+
+
+@dataclass(frozen=True)
+class Page:
+    """A list request's page: how many, and after or before which object."""
+
+    limit: int
+    starting_after: str | None
+    ending_before: str | None
+
+
+#: An object id as this vault writes them: its prefix and letters and digits.
+_ID_BODY = re.compile(r"[A-Za-z0-9]{1,60}")
+_LIMIT_DIGITS = 3
+
+
+def looks_like_id(value: object, prefix: str) -> bool:
+    """Whether ``value`` has the shape of an id this vault writes with ``prefix``: the
+    only caller-chosen text an error may echo."""
+    return (
+        isinstance(value, str)
+        and value.startswith(prefix)
+        and _ID_BODY.fullmatch(value[len(prefix) :]) is not None
+    )
+
+
+def _cursor(query: dict[str, Any], name: str, prefix: str) -> str | None:
+    value = query.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not looks_like_id(value, prefix):
+        raise InvalidRequestError(f"{name} must be an object id ({prefix}…).", param=name)
+    return value
+
+
+def parse_page(query: dict[str, Any], prefix: str, *, most: int = 100) -> Page:
+    """Stripe's pagination parameters: ``limit`` (1 to ``most``, default 10) and at most
+    one of ``starting_after`` / ``ending_before``, each an id with ``prefix``. An empty
+    cursor is no cursor."""
+    raw = query.get("limit", "10")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= _LIMIT_DIGITS):
+        raise InvalidRequestError("limit must be an integer.", param="limit")
+    limit = int(raw)
+    if not 1 <= limit <= most:
+        raise InvalidRequestError(f"limit must be between 1 and {most}.", param="limit")
+    after = _cursor(query, "starting_after", prefix)
+    before = _cursor(query, "ending_before", prefix)
+    if after is not None and before is not None:
+        raise InvalidRequestError("Give starting_after or ending_before, not both.")
+    return Page(limit, after, before)

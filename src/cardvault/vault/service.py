@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import string
 import time
@@ -39,8 +40,15 @@ from cardvault.errors import (
     ResourceMissing,
 )
 from cardvault.logging import bind_request_fields, get_logger
-from cardvault.storage.base import Account, ApiKey, PaymentMethodRecord, VaultStore
+from cardvault.storage.base import (
+    Account,
+    ApiKey,
+    PaymentMethodRecord,
+    UnstorableValue,
+    VaultStore,
+)
 from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.params import looks_like_id, parse_page
 
 __all__ = ["Caller", "VaultService", "new_id", "time_ordered_id"]
 
@@ -133,12 +141,32 @@ def _context(caller: Caller, pm_id: str, field: str) -> dict[str, str]:
     return {"account": caller.account_id, "mode": caller.mode, "object": pm_id, "field": field}
 
 
+#: A parameter name is echoed in an error only when it looks like one of Stripe's names
+#: (a word) or a metadata key without a long run of digits: any other name is the
+#: caller's text, and may be a card number sent where a name belongs.
+_ECHOED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .\-]{0,39}")
+_DIGIT_RUN = re.compile(r"[0-9]{7,}")
+
+
+def _no_such_payment_method(pm_id: str) -> ResourceMissing:
+    """Stripe's "No such PaymentMethod: 'pm_…'", naming the id only when it has the shape
+    of one of ours: anything else the caller put in the path may be a card number."""
+    if looks_like_id(pm_id, "pm_"):
+        return ResourceMissing(f"No such PaymentMethod: '{pm_id}'", param="payment_method")
+    return ResourceMissing("No such PaymentMethod.", param="payment_method")
+
+
 def _check_keys(data: dict[str, Any], allowed: set[str], prefix: str = "") -> None:
     for key in data:
         if key not in allowed:
-            name = f"{prefix}[{key}]" if prefix else str(key)
-            # The name is the caller's, but a parameter *name* is not card data; cap it.
-            raise ParameterUnknown(f"Received unknown parameter: {name[:80]}", param=name[:80])
+            text = str(key)
+            if not _ECHOED_NAME.fullmatch(text) or _DIGIT_RUN.search(text):
+                raise ParameterUnknown(
+                    "Received an unknown parameter" + (f" in {prefix}." if prefix else "."),
+                    param=prefix or None,
+                )
+            name = f"{prefix}[{text}]" if prefix else text
+            raise ParameterUnknown(f"Received unknown parameter: {name}", param=name)
 
 
 def _metadata(value: Any) -> dict[str, str]:
@@ -392,7 +420,11 @@ class VaultService:
             number.wipe()
             if cvc is not None:
                 cvc.wipe()
-        await self.store.insert_payment_method(record)
+        try:
+            await self.store.insert_payment_method(record)
+        except UnstorableValue as exc:
+            # The parser refuses such text first; this is the net under it.
+            raise InvalidRequestError("A parameter holds text that cannot be stored.") from exc
         try:
             await self.audit.record(
                 "payment_method.created",
@@ -422,22 +454,15 @@ class VaultService:
     async def list_payment_methods(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
         self._require_secret(caller)
         _check_keys(query, {"limit", "starting_after", "ending_before", "type", "expand"})
-        try:
-            limit = int(query.get("limit", 10))
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError("limit must be an integer.", param="limit") from exc
-        if not 1 <= limit <= 100:
-            raise InvalidRequestError("limit must be between 1 and 100.", param="limit")
-        after, before = query.get("starting_after"), query.get("ending_before")
-        if after and before:
-            raise InvalidRequestError("Give starting_after or ending_before, not both.")
+        page = parse_page(query, "pm_")
         records = await self.store.list_payment_methods(
             caller.account_id,
             caller.livemode,
-            limit=limit + 1,
-            starting_after=after,
-            ending_before=before,
+            limit=page.limit + 1,
+            starting_after=page.starting_after,
+            ending_before=page.ending_before,
         )
+        limit, before = page.limit, page.ending_before
         has_more = len(records) > limit
         records = records[1:] if (has_more and before) else records[:limit]
         data = [self._render(r, name=await self._open_name(caller, r)) for r in records]
@@ -452,7 +477,7 @@ class VaultService:
         # Recorded first: if the record cannot be written, nothing is deleted.
         await self.audit.record("payment_method.deleted", actor=caller.key_id, object_id=pm_id)
         if not await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id):
-            raise ResourceMissing(f"No such PaymentMethod: '{pm_id[:40]}'", param="payment_method")
+            raise _no_such_payment_method(pm_id)
         return {"id": pm_id, "object": "payment_method", "deleted": True}
 
     async def sweep_expired_cvcs(self) -> int:
@@ -495,10 +520,10 @@ class VaultService:
 
     async def _get(self, caller: Caller, pm_id: str) -> PaymentMethodRecord:
         record = None
-        if pm_id.startswith("pm_") and len(pm_id) <= 64:
+        if looks_like_id(pm_id, "pm_"):
             record = await self.store.get_payment_method(caller.account_id, caller.livemode, pm_id)
         if record is None:
-            raise ResourceMissing(f"No such PaymentMethod: '{pm_id[:40]}'", param="payment_method")
+            raise _no_such_payment_method(pm_id)
         return record
 
     @staticmethod

@@ -78,6 +78,13 @@ class LimitSettings:
     cvc_ttl: int = 3600
     #: Seconds an idempotency key is remembered (Stripe: 24 hours).
     idempotency_ttl: int = 86_400
+    #: What one request's parameters may be (see docs/security.md): the most form
+    #: fields or JSON values, names per parameter (card[number] has two), items per
+    #: list, and body bytes.
+    max_params: int = 1000
+    max_param_depth: int = 4
+    max_list_items: int = 100
+    max_body_bytes: int = 64 * 1024
 
 
 @dataclasses.dataclass

@@ -42,3 +42,38 @@ def test_holds_card_number_agrees_with_find_card_numbers() -> None:
         assert holds_card_number(text) == any(True for _ in find_card_numbers(text)), text
     assert holds_card_number("4242 4242 4242 4242")
     assert not holds_card_number("424242424242")
+
+
+def _in_script(number: str, zero: int) -> str:
+    return "".join(chr(zero + int(d)) for d in number)
+
+
+def test_the_finder_sees_dotted_underscored_and_unicode_dashed_groups() -> None:
+    # Before: "4242.4242.4242.4242" in a URL path went into the access log verbatim.
+    number = complete("5" + "1234567" * 2)
+    for sep in [".", "_", "/", "\u00a0", "\u2013", "\u2212", "\uff0d", "\uff0e", "\t"]:
+        grouped = sep.join(number[i : i + 4] for i in range(0, len(number), 4))
+        assert holds_card_number(f"/v1/payment_methods/{grouped}"), repr(sep)
+        assert number[-4:] not in redact_card_numbers(f"x {grouped} y"), repr(sep)
+
+
+def test_the_finder_reads_other_scripts_digits() -> None:
+    # Fullwidth, Arabic-Indic, Devanagari, and a mixture of scripts in one number.
+    number = complete("4" + "7654321" * 2)
+    for zero in (0xFF10, 0x0660, 0x0966, 0x06F0):
+        text = f"card {_in_script(number, zero)} end"
+        assert holds_card_number(text), hex(zero)
+        assert redact_card_numbers(text) == "card [REDACTED CARD NUMBER] end"
+    mixed = number[:8] + _in_script(number[8:], 0xFF10)
+    assert holds_card_number(mixed)
+    assert not holds_card_number(_in_script(number[:-1] + str((int(number[-1]) + 1) % 10), 0xFF10))
+
+
+def test_a_run_longer_than_a_card_number_is_condemned_in_linear_time() -> None:
+    assert holds_card_number("1" * 20)
+    assert redact_card_numbers("id " + "7" * 8000) == "id [REDACTED CARD NUMBER]"
+
+
+def test_timestamps_and_short_numbers_are_left_alone() -> None:
+    for text in ["2026-12-07T04:50:51.123456Z", "10.0.0.1", "duration 12.345 ms", "1 2 3 4"]:
+        assert redact_card_numbers(text) == text

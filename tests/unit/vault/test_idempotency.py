@@ -156,3 +156,33 @@ def _cvcs(path: Path) -> list[Any]:
         return db.execute(
             "SELECT cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods"
         ).fetchall()
+
+
+def test_the_header_is_stored_as_a_mac_never_as_sent(tmp_path: Path) -> None:
+    # Before: "Idempotency-Key: 5200828282828210" put the card number in vault.db in the
+    # clear for a day.
+    sent = ["5200828282828210", "5200 8282 8282 8210", "order-17"]
+
+    async def main() -> tuple[list[int], list[int], list[str]]:
+        service, secret, client = await make(tmp_path)
+        first, again = [], []
+        for key in sent:
+            headers = {"authorization": f"Bearer {secret}", "idempotency-key": key}
+            first.append(await client.post("/v1/payment_methods", data=FORM, headers=headers))
+            again.append(await client.post("/v1/payment_methods", data=FORM, headers=headers))
+        await client.aclose()
+        await service.store.close()
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "v.db") as db:
+            stored = [k for (k,) in db.execute("SELECT idempotency_key FROM idempotency_keys")]
+        assert [r.json()["id"] for r in first] == [r.json()["id"] for r in again]
+        return [r.status_code for r in first], [r.status_code for r in again], stored
+
+    first, again, stored = asyncio.run(main())
+    assert first == again == [200, 200, 200]
+    assert len(set(stored)) == 3
+    assert all(k.startswith("ik_") and len(k) == 19 for k in stored), stored
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("v.db*"))
+    for key in sent:
+        assert key.encode() not in raw

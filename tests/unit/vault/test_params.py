@@ -3,6 +3,7 @@ JSON, and the errors (which name the parameter, never its value)."""
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
@@ -10,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
-from cardvault.vault.params import MAX_BODY_BYTES, parse_body, parse_pairs
+from cardvault.vault.params import (
+    MAX_BODY_BYTES,
+    Page,
+    ParseLimits,
+    parse_body,
+    parse_form,
+    parse_json,
+    parse_page,
+    parse_pairs,
+)
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -101,3 +111,140 @@ def test_json_bodies_and_the_other_refusals() -> None:
         parse_body(b"a=1", "text/plain")
     with pytest.raises(RequestTooLarge):
         parse_body(b"a" * (MAX_BODY_BYTES + 1), FORM)
+
+
+# -- hostile input: every size a request chooses is bounded before work is done ---------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"foo[100000000]=x",
+        b"card[5105105105105100]=1",
+        b"expand[1]=x",
+        b"expand[0]=a&expand[2]=b",
+        b"a[0][99999999][b]=1",
+    ],
+)
+def test_a_list_index_past_the_end_is_refused_not_padded(body: bytes) -> None:
+    # Before: foo[100000000]=x built a list of a hundred million items (935 MB, 3 s),
+    # and a card-number-sized index grew the vault until the OOM killer ended it.
+    with pytest.raises(InvalidRequestError, match="without gaps") as info:
+        parse_body(body, FORM)
+    assert "5105105105105100" not in str(info.value)
+
+
+def test_list_indices_that_count_up_are_read_and_may_repeat_the_last() -> None:
+    body = b"expand[0]=a&expand[1]=b&expand[1]=c&h[0][n]=x&h[0][v]=y&h[1][n]=z"
+    assert parse_body(body, FORM) == {
+        "expand": ["a", "c"],
+        "h": [{"n": "x", "v": "y"}, {"n": "z"}],
+    }
+
+
+def test_a_list_is_capped_at_max_list_items() -> None:
+    limits = ParseLimits(max_list_items=3)
+    assert parse_form([("a[]", "1"), ("a[]", "2"), ("a[]", "3")], limits) == {"a": ["1", "2", "3"]}
+    with pytest.raises(InvalidRequestError, match="at most 3 items"):
+        parse_form([("a[]", "1"), ("a[]", "2"), ("a[]", "3"), ("a[]", "4")], limits)
+
+
+@pytest.mark.parametrize("index", ["٣", "３", "1_0", " 1", "+1", "0x1"])
+def test_an_index_is_ascii_digits_only(index: str) -> None:
+    # a[٣] alone names a hash's key; after a[0] the name must be an index.
+    assert parse_form([(f"a[{index}]", "x")]) == {"a": {index: "x"}}
+    with pytest.raises(InvalidRequestError, match="malformed|without gaps"):
+        parse_form([("a[0]", "x"), (f"a[{index}]", "y")])
+
+
+def test_too_many_query_fields_are_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="at most 1000 parameters"):
+        parse_form([(f"m[k{i}]", "v") for i in range(1001)])
+
+
+@pytest.mark.parametrize(
+    "name", ["4242424242424242", "4242 4242 4242 4242", '{"card"', "1a", "", "a b"]
+)
+def test_a_first_name_that_is_not_a_word_is_malformed_and_not_echoed(name: str) -> None:
+    with pytest.raises(InvalidRequestError, match="malformed") as info:
+        parse_form([(name, "x")])
+    assert info.value.param is None
+    if name:
+        assert name not in info.value.message
+
+
+def test_json_sent_as_a_form_is_told_to_say_json() -> None:
+    body = b'{"card":{"number":"4242424242424242"}}'
+    with pytest.raises(InvalidRequestError, match="looks like JSON") as info:
+        parse_body(body, FORM)
+    assert "4242" not in str(info.value.to_dict())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"metadata": {"k": "\\ud800"}}',
+        b'{"billing_details": {"name": "\\udfff x"}}',
+        b'{"a": NaN}',
+        b'{"a": 1e999}',
+        b"[" * 30_000,
+        b'{"a":' * 30_000,
+    ],
+)
+def test_json_that_no_store_can_hold_or_that_nests_deep_is_400(body: bytes) -> None:
+    with pytest.raises(InvalidRequestError):
+        parse_body(body, "application/json")
+
+
+def test_json_is_held_to_the_form_limits() -> None:
+    assert parse_json(b'{"request": {"headers": [{"name": "A"}]}}') == {
+        "request": {"headers": [{"name": "A"}]}
+    }
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        parse_json(b'{"a": {"b": {"c": {"d": {"e": 1}}}}}')
+    with pytest.raises(InvalidRequestError, match="at most 100 items"):
+        parse_json(b'{"a": [' + b",".join([b"1"] * 101) + b"]}")
+    many = b"{" + b",".join(b'"k%d": 1' % i for i in range(1001)) + b"}"
+    with pytest.raises(InvalidRequestError, match="at most 1000 parameters"):
+        parse_json(many)
+
+
+@given(st.text(max_size=30))
+def test_every_parsed_string_can_be_stored(text: str) -> None:
+    body = json.dumps({"metadata": {"k": text}}).encode()
+    try:
+        parsed = parse_body(body, "application/json")
+    except InvalidRequestError:
+        return
+    parsed["metadata"]["k"].encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"starting_after": {"a": "b"}}, "starting_after"),
+        ({"starting_after": ["x"]}, "starting_after"),
+        ({"ending_before": [{"x": "1"}]}, "ending_before"),
+        ({"starting_after": "4242424242424242"}, "starting_after"),
+        ({"starting_after": "pm_x'--"}, "starting_after"),
+        ({"limit": "٣"}, "limit"),
+        ({"limit": {"a": "1"}}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "1e3"}, "limit"),
+    ],
+)
+def test_page_parameters_of_the_wrong_shape_are_400(query: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_page(query, "pm_")
+    assert info.value.param == param
+    assert "4242424242424242" not in info.value.message
+
+
+def test_page_parameters() -> None:
+    assert parse_page({}, "pm_") == Page(10, None, None)
+    # An empty cursor is no cursor (before, both empty reached the store and raised).
+    assert parse_page({"starting_after": "", "ending_before": ""}, "pm_") == Page(10, None, None)
+    assert parse_page({"limit": "3", "starting_after": "pm_abc"}, "pm_") == Page(3, "pm_abc", None)
+    with pytest.raises(InvalidRequestError, match="not both"):
+        parse_page({"starting_after": "pm_a", "ending_before": "pm_b"}, "pm_")
