@@ -187,8 +187,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @contextlib.contextmanager
 def keyservice_and_vault(
     keyd_config: Path, keyd_port: int, vault_config: Path, vault_port: int, logs: Path
-) -> Iterator[None]:
-    """The key service, then the vault, as real processes; both stopped afterwards."""
+) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """The key service, then the vault, as real processes (yielded in that order); both
+    stopped afterwards."""
     with cardvault_process(
         ["keyservice", "serve", "--config", str(keyd_config)], log=logs / "keyd.log"
     ) as keyd:
@@ -197,4 +198,4 @@ def keyservice_and_vault(
             ["vault", "serve", "--config", str(vault_config)], log=logs / "vault.log"
         ) as vault:
             wait_for_port(vault_port, vault)
-            yield
+            yield keyd, vault

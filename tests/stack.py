@@ -29,6 +29,12 @@ class Stack:
     accounts: list[dict[str, str]]
     backend: str
     dsn: str
+    #: The vault's process id (for its memory, or a signal).
+    vault_pid: int = 0
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.dir / "audit"
 
     @property
     def db(self) -> Path:
@@ -105,11 +111,13 @@ def run_stack(
     backend: str,
     dsn: str,
     *,
+    limits: str = "publishable_rate = 2.0\npublishable_burst = 30.0\n",
     vault_toml: str = "",
 ) -> Iterator[Stack]:
     """The key service and the vault as real processes on ``dsn``, with two accounts
-    (the first with live keys too). ``vault_toml`` is appended to the vault's settings
-    file (a table of its own, such as ``[server.limits]``)."""
+    (the first with live keys too). ``limits`` is the vault's ``[limits]`` table and
+    ``vault_toml`` is appended to its settings (tables of their own, such as
+    ``[server.limits]``)."""
     d = tmp_path_factory.mktemp("stack")
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
@@ -132,10 +140,10 @@ def run_stack(
         f'[audit]\ndirectory = "{d / "audit"}"\n'
         f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
         f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
-        "[limits]\npublishable_rate = 2.0\npublishable_burst = 30.0\n" + vault_toml
+        "[limits]\n" + limits + vault_toml
     )
     accounts = [create_account(vconf, live=True), create_account(vconf)]
-    with keyservice_and_vault(kconf, kport, vconf, vport, d):
+    with keyservice_and_vault(kconf, kport, vconf, vport, d) as (_keyd, vault):
         yield Stack(
             d,
             f"https://localhost:{vport}",
@@ -146,4 +154,5 @@ def run_stack(
             accounts,
             backend,
             dsn,
+            vault.pid,
         )

@@ -4,10 +4,11 @@
 backups and temporary files hold no card data in a form someone could read back. It
 looks for:
 
-* **card numbers**: runs of 13–19 ASCII digits, optionally split by single spaces or
-  dashes, that pass the Luhn check (the same grammar as
+* **card numbers**: runs of 13–19 digits, optionally split by single separators
+  (spaces, dashes, dots …), that pass the Luhn check (the grammar of
   :func:`cardvault.cards.find_card_numbers`; a longer run is reported when any
-  card-length window of it passes);
+  card-length window of it passes). Bytes are read as ASCII here, so digits of other
+  scripts are seen in the forms below only when a program escaped them to ASCII;
 * **canaries**: exact strings the caller planted (a test card's number, a marker CVC,
   a secret), at least 8 printable ASCII characters;
 * **CVCs**: the given 3- or 4-digit values, but only in a *shaped* context, where a
@@ -64,7 +65,13 @@ from functools import partial
 from pathlib import Path
 from typing import Final
 
-from cardvault.cards.luhn import PAN_MAX_DIGITS, PAN_MIN_DIGITS, find_card_numbers, luhn_valid
+from cardvault.cards.luhn import (
+    PAN_MAX_DIGITS,
+    PAN_MIN_DIGITS,
+    digits_of,
+    find_card_numbers,
+    luhn_valid,
+)
 
 __all__ = [
     "CHUNK_SIZE",
@@ -85,7 +92,6 @@ _MIN_OVERLAP: Final = 4096
 #: Shortest canary: shorter strings turn up by chance.
 MIN_CANARY: Final = 8
 
-_SEPARATORS = str.maketrans("", "", " -")
 _HEX_TOKEN = re.compile(r"[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*")
 #: Hex digits around a digit run that make it part of a hex string (see _inside_hex_token).
 _HEX_CONTEXT: Final = 8
@@ -183,7 +189,7 @@ def _card_in_run(run: str) -> str | None:
     known, and masking the wrong one could show its middle digits: it shows as
     ``36-digit run``, with no digit at all.
     """
-    digits = run.translate(_SEPARATORS)
+    digits = digits_of(run)
     if len(digits) <= PAN_MAX_DIGITS:
         return _mask_digits(digits) if digits[0] != "0" and luhn_valid(digits) else None
     for width in range(PAN_MIN_DIGITS, PAN_MAX_DIGITS + 1):
