@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
+from cardvault.cards import holds_card_number
 from cardvault.transport.tls import client_context
 from helpers import Pki, cardvault_process, cli, free_port, wait_for_port
 
@@ -286,6 +287,98 @@ def test_derive_gives_stable_per_account_keys(keyd: Keyd, keyd_pki: Pki) -> None
         b = vault.post(f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_b"}).json()
     assert a1 == a2
     assert a1["key"] != b["key"]
+
+
+# --- what the caller chose: paths, contexts, bodies --------------------------------------
+
+
+def audit_records(keyd: Keyd) -> list[dict[str, object]]:
+    log = keyd.config.parent / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def assert_no_card_number_recorded(keyd: Keyd, *numbers: str) -> None:
+    """No text field of any record holds a card number (``prev`` and ``hash`` are hex
+    digests, not card data), and the given numbers are nowhere in the log's file."""
+    text = (keyd.config.parent / "audit" / "audit.jsonl").read_text()
+    for record in audit_records(keyd):
+        if record["action"] == "audit.checkpoint":
+            continue  # the log's own: a digest and a signature
+        fields = [record[k] for k in ("actor", "origin", "object", "request_id")]
+        fields += [str(v) for v in record["detail"].values()]  # type: ignore[attr-defined]
+        assert not any(isinstance(f, str) and holds_card_number(f) for f in fields), record
+    for number in numbers:
+        assert number not in text
+
+
+def test_a_refused_identity_with_a_card_number_in_the_path_gets_403_and_a_record(
+    keyd: Keyd, keyd_pki: Pki
+) -> None:
+    # Issue 17, item 7: this was a 500 with no record (the record refused the path).
+    with client(keyd_pki, "shop") as shop:
+        r = shop.post(f"{keyd.url}/v1/keys/36227206271667/datakey")
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "identity_not_allowed"
+    refused = [r for r in audit_records(keyd) if r["action"] == "keyservice.auth.failed"]
+    assert refused[-1]["actor"] == "shop"
+    assert refused[-1]["object"] == "/v1/keys/[card number]/datakey"
+    assert_no_card_number_recorded(keyd, "36227206271667")
+    process_log = keyd.log.read_text()
+    assert "Traceback" not in process_log
+    assert "36227206271667" not in process_log  # the access line's path is scrubbed too
+
+
+def test_a_card_number_as_derive_context_is_a_400_and_is_recorded(
+    keyd: Keyd, keyd_pki: Pki
+) -> None:
+    unseal(keyd, keyd_pki, keyd.shares[:3])
+    with client(keyd_pki, "vault") as vault:
+        refused = vault.post(
+            f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_5555555555554444"}
+        )
+        legitimate = vault.post(
+            f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "acct_1NxYz2AbCdEf"}
+        )
+        too_long = vault.post(f"{keyd.url}/v1/keys/fingerprint/derive", json={"context": "a" * 300})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "context"
+    assert "5555555555554444" not in refused.text
+    assert legitimate.status_code == 200
+    assert too_long.status_code == 400
+    derived = [r for r in audit_records(keyd) if r["action"] == "keyservice.key.derived"]
+    assert derived[-2]["result"] == "refused"
+    assert derived[-2]["detail"] == {
+        "context": "acct_[card number]",
+        "reason": "card_number_in_context",
+    }
+    assert derived[-1]["result"] == "ok"
+    assert_no_card_number_recorded(keyd, "5555555555554444")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 15_000, b'{"ciphertext":' + b"[" * 15_000, b'{"a":' * 2_500 + b"1" + b"}" * 2_500],
+    ids=["brackets", "in-value", "objects"],
+)
+def test_a_deeply_nested_body_is_a_400(keyd: Keyd, keyd_pki: Pki, body: bytes) -> None:
+    with client(keyd_pki, "vault") as vault:
+        r = vault.post(
+            f"{keyd.url}/v1/keys/pan/unwrap",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_malformed_key_name_is_a_400_after_the_identity_check(keyd: Keyd, keyd_pki: Pki) -> None:
+    with client(keyd_pki, "vault") as vault:
+        r = vault.post(f"{keyd.url}/v1/keys/4242424242424242/datakey")
+        unknown = vault.post(f"{keyd.url}/v1/keys/nosuchkey/datakey")
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "name")
+    assert "4242424242424242" not in r.text
+    assert unknown.status_code == 404
+    assert_no_card_number_recorded(keyd, "4242424242424242")
 
 
 # --- profiles and restarts -------------------------------------------------------------

@@ -34,6 +34,15 @@ violation raises :class:`ValueError`, since it is a programming error in the cal
 * plain text only: no control characters, at most :data:`MAX_TEXT` characters per value,
   at most :data:`MAX_DETAIL` detail entries, ``action`` and ``result`` in lower-case
   dotted identifier form (``vault.payment_method.create``, ``ok``, ``denied``).
+
+Text the service did not choose (a request's path, a key name, a derivation context, a
+file name given on the command line) goes through :func:`untrusted_text` first: it
+replaces whatever the checks above refuse, so that recording it can never fail — above
+all the record of a refused request.
+
+Reading a line refuses nesting deeper than a record's (the object and its ``detail``)
+before the JSON parser sees it (:func:`json_nesting_exceeds`), so a tampered line of
+100,000 ``[`` is a :class:`RecordInvalid` like any other, not a ``RecursionError``.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from cardvault.cards.luhn import PAN_MIN_DIGITS, holds_card_number
+from cardvault.cards.luhn import PAN_MIN_DIGITS, holds_card_number, redact_card_numbers
 
 __all__ = [
     "CHECKPOINT_ACTION",
@@ -56,14 +65,17 @@ __all__ = [
     "GENESIS",
     "MAX_DETAIL",
     "MAX_TEXT",
+    "RECORD_DEPTH",
     "AuditRecord",
     "DetailValue",
     "RecordInvalid",
     "canonical_json",
     "check_entry",
     "format_time",
+    "json_nesting_exceeds",
     "now_text",
     "record_hash",
+    "untrusted_text",
 ]
 
 #: The ``prev`` of the first record.
@@ -88,6 +100,8 @@ FIELDS: Final = (
 MAX_TEXT: Final = 512
 #: Most entries in ``detail``.
 MAX_DETAIL: Final = 32
+#: How deep a record's JSON nests: the record object, and ``detail`` inside it.
+RECORD_DEPTH: Final = 2
 
 DetailValue = str | int | bool | None
 
@@ -305,9 +319,13 @@ class AuditRecord:
         the one the log writes; with ``edited=False`` when it is not a record at all.
         """
         body = raw[:-1] if raw.endswith(b"\n") else raw
+        if json_nesting_exceeds(body, RECORD_DEPTH):
+            raise RecordInvalid("not a record: nested deeper than a record can be")
         try:
             value = json.loads(body, object_pairs_hook=_no_duplicates)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # (RecursionError: UTF-16 or UTF-32 bytes, which json.loads reads too and the
+            # check above counts as bytes; no line may fail any other way than this.)
             raise RecordInvalid("not a JSON object") from exc
         record = cls._from_value(value)
         if record_hash(record.to_dict()) != record.hash:
@@ -367,6 +385,109 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError("duplicate key")
         result[key] = val
     return result
+
+
+# --- nesting, before a JSON parser recurses into it ---------------------------------
+
+#: What changes the nesting outside strings, and what starts a string.
+_JSON_STRUCTURE = re.compile(rb'["\[\]{}]')
+#: The rest of a string after its opening quote (escapes skipped), anchored with .match:
+#: one linear attempt from one position, never retried from others.
+_JSON_STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_OPENERS = frozenset(b"[{")
+
+
+def json_nesting_exceeds(text: bytes, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects more than ``limit`` deep.
+
+    Brackets inside strings do not count. Answered without recursion, in time linear in
+    the text, so a caller can refuse a deeply nested document before ``json.loads``
+    recurses into it (and raises ``RecursionError`` at about 1000 levels). For text that
+    is not JSON the answer errs towards "too deep" only where the parser would fail
+    anyway: it counts every bracket the parser could reach before failing. (UTF-8 or
+    ASCII text; callers still catch ``RecursionError`` for the UTF-16 and UTF-32 that
+    ``json.loads`` also accepts as bytes.)
+    """
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False  # the common case (a record has two "{"): no scan
+    depth = 0
+    find, rest = _JSON_STRUCTURE.search, _JSON_STRING_REST.match
+    match = find(text)
+    while match is not None:
+        char = text[match.start()]
+        if char == 0x22:  # '"': skip the string
+            end = rest(text, match.end())
+            if end is None:
+                return False  # an unterminated string: the parser stops there
+            match = find(text, end.end())
+            continue
+        if char in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+        match = find(text, match.end())
+    return False
+
+
+def untrusted_text(value: str, *, limit: int = MAX_TEXT) -> str:
+    """``value``, text a caller chose (a request path, a key name, a context), made fit
+    to be recorded: the result is always accepted as any string field of a record.
+
+    Cut to ``limit`` characters (at most :data:`MAX_TEXT`) first, so that the cut cannot
+    make a card number out of a longer run of digits; then card numbers (whatever
+    :func:`~cardvault.cards.luhn.holds_card_number` finds, by the same finder) become
+    ``[card number]``, control characters ``?``, a secret's marker and the rest of its word
+    (``sk_live_…``, ``cvshare1-…``, ``-----BEGIN``, ``PRIVATE KEY``) become ``[secret]``,
+    and runs shaped like key material become ``[key material]``. No replacement is
+    longer than what it replaces, so the result is never longer than the cut.
+    """
+    if not isinstance(value, str):
+        raise TypeError("untrusted_text takes a str")
+    if not 0 <= limit <= MAX_TEXT:
+        raise ValueError(f"limit must be between 0 and {MAX_TEXT}")
+    text = value[:limit]
+    for _ in range(4):
+        cleaned = _scrub_once(text)
+        if cleaned == text:
+            break
+        text = cleaned
+    try:
+        _check_text("text", text)
+    except ValueError:
+        # Not reached by any text the property tests found; should a rule above ever
+        # miss a case, the record is still written, without the text.
+        return _UNRECORDABLE[:limit]
+    return text
+
+
+#: Replacements, none longer than the shortest text it stands for (13 digits, the
+#: 8-character "sk_live_", 40 characters of key material).
+_CARD_MARK: Final = "[card number]"
+_WITHHELD_MARK: Final = "[secret]"
+_KEY_MARK: Final = "[key material]"
+_UNRECORDABLE: Final = "?"
+#: A secret's marker (as :data:`_SECRET_MARKERS` finds it) and the rest of its word.
+_SECRET_WORD = re.compile(
+    r"(?:(?<![A-Za-z0-9])(?:sk|rk)_(?:live|test)_|cvshare1-|-----BEGIN|PRIVATE KEY)\S*",
+    re.IGNORECASE,
+)
+
+
+def _key_material(match: re.Match[str]) -> str:
+    run = match.group()
+    return _KEY_MARK if _looks_random(run) else run
+
+
+def _scrub_once(text: str) -> str:
+    # Card numbers first: a control character (a tab, a newline) may be what separates
+    # their digits, and once it is a "?" the digits would no longer be found.
+    text = redact_card_numbers(text, _CARD_MARK)
+    text = _CONTROL.sub("?", text)
+    text = _SECRET_WORD.sub(_WITHHELD_MARK, text)
+    text = _HEX_RUN.sub(_KEY_MARK, text)
+    return _B64_RUN.sub(_key_material, text)
 
 
 # --- what a record may hold ---------------------------------------------------------

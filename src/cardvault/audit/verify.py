@@ -51,7 +51,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cardvault.audit.errors import AuditCorrupt
 from cardvault.audit.log import HEAD_FILE
-from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid
+from cardvault.audit.record import (
+    GENESIS,
+    RECORD_DEPTH,
+    AuditRecord,
+    RecordInvalid,
+    json_nesting_exceeds,
+)
 from cardvault.audit.signing import key_id, load_public_key, verify_checkpoint
 
 __all__ = ["WINDOW", "Problem", "ProblemKind", "VerifyResult", "export", "verify_log"]
@@ -325,8 +331,13 @@ def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = No
                         ProblemKind.TRUNCATED, line, None, "the last line is a partial record"
                     )
                 else:
+                    # The line cannot be read as a record, so it names no record number;
+                    # the one that belongs on it is the next of the chain.
                     kind = ProblemKind.EDITED if exc.edited else ProblemKind.MALFORMED
-                    problem = Problem(kind, line, None, str(exc))
+                    expected_seq = prev.seq + 1 if prev is not None else 1
+                    problem = Problem(
+                        kind, line, expected_seq, f"{exc} (record {expected_seq} belongs here)"
+                    )
                 break
             if not raw.endswith(b"\n"):
                 problem = Problem(
@@ -393,14 +404,19 @@ def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = No
 def export(path: Path) -> Iterator[dict[str, Any]]:
     """The records of the log at ``path`` as dicts, in file order, without verifying.
 
-    Raises :class:`AuditCorrupt` at a line that is not a JSON object. Verify the log
-    first (:func:`verify_log`) when the export is meant as evidence.
+    Raises :class:`AuditCorrupt` at a line that is not a JSON object, or that nests
+    deeper than a record can. Verify the log first (:func:`verify_log`) when the export
+    is meant as evidence.
     """
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
+            if json_nesting_exceeds(raw, RECORD_DEPTH):
+                raise AuditCorrupt(
+                    f"line {number} of {path} is not a record: nested deeper than a record can be"
+                )
             try:
                 value = json.loads(raw)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise AuditCorrupt(f"line {number} of {path} is not JSON") from exc
             if not isinstance(value, dict):
                 raise AuditCorrupt(f"line {number} of {path} is not a JSON object")

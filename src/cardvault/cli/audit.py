@@ -50,6 +50,7 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
     import getpass
 
     from cardvault.audit import AuditError, AuditLog
+    from cardvault.audit.record import untrusted_text
 
     target = admin_log_directory(log)
     if target == log.resolve().parent:
@@ -58,11 +59,13 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
     async def go() -> None:
         audit = await AuditLog.open(target)
         try:
+            # The user name (from LOGNAME or USER) and the path are the operator's text:
+            # recorded as untrusted_text, so no name or path can make the record fail.
             await audit.append(
                 action,
-                actor=f"os-user:{getpass.getuser()}",
+                actor=untrusted_text(f"os-user:{getpass.getuser()}", limit=100),
                 origin="local",
-                object_id=str(log.resolve())[-200:],
+                object_id=untrusted_text(str(log.resolve())[-200:]),
                 result="ok",
                 request_id=None,
             )

@@ -1,12 +1,19 @@
 """The key service's HTTP API, in the style of Vault's transit engine. Mutual TLS only;
 the caller's certificate identity decides what it may do, before anything else is
-looked at. Binary values travel as standard base64."""
+looked at. Binary values travel as standard base64.
+
+Whatever the caller chose (the request's path, a key name, a derivation context) is
+recorded only through :func:`~cardvault.audit.record.untrusted_text`, so that no request
+can make its own record fail: a refused request always answers 401 or 403 and leaves a
+``keyservice.auth.failed`` record, whatever its path holds.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import re
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -14,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from cardvault.audit.record import json_nesting_exceeds, untrusted_text
+from cardvault.cards.luhn import holds_card_number
 from cardvault.errors import (
     CardVaultError,
     InvalidRequestError,
@@ -28,6 +37,13 @@ from cardvault.transport.identity import peer_identity, require_identity
 __all__ = ["routes"]
 
 _MAX_BODY = 16 * 1024
+#: Bodies are flat objects of strings and integers; anything nested deeper is refused
+#: before the JSON parser recurses into it.
+_MAX_BODY_DEPTH = 2
+#: A KEK name in a path (``pan``, ``cvc``, ``fingerprint``): a short identifier.
+_KEK_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+#: Longest derivation context: the vault sends an account id (``acct_…``).
+MAX_CONTEXT = 200
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -38,9 +54,12 @@ async def _body(request: Request, allowed: Collection[str]) -> dict[str, Any]:
     else:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise UnsupportedMediaType("Send the body as application/json.")
+        if json_nesting_exceeds(raw, _MAX_BODY_DEPTH):
+            raise InvalidRequestError("The body is nested deeper than this API accepts.")
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # (RecursionError: UTF-16 or UTF-32 bodies, which the check above reads as bytes.)
             raise InvalidRequestError("The body is not valid JSON.") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.")
@@ -66,6 +85,32 @@ def _enc(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _kek_name(request: Request) -> str:
+    """The KEK name in the path; 400 unless it is a short identifier (never echoed). A
+    well-formed name that names no KEK is the service's 404."""
+    name = request.path_params["name"]
+    if not isinstance(name, str) or not _KEK_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            "The key name must be a lower-case identifier of at most 64 characters.",
+            param="name",
+        )
+    return name
+
+
+def _context(data: dict[str, Any]) -> str:
+    """The derivation context: a non-empty string of at most :data:`MAX_CONTEXT`
+    characters (the messages never show the value). A card number in it is refused by
+    ``derive``, which records the attempt."""
+    context = data.get("context")
+    if not isinstance(context, str) or not context:
+        raise ParameterMissing(param="context")
+    if len(context) > MAX_CONTEXT:
+        raise InvalidRequestError(
+            f"The context must be at most {MAX_CONTEXT} characters.", param="context"
+        )
+    return context
+
+
 def routes(
     service: KeyService, *, vault: Collection[str], admin: Collection[str]
 ) -> list[BaseRoute]:
@@ -75,10 +120,13 @@ def routes(
         try:
             return require_identity(request.scope, allowed)
         except CardVaultError:
+            # The path is the caller's text, and so, as far as this service is concerned,
+            # is a refused identity: both recorded as untrusted_text, so that this record
+            # is always written and the caller always gets its 401 or 403.
             await service.audit.record(
                 "keyservice.auth.failed",
-                actor=peer_identity(request.scope) or "anonymous",
-                object_id=request.url.path[:100],
+                actor=untrusted_text(peer_identity(request.scope) or "anonymous", limit=200),
+                object_id=untrusted_text(request.url.path, limit=200),
                 result="refused",
             )
             raise
@@ -113,14 +161,20 @@ def routes(
         await service.seal(actor=who)
         return json_response({"sealed": True})
 
+    # Each handler authorizes first (actor), then checks the key name and the body.
+    # Names reach a record only once the service knows them, and still as untrusted_text.
+
     async def datakey(request: Request) -> Response:
         who = await actor(request, vault_ids)
+        name = _kek_name(request)
         await _body(request, ())
-        name = request.path_params["name"]
         plaintext, wrapped, version = service.datakey(name)
         # Fail closed: a data key whose issue cannot be recorded is not handed out.
         await service.audit.record(
-            "keyservice.datakey.issued", actor=who, object_id=name, detail={"kek_version": version}
+            "keyservice.datakey.issued",
+            actor=who,
+            object_id=untrusted_text(name),
+            detail={"kek_version": version},
         )
         return json_response(
             {"plaintext": _enc(plaintext), "ciphertext": _enc(wrapped), "key_version": version}
@@ -128,59 +182,74 @@ def routes(
 
     async def unwrap(request: Request) -> Response:
         who = await actor(request, vault_ids)
+        name = _kek_name(request)
         data = await _body(request, {"ciphertext"})
-        plaintext = service.unwrap(request.path_params["name"], _b64(data, "ciphertext"))
+        plaintext = service.unwrap(name, _b64(data, "ciphertext"))
         await service.audit.record(
-            "keyservice.datakey.unwrapped", actor=who, object_id=request.path_params["name"]
+            "keyservice.datakey.unwrapped", actor=who, object_id=untrusted_text(name)
         )
         return json_response({"plaintext": _enc(plaintext)})
 
     async def derive(request: Request) -> Response:
         who = await actor(request, vault_ids)
+        name = _kek_name(request)
         data = await _body(request, {"context", "version"})
-        context = data.get("context")
-        if not isinstance(context, str) or not context:
-            raise ParameterMissing(param="context")
+        context = _context(data)
+        if holds_card_number(context):
+            # Card data where none may be: refused, and recorded (with the number
+            # replaced) because it means a bug or an attack on the caller's side.
+            await service.audit.record(
+                "keyservice.key.derived",
+                actor=who,
+                object_id=untrusted_text(name),
+                result="refused",
+                detail={
+                    "reason": "card_number_in_context",
+                    "context": untrusted_text(context, limit=100),
+                },
+            )
+            raise InvalidRequestError("The context must not hold a card number.", param="context")
         version = data.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidRequestError("Expected an integer.", param="version")
-        key, used = service.derive(request.path_params["name"], context, version)
+        key, used = service.derive(name, context, version)
         await service.audit.record(
             "keyservice.key.derived",
             actor=who,
-            object_id=request.path_params["name"],
-            detail={"context": context[:100], "kek_version": used},
+            object_id=untrusted_text(name),
+            detail={"context": untrusted_text(context, limit=100), "kek_version": used},
         )
         return json_response({"key": _enc(key), "key_version": used})
 
     async def rotate(request: Request) -> Response:
         who = await actor(request, admin_ids)
+        name = _kek_name(request)
         await _body(request, ())
-        return json_response(await service.rotate(request.path_params["name"], actor=who))
+        return json_response(await service.rotate(name, actor=who))
 
     async def rewrap(request: Request) -> Response:
         who = await actor(request, admin_ids)
+        name = _kek_name(request)
         data = await _body(request, {"ciphertext"})
-        wrapped, version = service.rewrap(request.path_params["name"], _b64(data, "ciphertext"))
+        wrapped, version = service.rewrap(name, _b64(data, "ciphertext"))
         await service.audit.record(
             "keyservice.datakey.rewrapped",
             actor=who,
-            object_id=request.path_params["name"],
+            object_id=untrusted_text(name),
             detail={"kek_version": version},
         )
         return json_response({"ciphertext": _enc(wrapped), "key_version": version})
 
     async def config(request: Request) -> Response:
         who = await actor(request, admin_ids)
+        name = _kek_name(request)
         data = await _body(request, {"min_decryption_version"})
         minimum = data.get("min_decryption_version")
         if minimum is None:
             raise ParameterMissing(param="min_decryption_version")
         if not isinstance(minimum, int) or isinstance(minimum, bool):
             raise InvalidRequestError("Expected an integer.", param="min_decryption_version")
-        result = await service.configure(
-            request.path_params["name"], min_decryption_version=minimum, actor=who
-        )
+        result = await service.configure(name, min_decryption_version=minimum, actor=who)
         return json_response(result)
 
     async def noop(request: Request) -> Response:

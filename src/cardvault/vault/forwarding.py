@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode
 
+import orjson
+
 from cardvault import crypto
 from cardvault.cards import find_card_numbers
 from cardvault.errors import (
@@ -122,6 +124,35 @@ class _Values:
         return {name: self.single(replacement, None)}
 
 
+#: The deepest JSON request body a forward accepts: far beyond any acquirer's API, and
+#: far below what would make writing it back out recurse past Python's limit.
+_MAX_BODY_DEPTH = 64
+
+
+def _json_body(body: str) -> Any:
+    """The caller's ``request[body]`` as JSON, parsed without recursing in Python and
+    no deeper than ``_MAX_BODY_DEPTH``."""
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            "request[body] must be JSON for this destination.", param="request[body]"
+        ) from exc
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > _MAX_BODY_DEPTH:
+                raise InvalidRequestError(
+                    "request[body] is nested too deeply.", param="request[body]"
+                )
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return doc
+
+
 def _pointer_set(doc: Any, pointer: str, value: Any) -> Any:
     """Set ``value`` at RFC 6901 ``pointer`` in ``doc``, creating missing objects."""
     parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
@@ -196,13 +227,7 @@ def _build(
                 out_headers.append((target, str(value)))
             elif placement.kind == "json":
                 if json_doc is None:
-                    try:
-                        json_doc = json.loads(body) if body.strip() else {}
-                    except ValueError as exc:
-                        raise InvalidRequestError(
-                            "request[body] must be JSON for this destination.",
-                            param="request[body]",
-                        ) from exc
+                    json_doc = _json_body(body)
                 json_doc = _pointer_set(json_doc, target, value)
             else:
                 if form is None:

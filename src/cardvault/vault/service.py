@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cardvault import crypto
+from cardvault.audit.record import untrusted_text
 from cardvault.audit.recorder import Recorder
 from cardvault.cards import (
     CardNumber,
@@ -292,8 +293,13 @@ class VaultService:
     async def revoke_api_key(self, key_id: str) -> bool:
         done = await self.store.revoke_api_key(key_id, int(time.time()))
         self._key_cache.clear()
+        # The id is the operator's text: an operator who pastes the key itself (or
+        # anything else) must get an audit record, not a refusal to write one.
         await self.audit.record(
-            "api_key.revoked", actor="cli", object_id=key_id, result="ok" if done else "not_found"
+            "api_key.revoked",
+            actor="cli",
+            object_id=key_id if looks_like_id(key_id, "key_") else untrusted_text(key_id),
+            result="ok" if done else "not_found",
         )
         return done
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cardvault.audit import AuditLog, verify_log
@@ -58,3 +59,23 @@ def test_an_export_that_cannot_be_recorded_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(log)])
     assert result.exit_code == 1
     assert "service.start" not in result.output
+
+
+def test_a_path_or_user_name_the_record_could_not_hold_is_recorded_as_untrusted_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator chose both: a directory named with a (published test) card number and
+    # a user name with a newline. Recording them as given raised ValueError (a traceback).
+    log = make_log(tmp_path / "x" / "4242424242424242" / "vault")
+    monkeypatch.setenv("LOGNAME", "eve\nadmin")
+    outcome = CliRunner().invoke(app, ["verify", str(log)], env={"COLUMNS": "200"})
+    assert outcome.exit_code == 0, outcome.output
+    admin = log.parent.with_name("vault-admin") / "audit.jsonl"
+    (verified,) = [
+        json.loads(line)
+        for line in admin.read_text().splitlines()
+        if json.loads(line)["action"] == "audit.verified"
+    ]
+    assert verified["actor"] == "os-user:eve?admin"
+    assert verified["object"].endswith("/x/[card number]/vault/audit.jsonl")
+    assert "4242424242424242" not in admin.read_text()

@@ -212,7 +212,15 @@ def test_reopening_after_a_crash_signs_the_unsigned_tail(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "damage",
-    ["partial-line", "edited-last", "unlinked-tail", "cut-before-head", "empty-with-head"],
+    [
+        "partial-line",
+        "edited-last",
+        "unlinked-tail",
+        "cut-before-head",
+        "empty-with-head",
+        "deep-last-line",
+        "deep-head",
+    ],
 )
 def test_reopening_refuses_a_damaged_tail(tmp_path: Path, damage: str) -> None:
     make_log(tmp_path, 5, checkpoint_every=3)
@@ -228,6 +236,11 @@ def test_reopening_refuses_a_damaged_tail(tmp_path: Path, damage: str) -> None:
         path.write_bytes(b"".join(lines))
     elif damage == "cut-before-head":
         path.write_bytes(b"".join(lines[:-2]))
+    elif damage == "deep-last-line":
+        # Nesting that makes json.loads raise RecursionError: refused as corrupt instead.
+        path.write_bytes(b"".join(lines[:-1]) + b"[" * 100_000 + b"\n")
+    elif damage == "deep-head":
+        (tmp_path / "audit.head").write_bytes(b"[" * 100_000 + b"\n")
     else:
         path.write_bytes(b"")
     before = path.read_bytes()

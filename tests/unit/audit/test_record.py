@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from cardvault.audit import record as record_module
 from cardvault.audit.log import AuditLog
-from cardvault.audit.record import GENESIS, AuditRecord, RecordInvalid, check_entry, format_time
+from cardvault.audit.record import (
+    GENESIS,
+    AuditRecord,
+    RecordInvalid,
+    check_entry,
+    format_time,
+    json_nesting_exceeds,
+)
 from cardvault.audit.signing import CHECKPOINT_CONTEXT, checkpoint_message
 
 from ._support import generated_card_number
@@ -357,3 +364,76 @@ def test_an_audit_log_on_the_default_clock_writes_the_current_time(tmp_path: Pat
     written = dt.datetime.strptime(asyncio.run(main()).time, "%Y-%m-%dT%H:%M:%S.%fZ")
     after = dt.datetime.now(dt.UTC)
     assert before <= written.replace(tzinfo=dt.UTC) <= after
+
+
+# --- nesting: refused before the parser recurses -------------------------------------
+
+DEEP_LINES = {
+    "brackets": b"[" * 100_000,
+    "closed-brackets": b"[" * 100_000 + b"]" * 100_000,
+    "objects": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    "in-detail": kat_record().line()[:-1].replace(b'"detail":{', b'"detail":{"x":' + b"[" * 5000),
+    "mixed": b"[{" * 50_000,
+}
+
+
+@pytest.mark.parametrize("line", DEEP_LINES.values(), ids=DEEP_LINES.keys())
+def test_from_line_refuses_deep_nesting_without_recursing(line: bytes) -> None:
+    with pytest.raises(RecordInvalid, match="nested deeper than a record") as info:
+        AuditRecord.from_line(line + b"\n")
+    assert not info.value.edited
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    sealed = AuditRecord.seal(
+        seq=1, time="2025-06-01T12:00:00.000000Z", actor="a[{b", origin='[{"\\',
+        action="vault.test", object_id="[" * 500, result="ok", request_id="]}]}",
+        detail={"x": '{"[' * 100}, prev=GENESIS,
+    )  # fmt: skip
+    assert AuditRecord.from_line(sealed.line()) == sealed
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (b"", 0),
+        (b"1", 0),
+        (b"{}", 1),
+        (b'{"a":[]}', 2),
+        (b'{"a":"[[[[[["}', 1),
+        (b'{"a":"\\"[[[[[["}', 1),  # an escaped quote does not end the string
+        (b'{"a":"\\\\"}', 1),  # an escaped backslash does not escape the quote
+        (b"[[[]]]", 3),
+        (b"[[],[],[],[]]", 2),
+        (b'["unterminated [[[[[[', 1),
+    ],
+)
+def test_json_nesting_exceeds_counts_outside_strings(text: bytes, depth: int) -> None:
+    assert not json_nesting_exceeds(text, depth)
+    if depth:
+        assert json_nesting_exceeds(text, depth - 1)
+
+
+@settings(max_examples=300)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=5), children, max_size=3)
+        ),
+        max_leaves=20,
+    )
+)
+def test_json_nesting_exceeds_agrees_with_the_depth_of_any_document(value: Any) -> None:
+    def depth(v: Any) -> int:
+        if isinstance(v, list):
+            return 1 + max((depth(x) for x in v), default=0)
+        if isinstance(v, dict):
+            return 1 + max((depth(x) for x in v.values()), default=0)
+        return 0
+
+    text = json.dumps(value).encode()
+    assert not json_nesting_exceeds(text, depth(value))
+    if depth(value):
+        assert json_nesting_exceeds(text, depth(value) - 1)

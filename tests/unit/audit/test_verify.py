@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from cardvault.audit import ProblemKind, export, verify_log
+from cardvault.audit import AuditCorrupt, ProblemKind, export, verify_log
 from cardvault.audit.signing import key_id, sign_checkpoint
 from cardvault.cli.audit import app
 
@@ -165,6 +168,19 @@ def garbage_line_5(path: Path) -> None:
     write_lines(path, lines)
 
 
+def deeply_nested_line_3(path: Path) -> None:
+    # 100,000 "[" where record 3 was: json.loads alone raises RecursionError on it.
+    lines = read_lines(path)
+    lines[2] = b"[" * 100_000 + b"\n"
+    write_lines(path, lines)
+
+
+def deeply_nested_object_line_3(path: Path) -> None:
+    lines = read_lines(path)
+    lines[2] = b'{"seq":' * 50_000 + b"3" + b"}" * 50_000 + b"\n"
+    write_lines(path, lines)
+
+
 def remove_head(path: Path) -> None:
     path.with_name("audit.head").unlink()
 
@@ -191,6 +207,8 @@ CASES: list[tuple[Tamper, ProblemKind, int | None]] = [
     (resign_checkpoint_with_another_key, ProblemKind.BAD_SIGNATURE, 6),
     (forge_checkpoint_signature, ProblemKind.BAD_SIGNATURE, 6),
     (garbage_line_5, ProblemKind.MALFORMED, 5),
+    (deeply_nested_line_3, ProblemKind.MALFORMED, 3),
+    (deeply_nested_object_line_3, ProblemKind.MALFORMED, 3),
     (remove_head, ProblemKind.HEAD_MISSING, None),
     (head_from_another_log, ProblemKind.HEAD_MISMATCH, None),
 ]
@@ -216,6 +234,48 @@ def test_the_cli_exits_non_zero_on_tampering(
     assert str(kind) in outcome.output
     if line is not None:
         assert f"line {line}:" in outcome.output
+
+
+@pytest.mark.parametrize("tamper", [deeply_nested_line_3, deeply_nested_object_line_3])
+def test_a_deeply_nested_line_is_reported_at_its_record(log: Path, tamper: Tamper) -> None:
+    tamper(log)
+    problem = result_of(log).problem
+    assert problem is not None
+    assert (problem.kind, problem.line, problem.seq) == (ProblemKind.MALFORMED, 3, 3)
+    assert "nested deeper than a record" in problem.message
+    assert "record 3" in str(problem)
+
+
+def test_the_command_reports_a_deeply_nested_line_without_a_traceback(log: Path) -> None:
+    # The installed command, as an operator runs it: a clean message and exit 1.
+    deeply_nested_line_3(log)
+    outcome = subprocess.run(
+        [sys.executable, "-m", "cardvault", "audit", "verify", str(log)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **WIDE},
+        timeout=120,
+    )
+    assert outcome.returncode == 1, outcome.stdout + outcome.stderr
+    assert "Traceback" not in outcome.stderr and "RecursionError" not in outcome.stderr
+    assert "malformed: line 3:" in outcome.stdout
+    assert "record 3" in outcome.stdout
+
+
+def test_a_deeply_nested_head_is_a_head_mismatch(log: Path) -> None:
+    log.with_name("audit.head").write_bytes(b"[" * 100_000 + b"\n")
+    problem = result_of(log).problem
+    assert problem is not None and problem.kind is ProblemKind.HEAD_MISMATCH
+
+
+def test_export_refuses_a_deeply_nested_line(log: Path) -> None:
+    deeply_nested_line_3(log)
+    with pytest.raises(AuditCorrupt, match=r"line 3 .*nested deeper than a record"):
+        list(export(log))
+    outcome = CliRunner().invoke(app, ["export", str(log)])
+    assert outcome.exit_code == 1
+    assert not isinstance(outcome.exception, RecursionError)
+    assert "line 3" in outcome.output
 
 
 def test_problems_name_the_missing_records(log: Path) -> None:

@@ -153,7 +153,7 @@ def test_a_list_is_capped_at_max_list_items() -> None:
 def test_an_index_is_ascii_digits_only(index: str) -> None:
     # a[٣] alone names a hash's key; after a[0] the name must be an index.
     assert parse_form([(f"a[{index}]", "x")]) == {"a": {index: "x"}}
-    with pytest.raises(InvalidRequestError, match="malformed|without gaps"):
+    with pytest.raises(InvalidRequestError, match=r"malformed|without gaps"):
         parse_form([("a[0]", "x"), (f"a[{index}]", "y")])
 
 
