@@ -1,41 +1,38 @@
-"""Command line of the example shop: settings, the vault's SRI hash, TLS, serve."""
+"""Command line of the example shop: settings, the vault's SRI hash, TLS, serve.
+
+The shop's listener is cardvault's shared transport: its TLS context comes from
+:func:`cardvault.transport.tls.server_context` (Mozilla's intermediate profile: no X448
+or secp521r1, no session tickets), and it is served by
+:func:`cardvault.transport.server.run_until_stopped`, so it gets the same connection and
+request limits as every cardvault listener (docs/transport.md, "Limits").
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+import structlog
 
 from cardvault.client import CardVaultError, Client, TransportError
+from cardvault.transport.server import Listener, run_until_stopped
+from cardvault.transport.tls import server_context
 
 from .app import ShopApp, build_shop_app
 from .orders import OrderStore
 from .payments import Payments
 from .settings import SettingsError, ShopSettings, load_settings
 
-__all__ = ["main", "parser", "server_context"]
+__all__ = ["main", "parser"]
 
 _log = logging.getLogger("shop")
 
-#: Mozilla's "intermediate" TLS 1.2 suites, ECDHE only (TLS 1.3's are always on).
-INTERMEDIATE_CIPHERS = ":".join(
-    [
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    ]
-)
 #: How long start-up waits for the vault to answer with cardvault.js's hash.
 STARTUP_WAIT = 30.0
 
@@ -64,14 +61,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS 1.2 and 1.3 only, Mozilla intermediate suites, no compression or renegotiation."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.load_cert_chain(cert, key)
-    return ctx
+def log_transport_events_as_json() -> None:
+    """The shared transport logs with structlog (its refusals: ``request_refused`` with
+    ``limit=`` and ``client=``). Hand those lines to the standard library, so that they
+    are written by :class:`JsonFormatter` like the shop's own."""
+    structlog.configure(
+        processors=[structlog.stdlib.render_to_log_kwargs],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    log_transport_events_as_json()
     # httpx logs every request it sends at INFO; the shop logs its own events instead.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
@@ -141,11 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log.error("cannot start", extra={"reason": str(exc)})
         return 2
     try:
+        # The shared transport's context: Mozilla intermediate, as every listener.
         ctx = server_context(settings.cert_file, settings.key_file)
         orders = OrderStore(settings.db_file)
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ValueError) as exc:
         # Names the failing step, never file contents.
-        _log.error("cannot start", extra={"error": type(exc).__name__, "detail": exc.strerror})
+        detail = getattr(exc, "strerror", None)
+        _log.error("cannot start", extra={"error": type(exc).__name__, "detail": detail})
         return 1
     vault = Client(settings.secret_key, base_url=settings.vault_url, ca_bundle=settings.ca_file)
     try:
@@ -158,19 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             orders=orders,
             payments=Payments(vault, orders, settings.forward_url),
         )
-        config = uvicorn.Config(
-            build_shop_app(shop),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            lifespan="off",
-            ws="none",
-            # Our context, not uvicorn's defaults: TLS 1.2+, intermediate suites.
-            ssl_context_factory=lambda _config, _default: ctx,
-        )
+        listener = Listener("shop", build_shop_app(shop), settings.host, settings.port, ctx)
         _log.info(
             "shop ready",
             extra={
@@ -181,9 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "integrity": integrity,
             },
         )
-        uvicorn.Server(config).run()
+        run_until_stopped([listener])
     except RuntimeError as exc:
         _log.error("cannot start", extra={"reason": str(exc)})
+        return 1
+    except OSError as exc:
+        # The port is in use or cannot be bound: the message names the listener and port.
+        _log.error("cannot listen", extra={"reason": str(exc)})
         return 1
     finally:
         vault.close()

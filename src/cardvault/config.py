@@ -44,6 +44,7 @@ __all__ = [
     "Profile",
     "Secret",
     "SecurityTxtSettings",
+    "ServerLimits",
     "load_settings",
 ]
 
@@ -102,6 +103,57 @@ def required() -> Any:
     return dataclasses.field(default=MISSING)
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one connection and one request may take on a listener, enforced by the
+    shared transport (:mod:`cardvault.transport.server`) before any application sees
+    the request. ``[server.limits]`` in TOML, ``CARDVAULT_SERVER_LIMITS_<FIELD>`` in the
+    environment. docs/transport.md ("Limits") gives each one's answer and reasons."""
+
+    #: Bytes of one request head (request line and header fields): 431 beyond.
+    max_head_bytes: int = 16 * 1024
+    #: Header fields in one request: 431 beyond.
+    max_headers: int = 100
+    #: Bytes of the request target (the URL in the request line): 414 beyond.
+    max_url_bytes: int = 8 * 1024
+    #: Bytes of one request body, declared (Content-Length) or received: 413 beyond. A
+    #: backstop: the vault's routes refuse far smaller bodies themselves.
+    max_body_bytes: int = 1024 * 1024
+    #: Seconds a new connection may stay silent before its first request begins (closed).
+    first_byte_timeout: float = 10.0
+    #: Seconds from a request's first byte to the end of its head: 408 beyond.
+    head_timeout: float = 10.0
+    #: Seconds from a request's first byte to the end of its body: 408 beyond.
+    request_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection is kept open between requests (closed).
+    keep_alive_timeout: float = 5.0
+    #: Seconds a TLS handshake may take (the connection is dropped beyond).
+    tls_handshake_timeout: float = 10.0
+    #: Seconds a closing connection may take to say goodbye: the TLS close_notify
+    #: exchange, or on plain HTTP the draining of what the client still sends after a
+    #: refusal, so that the answer is not lost to a TCP reset. Then it is dropped.
+    close_timeout: float = 3.0
+    #: Open connections per listener (per process): 503 with Retry-After beyond.
+    max_connections: int = 1024
+    #: Open connections per client address on a listener: 503 with Retry-After beyond.
+    #: 0 = no per-client cap (behind a load balancer every client has its address).
+    max_connections_per_client: int = 128
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            least = 0 if field.name == "max_connections_per_client" else 1
+            if field.type == "float":
+                if not 0 < value < float("inf"):
+                    raise ConfigurationError(
+                        f"setting server.limits.{field.name} must be a number of seconds above 0"
+                    )
+            elif value < least:
+                raise ConfigurationError(
+                    f"setting server.limits.{field.name} must be at least {least}"
+                )
+
+
 @dataclasses.dataclass
 class ListenerSettings:
     """One TLS listener (HTTPS only; an optional plain port that only redirects)."""
@@ -119,6 +171,8 @@ class ListenerSettings:
     #: The public HTTPS port the redirect points at (defaults to ``port``); set it when
     #: a load balancer publishes the service on 443.
     public_port: int = 0
+    #: Connection and request limits of this service's listeners ([server.limits]).
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
 
 
 @dataclasses.dataclass

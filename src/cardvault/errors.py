@@ -17,7 +17,8 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ServiceUnavailable           api_error              503  service_unavailable
     │   │   ├── KeyServiceUnavailable    api_error              503  keyservice_unavailable
     │   │   ├── AuditUnavailableError    api_error              503  audit_unavailable
-    │   │   └── KeyServiceSealed         api_error              503  keyservice_sealed
+    │   │   ├── KeyServiceSealed         api_error              503  keyservice_sealed
+    │   │   └── TooManyConnections       api_error              503  too_many_connections
     │   ├── ForwardingDestinationError   api_error              502  forwarding_destination_error
     │   └── ConfigurationError           (start-up only; never rendered with details)
     ├── InvalidRequestError              invalid_request_error  400  parameter_invalid
@@ -27,8 +28,12 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── UrlNotFound                                         404  url_invalid
     │   ├── CiphertextInvalid                                   400  ciphertext_invalid
     │   ├── UnsealShareInvalid                                  400  unseal_share_invalid
+    │   ├── MalformedRequest                                    400  request_malformed
     │   ├── MethodNotAllowed                                    405  method_not_allowed
+    │   ├── RequestTimeout                                      408  request_timeout
     │   ├── RequestTooLarge                                     413  request_too_large
+    │   ├── UriTooLong                                          414  uri_too_long
+    │   ├── RequestHeaderFieldsTooLarge                         431  request_header_fields_too_large
     │   └── UnsupportedMediaType                                415  unsupported_media_type
     ├── CardError                        card_error             402  card_declined
     │   ├── IncorrectNumber                                     402  incorrect_number
@@ -75,16 +80,21 @@ __all__ = [
     "InvalidRequestError",
     "KeyServiceSealed",
     "KeyServiceUnavailable",
+    "MalformedRequest",
     "MethodNotAllowed",
     "ParameterMissing",
     "ParameterUnknown",
     "PermissionDenied",
     "RateLimitError",
+    "RequestHeaderFieldsTooLarge",
+    "RequestTimeout",
     "RequestTooLarge",
     "ResourceMissing",
     "ServiceUnavailable",
+    "TooManyConnections",
     "UnsealShareInvalid",
     "UnsupportedMediaType",
+    "UriTooLong",
     "UrlNotFound",
     "error_class_for",
 ]
@@ -163,6 +173,14 @@ class KeyServiceSealed(ServiceUnavailable):
     )
 
 
+class TooManyConnections(ServiceUnavailable):
+    """A listener's connection cap, or its cap per client address, is reached. Answered
+    by the transport with ``Retry-After`` on a connection it then closes."""
+
+    code = "too_many_connections"
+    default_message = "The server has too many open connections. Retry after the Retry-After delay."
+
+
 class ForwardingDestinationError(APIError):
     """A forward's destination could not be reached or broke a limit (details in the log)."""
 
@@ -235,6 +253,37 @@ class MethodNotAllowed(InvalidRequestError):
     code = "method_not_allowed"
     http_status = 405
     default_message = "This method is not allowed on this URL."
+
+
+class MalformedRequest(InvalidRequestError):
+    """The bytes received are not an HTTP/1.1 request (answered by the transport)."""
+
+    code = "request_malformed"
+    default_message = "The request is not a valid HTTP/1.1 request."
+
+
+class RequestTimeout(InvalidRequestError):
+    """The request's head or body did not arrive in time (answered by the transport)."""
+
+    code = "request_timeout"
+    http_status = 408
+    default_message = "The request was not received in time."
+
+
+class UriTooLong(InvalidRequestError):
+    """The request target is longer than the listener accepts (answered by the transport)."""
+
+    code = "uri_too_long"
+    http_status = 414
+    default_message = "The request URL is too long."
+
+
+class RequestHeaderFieldsTooLarge(InvalidRequestError):
+    """The request's head is too large or has too many fields (answered by the transport)."""
+
+    code = "request_header_fields_too_large"
+    http_status = 431
+    default_message = "The request's header fields are too large or too many."
 
 
 class RequestTooLarge(InvalidRequestError):

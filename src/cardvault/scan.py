@@ -223,7 +223,7 @@ class _Scanner:
         hits: list[_Hit] = []
         if len(view) >= PAN_MIN_DIGITS:
             text = view.decode("latin-1")
-            for m in find_card_numbers(text):
+            for m in find_card_numbers(text, line_breaks=False):
                 shown = _card_in_run(m.group())
                 if shown is None or _inside_hex_token(text, m.start(), m.end()):
                     continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -261,6 +262,114 @@ def test_the_shops_certificates_are_refused_by_the_key_service(stack: Stack) -> 
         except (httpx.TransportError, ssl.SSLError):
             status = None
     assert status in (None, 403)
+
+
+# --- the shop's listener is the shared transport's: same TLS checks, same limits ----------
+
+#: The stack's HTTPS listeners that any client may reach (the key service's and the admin
+#: API's demand client certificates).
+PUBLIC_LISTENERS = ["vault", "shop", "acquirer"]
+
+
+def listener_url(stack: Stack, name: str) -> str:
+    return stack.shop_url if name == "shop" else str(stack.info[name]["url"])
+
+
+def tls_session(
+    stack: Stack,
+    name: str,
+    *,
+    group: str | None = None,
+    version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+) -> ssl.SSLSession:
+    """One request over a new connection to listener ``name``, read to the end (TLS 1.3
+    tickets come after the handshake); the client's session. ``group`` makes the
+    client offer that key-exchange group only."""
+    port = int(listener_url(stack, name).rsplit(":", 1)[1])
+    ctx = client_context(stack.info["ca_bundle"])
+    ctx.maximum_version = version
+    if group is not None:
+        ctx.set_ecdh_curve(group)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 ")
+            session = tls.session
+    assert session is not None
+    return session
+
+
+@pytest.mark.parametrize("name", PUBLIC_LISTENERS)
+@pytest.mark.parametrize("group", ["X448", "secp521r1"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_every_listener_refuses_x448_and_secp521r1(
+    stack: Stack, name: str, group: str, version: ssl.TLSVersion
+) -> None:
+    with pytest.raises(ssl.SSLError):
+        tls_session(stack, name, group=group, version=version)
+    # The same client with a group of the profile is served. (P-256: in TLS 1.2 the
+    # offered groups also limit the certificate's curve, which is P-256.)
+    tls_session(stack, name, group="prime256v1", version=version)
+
+
+@pytest.mark.parametrize("name", PUBLIC_LISTENERS)
+@pytest.mark.parametrize(
+    "version",
+    [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+)
+def test_no_listener_issues_a_session_ticket(
+    stack: Stack, name: str, version: ssl.TLSVersion
+) -> None:
+    assert not tls_session(stack, name, version=version).has_ticket
+
+
+def test_the_shops_listener_is_compliant_with_mozilla_intermediate(
+    stack: Stack, tmp_path: Path
+) -> None:
+    from test_sslyze import sslyze_binary
+
+    port = int(stack.shop_url.rsplit(":", 1)[1])
+    proc = subprocess.run(
+        [
+            sslyze_binary(),
+            "--mozilla_config=intermediate",
+            f"--certinfo_ca_file={stack.info['ca_bundle']}",
+            f"--json_out={tmp_path / 'out.json'}",
+            f"localhost:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK - Compliant" in proc.stdout
+
+
+def test_the_shops_listener_has_the_transports_limits(stack: Stack) -> None:
+    # 101 header fields: refused by the shared transport before the shop's app sees them,
+    # in the transport's error format, with HSTS.
+    fields = {f"x-field-{i}": "1" for i in range(101)}
+    with stack.http() as http:
+        assert http.get(stack.shop_url + "/healthz").status_code == 200
+        r = http.get(stack.shop_url + "/healthz", headers=fields)
+    assert r.status_code == 431
+    assert r.headers["strict-transport-security"].startswith("max-age=63072000")
+    assert r.headers["connection"] == "close"
+    assert r.json()["error"]["code"] == "request_header_fields_too_large"
+    # The refusal is one line of the shop's JSON log.
+    log = (stack.state / "shop" / "shop.log").read_text()
+    refused = [
+        json.loads(line)
+        for line in log.splitlines()
+        if line.startswith("{") and '"request_refused"' in line
+    ]
+    assert [(e["limit"], e["client"], e["status"]) for e in refused] == [
+        ("max_headers", "127.0.0.1", 431)
+    ]
 
 
 def cli(stack: Stack, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

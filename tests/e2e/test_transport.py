@@ -3,8 +3,10 @@ security.txt, mutual TLS and identity authorization."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,8 +19,8 @@ from starlette.routing import Route
 from cardvault.transport.asgi import HSTS, build_app
 from cardvault.transport.server import Listener
 from cardvault.transport.tls import client_context, server_context
-from conftest import VaultProcess
-from helpers import Pki, ThreadedServers, free_port
+from conftest import VaultProcess, write_vault_config
+from helpers import Pki, ThreadedServers, cardvault_process, free_port, wait_for_port
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +116,16 @@ def test_redirect_port_answers_everything_with_a_301_to_https(vault: VaultProces
             )  # meaningless over HTTP (RFC 6797 §7.2)
 
 
-def test_redirect_port_does_not_echo_a_hostile_host_header(vault: VaultProcess) -> None:
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:443", "[2001:db8::1]", "evil.example/<script>"]
+)
+def test_redirect_port_points_at_the_configured_host_never_the_host_header(
+    vault: VaultProcess, host: str
+) -> None:
+    # Even a well-formed host name is not ours to redirect to: the Location's host comes
+    # from configuration (public_url, else the listener's host name: localhost here).
     with httpx.Client(trust_env=False, follow_redirects=False) as plain:
-        r = plain.get(
-            f"http://127.0.0.1:{vault.redirect_port}/x", headers={"host": "evil.example/<script>"}
-        )
+        r = plain.get(f"http://127.0.0.1:{vault.redirect_port}/x", headers={"host": host})
     assert r.status_code == 301
     assert r.headers["location"] == f"https://localhost:{vault.port}/x"
 
@@ -213,3 +220,65 @@ def test_the_served_openapi_document_is_the_one_in_the_repository(
     assert r.status_code == 200
     assert_security_headers(r)
     assert r.json() == json.loads((ROOT / "docs" / "openapi.json").read_text())
+
+
+# --- [server.limits] on every vault listener ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_vault(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[VaultProcess]:
+    """A vault whose [server.limits] allow 5 header fields and 1 s of silence."""
+    directory = tmp_path_factory.mktemp("limited-vault")
+    config, info = write_vault_config(directory, pki)
+    with config.open("a") as fh:
+        fh.write("[server.limits]\nmax_headers = 5\nfirst_byte_timeout = 1\n")
+    with cardvault_process(["vault", "serve", "--config", str(config)], log=info.log) as proc:
+        for port in (info.port, info.redirect_port, info.admin_port):
+            wait_for_port(port, proc)
+        yield info
+
+
+SIX_FIELDS = {f"x-field-{i}": "1" for i in range(5)}  # and Host
+
+
+def assert_431(r: httpx.Response, *, hsts: bool = True) -> None:
+    assert r.status_code == 431
+    assert r.headers["connection"] == "close"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["request-id"].startswith("req_")
+    assert ("strict-transport-security" in r.headers) is hsts
+    if hsts:
+        assert r.headers["strict-transport-security"] == HSTS
+    assert r.json() == {
+        "error": {
+            "type": "invalid_request_error",
+            "code": "request_header_fields_too_large",
+            "message": "The request's header fields are too large or too many.",
+        }
+    }
+
+
+def test_every_vault_listener_enforces_the_configured_limits(
+    limited_vault: VaultProcess, pki: Pki
+) -> None:
+    with httpx.Client(verify=client_context(pki.ca_file), trust_env=False) as c:
+        assert c.get(f"{limited_vault.url}/healthz").status_code == 200
+        assert_431(c.get(f"{limited_vault.url}/healthz", headers=SIX_FIELDS))
+    with admin_client(pki, "admin") as c:
+        assert c.get(f"{limited_vault.admin_url}/v1/admin/whoami").status_code == 200
+        assert_431(c.get(f"{limited_vault.admin_url}/v1/admin/whoami", headers=SIX_FIELDS))
+    with httpx.Client(trust_env=False, follow_redirects=False) as plain:
+        url = f"http://localhost:{limited_vault.redirect_port}/x"
+        assert plain.get(url).status_code == 301
+        assert_431(plain.get(url, headers=SIX_FIELDS), hsts=False)
+    log = limited_vault.log.read_text()
+    assert log.count('"limit": "max_headers"') == 3
+
+
+def test_an_idle_connection_to_the_vault_is_closed(limited_vault: VaultProcess, pki: Pki) -> None:
+    with socket.create_connection(("127.0.0.1", limited_vault.port), timeout=30) as raw:
+        with client_context(pki.ca_file).wrap_socket(raw, server_hostname="localhost") as tls:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError, ssl.SSLEOFError):
+                assert tls.recv(1) == b""
+            assert time.monotonic() - started < 10  # generous: the setting is 1 s

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cardvault.config import Secret, load_settings, required
+from cardvault.config import Secret, ServerLimits, load_settings, required
 from cardvault.errors import ConfigurationError
 from cardvault.vault.settings import VaultSettings
 
@@ -133,3 +133,73 @@ def test_secret_can_come_from_a_file_named_in_toml_or_environment(tmp_path: Path
     assert load_settings(Settings, None, env=env).db.password.reveal() == "from-env-file"
     with pytest.raises(ConfigurationError, match=r"db\.password"):
         load_settings(Settings, None, env={})
+
+
+# --- [server.limits] ------------------------------------------------------------------
+
+
+def test_server_limits_have_documented_defaults(tmp_path: Path) -> None:
+    limits = load_settings(VaultSettings, write(tmp_path, MINIMAL), env={}).server.limits
+    assert limits == ServerLimits()
+    assert (limits.max_head_bytes, limits.max_headers, limits.max_url_bytes) == (16384, 100, 8192)
+    assert limits.max_body_bytes == 1024 * 1024
+    assert (limits.first_byte_timeout, limits.head_timeout, limits.request_timeout) == (10, 10, 30)
+    assert (limits.keep_alive_timeout, limits.tls_handshake_timeout) == (5, 10)
+    assert limits.close_timeout == 3
+    assert (limits.max_connections, limits.max_connections_per_client) == (1024, 128)
+    # Every field is in the documentation's table.
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "transport.md").read_text()
+    for field in dataclasses.fields(ServerLimits):
+        assert f"`{field.name}`" in doc, field.name
+
+
+def test_server_limits_come_from_toml_and_the_environment(tmp_path: Path) -> None:
+    text = (
+        MINIMAL + "[server.limits]\nmax_headers = 50\nhead_timeout = 2.5\nfirst_byte_timeout = 3\n"
+    )
+    settings = load_settings(
+        VaultSettings,
+        write(tmp_path, text),
+        env={
+            "CARDVAULT_SERVER_LIMITS_MAX_CONNECTIONS_PER_CLIENT": "0",
+            "CARDVAULT_SERVER_LIMITS_HEAD_TIMEOUT": "4",
+        },
+    )
+    limits = settings.server.limits
+    assert limits.max_headers == 50
+    assert limits.head_timeout == 4.0  # the environment wins over the file
+    assert limits.first_byte_timeout == 3.0
+    assert isinstance(limits.first_byte_timeout, float)
+    assert limits.max_connections_per_client == 0  # 0: no per-client cap
+    assert limits.max_connections == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ("max_head_bytes = 0", "server.limits.max_head_bytes"),
+        ("max_connections = -1", "server.limits.max_connections"),
+        ("max_connections_per_client = -1", "server.limits.max_connections_per_client"),
+        ("head_timeout = 0", "server.limits.head_timeout"),
+        ("keep_alive_timeout = inf", "server.limits.keep_alive_timeout"),
+        ('max_headers = "many"', "server.limits.max_headers"),
+        ("max_head_size = 1", "server.limits.max_head_size"),
+    ],
+)
+def test_invalid_server_limits_name_the_setting(tmp_path: Path, text: str, setting: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(
+            VaultSettings, write(tmp_path, MINIMAL + f"[server.limits]\n{text}\n"), env={}
+        )
+    assert setting in info.value.message
+
+
+def test_the_key_service_reads_its_limits_too(tmp_path: Path) -> None:
+    from cardvault.keyservice.settings import KeyServiceSettings
+
+    path = tmp_path / "keyd.toml"
+    path.write_text(MINIMAL + "[server.limits]\nmax_connections = 64\n")
+    settings = load_settings(
+        KeyServiceSettings, path, env={"CARDVAULT_STORE_URL": "sqlite:///keys.db"}
+    )
+    assert settings.server.limits.max_connections == 64

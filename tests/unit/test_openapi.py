@@ -1,9 +1,10 @@
 """docs/openapi.json describes the vault's public API as the code serves it.
 
-The route table is built from the same functions the vault's public listener uses
-(``public_routes``, ``payment_method_routes`` and the security.txt routes ``build_app``
-adds), so a route added to the code without a line in the document fails here, and so
-does a documented route that no longer exists.
+The route table is the one the vault's public listener serves: ``build_listeners`` (what
+``cardvault vault serve`` runs) builds the app from real settings, with stand-ins for the
+service and the forwarder, whose routes only close over them. So a route added to the
+code anywhere (the payment API, forwarding, the card element, security.txt) without a
+line in the document fails here, and so does a documented route that no longer exists.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from starlette.routing import Route
 
-from cardvault.cards import find_card_numbers
-from cardvault.errors import CardVaultError
-from cardvault.transport.asgi import SecurityHeaders, build_app
-from cardvault.vault.api import payment_method_routes
-from cardvault.vault.http import public_routes
+from cardvault.cards import find_card_numbers, luhn_valid
+from cardvault.config import load_settings
+from cardvault.errors import (
+    CardVaultError,
+    MalformedRequest,
+    RequestHeaderFieldsTooLarge,
+    RequestTimeout,
+    RequestTooLarge,
+    TooManyConnections,
+    UriTooLong,
+)
+from cardvault.transport.asgi import SecurityHeaders
+from cardvault.vault.api import forwarding_routes, payment_method_routes
+from cardvault.vault.app import build_listeners
+from cardvault.vault.forwarding import Forwarder
 from cardvault.vault.ratelimit import RateLimiter
+from cardvault.vault.service import VaultService
+from cardvault.vault.settings import VaultSettings
+from helpers import self_signed
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 OPENAPI = DOCS / "openapi.json"
@@ -51,22 +65,33 @@ def _template(path: str) -> str:
     return re.sub(r"\{[^{}]*\}", "{}", path)
 
 
-def served_routes() -> tuple[set[Operation], set[Operation]]:
+class _StandIn:
+    """In place of the service and the forwarder: building the routes never calls them."""
+
+
+def served_routes(directory: Path) -> tuple[set[Operation], set[Operation]]:
     """(every operation the public listener serves, those that need an API key).
 
-    The route functions only close over the service and the limiters, so stand-ins do.
+    The public listener is built by ``build_listeners`` from settings, as the vault
+    process builds it; ``directory`` holds the certificate its TLS context loads.
     """
-    with_key = payment_method_routes(
-        None,  # type: ignore[arg-type]
-        secret_limits=RateLimiter(1.0, 1.0),
-        publishable_limits=RateLimiter(1.0, 1.0),
+    cert, key = self_signed(directory)
+    settings = load_settings(
+        VaultSettings,
+        env={},
+        overrides={"server": {"cert_file": str(cert), "key_file": str(key)}},
     )
-    app = build_app(
-        [*public_routes(), *with_key],
-        service="vault",
-        security_txt="Contact: mailto:security@example.com\n",
-    )
+    service = cast(VaultService, _StandIn())
+    forwarder = cast(Forwarder, _StandIn())
+    public = [lst for lst in build_listeners(settings, service, forwarder) if lst.name == "public"]
+    assert len(public) == 1
+    app = public[0].app
     assert isinstance(app, SecurityHeaders)
+    limits = {"secret_limits": RateLimiter(1.0, 1.0), "publishable_limits": RateLimiter(1.0, 1.0)}
+    with_key = [
+        *payment_method_routes(service, **limits),
+        *forwarding_routes(service, forwarder, **limits),
+    ]
 
     def operations(routes: list[Any]) -> set[Operation]:
         out: set[Operation] = set()
@@ -79,6 +104,11 @@ def served_routes() -> tuple[set[Operation], set[Operation]]:
         return out
 
     return operations(app.app.routes), operations(with_key)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def routes(tmp_path_factory: pytest.TempPathFactory) -> tuple[set[Operation], set[Operation]]:
+    return served_routes(tmp_path_factory.mktemp("openapi"))
 
 
 def documented_operations(doc: dict[str, Any]) -> set[Operation]:
@@ -142,11 +172,22 @@ def deref(doc: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_responses(doc: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """(where, status, response) for every 4xx/5xx response of every operation."""
+    """(where, status, response) for every 4xx/5xx JSON response of every operation."""
     for path, method, op in operations_of(doc):
         for status, response in op["responses"].items():
-            if int(status) >= 400:
-                yield f"{method.upper()} {path} {status}", int(status), deref(doc, response)
+            response = deref(doc, response)
+            if int(status) >= 400 and "application/json" in response.get("content", {}):
+                yield f"{method.upper()} {path} {status}", int(status), response
+
+
+def non_json_errors(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (path, method, status)
+        for path, method, op in operations_of(doc)
+        for status, response in op["responses"].items()
+        if int(status) >= 400
+        and set(deref(doc, response).get("content", {})) != {"application/json"}
+    }
 
 
 def codes_in(description: str) -> set[str] | None:
@@ -156,6 +197,21 @@ def codes_in(description: str) -> set[str] | None:
         if match:
             return set(CODE.findall(match.group(1)))
     return None
+
+
+def transport_codes() -> dict[str, int]:
+    """The codes the listener's transport answers before any route, with their status."""
+    return {
+        cls.code: cls.http_status
+        for cls in (
+            MalformedRequest,
+            RequestTimeout,
+            RequestTooLarge,
+            UriTooLong,
+            RequestHeaderFieldsTooLarge,
+            TooManyConnections,
+        )
+    }
 
 
 def error_classes() -> dict[str, type[CardVaultError]]:
@@ -215,24 +271,69 @@ def test_required_components_exist(doc: dict[str, Any]) -> None:
 # --- routes ------------------------------------------------------------------------------
 
 
-def test_every_served_route_is_documented_and_nothing_else(doc: dict[str, Any]) -> None:
-    served, _ = served_routes()
+def test_every_served_route_is_documented_and_nothing_else(
+    doc: dict[str, Any], routes: tuple[set[Operation], set[Operation]]
+) -> None:
+    served, _ = routes
     documented = documented_operations(doc)
     assert served - documented == set(), "served but not documented"
     assert documented - served == set(), "documented but not served"
 
 
-def test_the_route_check_notices_an_undocumented_route(doc: dict[str, Any]) -> None:
-    trimmed = copy.deepcopy(doc)
-    del trimmed["paths"]["/v1/payment_methods/{id}"]["delete"]
-    served, _ = served_routes()
-    assert served - documented_operations(trimmed) == {("/v1/payment_methods/{}", "DELETE")}
-
-
-def test_payment_method_operations_require_a_key_and_the_others_do_not(
-    doc: dict[str, Any],
+def test_the_route_table_is_the_whole_public_api(
+    routes: tuple[set[Operation], set[Operation]],
 ) -> None:
-    _, with_key = served_routes()
+    # The route table above really is the listener's: the payment API, forwarding, the
+    # card element and security.txt are all in it (a stand-in mistake would shrink it
+    # and let the comparison pass on too little).
+    served, with_key = routes
+    assert {
+        ("/v1/payment_methods", "POST"),
+        ("/v1/payment_methods/{}", "DELETE"),
+        ("/v1/forwarding/requests", "POST"),
+        ("/v1/forwarding/requests", "GET"),
+        ("/v1/forwarding/requests/{}", "GET"),
+        ("/js/v1/cardvault.js", "GET"),
+        ("/js/v1/cardvault.js.sri", "GET"),
+        ("/element/v1/card.html", "GET"),
+        ("/element/v1/card.js", "GET"),
+        ("/element/v1/card.css", "GET"),
+        ("/.well-known/security.txt", "GET"),
+        ("/security.txt", "GET"),
+        ("/openapi.json", "GET"),
+        ("/healthz", "GET"),
+    } <= served
+    assert with_key <= served
+    assert len(with_key) == 7
+
+
+def test_the_route_check_notices_an_undocumented_route(
+    doc: dict[str, Any], routes: tuple[set[Operation], set[Operation]]
+) -> None:
+    served, _ = routes
+    for path, method, template in [
+        ("/v1/payment_methods/{id}", "delete", "/v1/payment_methods/{}"),
+        ("/v1/forwarding/requests/{id}", "get", "/v1/forwarding/requests/{}"),
+        ("/element/v1/card.html", "get", "/element/v1/card.html"),
+    ]:
+        trimmed = copy.deepcopy(doc)
+        del trimmed["paths"][path][method]
+        assert served - documented_operations(trimmed) == {(template, method.upper())}
+
+
+def test_the_route_check_notices_an_operation_that_is_not_served(
+    doc: dict[str, Any], routes: tuple[set[Operation], set[Operation]]
+) -> None:
+    served, _ = routes
+    extra = copy.deepcopy(doc)
+    extra["paths"]["/v1/forwarding/requests/{id}"]["delete"] = {"responses": {}}
+    assert documented_operations(extra) - served == {("/v1/forwarding/requests/{}", "DELETE")}
+
+
+def test_api_operations_require_a_key_and_the_others_do_not(
+    doc: dict[str, Any], routes: tuple[set[Operation], set[Operation]]
+) -> None:
+    _, with_key = routes
     schemes = set(doc["components"]["securitySchemes"])
     for path, method, op in operations_of(doc):
         security = op.get("security", doc.get("security", []))
@@ -242,6 +343,26 @@ def test_payment_method_operations_require_a_key_and_the_others_do_not(
         else:
             assert security == [], f"{method} {path} needs no API key but says it does"
         assert {name for req in security for name in req} <= schemes
+
+
+def test_operation_ids_are_unique_and_links_name_real_operations(doc: dict[str, Any]) -> None:
+    ids = [op["operationId"] for _, _, op in operations_of(doc)]
+    assert len(ids) == len(set(ids))
+    by_id = {op["operationId"]: (path, op) for path, _, op in operations_of(doc)}
+    links = [
+        link
+        for _, _, op in operations_of(doc)
+        for response in op["responses"].values()
+        for link in deref(doc, response).get("links", {}).values()
+    ]
+    assert links, "no links: a stateful tester cannot chain a create to its reads"
+    for link in links:
+        path, target = by_id[link["operationId"]]
+        names = {
+            deref(doc, p)["name"]
+            for p in [*doc["paths"][path].get("parameters", []), *target.get("parameters", [])]
+        }
+        assert set(link.get("parameters", {})) <= names, link
 
 
 # --- responses and errors ----------------------------------------------------------------
@@ -288,6 +409,49 @@ def test_every_error_response_lists_its_codes_with_the_matching_status(
             assert known[code].http_status == status, f"{where}: {code} is not a {status}"
 
 
+def test_the_card_frame_refusal_is_the_only_error_that_is_not_an_error_object(
+    doc: dict[str, Any],
+) -> None:
+    # A browser shows the refusal inside the merchant's page, so it is a page.
+    assert non_json_errors(doc) == {("/element/v1/card.html", "get", "403")}
+    refused = deref(doc, doc["paths"]["/element/v1/card.html"]["get"]["responses"]["403"])
+    assert set(refused["content"]) == {"text/html"}
+
+
+def test_every_operation_documents_the_statuses_its_layers_can_answer(
+    doc: dict[str, Any], routes: tuple[set[Operation], set[Operation]]
+) -> None:
+    """The statuses that come from the layers every request crosses, not from the
+    endpoint: the transport's refusals (a request it cannot parse, too slow, too large,
+    too long a URL, too large a head, too many connections); any path answers 405 for
+    another method and 500 for a crash; a key means
+    401, 429 and 503 (a failed authentication is audited, and the audit log fails
+    closed); a body means 400, 413 and 415; a secret-key-only operation is 403 for a
+    publishable key."""
+    _, with_key = routes
+    transport = transport_codes()
+    for path, method, op in operations_of(doc):
+        statuses = set(op["responses"])
+        where = f"{method.upper()} {path}"
+        assert {"405", "500"} <= statuses, where
+        # The transport's refusals come before any route, so every operation has them.
+        for code, status in transport.items():
+            response = deref(doc, op["responses"].get(str(status), {"description": ""}))
+            assert code in (codes_in(response["description"]) or ()), f"{where}: {code}"
+        if (_template(path), method.upper()) in with_key:
+            assert {"401", "429", "503"} <= statuses, where
+            if op["operationId"] != "createPaymentMethod":
+                assert "403" in statuses, where
+        if "requestBody" in op:
+            assert {"400", "413", "415"} <= statuses, where
+            assert set(op["requestBody"]["content"]) == {
+                "application/x-www-form-urlencoded",
+                "application/json",
+            }, where
+        if any(deref(doc, p)["name"] == "Idempotency-Key" for p in op.get("parameters", [])):
+            assert {"400", "409"} <= statuses, where
+
+
 def test_every_error_code_in_the_document_exists_in_cardvault_errors(
     doc: dict[str, Any],
 ) -> None:
@@ -327,3 +491,37 @@ def test_examples_use_only_the_published_test_card(name: str) -> None:
     text = (DOCS / name).read_text(encoding="utf-8")
     numbers = {re.sub(r"\D", "", m.group()) for m in find_card_numbers(text)}
     assert numbers <= {PUBLISHED_TEST_CARD}
+
+
+def published_test_cards() -> list[str]:
+    table = json.loads(
+        (Path(__file__).resolve().parents[2] / "src/cardvault/cards/test_cards.json").read_text()
+    )
+    return [str(card["number"]) for card in table["cards"]]
+
+
+def test_the_schema_says_what_a_card_number_looks_like(doc: dict[str, Any]) -> None:
+    """A schema-driven tester generates card numbers from this pattern: 13 to 19 digits
+    with the vault's separators, so some of what it sends passes the Luhn check."""
+    schemas = doc["components"]["schemas"]
+    form = schemas["PaymentMethodCreateForm"]["properties"]["card[number]"]
+    as_json = schemas["PaymentMethodCreateParams"]["properties"]["card"]["properties"]["number"]
+    assert form["pattern"] == as_json["pattern"]
+    pattern = re.compile(form["pattern"])
+    cards = published_test_cards()
+    assert len(cards) > 10
+    accepted = [*cards, "4242 4242 4242 4242", "4242-4242-4242-4242", " 4242424242424242 "]
+    assert [n for n in accepted if not pattern.search(n)] == []
+    refused = [
+        "",
+        "0242424242424242",  # a leading 0 is no network's
+        "424242424242",  # 12 digits
+        "42424242424242424242",  # 20 digits
+        "4242  4242 4242 4242",  # two separators in a row
+        "4242 4242 4242 4242-",
+        "4242424242424242x",
+        "\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664\u0662\u0664",
+    ]
+    assert [n for n in refused if pattern.search(n)] == []
+    assert (as_json["minimum"], as_json["maximum"]) == (10**12, 10**19 - 1)
+    assert all(luhn_valid(n) for n in cards)

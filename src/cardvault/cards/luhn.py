@@ -8,9 +8,11 @@ pass the Luhn check, where
 
 * a digit is any Unicode decimal digit (``4``, fullwidth ``４``, Arabic-Indic ``٤`` …),
   read as its value, and
-* one separator may stand between two digits: any whitespace, a dash (``-``, ``‐``,
-  ``–``, ``−``, fullwidth ``－`` …), a dot (``.``, ``·``, ``．``), an underscore or a
-  slash ("4242 4242 4242 4242", "4242.4242.4242.4242").
+* one separator may stand between two digits: a space of any kind, a dash (``-``,
+  ``‐``, ``–``, ``−``, fullwidth ``－`` …), a dot (``.``, ``·``, ``．``), an underscore or a
+  slash ("4242 4242 4242 4242", "4242.4242.4242.4242"), or a line break or other
+  control character, except when a whole file is read line by line
+  (``line_breaks=False``, for the scanner).
 
 A run of more than 19 digits may hide a card number glued to other digits: it is
 condemned whole when any window of card length in it, starting with a digit other than
@@ -42,10 +44,19 @@ PAN_MAX_DIGITS = 19
 # fullwidth or Arabic-Indic digits is still a card number to whoever reads the log.
 # Only runs long enough to be a card number are matched at all: shorter ones (times,
 # amounts) are the common case in logs and need no Luhn check.
+# A separator is one character of space, a dash, a dot, an underscore or a slash, in
+# ASCII or another script's form; in one value (a field, a header, a path) also a line
+# break or any other control character, which a caller may put between the digits.
+# Across the lines of a whole file (``line_breaks=False``, for the scanner) a line break
+# separates nothing: the digits that end one log line and begin the next, a port and a
+# date, are no card number.
 _SEPARATOR = (
-    r"[\s\-._/\u00b7\u2010-\u2015\u2022\u2024\u2027\u2212\u30fb\uff0d\uff0e\uff0f\uff3f]"
+    r"[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+    r"\-._/\u00b7\u2010-\u2015\u2022\u2024\u2027\u2212\u30fb\uff0d\uff0e\uff0f\uff3f]"
 )
-_DIGIT_RUN = re.compile(rf"(?<!\d)\d(?:{_SEPARATOR}?\d){{12,}}(?!\d)")
+_FIELD_SEPARATOR = rf"(?:{_SEPARATOR}|[\s\x00-\x1f\x7f])"
+_LINE_RUN = re.compile(rf"(?<!\d)\d(?:{_SEPARATOR}?\d){{12,}}(?!\d)")
+_FIELD_RUN = re.compile(rf"(?<!\d)\d(?:{_FIELD_SEPARATOR}?\d){{12,}}(?!\d)")
 _NOT_DIGIT = re.compile(r"\D")
 
 
@@ -111,26 +122,35 @@ def _run_holds_card_number(digits: str) -> bool:
     return _window_holds_card_number(digits)
 
 
-def find_card_numbers(text: str) -> Iterator[re.Match[str]]:
-    """Yield the matches in ``text`` that hold a card number (see module docstring)."""
-    for match in _DIGIT_RUN.finditer(text):
+def _runs(line_breaks: bool) -> re.Pattern[str]:
+    return _FIELD_RUN if line_breaks else _LINE_RUN
+
+
+def find_card_numbers(text: str, *, line_breaks: bool = True) -> Iterator[re.Match[str]]:
+    """Yield the matches in ``text`` that hold a card number (see module docstring).
+    ``line_breaks=False`` reads a line break (and any control character) as no
+    separator: for whole files, whose lines are unrelated."""
+    for match in _runs(line_breaks).finditer(text):
         if _run_holds_card_number(digits_of(match.group())):
             yield match
 
 
-def holds_card_number(text: str) -> bool:
+def holds_card_number(text: str, *, line_breaks: bool = True) -> bool:
     """Whether ``text`` holds a card number (see module docstring); a text shorter than
     a card number is answered without a search."""
-    return len(text) >= PAN_MIN_DIGITS and next(find_card_numbers(text), None) is not None
+    return (
+        len(text) >= PAN_MIN_DIGITS
+        and next(find_card_numbers(text, line_breaks=line_breaks), None) is not None
+    )
 
 
-def redact_card_numbers(text: str, replacement: str = "[REDACTED CARD NUMBER]") -> str:
+def redact_card_numbers(
+    text: str, replacement: str = "[REDACTED CARD NUMBER]", *, line_breaks: bool = True
+) -> str:
     """``text`` with every card number replaced by ``replacement``."""
     if len(text) < PAN_MIN_DIGITS:
         return text
-    return _DIGIT_RUN.sub(
-        lambda m: (
-            replacement if _run_holds_card_number(digits_of(m.group())) else m.group()
-        ),
+    return _runs(line_breaks).sub(
+        lambda m: replacement if _run_holds_card_number(digits_of(m.group())) else m.group(),
         text,
     )

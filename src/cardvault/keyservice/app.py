@@ -60,7 +60,7 @@ def build_listener(settings: KeyServiceSettings, service: KeyService) -> Listene
         service="keyservice",
         security_txt=security_txt,
     )
-    return Listener("keyservice", app, srv.host, srv.port, ctx)
+    return Listener("keyservice", app, srv.host, srv.port, ctx, limits=srv.limits)
 
 
 def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None) -> None:

@@ -11,6 +11,10 @@
 * serves ``/.well-known/security.txt`` (and redirects the legacy ``/security.txt``).
 
 :func:`redirect_app` is the whole of the plain-HTTP port: a permanent redirect to HTTPS.
+
+:func:`raw_error_response` is the answer the transport writes itself, as bytes, when it
+refuses a connection or a request before any application has it (see
+:mod:`cardvault.transport.server`): the same error object and security headers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -43,6 +48,7 @@ from cardvault.logging import (
     bind_request_id,
     clear_request_context,
     get_logger,
+    scrub_text,
 )
 from cardvault.transport.securitytxt import PATH as SECURITY_TXT_PATH
 
@@ -50,8 +56,10 @@ __all__ = [
     "HSTS",
     "SecurityHeaders",
     "build_app",
+    "error_body",
     "error_response",
     "json_response",
+    "raw_error_response",
     "redirect_app",
 ]
 
@@ -139,9 +147,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def error_body(exc: CardVaultError) -> dict[str, Any]:
+    """Stripe's error object for ``exc``, its message and ``param`` passed through the
+    log scrubber. Messages are written from constants and name parameters, not values;
+    this is the net under that rule, for the one message that forgets it (a caller's
+    parameter *name* can be a card number too)."""
+    body = exc.to_dict()
+    error = body["error"]
+    error["message"] = scrub_text(error["message"])
+    if isinstance(error.get("param"), str):
+        error["param"] = scrub_text(error["param"])
+    return body
+
+
 def error_response(exc: CardVaultError) -> Response:
-    """Stripe's error object for ``exc``, with its HTTP status and headers."""
-    return json_response(exc.to_dict(), status=exc.http_status, headers=exc.headers)
+    """Stripe's error object for ``exc`` (:func:`error_body`), with its HTTP status and
+    headers."""
+    return json_response(error_body(exc), status=exc.http_status, headers=exc.headers)
 
 
 class SecurityHeaders:
@@ -337,18 +359,53 @@ def build_app(
     return SecurityHeaders(app, service=service)
 
 
+#: RFC 9110's reason phrases where Python's are the older ones.
+_PHRASES = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def raw_error_response(exc: CardVaultError, *, request_id: str, tls: bool = True) -> bytes:
+    """A whole HTTP/1.1 answer for ``exc``, as bytes, for the transport to write on a
+    connection it then closes: Stripe's error object; the headers every response carries
+    (``_STATIC_HEADERS`` and ``_DEFAULTS``; on plain HTTP without HSTS, which browsers
+    ignore there, RFC 6797 §7.2); ``Request-Id``; ``exc.headers`` (``Retry-After``); and
+    ``Connection: close``. Nothing the client sent is in it."""
+    body = orjson.dumps(error_body(exc))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()),
+        *(h for h in _STATIC_HEADERS if tls or h[0] != b"strict-transport-security"),
+        *_DEFAULTS,
+        (b"request-id", request_id.encode()),
+    ]
+    status = exc.http_status
+    phrase = _PHRASES.get(status) or HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {phrase}".encode()]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
 _HOST = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$"
 )
 
 
-def redirect_app(*, https_port: int, default_host: str) -> ASGIApp:
+def redirect_app(*, https_port: int, public_host: str) -> ASGIApp:
     """The whole plain-HTTP listener: every request gets ``301 Location: https://…``.
 
-    Same host and path (no query), the HTTPS port. A ``Host`` header that is not a plain host name
-    is replaced by ``default_host`` rather than echoed. No body, no other content.
+    The host is ``public_host``, the configured public name, never the request's
+    ``Host`` header (which the client chooses: echoing it would let anyone make this
+    listener send browsers elsewhere). The path is the request's, without its query;
+    the port is ``https_port``. No body, no other content.
     """
+    if not _HOST.match(public_host):
+        if ":" in public_host and _HOST.match(f"[{public_host}]"):
+            public_host = f"[{public_host}]"  # an IPv6 address, as a URL writes it
+        else:
+            raise ValueError("redirect_app: public_host must be a host name or IP address")
     port_part = "" if https_port == 443 else f":{https_port}"
+    origin = f"https://{public_host}{port_part}"
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -361,21 +418,13 @@ def redirect_app(*, https_port: int, default_host: str) -> ASGIApp:
                     return
         if scope["type"] != "http":
             return
-        host = default_host
-        for name, value in scope.get("headers", []):
-            if name == b"host":
-                text = value.decode("latin-1")
-                candidate = text.split("]")[0] + "]" if text.startswith("[") else text.split(":")[0]
-                if _HOST.match(candidate):
-                    host = candidate
-                break
         raw_path = scope.get("raw_path") or scope.get("path", "/").encode()
         path = raw_path.decode("latin-1")
         if not path.startswith("/") or path.startswith("//"):
             path = "/" + path.lstrip("/")
         # The query string is dropped: a card number pasted into a URL should not be
         # bounced around again, and the redirect promises only the host and path.
-        location = f"https://{host}{port_part}{path}"
+        location = origin + path
         await send(
             {
                 "type": "http.response.start",

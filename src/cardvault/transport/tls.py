@@ -99,6 +99,9 @@ def server_context(
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    # OP_NO_TICKET stops stateless tickets only: in TLS 1.3 OpenSSL then issues two
+    # stateful ones per handshake unless told to issue none.
+    ctx.num_tickets = 0
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     _set_groups(ctx, GROUPS)
     ctx.load_cert_chain(str(cert_file), str(key_file))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cardvault.audit.recorder import open_audit_log
 from cardvault.errors import CardVaultError, ConfigurationError
@@ -23,6 +24,7 @@ from cardvault.vault.forwarding import Forwarder
 from cardvault.vault.http import admin_routes, public_routes
 from cardvault.vault.keyclient import KeyServiceClient
 from cardvault.vault.outbound import OutboundClient
+from cardvault.vault.params import ParseLimits
 from cardvault.vault.ratelimit import RateLimiter
 from cardvault.vault.service import VaultService
 from cardvault.vault.settings import VaultSettings
@@ -55,6 +57,28 @@ _log = get_logger("cardvault.vault")
 def _public_host(settings: VaultSettings) -> str:
     host = settings.server.host
     return "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::") else host  # noqa: S104
+
+
+def _redirect_app(settings: VaultSettings, public_port: int) -> Any:
+    """The redirect port's app: to the configured public name only (``public_url``'s
+    host and port when it is set, else the listener's host name and ``public_port``),
+    never to the Host header a client sent."""
+    host, port = _public_host(settings), public_port
+    if not settings.public_url and settings.server.host in ("0.0.0.0", "::"):  # noqa: S104
+        _log.warning(
+            "the redirect port points browsers at localhost: set public_url to the "
+            "vault's public name",
+            listen=settings.server.host,
+        )
+    try:
+        if settings.public_url:
+            url = urlsplit(settings.public_url)
+            host, port = url.hostname or host, url.port or 443
+        return redirect_app(https_port=port, public_host=host)
+    except ValueError as exc:
+        raise ConfigurationError(
+            "public_url or server.host is not a host name the redirect port can point at"
+        ) from exc
 
 
 def build_service(settings: VaultSettings) -> VaultService | None:
@@ -124,11 +148,24 @@ def build_listeners(
     routes = public_routes(service)
     if service is not None:
         lim = settings.limits
+        try:
+            parse_limits = ParseLimits(
+                max_fields=lim.max_params,
+                max_depth=lim.max_param_depth,
+                max_list_items=lim.max_list_items,
+                max_body_bytes=lim.max_body_bytes,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                "limits.max_params, max_param_depth, max_list_items and max_body_bytes "
+                "must be at least 1"
+            ) from exc
         routes += payment_method_routes(
             service,
             secret_limits=RateLimiter(lim.secret_rate, lim.secret_burst),
             publishable_limits=RateLimiter(lim.publishable_rate, lim.publishable_burst),
             idempotency_ttl=lim.idempotency_ttl,
+            parse_limits=parse_limits,
         )
         if forwarder is not None:
             routes += forwarding_routes(
@@ -137,6 +174,7 @@ def build_listeners(
                 secret_limits=RateLimiter(lim.secret_rate, lim.secret_burst),
                 publishable_limits=RateLimiter(lim.publishable_rate, lim.publishable_burst),
                 idempotency_ttl=lim.idempotency_ttl,
+                parse_limits=parse_limits,
             )
     listeners = [
         Listener(
@@ -145,15 +183,17 @@ def build_listeners(
             srv.host,
             srv.port,
             public_ctx,
+            limits=srv.limits,
         )
     ]
     if srv.redirect_port:
         listeners.append(
             Listener(
                 "redirect",
-                redirect_app(https_port=public_port, default_host=_public_host(settings)),
+                _redirect_app(settings, public_port),
                 srv.host,
                 srv.redirect_port,
+                limits=srv.limits,
             )
         )
     adm = settings.admin
@@ -183,6 +223,7 @@ def build_listeners(
                 adm.host,
                 adm.port,
                 admin_ctx,
+                limits=srv.limits,
             )
         )
     return listeners

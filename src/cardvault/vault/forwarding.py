@@ -35,6 +35,7 @@ import orjson
 
 from cardvault import crypto
 from cardvault.cards import find_card_numbers
+from cardvault.cards.luhn import digits_of
 from cardvault.errors import (
     APIError,
     CardVaultError,
@@ -81,7 +82,7 @@ def mask_card_numbers(text: str) -> str:
     """``text`` with every card number shown as BIN and last four at most."""
     out, last = [], 0
     for match in find_card_numbers(text):
-        digits = re.sub(r"[ \-]", "", match.group())
+        digits = digits_of(match.group())
         out.append(text[last : match.start()])
         out.append(_mask(digits) if len(digits) <= 19 else _REDACTED)
         last = match.end()
@@ -89,9 +90,17 @@ def mask_card_numbers(text: str) -> str:
     return "".join(out)
 
 
+#: Control characters: none may be in a header value but the tab (RFC 9110 §5.5).
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _safe_header_value(value: str, param: str) -> str:
-    if any(c in value for c in "\r\n\x00"):
-        raise InvalidRequestError("Header values may not contain CR, LF or NUL.", param=param)
+    if _HEADER_CONTROL.search(value):
+        # Before: only CR, LF and NUL were refused; any other control character made the
+        # HTTP client raise after the CVC was taken (a 500).
+        raise InvalidRequestError(
+            "Header values may not contain control characters other than tab.", param=param
+        )
     return value
 
 

@@ -202,6 +202,11 @@ class OutboundClient:
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
             _log.warning("forward failed", destination=destination, error=type(exc).__name__)
             raise DestinationError() from exc
+        except ValueError as exc:
+            # The HTTP client refused to write the request (a header it will not send):
+            # the caller's values are checked before this, so this is the net under them.
+            _log.error("forward refused: the request could not be written", destination=destination)
+            raise DestinationError() from exc
 
     async def close(self) -> None:
         for session in self._sessions.values():
