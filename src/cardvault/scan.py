@@ -68,9 +68,9 @@ from typing import Final
 from cardvault.cards.luhn import (
     PAN_MAX_DIGITS,
     PAN_MIN_DIGITS,
+    card_number_in,
     digits_of,
     find_card_numbers,
-    luhn_valid,
 )
 
 __all__ = [
@@ -184,20 +184,17 @@ def _card_in_run(run: str) -> str | None:
     ``0`` (ISO/IEC 7812 reserves it, and :class:`~cardvault.cards.CardNumber` refuses
     it), so runs of zeros, such as the audit log's genesis hash, are not card numbers.
 
-    A run of 13-19 digits shows as ``424242******4242``. A longer run holds a card number
-    when any card-length window of it does, but which window is the card cannot be
-    known, and masking the wrong one could show its middle digits: it shows as
-    ``36-digit run``, with no digit at all.
+    A card number in a run of at most 19 digits (the whole run, or a run of its groups)
+    shows as ``424242******4242``. A longer run holds a card number when any
+    card-length window of it does, but which window is the card cannot be known, and
+    masking the wrong one could show its middle digits: it shows as ``36-digit run``,
+    with no digit at all.
     """
+    found = card_number_in(run)
+    if found is None or found[0] == "0":
+        return None
     digits = digits_of(run)
-    if len(digits) <= PAN_MAX_DIGITS:
-        return _mask_digits(digits) if digits[0] != "0" and luhn_valid(digits) else None
-    for width in range(PAN_MIN_DIGITS, PAN_MAX_DIGITS + 1):
-        for start in range(len(digits) - width + 1):
-            window = digits[start : start + width]
-            if window[0] != "0" and luhn_valid(window):
-                return f"{len(digits)}-digit run"
-    return None
+    return _mask_digits(found) if len(digits) <= PAN_MAX_DIGITS else f"{len(digits)}-digit run"
 
 
 class _Scanner:

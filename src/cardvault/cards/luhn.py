@@ -7,12 +7,17 @@ the caller chose the text: a card number is any run of 13 to 19 digits whose dig
 pass the Luhn check, where
 
 * a digit is any Unicode decimal digit (``4``, fullwidth ``４``, Arabic-Indic ``٤`` …),
-  read as its value, and
+  read as its value,
 * one separator may stand between two digits: a space of any kind, a dash (``-``,
   ``‐``, ``–``, ``−``, fullwidth ``－`` …), a dot (``.``, ``·``, ``．``), an underscore or a
   slash ("4242 4242 4242 4242", "4242.4242.4242.4242"), or a line break or other
   control character, except when a whole file is read line by line
-  (``line_breaks=False``, for the scanner).
+  (``line_breaks=False``, for the scanner); and
+
+* a run of 13 to 19 digits holds a card number when its digits after any leading zeros
+  (no card number starts with 0) are 13 or more and pass Luhn, or when any run of its
+  whole groups of card length does (a group ends at a separator or where the digits'
+  script changes): "4242…4242/12" and "1 4242…4242" hold one.
 
 A run of more than 19 digits may hide a card number glued to other digits: it is
 condemned whole when any window of card length in it, starting with a digit other than
@@ -30,6 +35,7 @@ from collections.abc import Iterator
 __all__ = [
     "PAN_MAX_DIGITS",
     "PAN_MIN_DIGITS",
+    "card_number_in",
     "digits_of",
     "find_card_numbers",
     "holds_card_number",
@@ -87,9 +93,9 @@ def luhn_valid(digits: str) -> bool:
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
-def _window_holds_card_number(digits: str) -> bool:
-    """Whether any card-length window of ``digits`` (ASCII) that starts with a digit
-    other than 0 passes Luhn. Linear time: the Luhn sum of every window comes from two
+def _window_card_number(digits: str) -> str | None:
+    """The first card-length window of ``digits`` (ASCII) that starts with a digit
+    other than 0 and passes Luhn, or None. Linear time: the Luhn sum of every window comes from two
     running sums, one for each parity of the doubled positions."""
     values = [ord(ch) - 48 for ch in digits]
     # sums[p][k]: the sum over positions j < k, doubling those with j % 2 == p.
@@ -107,19 +113,70 @@ def _window_holds_card_number(digits: str) -> bool:
             # that is the positions j whose parity differs from the last one's.
             parity = end % 2
             if (sums[parity][end] - sums[parity][start]) % 10 == 0:
-                return True
-    return False
+                return digits[start:end]
+    return None
 
 
-def _run_holds_card_number(digits: str) -> bool:
+def _groups(run: str) -> list[str]:
+    """The groups of digits of a matched run, as ASCII: a separator ends a group, and so
+    does a change of script (``4242`` then fullwidth ``４２４２``)."""
+    groups: list[str] = []
+    current: list[str] = []
+    zero = -1
+    for ch in run:
+        value = unicodedata.decimal(ch, -1)
+        if value < 0:
+            if current:
+                groups.append("".join(current))
+                current = []
+            continue
+        if current and ord(ch) - value != zero:
+            groups.append("".join(current))
+            current = []
+        zero = ord(ch) - value
+        current.append(chr(48 + value))
+    if current:
+        groups.append("".join(current))
+    return groups
+
+
+def card_number_in(run: str) -> str | None:
+    """The card number (ASCII digits) in ``run``, a text :func:`find_card_numbers` can
+    match, or None: the whole run, a run of its whole groups, or for a run longer than a
+    card number, the first card-length window that passes (see the module docstring)."""
+    digits = digits_of(run)
     n = len(digits)
     if n < PAN_MIN_DIGITS:
-        return False
-    if n <= PAN_MAX_DIGITS:
-        return luhn_valid(digits)
-    # A longer run may hide a card number glued to other digits: any Luhn-valid
-    # window of card length condemns it.
-    return _window_holds_card_number(digits)
+        return None
+    if n > PAN_MAX_DIGITS:
+        # A longer run may hide a card number glued to other digits: any Luhn-valid
+        # window of card length condemns it.
+        return _window_card_number(digits)
+    # No card number starts with 0 (ISO/IEC 7812), and leading zeros change no Luhn sum:
+    # a card number glued to zeros is the run without them, and a run of zeros is none.
+    card = digits.lstrip("0")
+    if len(card) >= PAN_MIN_DIGITS and luhn_valid(card):
+        return card
+    if run.isascii() and run.isdigit():
+        return None
+    # A card number written as groups may have a group of other digits beside it
+    # ("4242…4242/12", "1 4242…4242", a digit of another script before it): every run of
+    # whole groups of card length is a candidate too.
+    groups = _groups(run)
+    for first in range(len(groups)):
+        candidate = ""
+        for last in range(first, len(groups)):
+            candidate += groups[last]
+            if len(candidate) > PAN_MAX_DIGITS:
+                break
+            found = candidate.lstrip("0")
+            if len(found) >= PAN_MIN_DIGITS and found != card and luhn_valid(found):
+                return found
+    return None
+
+
+def _run_holds_card_number(run: str) -> bool:
+    return card_number_in(run) is not None
 
 
 def _runs(line_breaks: bool) -> re.Pattern[str]:
@@ -131,7 +188,7 @@ def find_card_numbers(text: str, *, line_breaks: bool = True) -> Iterator[re.Mat
     ``line_breaks=False`` reads a line break (and any control character) as no
     separator: for whole files, whose lines are unrelated."""
     for match in _runs(line_breaks).finditer(text):
-        if _run_holds_card_number(digits_of(match.group())):
+        if _run_holds_card_number(match.group()):
             yield match
 
 
@@ -151,6 +208,6 @@ def redact_card_numbers(
     if len(text) < PAN_MIN_DIGITS:
         return text
     return _runs(line_breaks).sub(
-        lambda m: replacement if _run_holds_card_number(digits_of(m.group())) else m.group(),
+        lambda m: replacement if _run_holds_card_number(m.group()) else m.group(),
         text,
     )

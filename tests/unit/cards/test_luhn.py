@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cardvault.cards import find_card_numbers, holds_card_number, luhn_valid, redact_card_numbers
+from cardvault.cards.luhn import card_number_in
 
 from ._gen import complete, published
 
@@ -42,6 +43,10 @@ def test_holds_card_number_agrees_with_find_card_numbers() -> None:
         assert holds_card_number(text) == any(True for _ in find_card_numbers(text)), text
     assert holds_card_number("4242 4242 4242 4242")
     assert not holds_card_number("424242424242")
+
+
+#: Fullwidth digits read as ASCII, to look for digits left after redaction.
+_TO_ASCII = {0xFF10 + d: 48 + d for d in range(10)}
 
 
 def _in_script(number: str, zero: int) -> str:
@@ -97,3 +102,24 @@ def test_a_line_break_separates_in_a_value_but_not_across_a_files_lines() -> Non
         assert not holds_card_number(f"{number[:8]}{sep}{number[8:]}", line_breaks=False)
     assert holds_card_number(f"{number[:8]}\t{number[8:]}", line_breaks=False)
     assert redact_card_numbers(f"a {number[:8]}\n{number[8:]} b") == "a [REDACTED CARD NUMBER] b"
+
+
+def test_a_card_number_beside_another_group_of_digits_is_found() -> None:
+    # Found by the fuzzer once dots, slashes, underscores and other scripts' digits
+    # joined runs: "4242…4242/12" was one 18-digit run whose digits fail Luhn as a
+    # whole, and the card number in it was left in the clear.
+    number = complete("4" + "7654321" * 2)
+    for text in (
+        f"{number}/12",
+        f"{number}.5",
+        f"{number}_7",
+        f"1 {number}",
+        f"12-{number}",
+        "x\u0664" + number,
+        number[:8] + _in_script(number[8:], 0xFF10),
+    ):
+        assert holds_card_number(text), repr(text)
+        assert number[-6:] not in redact_card_numbers(text).translate(_TO_ASCII), repr(text)
+    assert card_number_in(f"{number}/12") == number
+    # Groups too short to be a card number on their own are not one.
+    assert not holds_card_number("order 12/34 5678")
