@@ -25,19 +25,13 @@ some kinds of input (``--harness params --modes j``: JSON bodies).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/tokenize.py shares the standard library's module name, and a script's directory
-# comes first on sys.path. This script imports nothing from bench/, so it leaves it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
+import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

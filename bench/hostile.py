@@ -48,23 +48,15 @@ Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/tokenize.py shares the standard library's module name, and a script's directory
-# comes first on sys.path: bench/ leaves the path while the standard library (dataclasses
-# imports tokenize through inspect and linecache) and the rest load, and comes back for
-# _common alone.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -75,13 +67,11 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
+from _common import Result, cardvault_process, free_port, run_cardvault, wait_for_port
+from _deploy import create_account, keyd_config, make_pki, vault_config
 
 import cardvault
-from cardvault.transport.certs import init_ca
 from cardvault.transport.tls import client_context
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Result, cardvault_process, free_port, run_cardvault, wait_for_port
 
 WARMUP_S = 1.0
 SAMPLE_S = 0.05
@@ -108,78 +98,6 @@ FLOODS: dict[str, tuple[str, str, str, str | None]] = {
 
 
 # --- the deployment -----------------------------------------------------------------
-
-
-@dataclass
-class Pki:
-    ca: Path
-    keyd: tuple[Path, Path]
-    vault: tuple[Path, Path]
-
-
-def make_pki(directory: Path) -> Pki:
-    ca = init_ca(directory / "pki")
-    keyd = ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
-    vault = ca.issue("vault", dns=["localhost"], ips=["127.0.0.1"], client_identity="vault")
-    return Pki(ca.cert_path, (keyd.cert_path, keyd.key_path), (vault.cert_path, vault.key_path))
-
-
-def keyd_config(directory: Path, pki: Pki, port: int) -> Path:
-    config = directory / "keyd.toml"
-    config.write_text(
-        'profile = "development"\n'
-        "[server]\n"
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'cert_file = "{pki.keyd[0]}"\nkey_file = "{pki.keyd[1]}"\n'
-        f'client_ca_file = "{pki.ca}"\n'
-        f'[store]\nurl = "sqlite:///{directory / "keyd.db"}"\n'
-        f'[seal]\ntype = "dev"\ndev_key_file = "{directory / "root.key"}"\n'
-        '[logging]\nformat = "json"\n'
-    )
-    return config
-
-
-def vault_config(directory: Path, pki: Pki, port: int, keyd_port: int) -> Path:
-    config = directory / "vault.toml"
-    config.write_text(
-        # The production profile: JSON log lines at the default level (info).
-        'profile = "production"\n'
-        "[server]\n"
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'cert_file = "{pki.vault[0]}"\nkey_file = "{pki.vault[1]}"\n'
-        f'[store]\nurl = "sqlite:///{directory / "vault.db"}"\n'
-        "[keyservice]\n"
-        f'url = "https://localhost:{keyd_port}"\nca_file = "{pki.ca}"\n'
-        f'cert_file = "{pki.vault[0]}"\nkey_file = "{pki.vault[1]}"\n'
-        # The only non-defaults: no per-key rate limit may stop the flood before the
-        # parser, for the publishable key (5/s by default) as for the secret key.
-        "[limits]\n"
-        "secret_rate = 1000000.0\nsecret_burst = 1000000.0\n"
-        "publishable_rate = 1000000.0\npublishable_burst = 1000000.0\n"
-        f'[audit]\ndirectory = "{directory / "audit"}"\n'
-    )
-    return config
-
-
-def create_account(config: Path, log: Path) -> dict[str, str]:
-    """A new account; its test-mode publishable and secret keys."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cardvault", "accounts", "create", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    with open(log, "a") as fh:
-        fh.write(result.stderr)
-    keys = {}
-    for kind, prefix in (("publishable", "pk_test_"), ("secret", "sk_test_")):
-        found = re.search(rf"^{kind} \(test\)\s+({prefix}\S+)\s*$", result.stdout, re.M)
-        if found:
-            keys[kind] = found.group(1)
-    if result.returncode != 0 or len(keys) != 2:
-        raise RuntimeError(f"accounts create failed ({result.returncode}):\n{result.stderr}")
-    return keys
 
 
 # --- the vault's memory -------------------------------------------------------------
@@ -409,7 +327,9 @@ def run(args: argparse.Namespace, directory: Path, wrk: str) -> tuple[Outcome, i
     run_cardvault(["keyservice", "init", "--config", str(kconf)], log=directory / "init.log")
     with cardvault_process(["keyservice", "serve", "--config", str(kconf)], log=keyd_log) as keyd:
         wait_for_port(keyd_port, keyd, log=keyd_log)
-        config = vault_config(directory, pki, port, keyd_port)
+        config = vault_config(
+            directory, pki, port, keyd_port, f"sqlite:///{directory / 'vault.db'}"
+        )
         keys = create_account(config, log)
         lua = directory / "flood.lua"
         lua.write_text(wrk_script(args.flood, keys, args.max_requests))

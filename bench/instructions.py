@@ -10,7 +10,7 @@ key service, and drives ``--concurrency`` concurrent requests on one event loop.
 requests, and prints ``(large - small) / (large - small requests)``: the instructions
 one more request costs, start-up excluded, repeatable to about 1 %. Instructions are
 not time (cache misses and system calls, fsync included, are not in them), so confirm a
-gain with ``tokenize.py``; but they tell whether a change did anything at all.
+gain with ``tokenization.py``; but they tell whether a change did anything at all.
 
     .venv/bin/python bench/instructions.py                    # tokenize and noop
     .venv/bin/python bench/instructions.py --endpoint tokenize --small 100 --large 300
@@ -34,22 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _deploy import create_account, keyd_config, make_pki, vault_config
+from tokenization import card_bodies
+
 HERE = Path(__file__).resolve().parent
 ENDPOINTS = {"tokenize": "/v1/payment_methods", "noop": "/v1/noop"}
 WARMUP = 300
-
-
-def _bench_tokenize() -> Any:
-    """bench/tokenize.py as a module (it registers the standard library's tokenize)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_tokenize", HERE / "tokenize.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_bench_tokenize"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _exchange(body: bytes) -> tuple[Any, Any, list[int]]:
@@ -114,7 +104,6 @@ async def _drive(app: Any, path: str, bodies: list[bytes], key: str, count: int,
 
 def child(args: argparse.Namespace) -> None:
     """Set up the deployment, warm up, then run ``--count`` requests and exit."""
-    bt = _bench_tokenize()
     from _common import cardvault_process, free_port, run_cardvault, wait_for_port
 
     from cardvault.audit.recorder import open_audit_log
@@ -125,20 +114,20 @@ def child(args: argparse.Namespace) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="cardvault-instructions-"))
     try:
-        pki = bt.make_pki(work)
+        pki = make_pki(work)
         keyd_port = free_port()
-        keyd_config = bt.keyd_config(work, pki, keyd_port)
+        kconf = keyd_config(work, pki, keyd_port)
         keyd_log = work / "keyd.log"
-        run_cardvault(["keyservice", "init", "--config", str(keyd_config)], log=keyd_log)
+        run_cardvault(["keyservice", "init", "--config", str(kconf)], log=keyd_log)
         with cardvault_process(
-            ["keyservice", "serve", "--config", str(keyd_config)], log=keyd_log
+            ["keyservice", "serve", "--config", str(kconf)], log=keyd_log
         ) as keyd:
             wait_for_port(keyd_port, keyd, log=keyd_log)
             (work / "vault").mkdir()
-            config = bt.vault_config(
+            config = vault_config(
                 work / "vault", pki, free_port(), keyd_port, f"sqlite:///{work / 'vault' / 'v.db'}"
             )
-            key = bt.create_account(config, work / "accounts.log")
+            key = create_account(config, work / "accounts.log")["secret"]
             settings = load_settings(VaultSettings, config)
             # The production configuration: JSON lines at info, to a file.
             with open(work / "vault.log", "w") as log:
@@ -146,7 +135,7 @@ def child(args: argparse.Namespace) -> None:
                 service = vault_app.build_service(settings)
                 assert service is not None
                 app = vault_app.build_listeners(settings, service)[0].app
-                bodies = bt.card_bodies() if args.endpoint == "tokenize" else [b""]
+                bodies = card_bodies() if args.endpoint == "tokenize" else [b""]
                 path = ENDPOINTS[args.endpoint]
 
                 async def run() -> None:

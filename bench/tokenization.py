@@ -24,69 +24,35 @@ client's CPU and the whole machine's, key-service round trips per 10,000 tokeniz
 vault's whole run), the vault's peak RSS (``VmHWM``), and the rows stored against the
 tokenizations answered.
 
-The file's name is also the standard library's ``tokenize``; see
-``_install_stdlib_tokenize`` for how neither this script nor its neighbours in
-``bench/`` end up importing the wrong one.
-
-    .venv/bin/python bench/tokenize.py --seconds 10
-    .venv/bin/python bench/tokenize.py --backend sqlite --seconds 5 --keep
+    .venv/bin/python bench/tokenization.py --seconds 10
+    .venv/bin/python bench/tokenization.py --backend sqlite --seconds 5 --keep
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import itertools
+import json
 import os
+import platform
+import secrets
+import shutil
+import sqlite3
 import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlencode
 
+import aiohttp
+from _common import cardvault_process, free_port, run_cardvault, wait_for_port
+from _deploy import Pki, create_account, keyd_config, make_pki, vault_config
 
-def _install_stdlib_tokenize() -> None:
-    """Put the standard library's ``tokenize`` in ``sys.modules``, in place of this file.
-
-    This file shares that module's name, and Python puts a script's directory first on
-    ``sys.path``: run as a script, the ``import tokenize`` of linecache, inspect or
-    aiohttp would find this file; and when another script in ``bench/`` runs, its
-    ``import tokenize`` finds this file too. Either way the standard library's module is
-    loaded here by path and registered, and the importer hands that one to whoever
-    asked (an import returns what ``sys.modules`` holds once the module has run).
-    """
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.__file__), "tokenize.py")
-    if getattr(sys.modules.get("tokenize"), "__file__", None) == path:
-        return
-    spec = importlib.util.spec_from_file_location("tokenize", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tokenize"] = module
-    spec.loader.exec_module(module)
-
-
-_install_stdlib_tokenize()
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import shutil  # noqa: E402
-import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
-from urllib.parse import urlencode  # noqa: E402
-
-if __name__ != "tokenize":  # imported in the standard module's place: nothing more to load
-    import aiohttp
-    from _common import cardvault_process, free_port, run_cardvault, wait_for_port
-
-    from cardvault.transport.certs import init_ca
-    from cardvault.transport.tls import client_context
+from cardvault.transport.tls import client_context
 
 ADMIN_DSN = os.environ.get(
     "CARDVAULT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -100,75 +66,7 @@ CARDS = (("4242424242424242", "123"), ("5555555555554444", "123"), ("37828224631
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# --- the deployment -----------------------------------------------------------------
-
-
-@dataclass
-class Pki:
-    ca: Path
-    keyd: tuple[Path, Path]
-    vault: tuple[Path, Path]
-
-
-def make_pki(directory: Path) -> Pki:
-    ca = init_ca(directory / "pki")
-    keyd = ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
-    vault = ca.issue("vault", dns=["localhost"], ips=["127.0.0.1"], client_identity="vault")
-    return Pki(ca.cert_path, (keyd.cert_path, keyd.key_path), (vault.cert_path, vault.key_path))
-
-
-def keyd_config(directory: Path, pki: Pki, port: int) -> Path:
-    config = directory / "keyd.toml"
-    config.write_text(
-        'profile = "development"\n'
-        "[server]\n"
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'cert_file = "{pki.keyd[0]}"\nkey_file = "{pki.keyd[1]}"\n'
-        f'client_ca_file = "{pki.ca}"\n'
-        f'[store]\nurl = "sqlite:///{directory / "keyd.db"}"\n'
-        f'[seal]\ntype = "dev"\ndev_key_file = "{directory / "root.key"}"\n'
-        # JSON lines (the production format) so that its access lines can be counted.
-        '[logging]\nformat = "json"\n'
-    )
-    return config
-
-
-def vault_config(directory: Path, pki: Pki, port: int, keyd_port: int, store_url: str) -> Path:
-    config = directory / "vault.toml"
-    config.write_text(
-        # The production profile: JSON log lines at the default level (info).
-        'profile = "production"\n'
-        "[server]\n"
-        f'host = "127.0.0.1"\nport = {port}\n'
-        f'cert_file = "{pki.vault[0]}"\nkey_file = "{pki.vault[1]}"\n'
-        f'[store]\nurl = "{store_url}"\n'
-        "[keyservice]\n"
-        f'url = "https://localhost:{keyd_port}"\nca_file = "{pki.ca}"\n'
-        f'cert_file = "{pki.vault[0]}"\nkey_file = "{pki.vault[1]}"\n'
-        # The only non-default: the per-key rate limit must not throttle the load.
-        "[limits]\nsecret_rate = 1000000.0\nsecret_burst = 1000000.0\n"
-        # With PostgreSQL the audit log's directory must be named (with SQLite it is
-        # the database's own directory, the same place).
-        f'[audit]\ndirectory = "{directory / "audit"}"\n'
-    )
-    return config
-
-
-def create_account(config: Path, log: Path) -> str:
-    """A new account; its test-mode secret key."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cardvault", "accounts", "create", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    with open(log, "a") as fh:
-        fh.write(result.stderr)
-    found = re.search(r"^secret \(test\)\s+(sk_test_\S+)\s*$", result.stdout, re.M)
-    if result.returncode != 0 or found is None:
-        raise RuntimeError(f"accounts create failed ({result.returncode}):\n{result.stderr}")
-    return found.group(1)
+# --- the deployment (bench/_deploy.py) and its PostgreSQL database ------------------------
 
 
 async def admin(sql: str) -> None:
@@ -481,8 +379,10 @@ def run_backend(
         dsn = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
         store_url = dsn
     try:
-        config = vault_config(work, pki, port, keyd_port, store_url)
-        secret_key = create_account(config, log)
+        config = vault_config(
+            work, pki, port, keyd_port, store_url, limits={"secret_rate": 1e6, "secret_burst": 1e6}
+        )
+        secret_key = create_account(config, log)["secret"]
         calls_at_start = key_service_calls(keyd_log)
         with cardvault_process(["vault", "serve", "--config", str(config)], log=log) as proc:
             wait_for_port(port, proc, log=log)
