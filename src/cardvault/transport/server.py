@@ -585,7 +585,7 @@ def tune_gc_for_serving() -> None:
     walked again, and requests in flight rarely reach the new threshold. Reference
     cycles are still collected, later and in larger batches: up to about 20,000
     container objects of cyclic garbage (and what they hold) may wait for a collection.
-    On ``bench/tokenize.py`` the tokenization's p99 fell by half and its vault CPU by
+    On ``bench/tokenization.py`` the tokenization's p99 fell by half and its vault CPU by
     5-18% in three alternating pairs (see ``bench/README.md``).
 
     Card data and keys do not wait for the collector on the request path: they are
