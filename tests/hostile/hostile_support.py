@@ -93,14 +93,14 @@ def card_forms(number: str) -> dict[str, str]:
     }
 
 
-#: A hex digest (the audit log's hashes, request MACs): its digits are not a number, and
-#: 64 random hex characters hold a run of 20 or more digits often enough to matter.
-_HEX_DIGEST = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{32,}(?![0-9A-Za-z])")
+#: A hex token (the audit log's hashes, data-key ids ``dk_`` + 24 hex): its digits are not
+#: a number, and random hex holds a run of 20 or more digits often enough to matter.
+_HEX_DIGEST = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{16,}(?![0-9A-Za-z])")
 
 
 def card_numbers_in(text: str) -> list[str]:
     """The card numbers in ``text``, masked (first six, last four) for messages. Hex
-    digests (32 or more hex characters with a letter among them) are set aside."""
+    tokens (16 or more hex characters with a letter among them) are set aside."""
     text = _HEX_DIGEST.sub("#", text)
     out = []
     for match in find_card_numbers(text):

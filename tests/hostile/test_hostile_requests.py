@@ -43,7 +43,11 @@ def assert_stripe_error(response: httpx.Response, status: int) -> dict[str, str]
 
 @pytest.mark.parametrize(
     "body",
-    ["foo[100000000]=x", "card[5105105105105100]=1", "foo[99999]=x&bar[99999]=x&baz[99999]=x"],
+    [
+        "foo[100000000]=x",
+        "card[5105105105105100]=1",
+        "foo[3000000]=x&bar[3000000]=x&baz[3000000]=x",
+    ],
 )
 def test_a_list_index_in_a_form_key_is_refused_without_allocating(
     hostile: Stack, client: httpx.Client, body: str
@@ -237,22 +241,25 @@ def test_a_card_number_in_a_url_path_never_reaches_the_access_log(
     hostile: Stack, client: httpx.Client, form: str
 ) -> None:
     written = card_forms("5105105105105100")[form]
+    answers = []
     for path in (
         f"/v1/payment_methods/{written}",
         f"/{written}",
         f"/v1/forwarding/requests/{written}",
     ):
-        response = client.get(
-            f"{hostile.url}{quote(path)}", headers=auth(hostile.accounts[1]["sk"])
+        answers.append(
+            client.get(f"{hostile.url}{quote(path)}", headers=auth(hostile.accounts[1]["sk"]))
         )
-        assert response.status_code == 404
-        assert card_numbers_in(response.text) == []
     time.sleep(0.2)
+    # The log first: the answers are item 10's.
     log = hostile.vault_log.read_text(encoding="utf-8", errors="replace")
     assert card_numbers_in(log) == []
     for line in log.splitlines():
         if line.startswith("{"):
             assert card_numbers_in(json.dumps(json.loads(line), ensure_ascii=False)) == []
+    for response in answers:
+        assert response.status_code == 404
+        assert card_numbers_in(response.text) == []
 
 
 # -- 10. card numbers in error answers ---------------------------------------------------------
