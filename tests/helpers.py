@@ -24,7 +24,6 @@ from cardvault.transport.certs import CertificateAuthority, init_ca, write_priva
 from cardvault.transport.server import Listener, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 
 
 def free_port() -> int:

@@ -27,15 +27,12 @@ import pytest
 from cardvault.cards import find_card_numbers, luhn_valid
 from cardvault.transport.asgi import HSTS
 from cardvault.transport.tls import client_context
-from helpers import ROOT, SHARED, Pki, free_port, wait_for_port
+from helpers import ROOT, Pki, free_port, wait_for_port
 
 # --- test data -----------------------------------------------------------------------
 
 
 def _load_table() -> dict[str, Any]:
-    shared = SHARED / "testdata" / "test_cards.json"
-    if shared.exists():
-        return dict(json.loads(shared.read_text("utf-8")))
     raw = resources.files("cardvault.cards").joinpath("test_cards.json").read_text("utf-8")
     return dict(json.loads(raw))
 
