@@ -132,7 +132,7 @@ def child(args: argparse.Namespace) -> None:
             # The production configuration: JSON lines at info, to a file.
             with open(work / "vault.log", "w") as log:
                 configure_logging(profile="production", level="info", fmt="json", stream=log)
-                service = vault_app.build_service(settings)
+                service = vault_app.build_vault(settings)
                 assert service is not None
                 app = vault_app.build_listeners(settings, service)[0].app
                 bodies = card_bodies() if args.endpoint == "tokenize" else [b""]

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cardvault.transport.certs import CertificateAuthority, init_ca, write_private
+from cardvault.files import write_private
+from cardvault.transport.certs import CertificateAuthority, init_ca
 from cardvault.transport.server import Listener, serve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,7 +48,7 @@ from cardvault.storage import (
     open_vault_store,
 )
 from cardvault.storage.base import UnstorableValue
-from cardvault.storage.migrations import latest_version
+from cardvault.storage.migrations import VAULT_SCHEMA
 
 #: The server CI starts; trust authentication for the ``postgres`` role.
 POSTGRES_ADMIN_DSN = os.environ.get(
@@ -267,7 +267,7 @@ def test_migrate_twice_is_harmless_and_keeps_data(backend: Backend) -> None:
         await store.migrate()
         assert await store.get_payment_method(ACCT, False, "pm_keep") == stored
         versions = await backend.fetch("SELECT version FROM schema_version ORDER BY version")
-        assert [v for (v,) in versions] == list(range(1, latest_version() + 1))
+        assert [v for (v,) in versions] == list(range(1, VAULT_SCHEMA.latest + 1))
 
     backend.run(check, migrate=False)
 
@@ -297,7 +297,7 @@ def test_migrate_from_two_stores_at_once_applies_each_version_once(backend: Back
         finally:
             await second.close()
         versions = await backend.fetch("SELECT version FROM schema_version ORDER BY version")
-        assert [v for (v,) in versions] == list(range(1, latest_version() + 1))
+        assert [v for (v,) in versions] == list(range(1, VAULT_SCHEMA.latest + 1))
 
     backend.run(check, migrate=False)
 
@@ -941,7 +941,7 @@ def test_sqlite_concurrent_writes_share_a_transaction_and_are_committed_on_retur
 @pytest.fixture
 def small_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Path, Path]:
     """A checkpoint threshold of 256 KiB, the database's path and its WAL's."""
-    from cardvault.storage import sqlite as sqlite_store
+    from cardvault.storage.sqlite import wal as sqlite_store
 
     threshold = 256 * 1024
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_WAL_BYTES", threshold)
@@ -951,7 +951,7 @@ def small_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Pat
 def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
     small_wal: tuple[int, Path, Path],
 ) -> None:
-    from cardvault.storage import sqlite as sqlite_store
+    from cardvault.storage.sqlite import wal as sqlite_store
 
     threshold, path, wal = small_wal
 

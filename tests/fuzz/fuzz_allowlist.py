@@ -1,4 +1,4 @@
-"""Fuzz the forwarding allowlist's URL matcher, ``cardvault.vault.allowlist.match_url``.
+"""Fuzz the allowlist's URL matcher, ``cardvault.vault.forwarding.allowlist.match_url``.
 
 The input is the caller's ``url``, decoded as UTF-8 with undecodable bytes as lone
 surrogates (``surrogateescape``). The allowlist is :data:`ALLOWLIST_TOML`, loaded once by
@@ -66,7 +66,7 @@ _allowlist: Any = None
 
 def load() -> None:
     global _allowlist
-    from cardvault.vault.allowlist import load_allowlist
+    from cardvault.vault.forwarding.loader import load_allowlist
 
     with tempfile.TemporaryDirectory(prefix="fuzz-allowlist-") as tmp:
         path = Path(tmp) / "allowlist.toml"
@@ -77,7 +77,7 @@ def load() -> None:
 def _refused(call: Any, where: str) -> bool:
     """Whether ``call()`` is refused as documented; a finding for any other exception."""
     from cardvault.errors import InvalidRequestError
-    from cardvault.vault.allowlist import REFUSAL_MESSAGE
+    from cardvault.vault.forwarding.allowlist import REFUSAL_MESSAGE
 
     try:
         with _harness.target():
@@ -123,7 +123,7 @@ def _check_accepted(url: str, destination: Any) -> None:
 
 
 def _one(data: bytes) -> None:
-    from cardvault.vault.allowlist import match_url
+    from cardvault.vault.forwarding.allowlist import match_url
 
     url = data.decode("utf-8", "surrogateescape")
     found: list[Any] = []

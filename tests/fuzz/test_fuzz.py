@@ -221,7 +221,7 @@ def test_cards_reference_reads_the_grammar_the_parser_accepts() -> None:
 def test_allowlist_harness_catches_a_matcher_that_accepts_another_url(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import cardvault.vault.allowlist as allowlist
+    import cardvault.vault.forwarding.allowlist as allowlist
 
     fuzz_allowlist.load()
     assert _kind(fuzz_allowlist, b"https://localhost:8445/v1/authorizations") is None

@@ -2,7 +2,7 @@
 
 The route table is the one the vault's public listener serves: ``build_listeners`` (what
 ``cardvault vault serve`` runs) builds the app from real settings, with stand-ins for the
-service and the forwarder, whose routes only close over them. So a route added to the
+vault's services, whose routes only close over them. So a route added to the
 code anywhere (the payment API, forwarding, the card element, security.txt) without a
 line in the document fails here, and so does a documented route that no longer exists.
 """
@@ -31,11 +31,10 @@ from cardvault.errors import (
     UriTooLong,
 )
 from cardvault.transport.asgi import SecurityHeaders
-from cardvault.vault.api import forwarding_routes, payment_method_routes
-from cardvault.vault.app import build_listeners
-from cardvault.vault.forwarding import Forwarder
-from cardvault.vault.ratelimit import RateLimiter
-from cardvault.vault.service import VaultService
+from cardvault.vault.app import Vault, build_listeners
+from cardvault.vault.http import PublicAPI
+from cardvault.vault.http import routes as vault_routes
+from cardvault.vault.ratelimit import KeyLimits, RateLimiter
 from cardvault.vault.settings import VaultSettings
 from helpers import self_signed
 
@@ -66,7 +65,11 @@ def _template(path: str) -> str:
 
 
 class _StandIn:
-    """In place of the service and the forwarder: building the routes never calls them."""
+    """In place of the services: building the routes never calls them."""
+
+    def __getattr__(self, name: str) -> _StandIn:
+        # The vault's objects (vault.accounts, vault.forwarder …) are stand-ins too.
+        return _StandIn()
 
 
 def served_routes(directory: Path) -> tuple[set[Operation], set[Operation]]:
@@ -81,17 +84,21 @@ def served_routes(directory: Path) -> tuple[set[Operation], set[Operation]]:
         env={},
         overrides={"server": {"cert_file": str(cert), "key_file": str(key)}},
     )
-    service = cast(VaultService, _StandIn())
-    forwarder = cast(Forwarder, _StandIn())
-    public = [lst for lst in build_listeners(settings, service, forwarder) if lst.name == "public"]
+    vault = cast(Vault, _StandIn())
+    public = [lst for lst in build_listeners(settings, vault) if lst.name == "public"]
     assert len(public) == 1
     app = public[0].app
     assert isinstance(app, SecurityHeaders)
-    limits = {"secret_limits": RateLimiter(1.0, 1.0), "publishable_limits": RateLimiter(1.0, 1.0)}
-    with_key = [
-        *payment_method_routes(service, **limits),
-        *forwarding_routes(service, forwarder, **limits),
-    ]
+    limits = KeyLimits(RateLimiter(1.0, 1.0), RateLimiter(1.0, 1.0))
+    api = PublicAPI(
+        accounts=vault.accounts,
+        payment_methods=vault.payment_methods,
+        idempotency=vault.idempotency,
+        payment_method_limits=limits,
+        forwarder=vault.forwarder,
+        forwarding_limits=limits,
+    )
+    with_key = vault_routes(api).with_api_key
 
     def operations(routes: list[Any]) -> set[Operation]:
         out: set[Operation] = set()

@@ -68,7 +68,6 @@ from typing import Final
 
 import structlog
 
-from cardvault.audit._files import fsync_dir, read_last_lines, replace_private
 from cardvault.audit.errors import AuditCorrupt, AuditUnavailable
 from cardvault.audit.record import (
     CHECKPOINT_ACTION,
@@ -87,6 +86,7 @@ from cardvault.audit.signing import (
     sign_checkpoint,
     verify_checkpoint,
 )
+from cardvault.files import open_private_append, read_last_lines, write_private
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -201,7 +201,7 @@ class AuditLog:
             self.public_key_path = ensure_public_key(self.directory, self._key)
         except OSError as exc:
             raise AuditUnavailable("the audit signing key cannot be read or created") from exc
-        self.key_id = key_id(self._key.public_key())
+        self.key_id = key_id(self._key.public_key)
         self._file = self._open_file()
         try:
             self._seq, self._prev, self._size, last_is_checkpoint = self._read_tail()
@@ -350,10 +350,8 @@ class AuditLog:
     # -- opening -------------------------------------------------------------------------
 
     def _open_file(self) -> _AppendFile:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            existed = self.path.exists()
-            fd = os.open(self.path, flags, 0o600)
+            fd = open_private_append(self.path)
         except OSError as exc:
             raise AuditUnavailable("the audit log cannot be opened for writing") from exc
         try:
@@ -361,13 +359,6 @@ class AuditLog:
         except OSError as exc:
             os.close(fd)
             raise AuditUnavailable("another process has this audit log open") from exc
-        if not existed:
-            try:
-                os.fchmod(fd, 0o600)
-                fsync_dir(self.directory)
-            except OSError as exc:
-                os.close(fd)
-                raise AuditUnavailable("the audit log cannot be created") from exc
         return _AppendFile(fd)
 
     def _read_tail(self) -> tuple[int, str, int, bool]:
@@ -423,7 +414,7 @@ class AuditLog:
             and isinstance(sig, str)
             and head == record.prev
             and seq == record.seq - 1
-            and verify_checkpoint(self._key.public_key(), head, seq, sig)
+            and verify_checkpoint(self._key.public_key, head, seq, sig)
         )
 
     # -- writing (on the event loop) ----------------------------------------------------
@@ -523,7 +514,7 @@ class AuditLog:
         self._durable = (self._seq, self._prev, self._size, self._since_checkpoint)
         if head is not None:
             try:
-                replace_private(self.head_path, head)
+                write_private(self.head_path, head)
             except OSError as exc:
                 # The records are durable, so their callers succeed; but without a
                 # current audit.head a cut-off log could pass verification, so refuse

@@ -18,7 +18,7 @@ from cardvault.config import AuditSettings
 from cardvault.errors import AuditUnavailableError, ConfigurationError
 from cardvault.logging import get_logger, request_fields
 
-__all__ = ["Recorder", "open_audit_log"]
+__all__ = ["Recorder", "open_audit_log", "start_recording"]
 
 _log = get_logger("cardvault.audit")
 
@@ -71,3 +71,21 @@ async def open_audit_log(directory: Path, settings: AuditSettings) -> AuditLog:
         )
     except AuditError as exc:
         raise ConfigurationError(f"cannot open the audit log in {directory}: {exc}") from exc
+
+
+async def start_recording(
+    recorder: Recorder,
+    settings: AuditSettings,
+    store_url: str,
+    *,
+    actor: str,
+    records: list[tuple[str, Mapping[str, DetailValue]]],
+) -> None:
+    """A service's start-up: open its audit log (in ``settings``' directory, or the
+    SQLite store's) into ``recorder`` and append ``records`` (action, detail), each by
+    ``actor`` from the local host. A log whose tail does not verify stops start-up
+    (:class:`ConfigurationError`): the chain must never fork silently."""
+    directory, _admin = settings.resolved(store_url)
+    recorder.log = await open_audit_log(directory, settings)
+    for action, detail in records:
+        await recorder.record(action, actor=actor, origin="local", detail=detail)

@@ -2,7 +2,9 @@
 
 The key is ``audit.key`` (PKCS#8 PEM, mode 0600) in the service's state directory,
 created on first use; its public half is ``audit.pub`` (SubjectPublicKeyInfo PEM) beside
-the log, to be published. Signing and verifying use ``cryptography``'s Ed25519.
+the log, to be published. Signing and verifying are :mod:`cardvault.crypto`'s
+(:func:`cardvault.crypto.sign`, :func:`cardvault.crypto.verify`); the key files are
+written by :mod:`cardvault.files`.
 
 A checkpoint signs, for the record numbered ``seq`` whose hash is ``head``::
 
@@ -22,12 +24,9 @@ import hashlib
 from pathlib import Path
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from cardvault.audit._files import create_private
 from cardvault.audit.errors import AuditCorrupt
+from cardvault.crypto import InvalidSignature, SigningKey, VerifyKey, sign, verify
+from cardvault.files import create_private
 
 __all__ = [
     "CHECKPOINT_CONTEXT",
@@ -38,7 +37,6 @@ __all__ = [
     "key_id",
     "load_or_create_signing_key",
     "load_public_key",
-    "public_key_pem",
     "sign_checkpoint",
     "verify_checkpoint",
 ]
@@ -56,67 +54,52 @@ def checkpoint_message(head: str, seq: int) -> bytes:
     return CHECKPOINT_CONTEXT + raw + seq.to_bytes(8, "big")
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+def key_id(public_key: VerifyKey) -> str:
+    return "ed25519:" + hashlib.sha256(public_key.raw).hexdigest()[:16]
 
 
-def sign_checkpoint(key: Ed25519PrivateKey, head: str, seq: int) -> str:
-    return base64.b64encode(key.sign(checkpoint_message(head, seq))).decode("ascii")
+def sign_checkpoint(key: SigningKey, head: str, seq: int) -> str:
+    return base64.b64encode(sign(key, checkpoint_message(head, seq))).decode("ascii")
 
 
-def verify_checkpoint(public_key: Ed25519PublicKey, head: str, seq: int, signature: str) -> bool:
+def verify_checkpoint(public_key: VerifyKey, head: str, seq: int, signature: str) -> bool:
     """True when ``signature`` is this key's signature of (``head``, ``seq``)."""
     try:
         raw = base64.b64decode(signature.encode("ascii"), validate=True)
-        public_key.verify(raw, checkpoint_message(head, seq))
+        verify(public_key, checkpoint_message(head, seq), raw)
     except (InvalidSignature, ValueError, binascii.Error, UnicodeEncodeError):
         return False
     return True
 
 
-def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
+def load_public_key(path: Path) -> VerifyKey:
     """Read an Ed25519 public key (PEM). Raises ValueError for any other content."""
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
-    return key
+    try:
+        return VerifyKey.from_pem(Path(path).read_bytes())
+    except ValueError:
+        raise ValueError(f"{path} is not an Ed25519 public key") from None
 
 
-def load_or_create_signing_key(directory: Path) -> Ed25519PrivateKey:
+def load_or_create_signing_key(directory: Path) -> SigningKey:
     """The key in ``directory/audit.key``, made (mode 0600) if there is none."""
     path = Path(directory) / KEY_FILE
     if not path.exists():
-        fresh = Ed25519PrivateKey.generate()
-        pem = fresh.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        create_private(path, pem)  # another process may have won the race: read theirs
+        # Another process may have won the race: then read theirs.
+        create_private(path, SigningKey.generate().expose_private_pem())
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise AuditCorrupt(f"{path} is not a readable, unencrypted PEM private key") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise AuditCorrupt(f"{path} is not an Ed25519 private key")
-    return key
+        return SigningKey.from_pem(path.read_bytes())
+    except ValueError as exc:
+        raise AuditCorrupt(f"{path} is {exc}") from exc
 
 
-def ensure_public_key(directory: Path, key: Ed25519PrivateKey) -> Path:
+def ensure_public_key(directory: Path, key: SigningKey) -> Path:
     """Write ``audit.pub`` for ``key`` if missing; refuse if it names another key.
 
     A published key that no longer matches the signing key would make every later
     checkpoint fail verification, so the mismatch is an error at start-up.
     """
     path = Path(directory) / PUBLIC_KEY_FILE
-    pem = public_key_pem(key.public_key())
+    pem = key.public_key.pem()
     if not create_private(path, pem) and path.read_bytes() != pem:
         raise AuditCorrupt(f"{path} does not match {KEY_FILE}; restore the right pair")
     return path

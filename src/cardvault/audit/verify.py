@@ -47,8 +47,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from cardvault.audit.errors import AuditCorrupt
 from cardvault.audit.log import HEAD_FILE
 from cardvault.audit.record import (
@@ -59,6 +57,7 @@ from cardvault.audit.record import (
     json_nesting_exceeds,
 )
 from cardvault.audit.signing import key_id, load_public_key, verify_checkpoint
+from cardvault.crypto import VerifyKey
 
 __all__ = ["WINDOW", "Problem", "ProblemKind", "VerifyResult", "export", "verify_log"]
 
@@ -153,7 +152,7 @@ def _parse_quietly(raw: bytes) -> AuditRecord | None:
         return None
 
 
-def _checkpoint_problem(record: AuditRecord, public_key: Ed25519PublicKey, kid: str) -> str | None:
+def _checkpoint_problem(record: AuditRecord, public_key: VerifyKey, kid: str) -> str | None:
     detail = record.detail
     if set(detail) != _CHECKPOINT_KEYS:
         return "the checkpoint's detail is not head, seq, signature and key_id"
@@ -173,7 +172,7 @@ def _checkpoint_problem(record: AuditRecord, public_key: Ed25519PublicKey, kid: 
 
 
 def _read_head(
-    head_path: Path, public_key: Ed25519PublicKey, kid: str
+    head_path: Path, public_key: VerifyKey, kid: str
 ) -> tuple[AuditRecord | None, Problem | None]:
     if not head_path.exists():
         return None, None

@@ -33,7 +33,7 @@ ConfigOpt = Annotated[
 
 def _with_service(config: Path | None, work: Callable[[Any], Awaitable[T]]) -> T:
     from cardvault.storage import open_vault_store
-    from cardvault.vault.service import VaultService
+    from cardvault.vault.accounts import Accounts
 
     settings = load_settings(VaultSettings, config)
     if not settings.store.url:
@@ -50,7 +50,7 @@ def _with_service(config: Path | None, work: Callable[[Any], Awaitable[T]]) -> T
         try:
             await store.migrate()
             # Accounts and keys need no card keys: no key-service client is made.
-            service = VaultService(store, keys=None, audit=recorder)  # type: ignore[arg-type]
+            service = Accounts(store, audit=recorder)
             return await work(service)
         finally:
             await recorder.close()

@@ -15,8 +15,8 @@ from rich.console import Console
 from cardvault.client import Client, TransportError
 from cardvault.config import load_settings
 from cardvault.errors import CardVaultError
+from cardvault.files import write_private
 from cardvault.keyservice.settings import KeyServiceSettings
-from cardvault.transport.certs import write_private
 
 app = typer.Typer(
     help="The key service: sealed keyring, custodian unseal, data keys.", no_args_is_help=True
@@ -69,7 +69,7 @@ def init(
     """
     from cardvault.keyservice.app import check_settings
     from cardvault.keyservice.service import initialize
-    from cardvault.keyservice.store import open_key_store
+    from cardvault.storage import open_key_store
 
     settings = load_settings(KeyServiceSettings, config)
     check_settings(settings)

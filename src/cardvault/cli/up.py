@@ -21,7 +21,8 @@ import typer
 from rich.console import Console
 
 from cardvault.client import Client, TransportError
-from cardvault.transport.certs import CA_CERT_FILE, init_ca, load_ca, write_private
+from cardvault.files import open_private_append, write_private
+from cardvault.transport.certs import CA_CERT_FILE, init_ca, load_ca
 
 out = Console()
 err = Console(stderr=True)
@@ -209,7 +210,7 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
 
     from cardvault.config import load_settings
     from cardvault.storage import open_vault_store
-    from cardvault.vault.service import VaultService
+    from cardvault.vault.accounts import Accounts
     from cardvault.vault.settings import VaultSettings
 
     settings = load_settings(VaultSettings, Path(vault_config))
@@ -222,7 +223,7 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
         recorder = Recorder(await AuditLog.open(settings.audit.resolved(settings.store.url)[1]))
         try:
             await store.migrate()
-            service = VaultService(store, keys=None, audit=recorder)  # type: ignore[arg-type]
+            service = Accounts(store, audit=recorder)
             account = await service.create_account("demo")
             _, pk = await service.create_api_key(account.id, "publishable", "test")
             _, sk = await service.create_api_key(account.id, "secret", "test")
@@ -262,9 +263,13 @@ def _allow_origin(vault_config: str, account: str, origin: str) -> None:
     asyncio.run(go())
 
 
+def _child_log(log_path: str) -> Any:
+    """A child's log file, created 0600 before anything is written to it."""
+    return os.fdopen(open_private_append(Path(log_path)), "ab")
+
+
 def _spawn_script(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    os.chmod(log_path, 0o600)
+    log = _child_log(log_path)
     try:
         return subprocess.Popen(
             [sys.executable, *args], stdout=log, stderr=log, start_new_session=True
@@ -274,8 +279,7 @@ def _spawn_script(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
 
 
 def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    os.chmod(log_path, 0o600)
+    log = _child_log(log_path)
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "cardvault", *args],

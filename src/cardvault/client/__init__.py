@@ -9,7 +9,8 @@
   CA bundle. There is no option that turns verification off.
 * Optional pinning: ``pin_sha256`` is a set of base64 SHA-256 hashes of
   SubjectPublicKeyInfo (HPKP style); the pin is checked right after the handshake,
-  before a single byte of the request is sent.
+  before a single byte of the request is sent, by :mod:`cardvault.transport.pins` (the
+  same check the vault makes before forwarding).
 * ``minimum_tls="modern"`` refuses servers that do not speak TLS 1.3.
 * Retries on network errors and on 409/429/5xx, with backoff, reusing the same
   ``Idempotency-Key`` (one is generated for every POST), so a retry never does twice

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import random
 import re
 import ssl
@@ -17,12 +14,12 @@ from typing import Any, Self, get_args
 
 import httpcore
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from cardvault import __version__
 from cardvault.client.resources import Forwarding, PaymentMethods
 from cardvault.errors import CardVaultError, error_class_for
+from cardvault.transport.errors import TransportError
+from cardvault.transport.pins import PinMismatch, check_peer_pins, is_pin, spki_sha256
 from cardvault.transport.tls import TlsProfile, client_context
 
 __all__ = ["Client", "PinMismatch", "TransportError", "spki_sha256"]
@@ -30,27 +27,6 @@ __all__ = ["Client", "PinMismatch", "TransportError", "spki_sha256"]
 _RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 #: ``sha384-`` and the base64 of a 48-byte digest: what a script tag's integrity takes.
 _SRI = re.compile(r"sha384-[A-Za-z0-9+/]{64}")
-
-
-class TransportError(Exception):
-    """The request could not be completed over the network (after any retries).
-
-    Certificate failures are transport errors too; the original ``ssl`` error is the
-    ``__cause__``. The message never includes request data.
-    """
-
-
-class PinMismatch(TransportError):
-    """The server's public key matches none of the pins. Nothing was sent."""
-
-
-def spki_sha256(der_certificate: bytes) -> str:
-    """Base64 SHA-256 of a certificate's SubjectPublicKeyInfo (the pin format)."""
-    cert = x509.load_der_x509_certificate(der_certificate)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 def _normalize_pins(pin_sha256: Iterable[str] | str | None) -> frozenset[str]:
@@ -62,13 +38,8 @@ def _normalize_pins(pin_sha256: Iterable[str] | str | None) -> frozenset[str]:
     if pin_sha256 is None:
         return frozenset()
     pins = frozenset([pin_sha256] if isinstance(pin_sha256, str) else pin_sha256)
-    for pin in pins:
-        try:
-            ok = isinstance(pin, str) and len(base64.b64decode(pin, validate=True)) == 32
-        except ValueError:  # binascii.Error included
-            ok = False
-        if not ok:
-            raise ValueError("each pin_sha256 must be base64 of a 32-byte SHA-256 digest")
+    if not all(is_pin(pin) for pin in pins):
+        raise ValueError("each pin_sha256 must be base64 of a 32-byte SHA-256 digest")
     return pins
 
 
@@ -96,18 +67,10 @@ class _PinnedStream(httpcore.NetworkStream):
     ) -> httpcore.NetworkStream:
         stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
         try:
-            ssl_object = stream.get_extra_info("ssl_object")
-            # httpcore hands out the low-level _ssl._SSLSocket here, whose getpeercert
-            # takes its argument by position only.
-            der = ssl_object.getpeercert(True) if ssl_object is not None else None
-            actual = spki_sha256(der) if der else ""
-            matched = any(hmac.compare_digest(actual.encode(), pin.encode()) for pin in self._pins)
+            check_peer_pins(stream.get_extra_info("ssl_object"), self._pins)
         except BaseException:
             stream.close()
             raise
-        if not matched:
-            stream.close()
-            raise PinMismatch("the server's public key does not match the pinned key")
         return stream
 
     def get_extra_info(self, info: str) -> Any:

@@ -17,8 +17,11 @@ Callers seal and open; they never pick a nonce, a cipher or an encoding::
 - :func:`derive_account_key` / :func:`fingerprint` — Stripe-style card fingerprints.
 - :func:`shamir_split` / :func:`shamir_combine` / :func:`key_check_value` — the root key
   as custodian shares.
+- :class:`SigningKey` / :class:`VerifyKey` / :func:`sign` / :func:`verify` — Ed25519
+  signatures (the audit log's checkpoints).
 
-Every value that does not open raises :class:`InvalidCiphertext`, whatever the reason.
+Every value that does not open raises :class:`InvalidCiphertext`, and every signature
+that does not verify :class:`InvalidSignature`, whatever the reason.
 Byte layouts are specified in ``docs/crypto-formats.md``. The primitives underneath are
 in :mod:`cardvault.crypto.hazmat`, which nothing outside this package may import.
 """
@@ -38,6 +41,7 @@ from cardvault.crypto.exceptions import (
     CryptoError,
     InvalidCiphertext,
     InvalidShare,
+    InvalidSignature,
     KeyCheckMismatch,
 )
 from cardvault.crypto.keyring import Keyring
@@ -49,6 +53,7 @@ from cardvault.crypto.keys import (
     verify_key_check_value,
 )
 from cardvault.crypto.shamir import SHARE_PREFIX, Share, shamir_combine, shamir_split
+from cardvault.crypto.signing import SIGNATURE_SIZE, SigningKey, VerifyKey, sign, verify
 from cardvault.crypto.wrap import (
     WRAPPED_KEY_FORMAT_V1,
     WrappedKeyHeader,
@@ -63,16 +68,20 @@ __all__ = [
     "KEY_SIZE",
     "MAX_KEY_VERSION",
     "SHARE_PREFIX",
+    "SIGNATURE_SIZE",
     "WRAPPED_KEY_FORMAT_V1",
     "Context",
     "CryptoError",
     "EnvelopeHeader",
     "InvalidCiphertext",
     "InvalidShare",
+    "InvalidSignature",
     "Key",
     "KeyCheckMismatch",
     "Keyring",
     "Share",
+    "SigningKey",
+    "VerifyKey",
     "WrappedKeyHeader",
     "derive_account_key",
     "encode_context",
@@ -85,7 +94,9 @@ __all__ = [
     "seal",
     "shamir_combine",
     "shamir_split",
+    "sign",
     "unwrap_key",
+    "verify",
     "verify_key_check_value",
     "wrap_key",
 ]

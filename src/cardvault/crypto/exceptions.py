@@ -5,6 +5,7 @@
     CryptoError
     ├── InvalidCiphertext    any sealed value or wrapped key that does not open
     ├── InvalidShare         a Shamir share that is malformed, mistyped or mismatched
+    ├── InvalidSignature     a signature that does not verify, whatever the reason
     └── KeyCheckMismatch     a key whose check value is not the one expected
 
 These are lower-layer exceptions. A service boundary translates them into a leaf of
@@ -13,7 +14,13 @@ These are lower-layer exceptions. A service boundary translates them into a leaf
 
 from __future__ import annotations
 
-__all__ = ["CryptoError", "InvalidCiphertext", "InvalidShare", "KeyCheckMismatch"]
+__all__ = [
+    "CryptoError",
+    "InvalidCiphertext",
+    "InvalidShare",
+    "InvalidSignature",
+    "KeyCheckMismatch",
+]
 
 
 class CryptoError(Exception):
@@ -41,6 +48,18 @@ class InvalidShare(CryptoError):
     The message says which check failed and may name a share's index, which is not
     secret; it never contains share bytes.
     """
+
+
+class InvalidSignature(CryptoError):
+    """A signature did not verify. Like :class:`InvalidCiphertext`, says nothing about why.
+
+    A signature of the wrong length, one made by another key, one over another message
+    and one that is not an Ed25519 signature at all raise this one exception with this
+    one message, ``from None``: a verifier can only refuse the value either way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("The signature does not verify.")
 
 
 class KeyCheckMismatch(CryptoError):

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cardvault.audit.recorder import open_audit_log
+from cardvault.audit.recorder import start_recording
 from cardvault.errors import ConfigurationError
 from cardvault.keyservice.http import routes
 from cardvault.keyservice.service import KeyService
 from cardvault.keyservice.settings import KeyServiceSettings
-from cardvault.keyservice.store import open_key_store
 from cardvault.logging import configure_logging, get_logger
+from cardvault.storage import open_key_store
 from cardvault.transport.asgi import build_app
 from cardvault.transport.securitytxt import render_security_txt
 from cardvault.transport.server import Listener, run_until_stopped
@@ -80,18 +80,22 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
     listener = build_listener(settings, service)
 
     async def startup() -> None:
-        directory, _admin = settings.audit.resolved(settings.store.url)
-        service.audit.log = await open_audit_log(directory, settings.audit)
-        await service.audit.record(
-            "keyservice.config.loaded",
+        await start_recording(
+            service.audit,
+            settings.audit,
+            settings.store.url,
             actor="keyservice",
-            origin="local",
-            detail={
-                "profile": settings.profile,
-                "seal": settings.seal.type,
-                "store": settings.store.url.split(":", 1)[0],
-                "tls_profile": settings.server.tls_profile,
-            },
+            records=[
+                (
+                    "keyservice.config.loaded",
+                    {
+                        "profile": settings.profile,
+                        "seal": settings.seal.type,
+                        "store": settings.store.url.split(":", 1)[0],
+                        "tls_profile": settings.server.tls_profile,
+                    },
+                )
+            ],
         )
         dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
         await service.start(dev_key_file=dev)

@@ -36,9 +36,9 @@ from cardvault.errors import (
     ResourceMissing,
     UnsealShareInvalid,
 )
-from cardvault.keyservice.store import KeyStore, StoredKek
+from cardvault.files import write_private
 from cardvault.logging import get_logger
-from cardvault.transport.certs import write_private
+from cardvault.storage import KeyStore, StoredKek
 
 __all__ = ["KEK_KINDS", "KeyService", "UnsealProgress", "initialize"]
 

@@ -1,14 +1,36 @@
-"""Storage: the vault's store interface, its two implementations, and their schema.
+"""Storage: every database of cardvault, behind one layer.
 
-``storage`` holds ciphertext and non-secret card facts only; it knows nothing of HTTP
-or of plaintext. :func:`open_vault_store` picks the implementation from a URL.
+Two stores, each with its interface and records in :mod:`~cardvault.storage.base`, each
+on SQLite (one file, the embedded default) and on PostgreSQL, each in a database of its
+own (the vault's and the key service's are never the same database):
+
+* the **vault store** (:class:`VaultStore`, :func:`open_vault_store`): accounts, API
+  keys, wrapped data keys, payment methods (ciphertext and the card facts that are not
+  secret), forwarding requests, idempotency keys;
+* the **key store** (:class:`KeyStore`, :func:`open_key_store`): the key service's KEKs
+  sealed under its root key, key settings, seal metadata, events.
+
+Layout: ``base`` (interfaces, records, errors), ``migrations`` (every store's schema as
+versioned migrations, and the rules of the one runner), ``rows`` (columns and the
+conversions between rows and records, and the key store's statements), ``pages`` (list
+pages), ``sqlite/`` (the group-commit writer, checkpoints, and each store's queries),
+``postgres/`` (the pool, and each store's queries). One contract suite per interface
+(``tests/contract/``) runs on both backends.
+
+What this package may import: the standard library, ``sqlite3``, ``asyncpg``,
+``structlog``, and of cardvault only :mod:`cardvault.errors` and
+:mod:`cardvault.files` (private files). Nothing of HTTP (no
+starlette, uvicorn, httpx, aiohttp), nothing of :mod:`cardvault.vault`,
+:mod:`cardvault.keyservice`, :mod:`cardvault.transport` or :mod:`cardvault.cards`. It
+never sees plaintext card data or keys: what it stores is ciphertext, sealed keys and
+facts that are not secret. The services import it, never the other way round.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cardvault.errors import ConfigurationError
+from cardvault.storage._shared import store_location
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -16,42 +38,58 @@ from cardvault.storage.base import (
     DuplicateError,
     ForwardingRequestRecord,
     IdempotencyRecord,
+    KekExists,
+    KeyStore,
     Mode,
     PaymentMethodRecord,
+    StoredKek,
+    UnstorableValue,
     VaultStore,
 )
-from cardvault.storage.postgres import PostgresVaultStore
-from cardvault.storage.sqlite import SQLiteVaultStore
+from cardvault.storage.migrations import STORED_IDEMPOTENCY_KEY_PREFIX
+from cardvault.storage.postgres import PostgresKeyStore, PostgresVaultStore
+from cardvault.storage.sqlite import SQLiteKeyStore, SQLiteVaultStore
 
 __all__ = [
+    "STORED_IDEMPOTENCY_KEY_PREFIX",
     "Account",
     "ApiKey",
     "DataKeyRecord",
     "DuplicateError",
     "ForwardingRequestRecord",
     "IdempotencyRecord",
+    "KekExists",
+    "KeyStore",
     "Mode",
     "PaymentMethodRecord",
+    "PostgresKeyStore",
     "PostgresVaultStore",
+    "SQLiteKeyStore",
     "SQLiteVaultStore",
+    "StoredKek",
+    "UnstorableValue",
     "VaultStore",
+    "open_key_store",
     "open_vault_store",
 ]
 
 
 def open_vault_store(url: str) -> VaultStore:
-    """The store for ``sqlite:///absolute/path.db`` or ``postgresql://user@host/db``.
+    """The vault's store for ``sqlite:///absolute/path.db`` or
+    ``postgresql://user@host/db``.
 
     Nothing is opened yet: the first call (normally ``migrate()``) connects. Raises
     :class:`~cardvault.errors.ConfigurationError` for any other URL.
     """
-    if url.startswith("sqlite:///"):
-        # sqlite:///abs/path, or SQLAlchemy's sqlite:////abs/path: always absolute.
-        path = url.removeprefix("sqlite://").lstrip("/")
-        if not path:
-            raise ConfigurationError("setting store.url must name a database file")
-        return SQLiteVaultStore(Path("/" + path))
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresVaultStore(url)
-    # The URL is not repeated: a PostgreSQL URL may carry a password.
-    raise ConfigurationError("setting store.url must start with sqlite:/// or postgresql://")
+    location = store_location(url)
+    if isinstance(location, Path):
+        return SQLiteVaultStore(location)
+    return PostgresVaultStore(location)
+
+
+def open_key_store(url: str) -> KeyStore:
+    """The key service's store for ``sqlite:///absolute/path/keyd.db`` or
+    ``postgresql://role@host/db``: a database of its own, never the vault's. Opened as
+    :func:`open_vault_store` opens the vault's."""
+    location = store_location(url)
+    return SQLiteKeyStore(location) if isinstance(location, Path) else PostgresKeyStore(location)

@@ -1,22 +1,30 @@
-"""The vault's storage interface and its records.
+"""The storage layer's interfaces, their records and errors.
 
-The store holds ciphertext, wrapped data keys, and the few card facts that are not
-secret (brand, last four, expiry, fingerprint). It never sees a plaintext card number,
-CVC or key, and knows nothing of HTTP. ``VaultStore`` is the interface;
-``SQLiteVaultStore`` (embedded default) and ``PostgresVaultStore`` implement it, and one
-contract suite (``tests/contract/test_vault_store.py``) runs against both.
+Two stores, each in a database of its own (the vault and the key service never share
+one):
+
+* ``VaultStore``, the vault's: ciphertext, wrapped data keys, and the few card facts
+  that are not secret (brand, last four, expiry, fingerprint). It never sees a plaintext
+  card number, CVC or key.
+* ``KeyStore``, the key service's: KEKs sealed under the root key, key settings, seal
+  metadata and events. It never sees a plaintext key.
+
+Each has a SQLite implementation (the embedded default, :mod:`cardvault.storage.sqlite`)
+and a PostgreSQL one (:mod:`cardvault.storage.postgres`), and one contract suite
+(``tests/contract/test_vault_store.py``, ``tests/contract/test_keystore.py``) runs
+against both.
 
 Every write method returns only after its data is durable (SQLite WAL with
 ``synchronous=FULL``; PostgreSQL with synchronous commit). Implementations may batch
 concurrent writes into one transaction (group commit) as long as that stays true.
-Methods are single operations; compositions live in the vault's service.
+Methods are single operations; compositions live in the services that use them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "Account",
@@ -25,7 +33,11 @@ __all__ = [
     "DuplicateError",
     "ForwardingRequestRecord",
     "IdempotencyRecord",
+    "KekExists",
+    "KeyStore",
+    "Mode",
     "PaymentMethodRecord",
+    "StoredKek",
     "UnstorableValue",
     "VaultStore",
 ]
@@ -245,3 +257,54 @@ class VaultStore(Protocol):
         """Delete records created before ``before``; the number deleted."""
 
     async def close(self) -> None: ...
+
+
+# -- the key service's store ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredKek:
+    """One version of a KEK, sealed under the root key (the store never sees it open)."""
+
+    name: str
+    version: int
+    sealed: bytes
+    created: int
+
+
+class KekExists(DuplicateError):
+    """A KEK with this name and version is already stored."""
+
+
+class KeyStore(Protocol):
+    async def migrate(self) -> None:
+        """Create or upgrade the schema to the newest version. Idempotent; safe to run
+        from several replicas at once."""
+
+    async def get_meta(self, key: str) -> str | None:
+        """The metadata value stored under ``key``, or None."""
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, replacing any previous value."""
+
+    async def add_kek(self, kek: StoredKek) -> None:
+        """Store a sealed KEK version. Raises :class:`KekExists` if it is stored already."""
+
+    async def list_keks(self) -> list[StoredKek]:
+        """Every stored KEK version, ordered by name then version."""
+
+    async def set_min_decryption_version(self, name: str, version: int) -> None:
+        """Persist a key's ``min_decryption_version``."""
+
+    async def min_decryption_versions(self) -> dict[str, int]:
+        """Every persisted ``min_decryption_version``, by key name."""
+
+    async def append_event(self, actor: str, action: str, result: str, detail: str) -> None:
+        """Append one event (unseal attempts, seal, rotation …). Never holds key material."""
+
+    async def events(self) -> list[dict[str, Any]]:
+        """Every event, oldest first: ``at`` (unix milliseconds), ``actor``, ``action``,
+        ``result``, ``detail``."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""

@@ -1,59 +1,50 @@
-"""The vault store's schema: one ordered list of migrations that both backends run.
+"""Every store's schema, as versioned migrations, and the rules one runner applies them by.
 
-A migration is a list of statements written once, with ``{blob}`` and ``{key}`` standing
-for the two column types the dialects spell differently (:func:`render`). The
-``schema_version`` table holds one row per applied migration; ``migrate()`` in each
-backend takes a lock (SQLite ``BEGIN IMMEDIATE``, PostgreSQL ``pg_advisory_xact_lock``),
-reads the newest version, and applies the missing ones in the same transaction, so it is
-idempotent and safe to run from several processes at once.
+A migration is a list of statements written once, with ``{blob}``, ``{key}`` and
+``{rowid}`` standing for the column types the dialects spell differently
+(:func:`render`). Each store has its own :class:`Schema` (its migrations, oldest first,
+and the PostgreSQL advisory lock that serialises them): :data:`VAULT_SCHEMA` for the
+vault's database, :data:`KEY_SCHEMA` for the key service's. Their databases are never
+the same one.
+
+The ``schema_version`` table holds one row per applied migration. The runner of each
+backend (``cardvault.storage.sqlite.connection.apply_migrations`` inside the writer's
+``BEGIN IMMEDIATE``; ``cardvault.storage.postgres.pool`` under
+``pg_advisory_xact_lock``) takes the lock, reads the newest version and applies the
+missing ones in the same transaction, following :func:`plan`, so migrating is idempotent
+and safe from several processes at once.
 
 Never edit a migration that has shipped: append a new one.
-
-This module also names the columns each record is stored in and converts between rows
-and records, so the SQLite and PostgreSQL stores cannot drift apart.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Literal, cast
-
-from cardvault.storage.base import (
-    Account,
-    ApiKey,
-    DataKeyRecord,
-    ForwardingRequestRecord,
-    IdempotencyRecord,
-    Mode,
-    PaymentMethodRecord,
-)
+from typing import Literal
 
 __all__ = [
-    "ACCOUNT_COLUMNS",
-    "API_KEY_COLUMNS",
-    "DATA_KEY_COLUMNS",
-    "FORWARDING_COLUMNS",
-    "IDEMPOTENCY_COLUMNS",
-    "MIGRATIONS",
-    "PAYMENT_METHOD_COLUMNS",
+    "CURRENT_VERSION",
+    "KEY_SCHEMA",
     "SCHEMA_VERSION_TABLE",
     "STORED_IDEMPOTENCY_KEY_PREFIX",
+    "VAULT_SCHEMA",
     "Dialect",
     "Migration",
-    "latest_version",
+    "Schema",
+    "plan",
     "render",
 ]
 
 Dialect = Literal["sqlite", "postgresql"]
 
 _TYPES: dict[Dialect, dict[str, str]] = {
-    "sqlite": {"blob": "BLOB", "key": "TEXT"},
+    # ``rowid``: an integer key the database assigns, increasing.
+    "sqlite": {"blob": "BLOB", "key": "TEXT", "rowid": "INTEGER PRIMARY KEY"},
     # Ids are compared bytewise in both databases: list order breaks ties on the id,
     # and PostgreSQL's default collation would otherwise sort "pm_a" before "pm_B"
     # where SQLite sorts it after.
-    "postgresql": {"blob": "BYTEA", "key": 'TEXT COLLATE "C"'},
+    "postgresql": {"blob": "BYTEA", "key": 'TEXT COLLATE "C"', "rowid": "BIGSERIAL PRIMARY KEY"},
 }
 
 
@@ -64,12 +55,78 @@ class Migration:
     statements: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Schema:
+    """One store's migrations, oldest first (``version`` is the position, from 1)."""
+
+    name: str
+    migrations: tuple[Migration, ...]
+    #: The PostgreSQL advisory lock that serialises this schema's migrations (any 64-bit
+    #: number, distinct per store in case two ever share a database by mistake).
+    lock: int
+
+    def __post_init__(self) -> None:
+        numbers = [m.version for m in self.migrations]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"the {self.name} schema's versions must be 1, 2, 3 …")
+
+    @property
+    def latest(self) -> int:
+        return self.migrations[-1].version
+
+
 SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER PRIMARY KEY,
     applied BIGINT NOT NULL
 )"""
 
-_V1 = Migration(
+#: The newest applied version; 0 for an empty table.
+CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
+
+#: The key service's store until the storage layer was one: ``schema_version`` had a
+#: single column (and, since two processes could both record version 1, possibly the
+#: same version twice). Rebuilt once in today's form, the versions kept; ``applied`` is
+#: 0 for them, the time being unknown. Code of that release still reads the new form.
+_ONE_COLUMN_UPGRADE = (
+    "ALTER TABLE schema_version RENAME TO schema_version_v0",
+    SCHEMA_VERSION_TABLE,
+    "INSERT INTO schema_version (version, applied) "
+    "SELECT DISTINCT version, 0 FROM schema_version_v0",
+    "DROP TABLE schema_version_v0",
+)
+
+_RECORD: dict[Dialect, str] = {
+    "sqlite": "INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+    "postgresql": "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
+}
+
+
+def render(statement: str, dialect: Dialect) -> str:
+    """``statement`` in ``dialect``: the type placeholders filled in."""
+    return statement.format(**_TYPES[dialect])
+
+
+def plan(
+    schema: Schema, dialect: Dialect, columns: Collection[str], current: int, now: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The statements (with their parameters) that bring a database to ``schema.latest``,
+    for a runner that holds the schema's lock: ``columns`` are those of the database's
+    ``schema_version`` table (none when there is no such table), ``current`` is
+    :data:`CURRENT_VERSION` read from it (0 without one), ``now`` the time to record."""
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    if columns and "applied" not in columns:
+        steps += [(statement, ()) for statement in _ONE_COLUMN_UPGRADE]
+    steps.append((SCHEMA_VERSION_TABLE, ()))
+    for migration in schema.migrations:
+        if migration.version > current:
+            steps += [(render(statement, dialect), ()) for statement in migration.statements]
+            steps.append((_RECORD[dialect], (migration.version, now)))
+    return steps
+
+
+# -- the vault's database -------------------------------------------------------------------
+
+_VAULT_1 = Migration(
     1,
     "accounts, API keys, data keys, payment methods, idempotency keys",
     (
@@ -140,7 +197,7 @@ _V1 = Migration(
     ),
 )
 
-_V2 = Migration(
+_VAULT_2 = Migration(
     2,
     "forwarding requests",
     (
@@ -165,11 +222,11 @@ _V2 = Migration(
 )
 
 #: The prefix of an idempotency key as the vault stores it since version 3: a keyed MAC
-#: of the caller's header (see cardvault.vault.api.stored_idempotency_key), never the
+#: of the caller's header (the vault's ``stored_idempotency_key``), never the
 #: header itself, which is the caller's text and may hold a card number.
-STORED_IDEMPOTENCY_KEY_PREFIX = "ik_"  # the constant in _V3's statement, too
+STORED_IDEMPOTENCY_KEY_PREFIX = "ik_"  # the constant in _VAULT_3's statement, too
 
-_V3 = Migration(
+_VAULT_3 = Migration(
     3,
     "idempotency keys are stored as MACs; claims stored in the clear are dropped",
     (
@@ -182,221 +239,30 @@ _V3 = Migration(
     ),
 )
 
-#: Every migration, oldest first; ``version`` is its position, counting from 1.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+#: The vault's schema, in the vault's database.
+VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3), lock=7302)
 
 
-def latest_version() -> int:
-    return MIGRATIONS[-1].version
+# -- the key service's database -------------------------------------------------------------
 
-
-def render(statement: str, dialect: Dialect) -> str:
-    """``statement`` in ``dialect``: the type placeholders filled in."""
-    return statement.format(**_TYPES[dialect])
-
-
-# -- rows and records ---------------------------------------------------------------------
-
-ACCOUNT_COLUMNS = ("id", "name", "created", "allowed_origins")
-API_KEY_COLUMNS = ("id", "account_id", "kind", "mode", "prefix", "hash", "created", "revoked")
-DATA_KEY_COLUMNS = ("id", "kek", "kek_version", "wrapped", "created")
-PAYMENT_METHOD_COLUMNS = (
-    "id",
-    "account_id",
-    "livemode",
-    "created",
-    "data_key_id",
-    "number_ct",
-    "brand",
-    "last4",
-    "exp_month",
-    "exp_year",
-    "funding",
-    "fingerprint",
-    "name_ct",
-    "metadata",
-    "billing_details",
-    "cvc_ct",
-    "cvc_data_key_id",
-    "cvc_expires",
-    "cvc_check",
-)
-FORWARDING_COLUMNS = (
-    "id",
-    "account_id",
-    "livemode",
-    "created",
-    "payment_method",
-    "url",
-    "destination",
-    "replacements",
-    "metadata",
-    "request_context",
-    "request_details",
-    "response_details",
-)
-IDEMPOTENCY_COLUMNS = (
-    "account_id",
-    "mode",
-    "idempotency_key",
-    "request_hash",
-    "created",
-    "response_status",
-    "response_body",
+_KEYS_1 = Migration(
+    1,
+    "metadata, sealed KEKs, key settings, events",
+    (
+        # The key service's tables as its first release created them, to the letter,
+        # IF NOT EXISTS included: an existing keyd database is version 1 as it stands,
+        # and one whose version was never recorded runs them again harmlessly.
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS keks (
+        name TEXT NOT NULL, version INTEGER NOT NULL, sealed {blob} NOT NULL,
+        created BIGINT NOT NULL, PRIMARY KEY (name, version))""",
+        """CREATE TABLE IF NOT EXISTS key_config (
+        name TEXT PRIMARY KEY, min_decryption_version INTEGER NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS events (
+        id {rowid}, at BIGINT NOT NULL, actor TEXT NOT NULL,
+        action TEXT NOT NULL, result TEXT NOT NULL, detail TEXT NOT NULL)""",
+    ),
 )
 
-
-_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
-def _json(value: object) -> str:
-    if type(value) is dict and not value:
-        return "{}"  # most rows' metadata and billing details
-    return _JSON.encode(value)
-
-
-def _opt_bytes(value: Any) -> bytes | None:
-    return None if value is None else bytes(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def account_params(a: Account) -> tuple[Any, ...]:
-    return (a.id, a.name, a.created, _json(list(a.allowed_origins)))
-
-
-def account_from_row(r: Sequence[Any]) -> Account:
-    return Account(str(r[0]), str(r[1]), int(r[2]), tuple(json.loads(r[3])))
-
-
-def api_key_params(k: ApiKey) -> tuple[Any, ...]:
-    return (k.id, k.account_id, k.kind, k.mode, k.prefix, k.hash, k.created, k.revoked)
-
-
-def api_key_from_row(r: Sequence[Any]) -> ApiKey:
-    return ApiKey(
-        id=str(r[0]),
-        account_id=str(r[1]),
-        kind=cast(Literal["publishable", "secret"], r[2]),
-        mode=cast(Mode, r[3]),
-        prefix=str(r[4]),
-        hash=str(r[5]),
-        created=int(r[6]),
-        revoked=_opt_int(r[7]),
-    )
-
-
-def data_key_params(d: DataKeyRecord) -> tuple[Any, ...]:
-    return (d.id, d.kek, d.kek_version, d.wrapped, d.created)
-
-
-def data_key_from_row(r: Sequence[Any]) -> DataKeyRecord:
-    return DataKeyRecord(str(r[0]), str(r[1]), int(r[2]), bytes(r[3]), int(r[4]))
-
-
-def payment_method_params(p: PaymentMethodRecord) -> tuple[Any, ...]:
-    return (
-        p.id,
-        p.account_id,
-        bool(p.livemode),
-        p.created,
-        p.data_key_id,
-        p.number_ct,
-        p.brand,
-        p.last4,
-        p.exp_month,
-        p.exp_year,
-        p.funding,
-        p.fingerprint,
-        p.name_ct,
-        _json(p.metadata),
-        _json(p.billing_details),
-        p.cvc_ct,
-        p.cvc_data_key_id,
-        p.cvc_expires,
-        p.cvc_check,
-    )
-
-
-def payment_method_from_row(r: Sequence[Any]) -> PaymentMethodRecord:
-    return PaymentMethodRecord(
-        id=str(r[0]),
-        account_id=str(r[1]),
-        livemode=bool(r[2]),
-        created=int(r[3]),
-        data_key_id=str(r[4]),
-        number_ct=bytes(r[5]),
-        brand=str(r[6]),
-        last4=str(r[7]),
-        exp_month=int(r[8]),
-        exp_year=int(r[9]),
-        funding=str(r[10]),
-        fingerprint=str(r[11]),
-        name_ct=_opt_bytes(r[12]),
-        metadata=json.loads(r[13]),
-        billing_details=json.loads(r[14]),
-        cvc_ct=_opt_bytes(r[15]),
-        cvc_data_key_id=None if r[16] is None else str(r[16]),
-        cvc_expires=_opt_int(r[17]),
-        cvc_check=None if r[18] is None else str(r[18]),
-    )
-
-
-def idempotency_params(i: IdempotencyRecord) -> tuple[Any, ...]:
-    return (
-        i.account_id,
-        i.mode,
-        i.key,
-        i.request_hash,
-        i.created,
-        i.response_status,
-        i.response_body,
-    )
-
-
-def idempotency_from_row(r: Sequence[Any]) -> IdempotencyRecord:
-    return IdempotencyRecord(
-        account_id=str(r[0]),
-        mode=cast(Mode, r[1]),
-        key=str(r[2]),
-        request_hash=str(r[3]),
-        created=int(r[4]),
-        response_status=_opt_int(r[5]),
-        response_body=None if r[6] is None else str(r[6]),
-    )
-
-
-def forwarding_params(f: ForwardingRequestRecord) -> tuple[Any, ...]:
-    return (
-        f.id,
-        f.account_id,
-        bool(f.livemode),
-        f.created,
-        f.payment_method,
-        f.url,
-        f.destination,
-        _json(f.replacements),
-        _json(f.metadata),
-        _json(f.request_context),
-        _json(f.request_details),
-        _json(f.response_details),
-    )
-
-
-def forwarding_from_row(r: Sequence[Any]) -> ForwardingRequestRecord:
-    return ForwardingRequestRecord(
-        id=str(r[0]),
-        account_id=str(r[1]),
-        livemode=bool(r[2]),
-        created=int(r[3]),
-        payment_method=str(r[4]),
-        url=str(r[5]),
-        destination=str(r[6]),
-        replacements=list(json.loads(r[7])),
-        metadata=dict(json.loads(r[8])),
-        request_context=dict(json.loads(r[9])),
-        request_details=dict(json.loads(r[10])),
-        response_details=dict(json.loads(r[11])),
-    )
+#: The key service's schema, in its own database.
+KEY_SCHEMA = Schema("keys", (_KEYS_1,), lock=7301)

@@ -15,15 +15,18 @@ What is made, and why it looks the way it does:
   ``spiffe://cardvault/<identity>`` and the clientAuth extended key usage; servers
   authorize by that identity (see :mod:`cardvault.transport.identity`).
 * Every private key file is written 0600, atomically (write to a temporary file, then
-  rename), so a reissue never leaves a half-written key behind.
+  rename), so a reissue never leaves a half-written key behind: by
+  :func:`cardvault.files.write_private`.
+
+This module and :mod:`cardvault.transport.pins` are the only ones outside
+:mod:`cardvault.crypto` that import ``cryptography.hazmat``: X.509 keys and
+serialization have no other door in the library.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cardvault.files import write_private
 
 __all__ = [
     "CA_CERT_FILE",
@@ -43,7 +48,6 @@ __all__ = [
     "identity_uri",
     "init_ca",
     "load_ca",
-    "write_private",
 ]
 
 CA_CERT_FILE = "ca.pem"
@@ -64,23 +68,6 @@ def identity_uri(identity: str) -> str:
     if not identity or not all(c.isalnum() or c in "-_." for c in identity):
         raise ValueError("an identity is letters, digits, '-', '_' or '.'")
     return IDENTITY_PREFIX + identity
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

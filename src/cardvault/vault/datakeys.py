@@ -39,6 +39,8 @@ __all__ = ["DataKeyManager", "DataKeyPolicy"]
 
 @dataclass(frozen=True)
 class DataKeyPolicy:
+    """How long a data key serves (uses and seconds) and how unwrapped keys are cached."""
+
     max_uses: int = 50_000
     max_age: float = 3600.0
     cache_ttl: float = 300.0
@@ -90,6 +92,12 @@ class _TtlCache:
 
 
 class DataKeyManager:
+    """The vault's data keys: for sealing (one current key per KEK), for opening (a
+    cache of unwrapped keys) and the per-account fingerprint keys, as the module
+    docstring describes. The only part of the vault that asks the key service for keys
+    (through :class:`~cardvault.vault.keyclient.KeyServiceClient`); it stores each
+    wrapped key in the vault's store before the key's first use."""
+
     def __init__(
         self,
         store: VaultStore,

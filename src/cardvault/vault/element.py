@@ -9,7 +9,7 @@ error) through ``postMessage`` to the merchant's exact origin. The browser's sam
 policy is what keeps the number away from the merchant: the page cannot read a
 cross-origin frame's DOM, and the frame sends the number nowhere else.
 
-Endpoints:
+Endpoints (each a method of :class:`CardElement`, registered in :mod:`cardvault.vault.http`):
 
 ``GET /js/v1/cardvault.js``
     The merchant-side library. Versioned path, cached for a year: ``v1`` never changes
@@ -38,16 +38,17 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from cardvault.errors import CardVaultError
 from cardvault.logging import get_logger
-from cardvault.vault.service import VaultService
+from cardvault.vault.accounts import Accounts
 
 __all__ = [
     "CARDVAULT_JS_PATH",
+    "CARD_FRAME_CSS_PATH",
+    "CARD_FRAME_JS_PATH",
     "CARD_FRAME_PATH",
-    "element_routes",
+    "CardElement",
     "frame_csp",
     "normalize_origin",
     "sri_hash",
@@ -55,6 +56,8 @@ __all__ = [
 
 CARDVAULT_JS_PATH = "/js/v1/cardvault.js"
 CARD_FRAME_PATH = "/element/v1/card.html"
+CARD_FRAME_JS_PATH = "/element/v1/card.js"
+CARD_FRAME_CSS_PATH = "/element/v1/card.css"
 
 _log = get_logger("cardvault.element")
 
@@ -149,43 +152,52 @@ def _refused(reason: str) -> Response:
     )
 
 
-def element_routes(service: VaultService) -> list[BaseRoute]:
-    """The card element's routes. The files are read once, here, so the bytes served
-    are the bytes whose SRI hash is published."""
-    library = _static("cardvault.js")
-    library_sri = sri_hash(library)
-    frame_js = _static("element/card.js")
-    frame_css = _static("element/card.css")
-    frame_html = Template(_static("element/card.html").decode("utf-8"))
-    _log.info("card element ready", path=CARDVAULT_JS_PATH, integrity=library_sri)
+class CardElement:
+    """The card element's handlers; :mod:`cardvault.vault.http` registers them at the
+    paths above. The files are read once, here, so the bytes served are the bytes whose
+    SRI hash is published.
 
-    async def cardvault_js(_request: Request) -> Response:
+    Needs the accounts (a frame is shown only for a valid publishable key and one of its
+    account's allowed origins), nothing else."""
+
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
+        self.library = _static("cardvault.js")
+        self.library_sri = sri_hash(self.library)
+        self.frame_js = _static("element/card.js")
+        self.frame_css = _static("element/card.css")
+        self.frame_html = Template(_static("element/card.html").decode("utf-8"))
+        _log.info("card element ready", path=CARDVAULT_JS_PATH, integrity=self.library_sri)
+
+    async def cardvault_js(self, _request: Request) -> Response:
         # Merchants load this cross-origin with ``crossorigin="anonymous"`` (SRI needs a
         # CORS fetch); it is public and carries no credentials, so any origin may read it.
         return Response(
-            library,
+            self.library,
             media_type="text/javascript; charset=utf-8",
             headers={"cache-control": _IMMUTABLE, "access-control-allow-origin": "*"},
         )
 
-    async def cardvault_js_sri(_request: Request) -> Response:
+    async def cardvault_js_sri(self, _request: Request) -> Response:
         return Response(
-            library_sri,
+            self.library_sri,
             media_type="text/plain; charset=utf-8",
             headers={"cache-control": _SHORT, "access-control-allow-origin": "*"},
         )
 
-    async def card_js(_request: Request) -> Response:
+    async def card_js(self, _request: Request) -> Response:
         return Response(
-            frame_js, media_type="text/javascript; charset=utf-8", headers={"cache-control": _SHORT}
+            self.frame_js,
+            media_type="text/javascript; charset=utf-8",
+            headers={"cache-control": _SHORT},
         )
 
-    async def card_css(_request: Request) -> Response:
+    async def card_css(self, _request: Request) -> Response:
         return Response(
-            frame_css, media_type="text/css; charset=utf-8", headers={"cache-control": _SHORT}
+            self.frame_css, media_type="text/css; charset=utf-8", headers={"cache-control": _SHORT}
         )
 
-    async def card_frame(request: Request) -> Response:
+    async def card_frame(self, request: Request) -> Response:
         # A browser says what it is loading; this document is only ever a frame. A
         # direct visit would otherwise show a card form with no merchant around it.
         dest = request.headers.get("sec-fetch-dest")
@@ -196,17 +208,17 @@ def element_routes(service: VaultService) -> list[BaseRoute]:
         if not _PUBLISHABLE_KEY.match(key):
             return _refused("no publishable key")
         try:
-            caller = await service.authenticate(key)
+            caller = await self.accounts.authenticate(key)
         except CardVaultError:
             return _refused("unknown or revoked key")
         if caller.kind != "publishable":
             return _refused("not a publishable key")
-        account = await service.store.get_account(caller.account_id)
+        account = await self.accounts.get_account(caller.account_id)
         # Exact comparison with the stored, normalized origins: the value is then safe
         # to place in the policy and the page, and anything else is refused.
         if account is None or origin not in account.allowed_origins:
             return _refused("origin not allowed for this account")
-        body = frame_html.substitute(
+        body = self.frame_html.substitute(
             parent_origin=html.escape(origin, quote=True),
             key=html.escape(key, quote=True),
         )
@@ -215,11 +227,3 @@ def element_routes(service: VaultService) -> list[BaseRoute]:
             media_type="text/html; charset=utf-8",
             headers={"content-security-policy": frame_csp(origin), "cache-control": "no-store"},
         )
-
-    return [
-        Route(CARDVAULT_JS_PATH, cardvault_js, methods=["GET"]),
-        Route(CARDVAULT_JS_PATH + ".sri", cardvault_js_sri, methods=["GET"]),
-        Route(CARD_FRAME_PATH, card_frame, methods=["GET"]),
-        Route("/element/v1/card.js", card_js, methods=["GET"]),
-        Route("/element/v1/card.css", card_css, methods=["GET"]),
-    ]

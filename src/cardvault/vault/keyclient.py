@@ -38,6 +38,10 @@ class DataKey:
 
 
 class KeyServiceClient:
+    """The key service's API as the vault calls it (``datakey``, ``unwrap``,
+    ``derive``), over mutual TLS with the vault's own certificate; no redirects, no
+    proxy from the environment."""
+
     def __init__(
         self,
         url: str,

@@ -12,33 +12,48 @@ is refused, not padded to a hundred million items (an outside tester grew the va
 refuses lone surrogates (text no database can store) and nesting past 1024 levels
 without recursing in Python; the shape is then held to the same limits as a form.
 
-:func:`parse_page` reads the list endpoints' pagination parameters, the same way for
-every list.
+The checks every endpoint shares are here too: :func:`check_keys` (no parameter but the
+endpoint's own, and a name echoed only when it has the shape of one), and
+:func:`parse_metadata` (Stripe's ``metadata``, never holding a card number). For the
+lists, :func:`parse_page` reads the pagination parameters and :func:`read_page` asks the
+store for one page, the same way for every list.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import orjson
 
+from cardvault.cards import holds_card_number
 from cardvault.cards.luhn import PAN_MIN_DIGITS
-from cardvault.errors import InvalidRequestError, RequestTooLarge, UnsupportedMediaType
+from cardvault.errors import (
+    InvalidRequestError,
+    ParameterUnknown,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
+from cardvault.vault.ids import looks_like_id
 
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_BODY_BYTES",
+    "PAGE_PARAMS",
     "Page",
     "ParseLimits",
-    "looks_like_id",
+    "check_keys",
+    "list_object",
     "parse_body",
     "parse_form",
     "parse_json",
+    "parse_metadata",
     "parse_page",
     "parse_pairs",
+    "read_page",
 ]
 
 #: A payment method with metadata fits in a few kilobytes; a larger body is a mistake or
@@ -260,6 +275,71 @@ def parse_body(
     raise UnsupportedMediaType()
 
 
+# -- what every endpoint checks -------------------------------------------------------------
+
+#: A parameter name is echoed in an error only when it looks like one of Stripe's names
+#: (a word) or a metadata key without a long run of digits: any other name is the
+#: caller's text, and may be a card number sent where a name belongs.
+_ECHOED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .\-]{0,39}")
+_DIGIT_RUN = re.compile(r"[0-9]{7,}")
+
+
+def check_keys(data: dict[str, Any], allowed: Collection[str], prefix: str = "") -> None:
+    """400 ``parameter_unknown`` for the first name in ``data`` not in ``allowed``
+    (``prefix`` names the hash they are in: ``card``, ``request``)."""
+    for key in data:
+        if key not in allowed:
+            text = str(key)
+            if not _ECHOED_NAME.fullmatch(text) or _DIGIT_RUN.search(text):
+                raise ParameterUnknown(
+                    "Received an unknown parameter" + (f" in {prefix}." if prefix else "."),
+                    param=prefix or None,
+                )
+            name = f"{prefix}[{text}]" if prefix else text
+            raise ParameterUnknown(f"Received unknown parameter: {name}", param=name)
+
+
+# Stripe's limits on metadata, which callers' code already respects.
+_METADATA_MAX_KEYS = 50
+_METADATA_MAX_KEY = 40
+_METADATA_MAX_VALUE = 500
+
+
+def parse_metadata(value: Any) -> dict[str, str]:
+    """Stripe's ``metadata``: at most 50 keys of 1 to 40 characters, values strings (or
+    numbers, kept as strings) of at most 500. It is stored in the clear, so a key or
+    value that holds a card number is refused."""
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError("metadata must be a hash of keys to strings.", param="metadata")
+    if len(value) > _METADATA_MAX_KEYS:
+        raise InvalidRequestError("metadata may have at most 50 keys.", param="metadata")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or len(k) > _METADATA_MAX_KEY:
+            raise InvalidRequestError("metadata keys are 1 to 40 characters.", param="metadata")
+        if (
+            not isinstance(v, str | int | float)
+            or isinstance(v, bool)
+            or len(str(v)) > _METADATA_MAX_VALUE
+        ):
+            raise InvalidRequestError(
+                "metadata values are strings of at most 500 characters.", param=f"metadata[{k}]"
+            )
+        out[k] = str(v)
+    for k, v in out.items():
+        if holds_card_number(f"{k} {v}"):
+            raise InvalidRequestError("metadata must not contain card numbers.", param="metadata")
+    return out
+
+
+# -- the lists ---------------------------------------------------------------------------------
+
+#: The pagination parameters every list reads.
+PAGE_PARAMS = frozenset({"limit", "starting_after", "ending_before"})
+
+
 @dataclass(frozen=True)
 class Page:
     """A list request's page: how many, and after or before which object."""
@@ -269,19 +349,7 @@ class Page:
     ending_before: str | None
 
 
-#: An object id as this vault writes them: its prefix and letters and digits.
-_ID_BODY = re.compile(r"[A-Za-z0-9]{1,60}")
 _LIMIT_DIGITS = 3
-
-
-def looks_like_id(value: object, prefix: str) -> bool:
-    """Whether ``value`` has the shape of an id this vault writes with ``prefix``: the
-    only caller-chosen text an error may echo."""
-    return (
-        isinstance(value, str)
-        and value.startswith(prefix)
-        and _ID_BODY.fullmatch(value[len(prefix) :]) is not None
-    )
 
 
 def _cursor(query: dict[str, Any], name: str, prefix: str) -> str | None:
@@ -310,3 +378,38 @@ def parse_page(query: dict[str, Any], prefix: str, *, most: int = 100) -> Page:
     if after is not None and before is not None:
         raise InvalidRequestError("Give starting_after or ending_before, not both.")
     return Page(limit, after, before)
+
+
+_T = TypeVar("_T")
+
+
+async def read_page(
+    query: dict[str, Any],
+    prefix: str,
+    fetch: Callable[..., Awaitable[list[_T]]],
+    *,
+    params: Collection[str] = (),
+) -> tuple[list[_T], bool]:
+    """One page of a list endpoint: ``(objects, has_more)``.
+
+    ``query`` may hold the pagination parameters and ``params`` (any other name is 400
+    ``parameter_unknown``). ``fetch`` is the store's list query for the caller's account
+    and mode, called as ``fetch(limit=…, starting_after=…, ending_before=…)``. It is
+    asked for one object more than the page holds, to learn whether there are more;
+    with ``ending_before`` the extra one is the one furthest from the cursor: the
+    newest, at the front of the newest-first answer."""
+    check_keys(query, PAGE_PARAMS | set(params))
+    page = parse_page(query, prefix)
+    records = await fetch(
+        limit=page.limit + 1,
+        starting_after=page.starting_after,
+        ending_before=page.ending_before,
+    )
+    has_more = len(records) > page.limit
+    records = records[1:] if (has_more and page.ending_before) else records[: page.limit]
+    return records, has_more
+
+
+def list_object(url: str, data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """Stripe's list object: one page of ``data``, the list's ``url``, ``has_more``."""
+    return {"object": "list", "url": url, "has_more": has_more, "data": data}

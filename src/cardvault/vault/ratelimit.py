@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cardvault.errors import RateLimitError
 
-__all__ = ["RateLimiter"]
+__all__ = ["KeyLimits", "RateLimiter"]
 
 
 class RateLimiter:
+    """A token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
+
     def __init__(
         self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -35,3 +38,15 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1, now)
         if len(self._buckets) > 100_000:
             self._buckets.clear()
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """One API's buckets: one per secret key, and a smaller one per publishable key."""
+
+    secret: RateLimiter
+    publishable: RateLimiter
+
+    def check(self, kind: str, key_id: str) -> None:
+        """Take one token for the key ``key_id`` of ``kind``, or raise RateLimitError."""
+        (self.publishable if kind == "publishable" else self.secret).check(key_id)

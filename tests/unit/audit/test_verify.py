@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from cardvault.audit import AuditCorrupt, ProblemKind, export, verify_log
 from cardvault.audit.signing import key_id, sign_checkpoint
 from cardvault.cli.audit import app
+from cardvault.crypto import SigningKey
 
 from ._support import make_log, read_lines, rechain, records, reseal, unchanged, write_lines
 
@@ -145,17 +144,17 @@ def truncate_last_line_partially(path: Path) -> None:
 
 def resign_checkpoint_with_another_key(path: Path) -> None:
     # The attacker signs checkpoint 6 with their own key, names it, and re-chains.
-    attacker = Ed25519PrivateKey.generate()
+    attacker = SigningKey.generate()
     values = records(path)
     detail = values[5]["detail"]
     detail["signature"] = sign_checkpoint(attacker, detail["head"], detail["seq"])
-    detail["key_id"] = key_id(attacker.public_key())
+    detail["key_id"] = key_id(attacker.public_key)
     write_lines(path, rechain(values, 5))
 
 
 def forge_checkpoint_signature(path: Path) -> None:
     # Same, but claiming the service's key id.
-    attacker = Ed25519PrivateKey.generate()
+    attacker = SigningKey.generate()
     values = records(path)
     detail = values[5]["detail"]
     detail["signature"] = sign_checkpoint(attacker, detail["head"], detail["seq"])
@@ -291,7 +290,7 @@ def test_a_log_re_signed_in_full_fails_against_the_published_key(log: Path) -> N
     # audit.pub beside it. Only a copy of the published key kept elsewhere shows it.
     published = log.parent.parent / "published.pub"
     shutil.copy(log.with_name("audit.pub"), published)
-    attacker = Ed25519PrivateKey.generate()
+    attacker = SigningKey.generate()
     values = records(log)
     lines: list[bytes] = []
     for value in values:
@@ -302,16 +301,12 @@ def test_a_log_re_signed_in_full_fails_against_the_published_key(log: Path) -> N
             value["detail"].update(
                 head=head,
                 signature=sign_checkpoint(attacker, head, value["seq"] - 1),
-                key_id=key_id(attacker.public_key()),
+                key_id=key_id(attacker.public_key),
             )
         lines.append(reseal(value))
     write_lines(log, lines)
     log.with_name("audit.head").write_bytes(lines[-1])
-    log.with_name("audit.pub").write_bytes(
-        attacker.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    log.with_name("audit.pub").write_bytes(attacker.public_key.pem())
     assert result_of(log).ok  # self-consistent: the files beside it prove nothing
     problem = verify_log(log, published).problem
     assert problem is not None and problem.kind is ProblemKind.BAD_SIGNATURE

@@ -18,7 +18,7 @@ from cardvault.audit.recorder import Recorder
 from cardvault.cards import holds_card_number
 from cardvault.keyservice.http import MAX_CONTEXT, routes
 from cardvault.keyservice.service import KeyService, initialize
-from cardvault.keyservice.store import SQLiteKeyStore
+from cardvault.storage import SQLiteKeyStore
 from cardvault.transport.asgi import build_app
 from cardvault.transport.certs import IDENTITY_PREFIX
 from cardvault.transport.identity import identity_from_peercert

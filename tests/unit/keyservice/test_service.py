@@ -35,7 +35,7 @@ from cardvault.errors import (
 from cardvault.keyservice.app import check_settings
 from cardvault.keyservice.service import KeyService, UnsealProgress, initialize
 from cardvault.keyservice.settings import KeyServiceSettings
-from cardvault.keyservice.store import SQLiteKeyStore
+from cardvault.storage import SQLiteKeyStore
 
 SHARES, THRESHOLD = 5, 3
 TIMEOUT = 60.0

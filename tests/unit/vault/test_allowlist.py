@@ -13,14 +13,14 @@ from structlog.testing import capture_logs
 
 from cardvault.config import Secret
 from cardvault.errors import ConfigurationError, InvalidRequestError
-from cardvault.vault.allowlist import (
+from cardvault.vault.forwarding.allowlist import (
     REFUSAL_MESSAGE,
     Allowlist,
     Placement,
     format_expiry,
-    load_allowlist,
     match_url,
 )
+from cardvault.vault.forwarding.loader import load_allowlist
 from helpers import Pki
 
 ROOT = Path(__file__).resolve().parents[3]

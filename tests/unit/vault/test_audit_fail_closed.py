@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 
 from cardvault.audit import AuditLog, AuditUnavailable
-from cardvault.audit.recorder import Recorder
 
 from .test_idempotency import FORM, make
 
@@ -32,11 +31,11 @@ def test_a_card_whose_creation_cannot_be_recorded_is_not_kept(tmp_path: Path) ->
     async def main() -> tuple[httpx.Response, list[str], int]:
         service, secret, client = await make(tmp_path)
         broken = BrokenLog()
-        service.audit = Recorder(broken)  # type: ignore[arg-type]
+        service.audit.log = broken  # type: ignore[assignment]
         r = await client.post(
             "/v1/payment_methods", data=FORM, headers={"authorization": f"Bearer {secret}"}
         )
-        service.audit = Recorder(None)
+        service.audit.log = None
         listed = await client.get(
             "/v1/payment_methods", headers={"authorization": f"Bearer {secret}"}
         )
@@ -56,10 +55,10 @@ def test_reads_and_deletes_are_refused_when_they_cannot_be_recorded(tmp_path: Pa
         service, secret, client = await make(tmp_path)
         auth = {"authorization": f"Bearer {secret}"}
         pm = (await client.post("/v1/payment_methods", data=FORM, headers=auth)).json()["id"]
-        service.audit = Recorder(BrokenLog())  # type: ignore[arg-type]
+        service.audit.log = BrokenLog()  # type: ignore[assignment]
         read = await client.get(f"/v1/payment_methods/{pm}", headers=auth)
         deleted = await client.delete(f"/v1/payment_methods/{pm}", headers=auth)
-        service.audit = Recorder(None)
+        service.audit.log = None
         still_there = await client.get(f"/v1/payment_methods/{pm}", headers=auth)
         await client.aclose()
         await service.store.close()
@@ -72,7 +71,7 @@ def test_a_real_log_records_the_operations(tmp_path: Path) -> None:
     async def main() -> list[str]:
         service, secret, client = await make(tmp_path)
         log = await AuditLog.open(tmp_path / "audit")
-        service.audit = Recorder(log)
+        service.audit.log = log
         auth = {"authorization": f"Bearer {secret}"}
         pm = (await client.post("/v1/payment_methods", data=FORM, headers=auth)).json()["id"]
         await client.get(f"/v1/payment_methods/{pm}", headers=auth)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cardvault.errors import InvalidRequestError
-from cardvault.vault.forwarding import _json_body
+from cardvault.vault.forwarding.placement import json_body as _json_body
 
 
 def test_a_deeply_nested_body_is_400_not_a_recursion_error() -> None:

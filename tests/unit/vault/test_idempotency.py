@@ -8,12 +8,15 @@ from typing import Any
 
 import httpx
 
+from cardvault.audit.recorder import Recorder
 from cardvault.storage import SQLiteVaultStore
 from cardvault.transport.asgi import build_app
-from cardvault.vault.api import payment_method_routes
+from cardvault.vault.accounts import Accounts
 from cardvault.vault.datakeys import DataKeyManager
-from cardvault.vault.ratelimit import RateLimiter
-from cardvault.vault.service import VaultService
+from cardvault.vault.http import PublicAPI, routes
+from cardvault.vault.idempotency import Idempotency
+from cardvault.vault.payment_methods import PaymentMethods
+from cardvault.vault.ratelimit import KeyLimits, RateLimiter
 
 from .test_datakeys import FakeKeyService
 
@@ -25,18 +28,25 @@ FORM = {
 }
 
 
-async def make(tmp_path: Path) -> tuple[VaultService, str, httpx.AsyncClient]:
+async def make(tmp_path: Path) -> tuple[PaymentMethods, str, httpx.AsyncClient]:
     store = SQLiteVaultStore(tmp_path / "v.db")
     await store.migrate()
-    service = VaultService(store, DataKeyManager(store, FakeKeyService()))  # type: ignore[arg-type]
-    account = await service.create_account("t")
-    _, secret = await service.create_api_key(account.id, "secret", "test")
+    keys = DataKeyManager(store, FakeKeyService())  # type: ignore[arg-type]
+    # One recorder for the accounts and the payment methods, as the vault has: a test
+    # that gives it a log sees every record.
+    audit = Recorder(None)
+    accounts = Accounts(store, audit=audit)
+    service = PaymentMethods(store, keys, audit=audit)
+    account = await accounts.create_account("t")
+    _, secret = await accounts.create_api_key(account.id, "secret", "test")
     limits = RateLimiter(1e6, 1e6)
-    app = build_app(
-        payment_method_routes(service, secret_limits=limits, publishable_limits=limits),
-        service="test",
-        security_txt=None,
+    api = PublicAPI(
+        accounts=accounts,
+        payment_methods=service,
+        idempotency=Idempotency(store, keys),
+        payment_method_limits=KeyLimits(secret=limits, publishable=limits),
     )
+    app = build_app(routes(api).with_api_key, service="test", security_txt=None)
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="https://vault.test"
     )

@@ -6,8 +6,8 @@ import string
 
 import pytest
 
-from cardvault.vault import service
-from cardvault.vault.service import new_id
+from cardvault.vault import ids as vault_ids
+from cardvault.vault.ids import new_id
 
 ALPHABET = string.ascii_letters + string.digits
 
@@ -27,10 +27,10 @@ def test_each_byte_maps_to_its_symbol_and_the_biased_bytes_are_dropped(
 ) -> None:
     # Every byte value once, in order: the id is b % 62 for b < 248, in order, and the
     # eight values 248-255 (which would favour the first eight symbols) never appear.
-    monkeypatch.setattr(service.secrets, "token_bytes", lambda n: bytes(range(256))[:n])
+    monkeypatch.setattr(vault_ids.secrets, "token_bytes", lambda n: bytes(range(256))[:n])
     assert new_id("", 24) == "".join(ALPHABET[b % 62] for b in range(24))
     stream = iter([bytes(range(240, 256)) + bytes(range(16))] * 4)
-    monkeypatch.setattr(service.secrets, "token_bytes", lambda n: next(stream))
+    monkeypatch.setattr(vault_ids.secrets, "token_bytes", lambda n: next(stream))
     expected = [ALPHABET[b % 62] for b in list(range(240, 248)) + list(range(16))]
     assert new_id("", 24) == "".join(expected)
 
@@ -43,8 +43,8 @@ def test_time_ordered_ids_sort_by_the_time_they_were_made(
     moments = [0, 1, 61, 62, 3843, 3844, 1_764_000_000_000, 1_764_000_000_001, 62**8 - 1]
     ids = []
     for ms in moments:
-        monkeypatch.setattr(service.time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
-        ids.append(service.time_ordered_id("pm_"))
+        monkeypatch.setattr(vault_ids.time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
+        ids.append(vault_ids.time_ordered_id("pm_"))
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     for value in ids:
@@ -59,12 +59,12 @@ def test_time_ordered_ids_sort_by_the_time_they_were_made(
 
 def test_time_ordered_ids_made_in_one_millisecond_differ() -> None:
     # Thousands of ids share a millisecond under load; the random part tells them apart.
-    ids = [service.time_ordered_id("fwdreq_") for _ in range(2000)]
+    ids = [vault_ids.time_ordered_id("fwdreq_") for _ in range(2000)]
     assert len(set(ids)) == 2000
     assert len({value[7:15] for value in ids}) < 2000
 
 
 def test_a_time_ordered_id_needs_room_for_a_random_part() -> None:
     with pytest.raises(ValueError, match="more than 8"):
-        service.time_ordered_id("pm_", 8)
-    assert len(service.time_ordered_id("pm_", 9)) == 3 + 9
+        vault_ids.time_ordered_id("pm_", 8)
+    assert len(vault_ids.time_ordered_id("pm_", 9)) == 3 + 9

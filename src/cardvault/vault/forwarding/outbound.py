@@ -19,7 +19,6 @@ Every request:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ssl
 import time
 from collections.abc import Sequence
@@ -31,9 +30,10 @@ import aiohttp
 
 from cardvault.errors import ForwardingDestinationError
 from cardvault.logging import get_logger
+from cardvault.transport.pins import PinMismatch, check_peer_pins
 from cardvault.transport.tls import client_context
 
-__all__ = ["DestinationError", "OutboundClient", "OutboundResponse", "PinMismatch"]
+__all__ = ["HOP_BY_HOP", "DestinationError", "OutboundClient", "OutboundResponse", "PinMismatch"]
 
 _log = get_logger("cardvault.vault.outbound")
 
@@ -58,27 +58,6 @@ HOP_BY_HOP = frozenset(
 DestinationError = ForwardingDestinationError
 
 
-class PinMismatch(Exception):
-    pass
-
-
-def _spki_sha256(ssl_object: ssl.SSLObject) -> str:
-    import base64
-    import hashlib
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    der = ssl_object.getpeercert(True)
-    if not der:
-        return ""
-    cert = x509.load_der_x509_certificate(der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
 class _PinningConnector(aiohttp.TCPConnector):
     """A connector that checks public-key pins on every new TLS connection before use."""
 
@@ -89,11 +68,11 @@ class _PinningConnector(aiohttp.TCPConnector):
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
         if self._pins:
-            ssl_object = transport.get_extra_info("ssl_object")
-            actual = _spki_sha256(ssl_object) if ssl_object is not None else ""
-            if not any(hmac.compare_digest(actual, pin) for pin in self._pins):
+            try:
+                check_peer_pins(transport.get_extra_info("ssl_object"), self._pins)
+            except PinMismatch:
                 transport.close()
-                raise PinMismatch("destination public key does not match its pins")
+                raise
         return transport, protocol
 
 

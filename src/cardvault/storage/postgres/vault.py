@@ -1,8 +1,8 @@
-"""The PostgreSQL :class:`~cardvault.storage.base.VaultStore`, through an asyncpg pool.
+"""The vault's store on PostgreSQL: :class:`~cardvault.storage.base.VaultStore`'s queries.
 
-Every method is one statement on a pooled connection in autocommit, with the server's
-default synchronous commit, so a method returns after its commit reached the server's
-disk. There is no group commit here: the pool's connections commit concurrently, and
+Every method is one statement on a pooled connection of
+:class:`~cardvault.storage.postgres.pool.PostgresDatabase`, durable when it returns.
+There is no group commit here: the pool's connections commit concurrently, and
 PostgreSQL's WAL writer already flushes the commits that arrive together with one
 fsync (FACTS: 4.4k rows/s on one connection, 18.7k on 32). ``commit_delay`` on the
 server trades latency for larger groups if that is ever needed.
@@ -25,226 +25,130 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from cardvault.storage._shared import column_list, copy_error, settle
+from cardvault.storage import rows
+from cardvault.storage._shared import column_list, copy_error, insert_sql, settle
 from cardvault.storage.base import (
     Account,
     ApiKey,
     DataKeyRecord,
-    DuplicateError,
     ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
-    UnstorableValue,
 )
-from cardvault.storage.migrations import (
-    ACCOUNT_COLUMNS,
-    API_KEY_COLUMNS,
-    DATA_KEY_COLUMNS,
-    FORWARDING_COLUMNS,
-    IDEMPOTENCY_COLUMNS,
-    MIGRATIONS,
-    PAYMENT_METHOD_COLUMNS,
-    SCHEMA_VERSION_TABLE,
-    account_from_row,
-    account_params,
-    api_key_from_row,
-    api_key_params,
-    data_key_from_row,
-    data_key_params,
-    forwarding_from_row,
-    forwarding_params,
-    idempotency_from_row,
-    idempotency_params,
-    payment_method_from_row,
-    payment_method_params,
-    render,
-)
+from cardvault.storage.migrations import VAULT_SCHEMA, Schema
+from cardvault.storage.pages import Page, VaultLists
+from cardvault.storage.postgres.pool import PostgresDatabase, count, numbered
 
 __all__ = ["PostgresVaultStore"]
 
-#: The advisory lock that serialises migrations of the vault's schema (any 64-bit
-#: number, distinct from the key service's 7301 in case both share a database).
-MIGRATION_LOCK = 7302
-
 R = TypeVar("R")
 
-
-def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
-    marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-    # Built only from the constant table and column names above, never from input.
-    return f"INSERT INTO {table} ({column_list(columns)}) VALUES ({marks})"  # noqa: S608
-
-
-_INSERT_ACCOUNT = _insert_sql("accounts", ACCOUNT_COLUMNS)
-_INSERT_API_KEY = _insert_sql("api_keys", API_KEY_COLUMNS)
-_INSERT_DATA_KEY = _insert_sql("data_keys", DATA_KEY_COLUMNS)
-_INSERT_PM = _insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS)
-_INSERT_FWD = _insert_sql("forwarding_requests", FORWARDING_COLUMNS)
-_SELECT_FWD = f"SELECT {column_list(FORWARDING_COLUMNS)} FROM forwarding_requests"  # noqa: S608
-_INSERT_IDEMPOTENCY = (
-    _insert_sql("idempotency_keys", IDEMPOTENCY_COLUMNS)
+_INSERT_ACCOUNT = numbered(insert_sql("accounts", rows.ACCOUNT_COLUMNS))
+_INSERT_API_KEY = numbered(insert_sql("api_keys", rows.API_KEY_COLUMNS))
+_INSERT_DATA_KEY = numbered(insert_sql("data_keys", rows.DATA_KEY_COLUMNS))
+_INSERT_PM = numbered(insert_sql("payment_methods", rows.PAYMENT_METHOD_COLUMNS))
+_INSERT_FWD = numbered(insert_sql("forwarding_requests", rows.FORWARDING_COLUMNS))
+_INSERT_IDEMPOTENCY = numbered(
+    insert_sql("idempotency_keys", rows.IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING RETURNING 1"
 )
-_SELECT_ACCOUNT = f"SELECT {column_list(ACCOUNT_COLUMNS)} FROM accounts"  # noqa: S608 (constant columns)
-_SELECT_API_KEY = f"SELECT {column_list(API_KEY_COLUMNS)} FROM api_keys"  # noqa: S608
-_SELECT_DATA_KEY = f"SELECT {column_list(DATA_KEY_COLUMNS)} FROM data_keys"  # noqa: S608
-_SELECT_PM = f"SELECT {column_list(PAYMENT_METHOD_COLUMNS)} FROM payment_methods"  # noqa: S608
-_SELECT_IDEMPOTENCY = f"SELECT {column_list(IDEMPOTENCY_COLUMNS)} FROM idempotency_keys"  # noqa: S608
-
 
 #: The most rows one multi-row insert carries (PostgreSQL binds at most 32767 values).
 PM_BATCH = 512
 
 
 @functools.lru_cache(maxsize=128)
-def _multi_insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
-    """The statement that inserts ``rows`` rows (made once per size: 19 columns by a
+def _multi_insert_sql(table: str, columns: tuple[str, ...], count: int) -> str:
+    """The statement that inserts ``count`` rows (made once per size: 19 columns by a
     batch of rows is hundreds of placeholders, which cost a measurable part of a
     tokenization when they were written out for every batch)."""
     width = len(columns)
     values = ", ".join(
-        "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(rows)
+        "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(count)
     )
     # Built only from the constant table and column names, never from input.
     return f"INSERT INTO {table} ({column_list(columns)}) VALUES {values}"  # noqa: S608
-
-
-def _count(status: str) -> int:
-    """The row count of a command tag such as ``UPDATE 3``."""
-    return int(status.rsplit(" ", 1)[-1])
 
 
 class _OneByOne(Exception):  # a signal, not an error
     """Insert the rows one by one."""
 
 
-class PostgresVaultStore:
+class PostgresVaultStore(VaultLists, PostgresDatabase):
     """The vault's store in PostgreSQL. ``min_size``/``max_size`` size the pool, which
     is opened on first use (in the running event loop) and closed by :meth:`close`."""
 
+    schema: ClassVar[Schema] = VAULT_SCHEMA
+
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 16) -> None:
-        self._dsn = dsn
-        self._min_size = min_size
-        self._max_size = max_size
-        self._pool: Any = None
-        self._pool_lock = asyncio.Lock()
+        super().__init__(dsn, min_size=min_size, max_size=max_size)
         # Payment-method rows waiting for their multi-row insert (module docstring).
         self._pm_pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._pm_flush: asyncio.Handle | None = None
         self._pm_flush_loop: asyncio.AbstractEventLoop | None = None
         self._pm_tasks: set[asyncio.Task[None]] = set()
 
-    def __repr__(self) -> str:
-        # The DSN may hold a password.
-        return "PostgresVaultStore(<dsn>)"
-
-    async def _get_pool(self) -> Any:
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    import asyncpg
-
-                    self._pool = await asyncpg.create_pool(
-                        self._dsn, min_size=self._min_size, max_size=self._max_size
-                    )
-        return self._pool
-
-    async def _insert(self, sql: str, params: tuple[Any, ...], what: str) -> None:
-        import asyncpg
-
-        pool = await self._get_pool()
-        try:
-            await pool.execute(sql, *params)
-        except asyncpg.UniqueViolationError as exc:
-            raise DuplicateError(f"{what} with this id or unique value exists") from exc
-        except asyncpg.DataError as exc:
-            # A value could not be encoded (a lone surrogate, an integer past 64 bits)
-            # or the server refused it as data: the statement did not commit.
-            raise UnstorableValue(f"{what} holds a value that cannot be stored") from exc
-
-    # -- schema --------------------------------------------------------------------------
-
-    async def migrate(self) -> None:
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction():
-            # Replicas starting together queue here; the later ones find nothing to do.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(SCHEMA_VERSION_TABLE)
-            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-            for migration in MIGRATIONS:
-                if migration.version <= current:
-                    continue
-                for statement in migration.statements:
-                    await conn.execute(render(statement, "postgresql"))
-                await conn.execute(
-                    "INSERT INTO schema_version (version, applied) VALUES ($1, $2)",
-                    migration.version,
-                    int(time.time()),
-                )
-
     # -- accounts and keys ---------------------------------------------------------------
 
     async def create_account(self, account: Account) -> None:
-        await self._insert(_INSERT_ACCOUNT, account_params(account), "an account")
+        await self._insert(_INSERT_ACCOUNT, rows.account_params(account), "an account")
 
     async def get_account(self, account_id: str) -> Account | None:
         pool = await self._get_pool()
-        row = await pool.fetchrow(f"{_SELECT_ACCOUNT} WHERE id = $1", account_id)
-        return None if row is None else account_from_row(row)
+        row = await pool.fetchrow(f"{rows.SELECT_ACCOUNT} WHERE id = $1", account_id)
+        return None if row is None else rows.account_from_row(row)
 
     async def set_allowed_origins(self, account_id: str, origins: Sequence[str]) -> bool:
         pool = await self._get_pool()
         status = await pool.execute(
             "UPDATE accounts SET allowed_origins = $1 WHERE id = $2",
-            json.dumps(list(origins), separators=(",", ":"), ensure_ascii=False),
+            rows.origins_param(origins),
             account_id,
         )
-        return _count(status) == 1
+        return count(status) == 1
 
     async def create_api_key(self, key: ApiKey) -> None:
-        await self._insert(_INSERT_API_KEY, api_key_params(key), "an API key")
+        await self._insert(_INSERT_API_KEY, rows.api_key_params(key), "an API key")
 
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
         pool = await self._get_pool()
-        row = await pool.fetchrow(f"{_SELECT_API_KEY} WHERE hash = $1", key_hash)
-        return None if row is None else api_key_from_row(row)
+        row = await pool.fetchrow(f"{rows.SELECT_API_KEY} WHERE hash = $1", key_hash)
+        return None if row is None else rows.api_key_from_row(row)
 
     async def list_api_keys(self, account_id: str) -> list[ApiKey]:
         pool = await self._get_pool()
-        rows = await pool.fetch(
-            f"{_SELECT_API_KEY} WHERE account_id = $1 ORDER BY created, id", account_id
+        found = await pool.fetch(
+            f"{rows.SELECT_API_KEY} WHERE account_id = $1 ORDER BY created, id", account_id
         )
-        return [api_key_from_row(r) for r in rows]
+        return [rows.api_key_from_row(r) for r in found]
 
     async def revoke_api_key(self, key_id: str, when: int) -> bool:
         pool = await self._get_pool()
         status = await pool.execute(
             "UPDATE api_keys SET revoked = $1 WHERE id = $2 AND revoked IS NULL", when, key_id
         )
-        return _count(status) == 1
+        return count(status) == 1
 
     # -- data keys -----------------------------------------------------------------------
 
     async def insert_data_key(self, record: DataKeyRecord) -> None:
-        await self._insert(_INSERT_DATA_KEY, data_key_params(record), "a data key")
+        await self._insert(_INSERT_DATA_KEY, rows.data_key_params(record), "a data key")
 
     async def get_data_key(self, data_key_id: str) -> DataKeyRecord | None:
         pool = await self._get_pool()
-        row = await pool.fetchrow(f"{_SELECT_DATA_KEY} WHERE id = $1", data_key_id)
-        return None if row is None else data_key_from_row(row)
+        row = await pool.fetchrow(f"{rows.SELECT_DATA_KEY} WHERE id = $1", data_key_id)
+        return None if row is None else rows.data_key_from_row(row)
 
     # -- payment methods -----------------------------------------------------------------
 
     async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._pm_pending.append((payment_method_params(record), future))
+        self._pm_pending.append((rows.payment_method_params(record), future))
         if self._pm_flush is None or self._pm_flush_loop is not loop:
             # Two loop iterations later, so that requests already under way join in.
             self._pm_flush = loop.call_soon(self._pm_flush_next, loop)
@@ -270,7 +174,7 @@ class PostgresVaultStore:
             if len(batch) == 1:
                 raise _OneByOne
             pool = await self._get_pool()
-            sql = _multi_insert_sql("payment_methods", PAYMENT_METHOD_COLUMNS, len(batch))
+            sql = _multi_insert_sql("payment_methods", rows.PAYMENT_METHOD_COLUMNS, len(batch))
             await pool.execute(sql, *(value for params, _ in batch for value in params))
             outcomes = [None] * len(batch)
         except (_OneByOne, asyncpg.UniqueViolationError, asyncpg.DataError):
@@ -291,62 +195,17 @@ class PostgresVaultStore:
     ) -> PaymentMethodRecord | None:
         pool = await self._get_pool()
         row = await pool.fetchrow(
-            f"{_SELECT_PM} WHERE id = $1 AND account_id = $2 AND livemode = $3",
+            f"{rows.SELECT_PAYMENT_METHOD} WHERE id = $1 AND account_id = $2 AND livemode = $3",
             pm_id,
             account_id,
             bool(livemode),
         )
-        return None if row is None else payment_method_from_row(row)
+        return None if row is None else rows.payment_method_from_row(row)
 
-    async def list_payment_methods(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-    ) -> list[PaymentMethodRecord]:
-        return await self._list(
-            "payment_methods", _SELECT_PM, payment_method_from_row,
-            account_id, livemode, limit, starting_after, ending_before,
-        )  # fmt: skip
-
-    async def _list(
-        self,
-        table: str,
-        select: str,
-        from_row: Callable[[Any], R],
-        account_id: str,
-        livemode: bool,
-        limit: int,
-        starting_after: str | None,
-        ending_before: str | None,
-    ) -> list[R]:
-        """One page of ``table`` in Stripe's order and cursor semantics (see base.py)."""
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        if starting_after is not None and ending_before is not None:
-            raise ValueError("give starting_after or ending_before, not both")
+    async def _list(self, page: Page, from_row: Callable[[Any], R]) -> list[R]:  # VaultLists
         pool = await self._get_pool()
-        where = "account_id = $1 AND livemode = $2"
-        # A cursor is looked up within the same account and mode: an id from elsewhere
-        # matches nothing, so the page is empty.
-        cursor = (
-            f"(SELECT created, id FROM {table} WHERE id = $3 AND account_id = $1 AND livemode = $2)"  # noqa: S608 - table is a constant of ours
-        )
-        if starting_after is not None:
-            sql = f"{select} WHERE {where} AND (created, id) < {cursor} ORDER BY created DESC, id DESC LIMIT $4"
-            args: tuple[Any, ...] = (account_id, bool(livemode), starting_after, limit)
-        elif ending_before is not None:
-            # The page just newer than the cursor: the nearest ones first, then reversed.
-            sql = f"{select} WHERE {where} AND (created, id) > {cursor} ORDER BY created ASC, id ASC LIMIT $4"
-            args = (account_id, bool(livemode), ending_before, limit)
-        else:
-            sql = f"{select} WHERE {where} ORDER BY created DESC, id DESC LIMIT $3"
-            args = (account_id, bool(livemode), limit)
-        records = [from_row(r) for r in await pool.fetch(sql, *args)]
-        if ending_before is not None:
+        records = [from_row(r) for r in await pool.fetch(numbered(page.sql), *page.params)]
+        if page.reverse:
             records.reverse()
         return records
 
@@ -358,7 +217,7 @@ class PostgresVaultStore:
             account_id,
             bool(livemode),
         )
-        return _count(status) == 1
+        return count(status) == 1
 
     async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
         pool = await self._get_pool()
@@ -370,7 +229,7 @@ class PostgresVaultStore:
             account_id,
             bool(livemode),
         )
-        return _count(status) == 1
+        return count(status) == 1
 
     async def destroy_expired_cvcs(self, now: int) -> int:
         pool = await self._get_pool()
@@ -379,7 +238,7 @@ class PostgresVaultStore:
             "cvc_expires = NULL WHERE cvc_expires IS NOT NULL AND cvc_expires <= $1",
             now,
         )
-        return _count(status)
+        return count(status)
 
     async def take_cvc(
         self, account_id: str, livemode: bool, pm_id: str
@@ -401,37 +260,23 @@ class PostgresVaultStore:
     # -- forwarding requests -------------------------------------------------------------
 
     async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
-        await self._insert(_INSERT_FWD, forwarding_params(record), "a forwarding request")
+        await self._insert(_INSERT_FWD, rows.forwarding_params(record), "a forwarding request")
 
     async def get_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str
     ) -> ForwardingRequestRecord | None:
         pool = await self._get_pool()
         row = await pool.fetchrow(
-            f"{_SELECT_FWD} WHERE id = $1 AND account_id = $2 AND livemode = $3",
+            f"{rows.SELECT_FORWARDING} WHERE id = $1 AND account_id = $2 AND livemode = $3",
             fwd_id,
             account_id,
             bool(livemode),
         )
-        return None if row is None else forwarding_from_row(row)
-
-    async def list_forwarding_requests(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-    ) -> list[ForwardingRequestRecord]:
-        return await self._list(
-            "forwarding_requests", _SELECT_FWD, forwarding_from_row,
-            account_id, livemode, limit, starting_after, ending_before,
-        )  # fmt: skip
+        return None if row is None else rows.forwarding_from_row(row)
 
     async def purge_forwarding_requests(self, before: int) -> int:
         pool = await self._get_pool()
-        return _count(
+        return count(
             await pool.execute("DELETE FROM forwarding_requests WHERE created < $1", before)
         )
 
@@ -442,17 +287,17 @@ class PostgresVaultStore:
         while True:
             # If another replica's insert of the same key is in flight, ON CONFLICT waits
             # for it to commit, so the SELECT (a new snapshot) then sees that row.
-            if await pool.fetchval(_INSERT_IDEMPOTENCY, *idempotency_params(record)):
+            if await pool.fetchval(_INSERT_IDEMPOTENCY, *rows.idempotency_params(record)):
                 return None
             row = await pool.fetchrow(
-                f"{_SELECT_IDEMPOTENCY} "
+                f"{rows.SELECT_IDEMPOTENCY} "
                 "WHERE account_id = $1 AND mode = $2 AND idempotency_key = $3",
                 record.account_id,
                 record.mode,
                 record.key,
             )
             if row is not None:
-                return idempotency_from_row(row)
+                return rows.idempotency_from_row(row)
             # Released between the two statements: claim again.
 
     async def complete_idempotency_key(
@@ -482,7 +327,7 @@ class PostgresVaultStore:
     async def purge_idempotency_keys(self, before: int) -> int:
         pool = await self._get_pool()
         status = await pool.execute("DELETE FROM idempotency_keys WHERE created < $1", before)
-        return _count(status)
+        return count(status)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -493,6 +338,4 @@ class PostgresVaultStore:
             self._pm_flush_start(asyncio.get_running_loop())
         if self._pm_tasks:
             await asyncio.gather(*self._pm_tasks, return_exceptions=True)
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        await super().close()

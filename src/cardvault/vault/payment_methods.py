@@ -1,0 +1,357 @@
+"""PaymentMethods: Stripe's card objects, sealed at rest.
+
+A card number enters as a :class:`~cardvault.cards.CardNumber` (a wipeable buffer),
+is fingerprinted and sealed under a data key, and is wiped before the response is
+built. What is stored: the ciphertext, the data key's id (its wrapped form is stored
+separately), and the non-secret facts Stripe returns (brand, last four, expiry,
+funding, fingerprint). Associated data (:func:`sealing_context`) binds every
+ciphertext to its account, mode, object id and field, so a ciphertext copied into
+another row does not open.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from cardvault import crypto
+from cardvault.audit.recorder import Recorder
+from cardvault.cards import (
+    CVC,
+    CardNumber,
+    Expiry,
+    brand_info,
+    check_card_allowed,
+    holds_card_number,
+    validate_cvc,
+    validate_expiry,
+)
+from cardvault.errors import (
+    APIError,
+    AuditUnavailableError,
+    InvalidRequestError,
+    ParameterMissing,
+    ResourceMissing,
+)
+from cardvault.logging import bind_request_fields, get_logger
+from cardvault.storage.base import PaymentMethodRecord, UnstorableValue, VaultStore
+from cardvault.vault.accounts import Caller, require_secret
+from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.ids import looks_like_id, time_ordered_id
+from cardvault.vault.params import check_keys, list_object, parse_metadata, read_page
+
+__all__ = ["PaymentMethods", "find_payment_method", "sealing_context"]
+
+_log = get_logger("cardvault.vault")
+
+_NAME_MAX = 200
+_PM_PARAMS = {"type", "card", "billing_details", "metadata", "expand"}
+_CARD_PARAMS = {"number", "exp_month", "exp_year", "cvc"}
+_BILLING_PARAMS = {"name", "email", "phone", "address"}
+_ADDRESS_PARAMS = {"line1", "line2", "city", "state", "postal_code", "country"}
+#: The order Stripe's objects list them in (alphabetical).
+_ADDRESS_FIELDS = tuple(sorted(_ADDRESS_PARAMS))
+#: The longest billing detail other than the name that is kept (email, phone, and each
+#: address field).
+_BILLING_MAX = 500
+
+
+def sealing_context(caller: Caller, pm_id: str, field: str) -> dict[str, str]:
+    """The associated data a payment method's ``field`` (``number``, ``name``, ``cvc``)
+    is sealed under: its account, mode and id."""
+    return {"account": caller.account_id, "mode": caller.mode, "object": pm_id, "field": field}
+
+
+def _no_such_payment_method(pm_id: str) -> ResourceMissing:
+    """Stripe's "No such PaymentMethod: 'pm_…'", naming the id only when it has the shape
+    of one of ours: anything else the caller put in the path may be a card number."""
+    if looks_like_id(pm_id, "pm_"):
+        return ResourceMissing(f"No such PaymentMethod: '{pm_id}'", param="payment_method")
+    return ResourceMissing("No such PaymentMethod.", param="payment_method")
+
+
+async def find_payment_method(store: VaultStore, caller: Caller, pm_id: str) -> PaymentMethodRecord:
+    """The caller's payment method ``pm_id`` (of its account and mode), or 404."""
+    record = None
+    if looks_like_id(pm_id, "pm_"):
+        record = await store.get_payment_method(caller.account_id, caller.livemode, pm_id)
+    if record is None:
+        raise _no_such_payment_method(pm_id)
+    return record
+
+
+def _billing_text(value: object, param: str) -> str | None:
+    """A billing detail as stored: a string of at most ``_BILLING_MAX`` characters, or
+    None when absent or empty. Numbers are refused like any other non-string: stored
+    and echoed as given, a huge integer would be an answer that cannot be written."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > _BILLING_MAX:
+        raise InvalidRequestError(
+            f"{param} must be a string of at most {_BILLING_MAX} characters.", param=param
+        )
+    return value
+
+
+def _billing_details(billing: dict[str, Any], address: dict[str, Any]) -> dict[str, Any]:
+    """The billing details kept in the clear (the name is sealed apart): email, phone and
+    the address, each checked by :func:`_billing_text`, none holding a card number."""
+    out: dict[str, Any] = {}
+    if billing.keys() <= {"name"}:
+        return out
+    texts: list[str] = []
+    for key in ("email", "phone"):
+        text = _billing_text(billing.get(key), f"billing_details[{key}]")
+        if text is not None:
+            out[key] = text
+            texts.append(text)
+    if address:
+        out["address"] = {}
+        for key in _ADDRESS_FIELDS:
+            text = _billing_text(address.get(key), f"billing_details[address][{key}]")
+            if text is not None:
+                out["address"][key] = text
+                texts.append(text)
+    if any(holds_card_number(text) for text in texts):
+        raise InvalidRequestError(
+            "billing_details must not contain card numbers.", param="billing_details"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class _Create:
+    """A create's parameters once their names and shapes are checked; the card's own
+    fields (number, expiry, CVC) are checked after these, in :meth:`create_payment_method`."""
+
+    card: dict[str, Any]
+    name: str | None
+    metadata: dict[str, str]
+    billing: dict[str, Any]
+
+
+def _create_params(params: dict[str, Any]) -> _Create:
+    """Names and shapes first, in the order docs/api.md lists them (the first failure is
+    the answer)."""
+    check_keys(params, _PM_PARAMS)
+    if params.get("type") in (None, ""):
+        raise ParameterMissing("Missing required param: type.", param="type")
+    if params["type"] != "card":
+        raise InvalidRequestError("Only type=card is supported.", param="type")
+    card = params.get("card")
+    if card in (None, ""):
+        raise ParameterMissing("Missing required param: card.", param="card")
+    if not isinstance(card, dict):
+        raise InvalidRequestError("card must be a hash.", param="card")
+    check_keys(card, _CARD_PARAMS, "card")
+    billing = params.get("billing_details") or {}
+    if not isinstance(billing, dict):
+        raise InvalidRequestError("billing_details must be a hash.", param="billing_details")
+    check_keys(billing, _BILLING_PARAMS, "billing_details")
+    address = billing.get("address") or {}
+    if not isinstance(address, dict):
+        raise InvalidRequestError("address must be a hash.", param="billing_details[address]")
+    check_keys(address, _ADDRESS_PARAMS, "billing_details[address]")
+    metadata = parse_metadata(params.get("metadata"))
+    other_billing = _billing_details(billing, address)
+    name = billing.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > _NAME_MAX):
+        raise InvalidRequestError(
+            "billing_details[name] must be a string.", param="billing_details[name]"
+        )
+    return _Create(card, name, metadata, other_billing)
+
+
+class PaymentMethods:
+    """The PaymentMethods API: create (seal), retrieve, list, delete, and the sweep that
+    destroys CVCs past their time.
+
+    Needs the store, the data keys (:class:`~cardvault.vault.datakeys.DataKeyManager`,
+    the vault's only way to the key service) and the audit recorder. Every operation is
+    recorded before its answer; one that cannot be recorded is refused (fail closed).
+    """
+
+    def __init__(
+        self,
+        store: VaultStore,
+        keys: DataKeyManager,
+        *,
+        cvc_ttl: int = 3600,
+        audit: Recorder | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.cvc_ttl = cvc_ttl
+        self.audit = audit or Recorder(None)
+
+    async def create_payment_method(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        new = _create_params(params)
+        card = new.card
+        number = CardNumber.parse(card.get("number"))
+        cvc = None
+        try:
+            expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
+            check_card_allowed(number, livemode=caller.livemode)
+            if card.get("cvc") not in (None, ""):
+                cvc = validate_cvc(card.get("cvc"), number.brand)
+            record = await self._sealed(caller, new, number, expiry, cvc)
+            display_brand = number.display_brand
+        finally:
+            number.wipe()
+            if cvc is not None:
+                cvc.wipe()
+        try:
+            await self.store.insert_payment_method(record)
+        except UnstorableValue as exc:
+            # The parser refuses such text first; this is the net under it.
+            raise InvalidRequestError("A parameter holds text that cannot be stored.") from exc
+        try:
+            await self.audit.record(
+                "payment_method.created",
+                actor=caller.key_id,
+                object_id=record.id,
+                detail={"livemode": caller.livemode, "brand": record.brand},
+            )
+        except AuditUnavailableError:
+            # Fail closed: a card whose creation cannot be recorded is not kept.
+            await self.store.delete_payment_method(caller.account_id, caller.livemode, record.id)
+            raise
+        # On the request's access line rather than a line of its own: one line per
+        # request is a measurable share of a tokenization's cost.
+        bind_request_fields(payment_method=record.id, key=caller.key_id, livemode=caller.livemode)
+        return self._render(record, name=new.name, display_brand=display_brand)
+
+    async def _sealed(
+        self, caller: Caller, new: _Create, number: CardNumber, expiry: Expiry, cvc: CVC | None
+    ) -> PaymentMethodRecord:
+        """The record to store: the number (and name, and CVC) sealed, the facts kept."""
+        pm_id = time_ordered_id("pm_")
+        account_key = await self.keys.account_key(caller.account_id)
+        fingerprint = crypto.fingerprint(account_key, number.digits_for_crypto())
+        dk_id, dk = await self.keys.for_encryption("pan")
+        number_ct = crypto.seal(
+            dk, number.digits_for_crypto(), sealing_context(caller, pm_id, "number")
+        )
+        name_ct = (
+            crypto.seal(dk, new.name.encode("utf-8"), sealing_context(caller, pm_id, "name"))
+            if new.name
+            else None
+        )
+        cvc_ct = cvc_dk_id = cvc_expires = None
+        if cvc is not None:
+            cvc_dk_id, cvc_dk = await self.keys.for_encryption("cvc")
+            cvc_ct = crypto.seal(
+                cvc_dk, cvc.digits_for_crypto(), sealing_context(caller, pm_id, "cvc")
+            )
+            cvc_expires = int(time.time()) + self.cvc_ttl
+        return PaymentMethodRecord(
+            id=pm_id,
+            account_id=caller.account_id,
+            livemode=caller.livemode,
+            created=int(time.time()),
+            data_key_id=dk_id,
+            number_ct=number_ct,
+            brand=str(number.brand),
+            last4=number.last4,
+            exp_month=expiry.month,
+            exp_year=expiry.year,
+            funding=str(number.funding),
+            fingerprint=fingerprint,
+            name_ct=name_ct,
+            metadata=new.metadata,
+            billing_details=new.billing,
+            cvc_ct=cvc_ct,
+            cvc_data_key_id=cvc_dk_id,
+            cvc_expires=cvc_expires,
+            cvc_check="unchecked" if cvc is not None else None,
+        )
+
+    async def retrieve_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
+        require_secret(caller)
+        record = await find_payment_method(self.store, caller, pm_id)
+        name = await self._open_name(caller, record)
+        await self.audit.record("payment_method.read", actor=caller.key_id, object_id=pm_id)
+        return self._render(record, name=name)
+
+    async def list_payment_methods(self, caller: Caller, query: dict[str, Any]) -> dict[str, Any]:
+        require_secret(caller)
+        fetch = partial(self.store.list_payment_methods, caller.account_id, caller.livemode)
+        records, has_more = await read_page(query, "pm_", fetch, params={"type", "expand"})
+        data = [self._render(r, name=await self._open_name(caller, r)) for r in records]
+        await self.audit.record(
+            "payment_method.listed", actor=caller.key_id, detail={"count": len(data)}
+        )
+        return list_object("/v1/payment_methods", data, has_more)
+
+    async def delete_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
+        require_secret(caller)
+        await find_payment_method(self.store, caller, pm_id)
+        # Recorded first: if the record cannot be written, nothing is deleted.
+        await self.audit.record("payment_method.deleted", actor=caller.key_id, object_id=pm_id)
+        if not await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id):
+            raise _no_such_payment_method(pm_id)
+        return {"id": pm_id, "object": "payment_method", "deleted": True}
+
+    async def sweep_expired_cvcs(self) -> int:
+        destroyed = await self.store.destroy_expired_cvcs(int(time.time()))
+        if destroyed:
+            await self.audit.record(
+                "cvc.destroyed", actor="sweeper", detail={"count": destroyed, "reason": "expired"}
+            )
+        return destroyed
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _open_name(self, caller: Caller, record: PaymentMethodRecord) -> str | None:
+        if record.name_ct is None:
+            return None
+        key = await self.keys.for_decryption(record.data_key_id, "pan")
+        try:
+            plain = crypto.open_(key, record.name_ct, sealing_context(caller, record.id, "name"))
+        except crypto.InvalidCiphertext as exc:
+            # Stored ciphertext that fails authentication was altered or moved: a
+            # security event, not a client error.
+            _log.error("stored card data failed authentication", payment_method=record.id)
+            raise APIError() from exc
+        return plain.decode("utf-8")
+
+    @staticmethod
+    def _render(
+        record: PaymentMethodRecord, *, name: str | None, display_brand: str | None = None
+    ) -> dict[str, Any]:
+        raw_address = record.billing_details.get("address")
+        address: dict[str, Any] = raw_address if isinstance(raw_address, dict) else {}
+        return {
+            "id": record.id,
+            "object": "payment_method",
+            "type": "card",
+            "created": record.created,
+            "livemode": record.livemode,
+            "metadata": record.metadata,
+            "customer": None,
+            "billing_details": {
+                "address": {k: address.get(k) for k in _ADDRESS_FIELDS},
+                "email": record.billing_details.get("email"),
+                "name": name,
+                "phone": record.billing_details.get("phone"),
+            },
+            "card": {
+                "brand": record.brand,
+                "display_brand": display_brand or brand_info(record.brand).display_brand,
+                "last4": record.last4,
+                "exp_month": record.exp_month,
+                "exp_year": record.exp_year,
+                "funding": record.funding,
+                "fingerprint": record.fingerprint,
+                "country": None,
+                "checks": {
+                    "cvc_check": record.cvc_check,
+                    "address_line1_check": None,
+                    "address_postal_code_check": None,
+                },
+                "wallet": None,
+                "three_d_secure_usage": {"supported": True},
+            },
+        }
