@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -423,6 +424,65 @@ def test_the_cli_stores_a_card_read_from_stdin_and_forwards_it_with_the_stacks_k
     gone = cli(stack, "payment-methods", "retrieve", pm["id"])
     assert gone.returncode == 1
     assert "resource_missing" in gone.stderr
+
+
+def in_stack_dir(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cardvault ARGS`` run where ``cardvault up`` was (the stack file at
+    ``.cardvault/stack.json``), with no option naming a stack, a config or a URL."""
+    workdir = stack.state.parent / "operator"
+    (workdir / ".cardvault").mkdir(parents=True, exist_ok=True)
+    link = workdir / ".cardvault" / "stack.json"
+    if not link.exists():
+        link.symlink_to(stack.state / "stack.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDVAULT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cardvault", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=workdir,
+    )
+
+
+def test_administration_finds_the_running_stack_by_itself(stack: Stack) -> None:
+    # Accounts and keys go through the vault's administration, with the stack's vault
+    # settings; nothing names a config.
+    made = in_stack_dir(stack, "accounts", "create", "--name", "found")
+    assert made.returncode == 0, made.stderr
+    account = re.search(r"^account\s+(acct_\w+)$", made.stdout, re.M)
+    secret = re.search(r"^secret \(test\)\s+(sk_test_\w+)$", made.stdout, re.M)
+    assert account and secret, made.stdout
+    key = in_stack_dir(stack, "api-keys", "create", "--account", account.group(1))
+    assert key.returncode == 0, key.stderr
+    key_id = key.stdout.split()[0]
+    assert in_stack_dir(stack, "api-keys", "revoke", key_id).returncode == 0
+    origins = in_stack_dir(
+        stack, "accounts", "set-origins", account.group(1), "--origin", "https://found.example"
+    )
+    assert origins.returncode == 0, origins.stderr
+    # The new key works against the running vault.
+    with Client(
+        secret.group(1), base_url=stack.info["vault"]["url"], ca_bundle=stack.info["ca_bundle"]
+    ) as vault:
+        assert vault.payment_methods.list()["object"] == "list"
+    # The key service's status through its admin identity; every zone's audit log; and
+    # the stack's files for card data.
+    status = in_stack_dir(stack, "keyservice", "status")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["sealed"] is False
+    verified = in_stack_dir(stack, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "vault" in verified.stdout and "keyservice" in verified.stdout
+    scanned = in_stack_dir(stack, "scan", "--ignore", "*.log")
+    assert scanned.returncode == 0, scanned.stdout + scanned.stderr
+    # The operator's actions are in the vault's administration log.
+    admin_log = stack.state / "vault-admin" / "audit.jsonl"
+    actions = [json.loads(line)["action"] for line in admin_log.read_text().splitlines()]
+    assert {"account.created", "api_key.created", "api_key.revoked", "account.origins_set"} <= set(
+        actions
+    )
 
 
 def test_the_cli_warns_about_a_card_number_on_the_command_line(stack: Stack) -> None:

@@ -56,6 +56,9 @@ RULES = [
         "client",
         ["cardvault.vault", "cardvault.keyservice", "cardvault.storage", "cardvault.crypto"],
     ),
+    # The command line reaches a service through its API or one admin function of it
+    # (cardvault.vault.admin, cardvault.keyservice.app), never its storage.
+    ("cli", ["cardvault.storage"]),
 ]
 
 

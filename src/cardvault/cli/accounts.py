@@ -1,21 +1,25 @@
 """``cardvault accounts`` and ``cardvault api-keys``: tenants and their API keys.
 
-These run on the vault's host against the vault's own store (``--config`` names the
-vault's settings). A key is shown once, when it is created; only its hash is stored.
+These run on the vault's host through the vault's administration
+(:mod:`cardvault.vault.admin`): ``--config`` names the vault's settings, and beside a
+local stack (``cardvault up``) they are found by themselves. Every action is audited in
+the vault's administration log. A key is shown once, when it is created; only its hash
+is stored.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from rich.console import Console
 
+from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.config import load_settings
 from cardvault.errors import CardVaultError, ConfigurationError
+from cardvault.vault.admin import Administration, administer, normalize_origin
 from cardvault.vault.settings import VaultSettings
 
 accounts_app = typer.Typer(help="Accounts (tenants) of this vault.", no_args_is_help=True)
@@ -27,37 +31,35 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="The vault's TOML settings.")
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="The vault's TOML settings (default: the local stack's vault, when one runs).",
+        show_default=False,
+    ),
 ]
 
 
-def _with_service(config: Path | None, work: Callable[[Any], Awaitable[T]]) -> T:
-    from cardvault.storage import open_vault_store
-    from cardvault.vault.accounts import Accounts
+def vault_settings(config: Path | None, stack: Path | None) -> VaultSettings:
+    """The vault's settings: from ``--config``, else the local stack's vault."""
+    if config is None:
+        found = stack_value(load_stack(stack), "vault", "config")
+        if found is None:
+            raise ConfigurationError(
+                "no vault settings: give --config (the vault's TOML settings), or run this "
+                "beside a local stack (cardvault up)"
+            )
+        config = Path(found)
+    return load_settings(VaultSettings, config)
 
-    settings = load_settings(VaultSettings, config)
-    if not settings.store.url:
-        raise ConfigurationError("missing required setting store.url")
 
-    async def go() -> T:
-        from cardvault.audit import AuditLog
-        from cardvault.audit.recorder import Recorder
-
-        _directory, admin_directory = settings.audit.resolved(settings.store.url)
-        store = open_vault_store(settings.store.url)
-        # The running vault holds its own log; administration is recorded in its own.
-        recorder = Recorder(await AuditLog.open(admin_directory))
-        try:
-            await store.migrate()
-            # Accounts and keys need no card keys: no key-service client is made.
-            service = Accounts(store, audit=recorder)
-            return await work(service)
-        finally:
-            await recorder.close()
-            await store.close()
-
+def _administer(
+    config: Path | None, stack: Path | None, work: Callable[[Administration], Awaitable[T]]
+) -> T:
+    settings = vault_settings(config, stack)
     try:
-        return asyncio.run(go())
+        return administer(settings, work)
     except CardVaultError as exc:
         if isinstance(exc, ConfigurationError):
             raise
@@ -78,8 +80,6 @@ OriginOpt = Annotated[
 
 def _origins(values: list[str] | None) -> list[str]:
     """The normalized origins, duplicates dropped, or exit 2 naming the bad one."""
-    from cardvault.vault.element import normalize_origin
-
     out: list[str] = []
     for value in values or []:
         try:
@@ -95,27 +95,21 @@ def _origins(values: list[str] | None) -> list[str]:
 @accounts_app.command("create")
 def create_account(
     config: ConfigOpt = None,
+    stack: StackOpt = None,
     name: Annotated[str, typer.Option(help="A name for people.")] = "",
     live: Annotated[bool, typer.Option("--live", help="Also create live-mode keys.")] = False,
     allowed_origin: OriginOpt = None,
 ) -> None:
     """Create an account with test-mode keys (and live-mode keys with --live)."""
     origins = _origins(allowed_origin)
-
-    async def work(service: Any) -> list[tuple[str, str]]:
-        account = await service.create_account(name)
-        shown = [("account", account.id)]
-        if origins:
-            await service.store.set_allowed_origins(account.id, origins)
-            shown.append(("allowed origins", " ".join(origins)))
-        modes: list[Literal["test", "live"]] = ["test", "live"] if live else ["test"]
-        for mode in modes:
-            for kind in ("publishable", "secret"):
-                _record, secret = await service.create_api_key(account.id, kind, mode)
-                shown.append((f"{kind} ({mode})", secret))
-        return shown
-
-    for label, value in _with_service(config, work):
+    made = _administer(
+        config, stack, lambda admin: admin.create_account(name, origins=origins, live=live)
+    )
+    shown = [("account", made.id)]
+    if made.origins:
+        shown.append(("allowed origins", " ".join(made.origins)))
+    shown += [(f"{kind} ({mode})", key) for kind, mode, key in made.keys]
+    for label, value in shown:
         out.print(f"{label:22} {value}", highlight=False)
     out.print("[bold]Keys are shown once and stored only as hashes. Keep them now.[/]")
 
@@ -124,6 +118,7 @@ def create_account(
 def set_origins(
     account: Annotated[str, typer.Argument(help="The account id (acct_…).")],
     config: ConfigOpt = None,
+    stack: StackOpt = None,
     origin: OriginOpt = None,
 ) -> None:
     """Replace the origins whose pages may frame the account's card element.
@@ -131,12 +126,7 @@ def set_origins(
     With no --origin, no page may frame it any more. Takes effect on the next frame load.
     """
     origins = _origins(origin)
-
-    async def work(service: Any) -> bool:
-        done: bool = await service.store.set_allowed_origins(account, origins)
-        return done
-
-    if not _with_service(config, work):
+    if not _administer(config, stack, lambda admin: admin.set_allowed_origins(account, origins)):
         err.print("[red]no such account[/]")
         raise typer.Exit(1)
     if origins:
@@ -149,6 +139,7 @@ def set_origins(
 def create_key(
     account: Annotated[str, typer.Option(help="The account id (acct_…).")],
     config: ConfigOpt = None,
+    stack: StackOpt = None,
     kind: Annotated[str, typer.Option(help="publishable or secret.")] = "secret",
     mode: Annotated[str, typer.Option(help="test or live.")] = "test",
 ) -> None:
@@ -156,25 +147,21 @@ def create_key(
     if kind not in ("publishable", "secret") or mode not in ("test", "live"):
         err.print("[red]--kind is publishable|secret and --mode is test|live[/]")
         raise typer.Exit(2)
-
-    async def work(service: Any) -> tuple[Any, str]:
-        result: tuple[Any, str] = await service.create_api_key(account, kind, mode)
-        return result
-
-    record, secret = _with_service(config, work)
+    chosen_kind: Literal["publishable", "secret"] = (
+        "publishable" if kind == "publishable" else "secret"
+    )
+    chosen_mode: Literal["test", "live"] = "live" if mode == "live" else "test"
+    record, secret = _administer(
+        config, stack, lambda admin: admin.create_api_key(account, chosen_kind, chosen_mode)
+    )
     out.print(f"{record.id}  {secret}", highlight=False)
     out.print("[bold]Shown once; stored only as a hash.[/]")
 
 
 @keys_app.command("revoke")
-def revoke_key(key_id: str, config: ConfigOpt = None) -> None:
+def revoke_key(key_id: str, config: ConfigOpt = None, stack: StackOpt = None) -> None:
     """Revoke an API key by its id (key_…). Takes effect within two seconds."""
-
-    async def work(service: Any) -> bool:
-        done: bool = await service.revoke_api_key(key_id)
-        return done
-
-    if not _with_service(config, work):
+    if not _administer(config, stack, lambda admin: admin.revoke_api_key(key_id)):
         err.print("[red]no such key, or already revoked[/]")
         raise typer.Exit(1)
     out.print(f"revoked {key_id}")

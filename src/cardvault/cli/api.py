@@ -26,6 +26,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from cardvault.cli.stack import StackOpt, load_stack, stack_path, stack_value
 from cardvault.client import CardVaultError, Client, TransportError
 
 __all__ = ["forwarding_app", "payment_methods_app", "register"]
@@ -46,14 +47,6 @@ T = TypeVar("T")
 DEMO_BODY = '{"amount": 1000, "currency": "usd", "card": {}}'
 DEFAULT_REPLACEMENTS = ["card_number", "card_expiry", "card_cvc"]
 
-StackOpt = Annotated[
-    Path,
-    typer.Option(
-        "--stack",
-        envvar="CARDVAULT_STACK",
-        help="The stack file `cardvault up` writes: URL, CA bundle and keys by default.",
-    ),
-]
 ApiKeyOpt = Annotated[
     str | None,
     typer.Option(
@@ -90,8 +83,6 @@ IdemOpt = Annotated[
     typer.Option("--idempotency-key", help="Idempotency-Key (default: a new one per call)."),
 ]
 
-DEFAULT_STACK = Path(".cardvault/stack.json")
-
 
 @dataclass
 class Target:
@@ -102,7 +93,7 @@ class Target:
 
 
 def _target(
-    stack_file: Path,
+    stack_file: Path | None,
     url: str | None,
     ca_bundle: Path | None,
     api_key: str | None,
@@ -110,27 +101,21 @@ def _target(
     publishable: bool = False,
 ) -> Target:
     """Where to send the call: options first, then the stack file."""
-    stack: dict[str, Any] = {}
-    if stack_file.exists():
-        try:
-            stack = json.loads(stack_file.read_text())
-        except (OSError, ValueError):
-            err.print(f"[red]cannot read the stack file {stack_file}[/]")
-            raise typer.Exit(2) from None
-    elif url is None or api_key is None:
+    stack = load_stack(stack_file) if (url is None or api_key is None) else None
+    if stack is None and (url is None or api_key is None):
         err.print(
-            f"[red]no stack at {stack_file}[/]: start one with `cardvault up`, "
+            f"[red]no stack at {stack_path(stack_file)}[/]: start one with `cardvault up`, "
             "or give --url and --api-key (or CARDVAULT_URL and CARDVAULT_API_KEY)"
         )
         raise typer.Exit(2)
-    keys = stack.get("keys", {})
-    key = api_key or keys.get("publishable" if publishable else "secret")
-    base = url or stack.get("vault", {}).get("url")
-    ca = ca_bundle or (Path(stack["ca_bundle"]) if stack.get("ca_bundle") else None)
+    key = api_key or stack_value(stack, "keys", "publishable" if publishable else "secret")
+    base = url or stack_value(stack, "vault", "url")
+    bundle = stack_value(stack, "ca_bundle")
+    ca = ca_bundle or (Path(bundle) if bundle else None)
     if not key or not base:
-        err.print(f"[red]the stack file {stack_file} names no vault URL or key[/]")
+        err.print(f"[red]the stack file {stack_path(stack_file)} names no vault URL or key[/]")
         raise typer.Exit(2)
-    return Target(base, ca, key, stack)
+    return Target(base, ca, key, stack or {})
 
 
 @contextmanager
@@ -219,7 +204,7 @@ def pm_create(
         ),
     ] = False,
     idempotency_key: IdemOpt = None,
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -250,7 +235,7 @@ def pm_create(
 @payment_methods_app.command("retrieve")
 def pm_retrieve(
     pm_id: Annotated[str, typer.Argument(metavar="ID", help="pm_…")],
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -266,7 +251,7 @@ def pm_list(
     starting_after: AfterOpt = None,
     ending_before: BeforeOpt = None,
     all_pages: AllOpt = False,
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -285,7 +270,7 @@ def pm_list(
 def pm_delete(
     pm_id: Annotated[str, typer.Argument(metavar="ID", help="pm_…")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -331,7 +316,7 @@ def fwd_create(
         str, typer.Option("--body", help="The request body; the vault fills in the card.")
     ] = DEMO_BODY,
     idempotency_key: IdemOpt = None,
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -370,7 +355,7 @@ def fwd_create(
 @forwarding_app.command("retrieve")
 def fwd_retrieve(
     fwd_id: Annotated[str, typer.Argument(metavar="ID", help="fwdreq_…")],
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,
@@ -386,7 +371,7 @@ def fwd_list(
     starting_after: AfterOpt = None,
     ending_before: BeforeOpt = None,
     all_pages: AllOpt = False,
-    stack: StackOpt = DEFAULT_STACK,
+    stack: StackOpt = None,
     url: UrlOpt = None,
     ca_bundle: CaOpt = None,
     api_key: ApiKeyOpt = None,

@@ -23,6 +23,7 @@ from cardvault.audit import (
 from cardvault.audit import (
     export as export_records,
 )
+from cardvault.cli.stack import StackOpt, load_stack, stack_value
 
 app = typer.Typer(
     help="Verify the hash chain and signatures of audit logs, and export them.",
@@ -119,13 +120,21 @@ def verify(
         Path | None,
         typer.Option("--head", help=f"The signed head (default: {HEAD_FILE} beside the log)."),
     ] = None,
+    stack: StackOpt = None,
 ) -> None:
     """Check the hash chain and checkpoint signatures; exit 1 at the first problem.
 
     Reports the first record where an edit, deletion, insertion, reordering or
-    truncation happened.
+    truncation happened. With neither a PATH nor --state, every log of the local stack
+    (cardvault up) is verified.
     """
-    if (path is None) == (state is None):
+    if path is None and state is None:
+        found = stack_value(load_stack(stack), "state")
+        state = Path(found) if found else None
+        if state is None:
+            err.print("[red]Give a log PATH or --state DIR[/] (or run beside a local stack).")
+            raise typer.Exit(2)
+    if path is not None and state is not None:
         err.print("[red]Give either a log PATH or --state DIR.[/]")
         raise typer.Exit(2)
     if state is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import sys
@@ -12,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.client import Client, TransportError
 from cardvault.config import load_settings
 from cardvault.errors import CardVaultError
@@ -27,17 +27,31 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="The key service's TOML settings.")
 ]
+# Each defaults to the local stack's (its key service, CA bundle and admin identity)
+# when a stack file is found (cardvault.cli.stack).
 UrlOpt = Annotated[
-    str, typer.Option("--url", envvar="CARDVAULT_KEYSERVICE_URL", help="Key service URL.")
+    str | None,
+    typer.Option(
+        "--url", envvar="CARDVAULT_KEYSERVICE_URL", help="Key service URL.", show_default=False
+    ),
 ]
 CaOpt = Annotated[
-    Path, typer.Option("--ca-bundle", envvar="CARDVAULT_CA_BUNDLE", help="CA bundle.")
+    Path | None,
+    typer.Option(
+        "--ca-bundle", envvar="CARDVAULT_CA_BUNDLE", help="CA bundle.", show_default=False
+    ),
 ]
 CertOpt = Annotated[
-    Path, typer.Option("--cert", envvar="CARDVAULT_ADMIN_CERT", help="Admin client cert.")
+    Path | None,
+    typer.Option(
+        "--cert", envvar="CARDVAULT_ADMIN_CERT", help="Admin client cert.", show_default=False
+    ),
 ]
 KeyOpt = Annotated[
-    Path, typer.Option("--key", envvar="CARDVAULT_ADMIN_KEY", help="Admin client key.")
+    Path | None,
+    typer.Option(
+        "--key", envvar="CARDVAULT_ADMIN_KEY", help="Admin client key.", show_default=False
+    ),
 ]
 
 
@@ -67,9 +81,7 @@ def init(
     development seal (seal.type = "dev", development profile only) the root key goes to
     seal.dev_key_file instead and no shares are made.
     """
-    from cardvault.keyservice.app import check_settings
-    from cardvault.keyservice.service import initialize
-    from cardvault.storage import open_key_store
+    from cardvault.keyservice.app import check_settings, initialize_key_service
 
     settings = load_settings(KeyServiceSettings, config)
     check_settings(settings)
@@ -77,15 +89,7 @@ def init(
     if dev is None and not 2 <= threshold <= shares <= 255:
         err.print("[red]need 2 <= --threshold <= --shares <= 255[/]")
         raise typer.Exit(2)
-
-    async def go() -> list[Any]:
-        store = open_key_store(settings.store.url)
-        try:
-            return await initialize(store, shares=shares, threshold=threshold, dev_key_file=dev)
-        finally:
-            await store.close()
-
-    result = asyncio.run(go())
+    result = initialize_key_service(settings, shares=shares, threshold=threshold)
     if dev is not None:
         err.print(
             f"[bold yellow]DEVELOPMENT SEAL[/]: root key written to {dev}. Never use this for real cards."
@@ -117,8 +121,27 @@ def _client(url: str, ca: Path, cert: Path, key: Path) -> Client:
 
 
 def _call(
-    url: str, ca: Path, cert: Path, key: Path, method: str, path: str, body: Any = None
+    url: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    stack_file: Path | None,
+    method: str,
+    path: str,
+    body: Any = None,
 ) -> Any:
+    stack = load_stack(stack_file)
+    admin = stack_value(stack, "identities", "admin") or {}
+    url = url or stack_value(stack, "keyservice", "url")
+    ca = ca or _path(stack_value(stack, "ca_bundle"))
+    cert = cert or _path(admin.get("cert"))
+    key = key or _path(admin.get("key"))
+    if url is None or ca is None or cert is None or key is None:
+        err.print(
+            "[red]no key service to call[/]: give --url, --ca-bundle, --cert and --key "
+            "(or their CARDVAULT_ variables), or run this beside a local stack (cardvault up)"
+        )
+        raise typer.Exit(2)
     try:
         with _client(url, ca, cert, key) as client:
             return client.request(method, path, json=body)
@@ -130,12 +153,17 @@ def _call(
         raise typer.Exit(1) from None
 
 
+def _path(value: object) -> Path | None:
+    return Path(value) if isinstance(value, str) and value else None
+
+
 @app.command("unseal")
 def unseal(
-    url: UrlOpt,
-    ca_bundle: CaOpt,
-    cert: CertOpt,
-    key: KeyOpt,
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
     share_file: Annotated[
         Path | None, typer.Option("--share-file", help="Read the share from a file.")
     ] = None,
@@ -147,7 +175,7 @@ def unseal(
         share = getpass.getpass("custodian share: ").strip()
     else:
         share = sys.stdin.readline().strip()
-    result = _call(url, ca_bundle, cert, key, "POST", "/v1/unseal", {"share": share})
+    result = _call(url, ca_bundle, cert, key, stack, "POST", "/v1/unseal", {"share": share})
     if result["sealed"]:
         out.print(f"accepted: {result['progress']}/{result['threshold']} shares; still sealed")
     else:
@@ -155,53 +183,76 @@ def unseal(
 
 
 @app.command("seal")
-def seal(url: UrlOpt, ca_bundle: CaOpt, cert: CertOpt, key: KeyOpt) -> None:
+def seal(
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
     """Seal the key service: wipe the root key and KEKs from its memory."""
-    _call(url, ca_bundle, cert, key, "POST", "/v1/seal")
+    _call(url, ca_bundle, cert, key, stack, "POST", "/v1/seal")
     out.print("sealed")
 
 
 @app.command("status")
-def status(url: UrlOpt, ca_bundle: CaOpt, cert: CertOpt, key: KeyOpt) -> None:
+def status(
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
     """Sealed or not, and the key names and versions (never key material)."""
-    out.print_json(json.dumps(_call(url, ca_bundle, cert, key, "GET", "/v1/status")))
+    out.print_json(json.dumps(_call(url, ca_bundle, cert, key, stack, "GET", "/v1/status")))
 
 
 @app.command("rotate")
-def rotate(name: str, url: UrlOpt, ca_bundle: CaOpt, cert: CertOpt, key: KeyOpt) -> None:
+def rotate(
+    name: str,
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
     """Add a new version of KEK NAME; new data keys use it at once."""
-    out.print_json(json.dumps(_call(url, ca_bundle, cert, key, "POST", f"/v1/keys/{name}/rotate")))
+    out.print_json(
+        json.dumps(_call(url, ca_bundle, cert, key, stack, "POST", f"/v1/keys/{name}/rotate"))
+    )
 
 
 @app.command("rewrap")
 def rewrap(
     name: str,
-    url: UrlOpt,
-    ca_bundle: CaOpt,
-    cert: CertOpt,
-    key: KeyOpt,
     ciphertext: Annotated[str, typer.Option(help="A wrapped data key (base64).")],
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
 ) -> None:
     """Re-wrap one wrapped data key under the newest version of KEK NAME."""
     body = {"ciphertext": ciphertext}
     out.print_json(
-        json.dumps(_call(url, ca_bundle, cert, key, "POST", f"/v1/keys/{name}/rewrap", body))
+        json.dumps(_call(url, ca_bundle, cert, key, stack, "POST", f"/v1/keys/{name}/rewrap", body))
     )
 
 
 @app.command("config")
 def config(
     name: str,
-    url: UrlOpt,
-    ca_bundle: CaOpt,
-    cert: CertOpt,
-    key: KeyOpt,
     min_decryption_version: Annotated[int, typer.Option(help="Older versions stop unwrapping.")],
+    url: UrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
 ) -> None:
     """Set KEK NAME's min_decryption_version."""
     body = {"min_decryption_version": min_decryption_version}
     out.print_json(
-        json.dumps(_call(url, ca_bundle, cert, key, "POST", f"/v1/keys/{name}/config", body))
+        json.dumps(_call(url, ca_bundle, cert, key, stack, "POST", f"/v1/keys/{name}/config", body))
     )
 
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.scan import scan_paths
 
 out = Console(highlight=False, soft_wrap=True)
@@ -21,7 +22,14 @@ def _read_canaries(path: Path) -> list[str]:
 
 
 def scan(
-    paths: Annotated[list[Path], typer.Argument(help="Files or directories to search.")],
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Files or directories to search (default: the local stack's state: "
+            "every zone's files but the simulated acquirer's).",
+            show_default=False,
+        ),
+    ] = None,
     canary: Annotated[
         list[str] | None,
         typer.Option("--canary", help="A planted value to find (repeatable; 8+ characters)."),
@@ -38,12 +46,21 @@ def scan(
         list[str] | None,
         typer.Option("--ignore", help="Leave out paths matching this glob (repeatable)."),
     ] = None,
+    stack: StackOpt = None,
 ) -> None:
     """Search files for card numbers, CVCs and canaries (ASCII, UTF-16, hex, base64).
 
     Prints one line per finding (never the value itself) and exits 1 when anything is
     found or a file cannot be read, 0 when everything is clean.
     """
+    if not paths:
+        found = stack_value(load_stack(stack), "state")
+        if found is None:
+            err.print("[red]Give files or directories to search[/] (or run beside a local stack).")
+            raise typer.Exit(2)
+        # Every zone of ours; the simulated acquirer stands for a card network outside
+        # the deployment, which receives card numbers by design.
+        paths = sorted(p for p in Path(found).iterdir() if p.name != "acquirer")
     canaries = list(canary or [])
     try:
         if canary_file is not None:

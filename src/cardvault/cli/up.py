@@ -206,33 +206,15 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
     if path.exists():
         keys: dict[str, str] = json.loads(path.read_text())
         return keys
-    import asyncio
-
     from cardvault.config import load_settings
-    from cardvault.storage import open_vault_store
-    from cardvault.vault.accounts import Accounts
+    from cardvault.vault.admin import administer
     from cardvault.vault.settings import VaultSettings
 
-    settings = load_settings(VaultSettings, Path(vault_config))
-
-    async def go() -> dict[str, str]:
-        from cardvault.audit import AuditLog
-        from cardvault.audit.recorder import Recorder
-
-        store = open_vault_store(settings.store.url)
-        recorder = Recorder(await AuditLog.open(settings.audit.resolved(settings.store.url)[1]))
-        try:
-            await store.migrate()
-            service = Accounts(store, audit=recorder)
-            account = await service.create_account("demo")
-            _, pk = await service.create_api_key(account.id, "publishable", "test")
-            _, sk = await service.create_api_key(account.id, "secret", "test")
-            return {"account": account.id, "publishable": pk, "secret": sk}
-        finally:
-            await recorder.close()
-            await store.close()
-
-    keys = asyncio.run(go())
+    made = administer(
+        load_settings(VaultSettings, Path(vault_config)),
+        lambda admin: admin.create_account("demo"),
+    )
+    keys = {"account": made.id, **{kind: key for kind, _mode, key in made.keys}}
     write_private(path, json.dumps(keys).encode())
     return keys
 
@@ -240,27 +222,14 @@ def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
 def _allow_origin(vault_config: str, account: str, origin: str) -> None:
     """Add ``origin`` to the demo account's allowed origins (kept: any others), so that
     the shop's checkout may frame the card element. Run before the vault starts."""
-    import asyncio
-
     from cardvault.config import load_settings
-    from cardvault.storage import open_vault_store
+    from cardvault.vault.admin import administer
     from cardvault.vault.settings import VaultSettings
 
-    settings = load_settings(VaultSettings, Path(vault_config))
-
-    async def go() -> None:
-        store = open_vault_store(settings.store.url)
-        try:
-            await store.migrate()
-            found = await store.get_account(account)
-            if found is None:
-                raise RuntimeError(f"the demo account {account} is not in the vault's store")
-            if origin not in found.allowed_origins:
-                await store.set_allowed_origins(account, [*found.allowed_origins, origin])
-        finally:
-            await store.close()
-
-    asyncio.run(go())
+    administer(
+        load_settings(VaultSettings, Path(vault_config)),
+        lambda admin: admin.allow_origin(account, origin),
+    )
 
 
 def _child_log(log_path: str) -> Any:

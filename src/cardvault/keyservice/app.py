@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from cardvault.audit.recorder import start_recording
 from cardvault.errors import ConfigurationError
 from cardvault.keyservice.http import routes
-from cardvault.keyservice.service import KeyService
+from cardvault.keyservice.service import KeyService, initialize
 from cardvault.keyservice.settings import KeyServiceSettings
 from cardvault.logging import configure_logging, get_logger
 from cardvault.storage import open_key_store
@@ -20,6 +21,25 @@ from cardvault.transport.tls import server_context
 __all__ = ["build_listener", "check_settings", "run"]
 
 _log = get_logger("cardvault.keyservice")
+
+
+def initialize_key_service(
+    settings: KeyServiceSettings, *, shares: int, threshold: int
+) -> list[Any]:
+    """Create the root key and the first KEKs in the key service's store, once (the
+    door for ``cardvault keyservice init``). The custodian shares, or none with the
+    development seal, which writes the root key to ``seal.dev_key_file``."""
+    check_settings(settings)
+    dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
+
+    async def go() -> list[Any]:
+        store = open_key_store(settings.store.url)
+        try:
+            return await initialize(store, shares=shares, threshold=threshold, dev_key_file=dev)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
 
 
 def check_settings(settings: KeyServiceSettings) -> None:

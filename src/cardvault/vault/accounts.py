@@ -104,6 +104,22 @@ class Accounts:
         )
         return record, secret
 
+    async def set_allowed_origins(self, account_id: str, origins: list[str]) -> bool:
+        """Replace the origins whose pages may frame the account's card element; False
+        when there is no such account. Recorded, with how many origins (the origins
+        are configuration, not secrets, but the record's detail stays small)."""
+        done = await self.store.set_allowed_origins(account_id, origins)
+        await self.audit.record(
+            "account.origins_set",
+            actor="cli",
+            object_id=account_id
+            if looks_like_id(account_id, "acct_")
+            else untrusted_text(account_id),
+            result="ok" if done else "not_found",
+            detail={"origins": len(origins)},
+        )
+        return done
+
     async def revoke_api_key(self, key_id: str) -> bool:
         done = await self.store.revoke_api_key(key_id, int(time.time()))
         self._key_cache.clear()
