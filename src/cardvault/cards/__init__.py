@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from cardvault.cards._secret import WipedError
 from cardvault.cards.brands import Brand, BrandInfo, Funding, brand_info, detect_brand
+from cardvault.cards.errors import CardDataError
 from cardvault.cards.luhn import (
     find_card_numbers,
     holds_card_number,
@@ -26,6 +27,7 @@ __all__ = [
     "CVC",
     "Brand",
     "BrandInfo",
+    "CardDataError",
     "CardNumber",
     "Expiry",
     "Funding",

@@ -42,8 +42,8 @@ from typing import Final
 from cardvault.cards import testcards
 from cardvault.cards._secret import SecretDigits, WipedError
 from cardvault.cards.brands import BRAND_INFO, Brand, Funding, detect_brand
+from cardvault.cards.errors import IncorrectNumber, InvalidNumber, ParameterMissing
 from cardvault.cards.luhn import PAN_MAX_DIGITS, PAN_MIN_DIGITS
-from cardvault.errors import IncorrectNumber, InvalidNumber, ParameterMissing
 
 __all__ = ["CardNumber", "WipedError"]
 

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, ClassVar
 
 from cardvault.cards.brands import Brand, Funding
-from cardvault.errors import CardError
+from cardvault.cards.errors import CardError
 
 if TYPE_CHECKING:
     from cardvault.cards.pan import CardNumber

@@ -35,7 +35,7 @@ from typing import Final
 
 from cardvault.cards._secret import SecretDigits
 from cardvault.cards.brands import brand_info
-from cardvault.errors import (
+from cardvault.cards.errors import (
     CardError,
     InvalidCVC,
     InvalidExpiryMonth,

@@ -12,6 +12,8 @@ another row does not open.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -20,6 +22,7 @@ from cardvault import crypto
 from cardvault.audit.recorder import Recorder
 from cardvault.cards import (
     CVC,
+    CardDataError,
     CardNumber,
     Expiry,
     brand_info,
@@ -34,6 +37,7 @@ from cardvault.errors import (
     InvalidRequestError,
     ParameterMissing,
     ResourceMissing,
+    error_class_for,
 )
 from cardvault.logging import bind_request_fields, get_logger
 from cardvault.storage.base import PaymentMethodRecord, UnstorableValue, VaultStore
@@ -164,6 +168,16 @@ def _create_params(params: dict[str, Any]) -> _Create:
     return _Create(card, name, metadata, other_billing)
 
 
+@contextmanager
+def card_data_as_api_errors() -> Iterator[None]:
+    """Card code's errors (:mod:`cardvault.cards.errors`, no HTTP there) as the API's:
+    the class of the same code, with the same message and parameter."""
+    try:
+        yield
+    except CardDataError as exc:
+        raise error_class_for(exc.code)(exc.message, param=exc.param) from exc
+
+
 class PaymentMethods:
     """The PaymentMethods API: create (seal), retrieve, list, delete, and the sweep that
     destroys CVCs past their time.
@@ -189,13 +203,15 @@ class PaymentMethods:
     async def create_payment_method(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         new = _create_params(params)
         card = new.card
-        number = CardNumber.parse(card.get("number"))
+        with card_data_as_api_errors():
+            number = CardNumber.parse(card.get("number"))
         cvc = None
         try:
-            expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
-            check_card_allowed(number, livemode=caller.livemode)
-            if card.get("cvc") not in (None, ""):
-                cvc = validate_cvc(card.get("cvc"), number.brand)
+            with card_data_as_api_errors():
+                expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
+                check_card_allowed(number, livemode=caller.livemode)
+                if card.get("cvc") not in (None, ""):
+                    cvc = validate_cvc(card.get("cvc"), number.brand)
             record = await self._sealed(caller, new, number, expiry, cvc)
             display_brand = number.display_brand
         finally:

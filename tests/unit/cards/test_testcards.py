@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cardvault.cards import CardNumber, is_test_card, testcards
-from cardvault.errors import CardError
+from cardvault.cards.errors import CardError
 
 from ._gen import complete, published
 

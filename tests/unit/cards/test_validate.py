@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from cardvault.cards import CVC, Brand, Expiry, WipedError, validate_cvc, validate_expiry
-from cardvault.errors import CardError, ParameterMissing
+from cardvault.cards.errors import CardError, ParameterMissing
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
 
