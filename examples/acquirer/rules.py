@@ -36,13 +36,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cardvault.cards import CardNumber, test_card_info, validate_cvc
-from cardvault.errors import (
-    IncorrectNumber,
-    InvalidCVC,
-    InvalidNumber,
-    InvalidRequestError,
-    ParameterMissing,
-)
+from cardvault.cards import errors as card_errors
+from cardvault.errors import InvalidRequestError, ParameterMissing
 
 __all__ = ["MAX_AMOUNT", "AuthorizationRequest", "Decision", "decide", "parse_request"]
 
@@ -184,9 +179,9 @@ def decide(request: AuthorizationRequest, *, now: datetime | None = None) -> Dec
     now = now or datetime.now(UTC)
     try:
         card = CardNumber.parse(request.number)
-    except InvalidNumber:
+    except card_errors.InvalidNumber:
         return _declined("invalid_number")
-    except (IncorrectNumber, ParameterMissing):
+    except (card_errors.IncorrectNumber, card_errors.ParameterMissing):
         return _declined("incorrect_number")
     with card:
         month, year = _month(request.exp_month), _year(request.exp_year)
@@ -198,7 +193,7 @@ def decide(request: AuthorizationRequest, *, now: datetime | None = None) -> Dec
             return _declined("expired_card", card)
         try:
             validate_cvc(request.cvc, card.brand.value).wipe()
-        except (ParameterMissing, InvalidCVC):
+        except (card_errors.ParameterMissing, card_errors.InvalidCVC):
             return _declined("incorrect_cvc", card)
         known = test_card_info(card)
         if known is not None and known.outcome is not None:

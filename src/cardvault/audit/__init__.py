@@ -18,13 +18,24 @@ directory and call the same API::
 Fail closed: ``append`` returns only once the record is fsynced, and raises
 :class:`AuditUnavailable` when it cannot be; the service must then refuse the operation.
 Records never hold card data, key material or secrets: ``append`` raises ``ValueError``
-before writing one that looks as if it does (:mod:`cardvault.audit.record`).
+before writing one that looks as if it does (:mod:`cardvault.audit.text`).
 
 ``verify_log`` checks a log (``cardvault audit verify``) and ``export`` reads it. The
-record format is in :mod:`cardvault.audit.record`, the signature in
-:mod:`cardvault.audit.signing`, the writer in :mod:`cardvault.audit.log`, what
-verification can and cannot find in :mod:`cardvault.audit.verify`, and the operator's
-view in ``docs/audit.md``.
+modules:
+
+* :mod:`cardvault.audit.record`: the record, its hash and its line (the format);
+* :mod:`cardvault.audit.text`: what a record may hold (``check_entry``), and
+  ``untrusted_text`` for text a caller chose;
+* :mod:`cardvault.audit.signing`: the signing key and the checkpoint signature;
+* :mod:`cardvault.audit.logfile`: the file (locked append, fsync, cut back) and the
+  check of its tail on opening;
+* :mod:`cardvault.audit.log`: the writer, :class:`AuditLog` (chain, group commit,
+  checkpoints);
+* :mod:`cardvault.audit.verify`: what verification can and cannot find, and ``export``;
+* :mod:`cardvault.audit.recorder`: what the services call (fail closed, as a 503);
+* :mod:`cardvault.audit.errors`: the exceptions.
+
+The operator's view is ``docs/audit.md``.
 """
 
 from __future__ import annotations

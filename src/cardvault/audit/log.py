@@ -1,4 +1,7 @@
-"""The audit log writer: an append-only, hash-chained, signed JSON-lines file.
+"""The audit log writer, :class:`AuditLog`: an append-only, hash-chained, signed
+JSON-lines file, written by group commit. The file primitives it is built on (append and
+fsync, cut back, the locked open and the check of the tail) are in
+:mod:`cardvault.audit.logfile`; the record in :mod:`cardvault.audit.record`.
 
 Files, all in the service's own state directory:
 
@@ -45,10 +48,10 @@ it), ``seq`` (that record's number), ``signature`` and ``key_id`` (see
 
 Re-opening: the log reads its last two lines, checks their hashes and their link, checks
 that ``audit.head`` does not name a record beyond the end, and continues the chain from
-there. A partial or altered tail raises :class:`AuditCorrupt`: the service must not
-start and fork the chain. (Only the tail is checked, to keep start-up fast; run
-``cardvault audit verify`` for the whole log.) The file is locked (``flock``) while open,
-so two processes cannot write one log.
+there (:func:`~cardvault.audit.logfile.read_tail`). A partial or altered tail raises
+:class:`AuditCorrupt`: the service must not start and fork the chain. (Only the tail is
+checked, to keep start-up fast; run ``cardvault audit verify`` for the whole log.) The
+file is locked (``flock``) while open, so two processes cannot write one log.
 
 A caller cancelled while it awaits the flush cannot tell whether its record is durable:
 it was made, and the flush still makes it durable unless the write or fsync fails.
@@ -58,8 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import fcntl
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -68,14 +69,12 @@ from typing import Final
 
 import structlog
 
-from cardvault.audit.errors import AuditCorrupt, AuditUnavailable
+from cardvault.audit.errors import AuditUnavailable
+from cardvault.audit.logfile import AppendFile, read_tail
 from cardvault.audit.record import (
     CHECKPOINT_ACTION,
-    GENESIS,
     AuditRecord,
     DetailValue,
-    RecordInvalid,
-    check_entry,
     format_time,
     now_text,
 )
@@ -84,9 +83,9 @@ from cardvault.audit.signing import (
     key_id,
     load_or_create_signing_key,
     sign_checkpoint,
-    verify_checkpoint,
 )
-from cardvault.files import open_private_append, read_last_lines, write_private
+from cardvault.audit.text import check_entry
+from cardvault.files import write_private
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -115,28 +114,6 @@ def _utcnow() -> dt.datetime:
 
 
 _Waiter = tuple["asyncio.Future[AuditRecord]", AuditRecord]
-
-
-class _AppendFile:
-    """The log's file descriptor: append all bytes and fsync, or cut back."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _fail(waiters: list[_Waiter], message: str, cause: BaseException | None) -> None:
@@ -202,9 +179,11 @@ class AuditLog:
         except OSError as exc:
             raise AuditUnavailable("the audit signing key cannot be read or created") from exc
         self.key_id = key_id(self._key.public_key)
-        self._file = self._open_file()
+        self._file = AppendFile.open(self.path)
         try:
-            self._seq, self._prev, self._size, last_is_checkpoint = self._read_tail()
+            self._seq, self._prev, self._size, last_is_checkpoint = read_tail(
+                self.path, self.head_path, self._key.public_key
+            )
         except BaseException:
             self._file.close()
             raise
@@ -346,76 +325,6 @@ class AuditLog:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    # -- opening -------------------------------------------------------------------------
-
-    def _open_file(self) -> _AppendFile:
-        try:
-            fd = open_private_append(self.path)
-        except OSError as exc:
-            raise AuditUnavailable("the audit log cannot be opened for writing") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise AuditUnavailable("another process has this audit log open") from exc
-        return _AppendFile(fd)
-
-    def _read_tail(self) -> tuple[int, str, int, bool]:
-        """(last seq, last hash, file size, last record is a checkpoint), or raise."""
-        try:
-            size = self.path.stat().st_size
-            lines, complete = read_last_lines(self.path, 2) if size else ([], True)
-            head_line = self.head_path.read_bytes() if self.head_path.exists() else None
-        except OSError as exc:
-            raise AuditUnavailable("the audit log cannot be read") from exc
-        if not complete:
-            raise AuditCorrupt(
-                f"{self.path} ends in a partial record (a crash during a write, or an edit); "
-                "run `cardvault audit verify` and repair it before starting"
-            )
-        try:
-            records = [AuditRecord.from_line(line) for line in lines]
-            head = AuditRecord.from_line(head_line) if head_line is not None else None
-        except RecordInvalid as exc:
-            raise AuditCorrupt(f"the tail of {self.path} or {self.head_path} is invalid") from exc
-        if not records:
-            if head is not None:
-                raise AuditCorrupt(f"{self.path} is empty but {self.head_path} names a record")
-            return 0, GENESIS, 0, False
-        last = records[-1]
-        if len(records) == 2:
-            before = records[0]
-            linked = last.seq == before.seq + 1 and last.prev == before.hash
-        else:
-            linked = last.seq == 1 and last.prev == GENESIS
-        if not linked:
-            raise AuditCorrupt(f"the last two records of {self.path} are not chained")
-        if last.is_checkpoint and not self._checkpoint_ok(last):
-            raise AuditCorrupt(f"the last checkpoint of {self.path} does not verify")
-        if head is not None:
-            if not head.is_checkpoint or not self._checkpoint_ok(head):
-                raise AuditCorrupt(f"{self.head_path} is not a valid checkpoint of this log")
-            by_seq = {r.seq: r for r in records}
-            if head.seq > last.seq:
-                raise AuditCorrupt(
-                    f"{self.path} ends at record {last.seq} but its signed head is record "
-                    f"{head.seq}: records were cut off"
-                )
-            if head.seq in by_seq and by_seq[head.seq].hash != head.hash:
-                raise AuditCorrupt(f"{self.head_path} does not match {self.path}")
-        return last.seq, last.hash, size, last.is_checkpoint
-
-    def _checkpoint_ok(self, record: AuditRecord) -> bool:
-        head, seq, sig = (record.detail.get(k) for k in ("head", "seq", "signature"))
-        return (
-            isinstance(head, str)
-            and isinstance(seq, int)
-            and isinstance(sig, str)
-            and head == record.prev
-            and seq == record.seq - 1
-            and verify_checkpoint(self._key.public_key, head, seq, sig)
-        )
 
     # -- writing (on the event loop) ----------------------------------------------------
 

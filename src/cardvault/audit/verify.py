@@ -192,89 +192,133 @@ def _read_head(
     return head, None
 
 
+#: A record and the 1-based line it is on.
+_Numbered = tuple[int, AuditRecord]
+
+
 def _classify(
     prev: AuditRecord | None,
     prev_line: int,
     record: AuditRecord,
     line: int,
-    behind: deque[tuple[int, AuditRecord]],
-    ahead: list[tuple[int, AuditRecord]],
+    behind: deque[_Numbered],
+    ahead: list[_Numbered],
 ) -> Problem:
-    """What happened where ``record`` (on ``line``) does not continue the chain from ``prev``."""
-    expected = prev.seq + 1 if prev is not None else 1
-    following = ahead[0][1] if ahead and ahead[0][0] == line + 1 else None
+    """What happened where ``record`` (on ``line``) does not continue the chain from ``prev``.
 
+    ``behind`` holds the records that verified before it, ``ahead`` the lines after it
+    that parse as records (up to :data:`WINDOW` of each). The cases are tried in this
+    order, each by its own function below."""
     if prev is None:
-        if record.seq > 1:
-            if any(r.seq < record.seq for _, r in ahead):
-                return Problem(
-                    ProblemKind.REORDERED, line, record.seq, f"record {record.seq} comes first"
-                )
-            return Problem(
-                ProblemKind.DELETED,
-                line,
-                1,
-                f"records 1 to {record.seq - 1} are missing: the start of the log was removed",
-            )
-        return Problem(
-            ProblemKind.EDITED, line, 1, "the first record does not start the chain (prev)"
-        )
-
-    # Does the chain go on from prev a little further down?
-    resumes = next(((n, r) for n, r in ahead if r.prev == prev.hash and r.seq == expected), None)
-    if resumes is not None:
-        later = {r.hash for n, r in ahead if n >= resumes[0]}
-        if record.prev in later:
-            return Problem(
-                ProblemKind.REORDERED,
-                line,
-                record.seq,
-                f"record {record.seq} comes before record {expected} (which is on line "
-                f"{resumes[0]})",
-            )
-        return Problem(
-            ProblemKind.INSERTED,
-            line,
-            None,
-            f"this line is not part of the chain, which goes on from record {prev.seq} "
-            f"at line {resumes[0]}",
-        )
-
+        return _first_record_wrong(record, line, ahead)
+    expected = prev.seq + 1
+    following = ahead[0][1] if ahead and ahead[0][0] == line + 1 else None
+    resumed = _chain_resumes_below(prev, expected, record, line, ahead)
+    if resumed is not None:
+        return resumed
     if record.seq > expected:
-        missing = range(expected, record.seq)
-        if any(r.seq in missing for _, r in ahead):
-            return Problem(
-                ProblemKind.REORDERED,
-                line,
-                record.seq,
-                f"record {record.seq} comes before record {expected}",
-            )
-        last_missing = record.seq - 1
-        span = (
-            f"record {expected} is"
-            if last_missing == expected
-            else (f"records {expected} to {last_missing} are")
-        )
-        return Problem(ProblemKind.DELETED, line, expected, f"{span} missing before this line")
-
+        return _numbers_jump_forward(expected, record, line, ahead)
     if record.seq == expected:
-        if following is None or following.prev == record.hash:
-            # This record and the ones after it agree with each other, not with prev:
-            # prev was edited and its hash recomputed.
+        return _link_broken(prev, prev_line, record, line, following)
+    return _numbers_go_back(prev, record, line, behind, following)
+
+
+def _first_record_wrong(record: AuditRecord, line: int, ahead: list[_Numbered]) -> Problem:
+    """The first line is not record 1 starting the chain."""
+    if record.seq > 1:
+        if any(r.seq < record.seq for _, r in ahead):
             return Problem(
-                ProblemKind.EDITED,
-                prev_line,
-                prev.seq,
-                f"record {prev.seq} was changed: record {record.seq} holds another hash for it",
+                ProblemKind.REORDERED, line, record.seq, f"record {record.seq} comes first"
             )
         return Problem(
-            ProblemKind.EDITED,
+            ProblemKind.DELETED,
+            line,
+            1,
+            f"records 1 to {record.seq - 1} are missing: the start of the log was removed",
+        )
+    return Problem(ProblemKind.EDITED, line, 1, "the first record does not start the chain (prev)")
+
+
+def _chain_resumes_below(
+    prev: AuditRecord, expected: int, record: AuditRecord, line: int, ahead: list[_Numbered]
+) -> Problem | None:
+    """Whether the chain goes on from ``prev`` a little further down: then ``record`` is
+    either early (reordered) or not part of the chain at all (inserted)."""
+    resumes = next(((n, r) for n, r in ahead if r.prev == prev.hash and r.seq == expected), None)
+    if resumes is None:
+        return None
+    later = {r.hash for n, r in ahead if n >= resumes[0]}
+    if record.prev in later:
+        return Problem(
+            ProblemKind.REORDERED,
             line,
             record.seq,
-            f"record {record.seq} was changed: it does not link to the record before it",
+            f"record {record.seq} comes before record {expected} (which is on line {resumes[0]})",
         )
+    return Problem(
+        ProblemKind.INSERTED,
+        line,
+        None,
+        f"this line is not part of the chain, which goes on from record {prev.seq} "
+        f"at line {resumes[0]}",
+    )
 
-    # The record number went backwards.
+
+def _numbers_jump_forward(
+    expected: int, record: AuditRecord, line: int, ahead: list[_Numbered]
+) -> Problem:
+    """Record numbers skip ahead: the missing ones come later (reordered) or not at all."""
+    missing = range(expected, record.seq)
+    if any(r.seq in missing for _, r in ahead):
+        return Problem(
+            ProblemKind.REORDERED,
+            line,
+            record.seq,
+            f"record {record.seq} comes before record {expected}",
+        )
+    last_missing = record.seq - 1
+    span = (
+        f"record {expected} is"
+        if last_missing == expected
+        else (f"records {expected} to {last_missing} are")
+    )
+    return Problem(ProblemKind.DELETED, line, expected, f"{span} missing before this line")
+
+
+def _link_broken(
+    prev: AuditRecord,
+    prev_line: int,
+    record: AuditRecord,
+    line: int,
+    following: AuditRecord | None,
+) -> Problem:
+    """The right record number, but not linked to ``prev``: one of the two was edited."""
+    if following is None or following.prev == record.hash:
+        # This record and the ones after it agree with each other, not with prev:
+        # prev was edited and its hash recomputed.
+        return Problem(
+            ProblemKind.EDITED,
+            prev_line,
+            prev.seq,
+            f"record {prev.seq} was changed: record {record.seq} holds another hash for it",
+        )
+    return Problem(
+        ProblemKind.EDITED,
+        line,
+        record.seq,
+        f"record {record.seq} was changed: it does not link to the record before it",
+    )
+
+
+def _numbers_go_back(
+    prev: AuditRecord,
+    record: AuditRecord,
+    line: int,
+    behind: deque[_Numbered],
+    following: AuditRecord | None,
+) -> Problem:
+    """The record number went backwards: lines were inserted before it, or it repeats or
+    forks an earlier record, or it is out of order."""
     origin = next(((n, r) for n, r in reversed(behind) if r.hash == record.prev), None)
     if origin is not None and origin[1].seq + 1 == record.seq:
         skipped = {r.hash for n, r in behind if n > origin[0]}
@@ -297,6 +341,81 @@ def _classify(
     )
 
 
+class _Walk:
+    """The walk down the log from its first line: where it stands (the last record that
+    verified, and up to :data:`WINDOW` before it) and what it has counted."""
+
+    def __init__(
+        self, public_key: VerifyKey, kid: str, head: AuditRecord | None, head_name: str
+    ) -> None:
+        self.public_key = public_key
+        self.kid = kid
+        self.head = head
+        self.head_name = head_name
+        self.prev: AuditRecord | None = None
+        self.prev_line = 0
+        self.behind: deque[_Numbered] = deque(maxlen=WINDOW)
+        self.checkpoints = 0
+        self.signed_seq: int | None = None
+
+    def run(self, lines: _Lines) -> Problem | None:
+        """Walk to the end of ``lines``, or to the first problem, which it returns."""
+        while (item := lines.next()) is not None:
+            line, raw = item
+            problem = self._step(line, raw, lines)
+            if problem is not None:
+                return problem
+        return None
+
+    def _step(self, line: int, raw: bytes, lines: _Lines) -> Problem | None:
+        """Check one line; when it continues the chain, move on to it."""
+        try:
+            record = AuditRecord.from_line(raw)
+        except RecordInvalid as exc:
+            return self._unreadable(line, raw, exc, lines)
+        if not raw.endswith(b"\n"):
+            return Problem(
+                ProblemKind.TRUNCATED, line, record.seq, "the last line lacks its newline"
+            )
+        prev = self.prev
+        expected = (prev.seq + 1, prev.hash) if prev is not None else (1, GENESIS)
+        if (record.seq, record.prev) != expected:
+            ahead = [
+                (n, r) for n, raw_ahead in lines.peek(WINDOW)
+                if (r := _parse_quietly(raw_ahead)) is not None
+            ]  # fmt: skip
+            return _classify(prev, self.prev_line, record, line, self.behind, ahead)
+        if record.is_checkpoint:
+            why = _checkpoint_problem(record, self.public_key, self.kid)
+            if why is not None:
+                return Problem(ProblemKind.BAD_SIGNATURE, line, record.seq, why)
+            self.checkpoints += 1
+            self.signed_seq = record.seq - 1
+        head = self.head
+        if head is not None and record.seq == head.seq and record.hash != head.hash:
+            return Problem(
+                ProblemKind.HEAD_MISMATCH,
+                line,
+                record.seq,
+                f"record {record.seq} is not the checkpoint {self.head_name} holds: "
+                "the log was replaced or rewritten",
+            )
+        self.prev, self.prev_line = record, line
+        self.behind.append((line, record))
+        return None
+
+    def _unreadable(self, line: int, raw: bytes, exc: RecordInvalid, lines: _Lines) -> Problem:
+        """The problem of a line that is not a record: a partial last line, or a line
+        edited or malformed."""
+        if not raw.endswith(b"\n") and not lines.peek(1):
+            return Problem(ProblemKind.TRUNCATED, line, None, "the last line is a partial record")
+        # The line cannot be read as a record, so it names no record number; the one
+        # that belongs on it is the next of the chain.
+        kind = ProblemKind.EDITED if exc.edited else ProblemKind.MALFORMED
+        expected_seq = self.prev.seq + 1 if self.prev is not None else 1
+        return Problem(kind, line, expected_seq, f"{exc} (record {expected_seq} belongs here)")
+
+
 def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = None) -> VerifyResult:
     """Verify the log at ``path`` with the Ed25519 public key (PEM) at ``public_key_path``.
 
@@ -311,93 +430,48 @@ def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = No
     head_file = Path(head_path) if head_path is not None else path.with_name(HEAD_FILE)
     head, head_problem = _read_head(head_file, public_key, kid)
 
-    prev: AuditRecord | None = None
-    prev_line = 0
-    behind: deque[tuple[int, AuditRecord]] = deque(maxlen=WINDOW)
-    checkpoints = 0
-    signed_seq: int | None = None
-    problem: Problem | None = None
-
+    walk = _Walk(public_key, kid, head, head_file.name)
     with open(path, "rb") as fh:
-        lines = _Lines(fh)
-        while problem is None and (item := lines.next()) is not None:
-            line, raw = item
-            try:
-                record = AuditRecord.from_line(raw)
-            except RecordInvalid as exc:
-                if not raw.endswith(b"\n") and not lines.peek(1):
-                    problem = Problem(
-                        ProblemKind.TRUNCATED, line, None, "the last line is a partial record"
-                    )
-                else:
-                    # The line cannot be read as a record, so it names no record number;
-                    # the one that belongs on it is the next of the chain.
-                    kind = ProblemKind.EDITED if exc.edited else ProblemKind.MALFORMED
-                    expected_seq = prev.seq + 1 if prev is not None else 1
-                    problem = Problem(
-                        kind, line, expected_seq, f"{exc} (record {expected_seq} belongs here)"
-                    )
-                break
-            if not raw.endswith(b"\n"):
-                problem = Problem(
-                    ProblemKind.TRUNCATED, line, record.seq, "the last line lacks its newline"
-                )
-                break
-            expected = (prev.seq + 1, prev.hash) if prev is not None else (1, GENESIS)
-            if (record.seq, record.prev) != expected:
-                ahead = [
-                    (n, r) for n, raw_ahead in lines.peek(WINDOW)
-                    if (r := _parse_quietly(raw_ahead)) is not None
-                ]  # fmt: skip
-                problem = _classify(prev, prev_line, record, line, behind, ahead)
-                break
-            if record.is_checkpoint:
-                why = _checkpoint_problem(record, public_key, kid)
-                if why is not None:
-                    problem = Problem(ProblemKind.BAD_SIGNATURE, line, record.seq, why)
-                    break
-                checkpoints += 1
-                signed_seq = record.seq - 1
-            if head is not None and record.seq == head.seq and record.hash != head.hash:
-                problem = Problem(
-                    ProblemKind.HEAD_MISMATCH,
-                    line,
-                    record.seq,
-                    f"record {record.seq} is not the checkpoint {head_file.name} holds: "
-                    "the log was replaced or rewritten",
-                )
-                break
-            prev, prev_line = record, line
-            behind.append((line, record))
+        problem = walk.run(_Lines(fh))
 
-    last_seq = prev.seq if prev is not None else 0
+    last_seq = walk.prev.seq if walk.prev is not None else 0
     if problem is None:
         problem = head_problem
-    if problem is None and head is not None and last_seq < head.seq:
-        problem = Problem(
+    if problem is None:
+        problem = _end_problem(walk, last_seq, head, head_file)
+    return VerifyResult(
+        path=path,
+        records=walk.prev_line,
+        last_seq=last_seq,
+        checkpoints=walk.checkpoints,
+        signed_seq=walk.signed_seq,
+        head_seq=head.seq if head is not None else None,
+        problem=problem,
+    )
+
+
+def _end_problem(
+    walk: _Walk, last_seq: int, head: AuditRecord | None, head_file: Path
+) -> Problem | None:
+    """What is wrong with where a log that verified line by line ends: before the signed
+    head (cut off), or with checkpoints but no ``audit.head`` to tell a cut-off log by."""
+    if head is not None and last_seq < head.seq:
+        return Problem(
             ProblemKind.TRUNCATED,
-            prev_line + 1,
+            walk.prev_line + 1,
             last_seq + 1,
             f"the log ends at record {last_seq}, but {head_file.name} holds signed "
             f"checkpoint {head.seq}: records were cut off",
         )
-    if problem is None and head is None and checkpoints and not head_file.exists():
-        problem = Problem(
+    if head is None and walk.checkpoints and not head_file.exists():
+        return Problem(
             ProblemKind.HEAD_MISSING,
             None,
             None,
             f"the log holds checkpoints but {head_file.name} is missing, so a cut-off "
             "log could not be told from a whole one",
         )
-    return VerifyResult(
-        path=path,
-        records=prev_line,
-        last_seq=last_seq,
-        checkpoints=checkpoints,
-        signed_seq=signed_seq,
-        head_seq=head.seq if head is not None else None,
-        problem=problem,
-    )
+    return None
 
 
 def export(path: Path) -> Iterator[dict[str, Any]]:

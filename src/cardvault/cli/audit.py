@@ -51,7 +51,7 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
     import getpass
 
     from cardvault.audit import AuditError, AuditLog
-    from cardvault.audit.record import untrusted_text
+    from cardvault.audit.text import untrusted_text
 
     target = admin_log_directory(log)
     if target == log.resolve().parent:

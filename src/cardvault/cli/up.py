@@ -14,190 +14,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from cardvault.cli.zones import acquirer_entry, prepare, shop_entry
 from cardvault.client import Client, TransportError
 from cardvault.files import open_private_append, write_private
-from cardvault.transport.certs import CA_CERT_FILE, init_ca, load_ca
+from cardvault.transport.certs import CA_CERT_FILE
 
 out = Console()
 err = Console(stderr=True)
 
 STACK_FILE = "stack.json"
-
-
-def _zone_dir(state: Path, zone: str) -> Path:
-    path = state / zone
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-def _issue_once(ca: Any, name: str, out_dir: Path, **kwargs: Any) -> None:
-    if not (out_dir / f"{name}.pem").exists():
-        ca.issue(name, out_dir=out_dir, **kwargs)
-
-
-def _example_entry(name: str) -> Path | None:
-    entry = Path(__file__).resolve().parents[3] / "examples" / name / "__main__.py"
-    return entry if entry.exists() else None
-
-
-def acquirer_entry() -> Path | None:
-    """The simulated acquirer's entry point, when cardvault runs from its repository."""
-    return _example_entry("acquirer")
-
-
-def shop_entry() -> Path | None:
-    """The example shop's entry point, when cardvault runs from its repository."""
-    return _example_entry("shop")
-
-
-def shop_origin(shop_port: int) -> str:
-    """The shop's origin: the demo account's card element may be framed there only."""
-    return f"https://localhost:{shop_port}"
-
-
-def prepare(
-    state: Path,
-    *,
-    vault_port: int,
-    redirect_port: int,
-    admin_port: int,
-    keyservice_port: int,
-    acquirer_port: int = 8445,
-    shop_port: int = 8446,
-) -> dict[str, Any]:
-    """Create (or reuse) certificates, configuration and the demo account under ``state``.
-
-    Each zone gets its own directory (mode 0700) with its own certificate, key, copy of
-    the CA certificate, configuration and database: no file is shared between zones.
-    """
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ca_dir = _zone_dir(state, "ca")
-    ca = load_ca(ca_dir) if (ca_dir / CA_CERT_FILE).exists() else init_ca(ca_dir)
-    ca_pem = (ca_dir / CA_CERT_FILE).read_bytes()
-    local = {"dns": ["localhost"], "ips": ["127.0.0.1", "::1"]}
-
-    kdir = _zone_dir(state, "keyservice")
-    _issue_once(ca, "keyservice", kdir, **local)
-    write_private(kdir / CA_CERT_FILE, ca_pem)
-    write_private(
-        kdir / "keyservice.toml",
-        (
-            'profile = "development"\n\n[server]\n'
-            f'host = "127.0.0.1"\nport = {keyservice_port}\n'
-            f'cert_file = "{kdir / "keyservice.pem"}"\nkey_file = "{kdir / "keyservice.key"}"\n'
-            f'client_ca_file = "{kdir / CA_CERT_FILE}"\n\n'
-            f'[store]\nurl = "sqlite:///{kdir / "keyservice.db"}"\n\n'
-            f'[seal]\ntype = "dev"\ndev_key_file = "{kdir / "root.key"}"\n'
-        ).encode(),
-    )
-
-    vdir = _zone_dir(state, "vault")
-    _issue_once(ca, "vault", vdir, client_identity="vault", **local)
-    write_private(vdir / CA_CERT_FILE, ca_pem)
-    forward_url = f"https://localhost:{acquirer_port}/v1/authorizations"
-    write_private(
-        vdir / "allowlist.toml",
-        (
-            "# The local stack's forwarding allowlist: only the simulated acquirer.\n"
-            "[[destination]]\n"
-            'name = "acquirer"\n'
-            f'url = "{forward_url}"\n'
-            'methods = ["POST"]\n'
-            'replacements = ["card_number", "card_expiry", "card_cvc", "cardholder_name"]\n'
-            'accounts = ["*"]\n'
-            f'ca_file = "{vdir / CA_CERT_FILE}"\n'
-            "[destination.placements]\n"
-            'card_number = { json = "/card/number" }\n'
-            'card_expiry = { json_month = "/card/exp_month", json_year = "/card/exp_year" }\n'
-            'card_cvc = { json = "/card/cvc" }\n'
-            'cardholder_name = { json = "/card/name" }\n'
-        ).encode(),
-    )
-    adir = _zone_dir(state, "acquirer")
-    _issue_once(ca, "acquirer", adir, **local)
-    write_private(
-        vdir / "vault.toml",
-        (
-            'profile = "development"\n\n[server]\n'
-            f'host = "127.0.0.1"\nport = {vault_port}\nredirect_port = {redirect_port}\n'
-            f'cert_file = "{vdir / "vault.pem"}"\nkey_file = "{vdir / "vault.key"}"\n\n'
-            f'[admin]\nport = {admin_port}\nclient_ca_file = "{vdir / CA_CERT_FILE}"\n'
-            'allowed_identities = ["admin"]\n\n'
-            f'[store]\nurl = "sqlite:///{vdir / "vault.db"}"\n\n'
-            f'[keyservice]\nurl = "https://localhost:{keyservice_port}"\n'
-            f'ca_file = "{vdir / CA_CERT_FILE}"\ncert_file = "{vdir / "vault.pem"}"\n'
-            f'key_file = "{vdir / "vault.key"}"\n\n'
-            f'[forwarding]\nallowlist_file = "{vdir / "allowlist.toml"}"\n'
-        ).encode(),
-    )
-
-    zones: dict[str, dict[str, str]] = {}
-    for zone in ("admin", "shop"):
-        zdir = _zone_dir(state, zone)
-        _issue_once(ca, zone, zdir, client_identity=zone)
-        write_private(zdir / CA_CERT_FILE, ca_pem)
-        zones[zone] = {"cert": str(zdir / f"{zone}.pem"), "key": str(zdir / f"{zone}.key")}
-
-    # The shop's HTTPS certificate: a server certificate only, apart from its client
-    # identity "shop" (which no service of ours accepts for anything).
-    sdir = state / "shop"
-    _issue_once(ca, "shop-server", sdir, **local)
-    write_private(
-        sdir / "shop.toml",
-        (
-            "# The example shop's settings, written by `cardvault up`.\n"
-            f'[server]\nhost = "127.0.0.1"\nport = {shop_port}\n'
-            f'cert_file = "{sdir / "shop-server.pem"}"\nkey_file = "{sdir / "shop-server.key"}"\n'
-            f'public_url = "{shop_origin(shop_port)}"\n\n'
-            f'[vault]\nurl = "https://localhost:{vault_port}"\nca_file = "{sdir / CA_CERT_FILE}"\n'
-            f'keys_file = "{sdir / "keys.json"}"\n\n'
-            f'[acquirer]\nforward_url = "{forward_url}"\n\n'
-            f'[store]\ndb_file = "{sdir / "shop.db"}"\n'
-        ).encode(),
-    )
-
-    return {
-        "state": str(state),
-        "ca_bundle": str(state / "shop" / CA_CERT_FILE),
-        "vault": {
-            "url": f"https://localhost:{vault_port}",
-            "redirect_url": f"http://localhost:{redirect_port}",
-            "admin_url": f"https://localhost:{admin_port}",
-            "config": str(vdir / "vault.toml"),
-            "log": str(vdir / "vault.log"),
-        },
-        "acquirer": {
-            "url": f"https://localhost:{acquirer_port}",
-            "forward_url": forward_url,
-            "state": str(adir / "state"),
-            "cert": str(adir / "acquirer.pem"),
-            "key": str(adir / "acquirer.key"),
-            "log": str(adir / "acquirer.log"),
-        },
-        "shop": {
-            "url": shop_origin(shop_port),
-            "dir": str(sdir),
-            "config": str(sdir / "shop.toml"),
-            "db": str(sdir / "shop.db"),
-            "log": str(sdir / "shop.log"),
-        },
-        "keyservice": {
-            "url": f"https://localhost:{keyservice_port}",
-            "config": str(kdir / "keyservice.toml"),
-            "log": str(kdir / "keyservice.log"),
-        },
-        "identities": {
-            "vault": {"cert": str(vdir / "vault.pem"), "key": str(vdir / "vault.key")},
-            **zones,
-        },
-    }
 
 
 def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
@@ -237,25 +69,21 @@ def _child_log(log_path: str) -> Any:
     return os.fdopen(open_private_append(Path(log_path)), "ab")
 
 
-def _spawn_script(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    log = _child_log(log_path)
-    try:
-        return subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=log, start_new_session=True
-        )
-    finally:
-        log.close()
+def _cardvault(*args: str) -> list[str]:
+    """The command line of ``cardvault ARGS``, run by this interpreter."""
+    return [sys.executable, "-m", "cardvault", *args]
 
 
-def _spawn(args: list[str], log_path: str) -> subprocess.Popen[bytes]:
+def _script(entry: Path, *args: str) -> list[str]:
+    """The command line of the example program at ``entry``, run by this interpreter."""
+    return [sys.executable, str(entry), *args]
+
+
+def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own, its output appended to ``log_path``."""
     log = _child_log(log_path)
     try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cardvault", *args],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+        return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
     finally:
         log.close()
 
@@ -289,6 +117,178 @@ def _wait_healthy(
                 time.sleep(0.1)
 
 
+@dataclass
+class _Child:
+    """One service of the stack: its process, and the command line and log it was started
+    with (what starting it again would take)."""
+
+    name: str
+    argv: list[str]
+    log: str
+    proc: subprocess.Popen[bytes]
+
+
+class _Stack:
+    """The stack's child processes, in the order they started, and whether to stop.
+
+    :meth:`start` starts each child; :meth:`watch` then runs until a signal or a child's
+    exit (decided in :meth:`_exited`) asks the stack to stop; :meth:`shutdown` stops
+    every child.
+    """
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.children: list[_Child] = []
+        self.stopping = False
+
+    def catch_signals(self) -> None:
+        """SIGINT (Ctrl-C) and SIGTERM ask the stack to stop: :meth:`watch` then returns."""
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def start(self, name: str, argv: list[str], log: str) -> subprocess.Popen[bytes]:
+        """Start the child ``name``; it is stopped by :meth:`shutdown`."""
+        child = _Child(name, argv, log, _spawn(argv, log))
+        self.children.append(child)
+        return child.proc
+
+    def watch(self) -> None:
+        """Look at every child five times a second until the stack is asked to stop."""
+        while not self.stopping:
+            for child in self.children:
+                if child.proc.poll() is not None:
+                    self._exited(child)
+            time.sleep(0.2)
+
+    def _exited(self, child: _Child) -> None:
+        """What a child's exit means: it is reported, and the whole stack stops."""
+        err.print(
+            f"[red]a service exited ({child.proc.returncode}); logs in {self.state}/*/*.log[/]"
+        )
+        self.stopping = True
+
+    def shutdown(self, grace: float = 10) -> None:
+        """Terminate every child still running, then wait for each in turn up to ``grace``
+        seconds, and kill one that has not exited by then."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+
+
+def _check_ports(ports: list[int]) -> None:
+    """Exit 2 when two services were given one port, 1 when a port is in use."""
+    if len(set(ports)) != len(ports):
+        taken = sorted({port for port in ports if ports.count(port) > 1})
+        err.print(
+            f"[red]{'ports' if len(taken) > 1 else 'port'} {', '.join(map(str, taken))} "
+            "given to more than one service[/]: each service needs a port of its own "
+            "(see --help)"
+        )
+        raise typer.Exit(2)
+    for port in ports:
+        _check_port_free(port)
+
+
+def _init_keyservice(state: Path, config: str) -> None:
+    """``cardvault keyservice init``, on the first run only (no development root key yet)."""
+    if (state / "keyservice" / "root.key").exists():
+        return
+    init = subprocess.run(
+        _cardvault("keyservice", "init", "--config", config),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if init.returncode != 0:
+        raise RuntimeError(f"key service init failed: {init.stderr.strip()}")
+
+
+def _start_services(
+    stack: _Stack, info: dict[str, Any], *, acquirer: Path | None, acquirer_port: int
+) -> None:
+    """Start the key service, the vault and the simulated acquirer (when there is one),
+    and wait until each answers. Adds the demo account's keys to ``info``."""
+    ks, vault, acq = info["keyservice"], info["vault"], info["acquirer"]
+    _init_keyservice(stack.state, ks["config"])
+    ks_proc = stack.start(
+        "keyservice", _cardvault("keyservice", "serve", "--config", ks["config"]), ks["log"]
+    )
+    info["keys"] = _demo_keys(stack.state, vault["config"])
+    if "shop" in info:
+        _allow_origin(vault["config"], info["keys"]["account"], info["shop"]["url"])
+    vault_proc = stack.start(
+        "vault", _cardvault("vault", "serve", "--config", vault["config"]), vault["log"]
+    )
+    acq_proc = None
+    if acquirer is not None:
+        acq_proc = stack.start(
+            "acquirer",
+            _script(
+                acquirer, "--host", "127.0.0.1", "--port", str(acquirer_port),
+                "--cert", acq["cert"], "--key", acq["key"], "--state", acq["state"],
+            ),
+            acq["log"],
+        )  # fmt: skip
+    else:
+        err.print("[yellow]examples/acquirer not found: running without the simulated acquirer[/]")
+    identity = info["identities"]["admin"]
+    deadline = time.monotonic() + 30
+    _wait_healthy(
+        ks["url"], info["ca_bundle"], ks_proc, deadline, (identity["cert"], identity["key"])
+    )
+    _wait_healthy(vault["url"], info["ca_bundle"], vault_proc, deadline)
+    if acq_proc is not None:
+        _wait_healthy(acq["url"], info["ca_bundle"], acq_proc, deadline)
+
+
+def _start_shop(stack: _Stack, info: dict[str, Any], shop: Path) -> None:
+    """Start the example shop and wait until it answers. Started once the vault answers:
+    it asks the vault for cardvault.js's hash."""
+    proc = stack.start(
+        "shop", _script(shop, "--config", info["shop"]["config"]), info["shop"]["log"]
+    )
+    _wait_healthy(info["shop"]["url"], info["ca_bundle"], proc, time.monotonic() + 30)
+
+
+def _print_stack(info: dict[str, Any], stack_file: Path, *, acquirer: bool) -> None:
+    """What runs where, the test keys, and (with the shop) where to buy something."""
+    state = Path(info["state"])
+    ks, vault, acq = info["keyservice"], info["vault"], info["acquirer"]
+    out.print(f"vault        {vault['url']}  (Stripe-compatible API, /healthz)")
+    out.print(f"redirect     {vault['redirect_url']}  (answers only with a redirect to HTTPS)")
+    out.print(f"admin API    {vault['admin_url']}  (mutual TLS, identity 'admin')")
+    out.print(f"key service  {ks['url']}  (mutual TLS: identities 'vault' and 'admin')")
+    if acquirer:
+        out.print(f"acquirer     {acq['url']}  (simulated; the allowlisted {acq['forward_url']})")
+    if "shop" in info:
+        out.print(
+            f"shop         {info['shop']['url']}  (the example shop; holds only pm_ ids)",
+            soft_wrap=True,
+        )
+    out.print(f"CA bundle    {info['ca_bundle']}")
+    out.print(
+        f"test keys    {info['keys']['publishable']}  /  {info['keys']['secret']}",
+        highlight=False,
+    )
+    out.print(f"stack        {stack_file}")
+    if "shop" in info:
+        out.print(
+            f"[bold]open {info['shop']['url']} to buy something[/] (your browser must "
+            f"trust {state / 'ca' / CA_CERT_FILE}); test cards: 4242 4242 4242 4242",
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print("Press Ctrl-C to stop.")
+
+
 def up(
     state: Annotated[Path, typer.Option("--state", help="State directory.")] = Path(".cardvault"),
     vault_port: Annotated[int, typer.Option(help="The vault's HTTPS port.")] = 8443,
@@ -302,21 +302,11 @@ def up(
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C."""
     state = state.resolve()
-    entry = acquirer_entry()
-    shop = shop_entry()
+    acquirer, shop = acquirer_entry(), shop_entry()
     ports = [vault_port, redirect_port, keyservice_port, admin_port]
-    ports += [acquirer_port] if entry else []
+    ports += [acquirer_port] if acquirer else []
     ports += [shop_port] if shop else []
-    if len(set(ports)) != len(ports):
-        taken = sorted({port for port in ports if ports.count(port) > 1})
-        err.print(
-            f"[red]{'ports' if len(taken) > 1 else 'port'} {', '.join(map(str, taken))} "
-            "given to more than one service[/]: each service needs a port of its own "
-            "(see --help)"
-        )
-        raise typer.Exit(2)
-    for port in ports:
-        _check_port_free(port)
+    _check_ports(ports)
     info = prepare(
         state,
         vault_port=vault_port,
@@ -334,114 +324,23 @@ def up(
     )
     stack_file = state / STACK_FILE
     stack_file.unlink(missing_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def stop(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    ks, vault = info["keyservice"], info["vault"]
+    stack = _Stack(state)
+    stack.catch_signals()
     try:
-        if not (state / "keyservice" / "root.key").exists():
-            init = subprocess.run(
-                [sys.executable, "-m", "cardvault", "keyservice", "init", "--config", ks["config"]],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if init.returncode != 0:
-                raise RuntimeError(f"key service init failed: {init.stderr.strip()}")
-        ks_proc = _spawn(["keyservice", "serve", "--config", ks["config"]], ks["log"])
-        procs.append(ks_proc)
-        info["keys"] = _demo_keys(state, vault["config"])
+        _start_services(stack, info, acquirer=acquirer, acquirer_port=acquirer_port)
         if shop is not None:
-            _allow_origin(vault["config"], info["keys"]["account"], info["shop"]["url"])
-        vault_proc = _spawn(["vault", "serve", "--config", vault["config"]], vault["log"])
-        procs.append(vault_proc)
-        acq = info["acquirer"]
-        acq_proc = None
-        if entry is not None:
-            acq_proc = _spawn_script(
-                [
-                    str(entry), "--host", "127.0.0.1", "--port", str(acquirer_port),
-                    "--cert", acq["cert"], "--key", acq["key"], "--state", acq["state"],
-                ],
-                acq["log"],
-            )  # fmt: skip
-            procs.append(acq_proc)
-        else:
-            err.print(
-                "[yellow]examples/acquirer not found: running without the simulated acquirer[/]"
-            )
-        identity = info["identities"]["admin"]
-        deadline = time.monotonic() + 30
-        _wait_healthy(
-            ks["url"], info["ca_bundle"], ks_proc, deadline, (identity["cert"], identity["key"])
-        )
-        _wait_healthy(vault["url"], info["ca_bundle"], vault_proc, deadline)
-        if acq_proc is not None:
-            _wait_healthy(acq["url"], info["ca_bundle"], acq_proc, deadline)
-        if shop is not None:
-            # Started once the vault answers: it asks the vault for cardvault.js's hash.
-            shop_proc = _spawn_script(
-                [str(shop), "--config", info["shop"]["config"]], info["shop"]["log"]
-            )
-            procs.append(shop_proc)
-            _wait_healthy(info["shop"]["url"], info["ca_bundle"], shop_proc, time.monotonic() + 30)
+            _start_shop(stack, info, shop)
         else:
             err.print("[yellow]examples/shop not found: running without the example shop[/]")
         write_private(stack_file, json.dumps(info, indent=2).encode())
-        out.print(f"vault        {vault['url']}  (Stripe-compatible API, /healthz)")
-        out.print(f"redirect     {vault['redirect_url']}  (answers only with a redirect to HTTPS)")
-        out.print(f"admin API    {vault['admin_url']}  (mutual TLS, identity 'admin')")
-        out.print(f"key service  {ks['url']}  (mutual TLS: identities 'vault' and 'admin')")
-        if entry is not None:
-            out.print(
-                f"acquirer     {acq['url']}  (simulated; the allowlisted {acq['forward_url']})"
-            )
-        if shop is not None:
-            out.print(
-                f"shop         {info['shop']['url']}  (the example shop; holds only pm_ ids)",
-                soft_wrap=True,
-            )
-        out.print(f"CA bundle    {info['ca_bundle']}")
-        out.print(
-            f"test keys    {info['keys']['publishable']}  /  {info['keys']['secret']}",
-            highlight=False,
-        )
-        out.print(f"stack        {stack_file}")
-        if shop is not None:
-            out.print(
-                f"[bold]open {info['shop']['url']} to buy something[/] (your browser must "
-                f"trust {state / 'ca' / CA_CERT_FILE}); test cards: 4242 4242 4242 4242",
-                highlight=False,
-                soft_wrap=True,
-            )
-        out.print("Press Ctrl-C to stop.")
-        while not stopping:
-            for proc in procs:
-                if proc.poll() is not None:
-                    err.print(
-                        f"[red]a service exited ({proc.returncode}); logs in {state}/*/*.log[/]"
-                    )
-                    stopping = True
-            time.sleep(0.2)
+        _print_stack(info, stack_file, acquirer=acquirer is not None)
+        stack.watch()
     except RuntimeError as exc:
         err.print(f"[red]{exc}[/] (logs: {state}/*/*.log)")
         raise typer.Exit(1) from None
     finally:
         stack_file.unlink(missing_ok=True)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stack.shutdown()
         out.print("stopped.")
 
 

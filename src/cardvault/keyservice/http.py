@@ -2,8 +2,11 @@
 the caller's certificate identity decides what it may do, before anything else is
 looked at. Binary values travel as standard base64.
 
+One handler per endpoint, each a method of one object holding the service and the
+allowed identities; :func:`routes` registers them all in one list.
+
 Whatever the caller chose (the request's path, a key name, a derivation context) is
-recorded only through :func:`~cardvault.audit.record.untrusted_text`, so that no request
+recorded only through :func:`~cardvault.audit.text.untrusted_text`, so that no request
 can make its own record fail: a refused request always answers 401 or 403 and leaves a
 ``keyservice.auth.failed`` record, whatever its path holds.
 """
@@ -21,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from cardvault.audit.record import json_nesting_exceeds, untrusted_text
+from cardvault.audit.record import json_nesting_exceeds
+from cardvault.audit.text import untrusted_text
 from cardvault.cards.luhn import holds_card_number
 from cardvault.errors import (
     CardVaultError,
@@ -114,16 +118,47 @@ def _context(data: dict[str, Any]) -> str:
 def routes(
     service: KeyService, *, vault: Collection[str], admin: Collection[str]
 ) -> list[BaseRoute]:
-    vault_ids, admin_ids = frozenset(vault), frozenset(admin)
+    """Every route of the key service. ``vault`` and ``admin``: the certificate identities
+    allowed the vault's endpoints (data keys) and the administrator's (seal, rotation)."""
+    api = _KeyServiceHandlers(service, vault=vault, admin=admin)
+    return [
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/v1/noop", api.noop, methods=["POST"]),
+        Route("/v1/status", api.status, methods=["GET"]),
+        Route("/v1/unseal", api.unseal, methods=["POST"]),
+        Route("/v1/seal", api.seal, methods=["POST"]),
+        Route("/v1/keys/{name}/datakey", api.datakey, methods=["POST"]),
+        Route("/v1/keys/{name}/unwrap", api.unwrap, methods=["POST"]),
+        Route("/v1/keys/{name}/derive", api.derive, methods=["POST"]),
+        Route("/v1/keys/{name}/rotate", api.rotate, methods=["POST"]),
+        Route("/v1/keys/{name}/rewrap", api.rewrap, methods=["POST"]),
+        Route("/v1/keys/{name}/config", api.config, methods=["POST"]),
+    ]
 
-    async def actor(request: Request, allowed: frozenset[str]) -> str:
+
+class _KeyServiceHandlers:
+    """One method per endpoint, over one :class:`KeyService` and the identity sets.
+
+    Each handler authorizes first (:meth:`actor`), then checks the key name and the body.
+    Names reach a record only once the service knows them, and still as untrusted_text.
+    """
+
+    def __init__(
+        self, service: KeyService, *, vault: Collection[str], admin: Collection[str]
+    ) -> None:
+        self.service = service
+        self.vault_ids = frozenset(vault)
+        self.admin_ids = frozenset(admin)
+
+    async def actor(self, request: Request, allowed: frozenset[str]) -> str:
+        """The caller's identity, if it is one of ``allowed``; else 401 or 403, recorded."""
         try:
             return require_identity(request.scope, allowed)
         except CardVaultError:
             # The path is the caller's text, and so, as far as this service is concerned,
             # is a refused identity: both recorded as untrusted_text, so that this record
             # is always written and the caller always gets its 401 or 403.
-            await service.audit.record(
+            await self.service.audit.record(
                 "keyservice.auth.failed",
                 actor=untrusted_text(peer_identity(request.scope) or "anonymous", limit=200),
                 object_id=untrusted_text(request.url.path, limit=200),
@@ -131,23 +166,31 @@ def routes(
             )
             raise
 
-    async def healthz(request: Request) -> Response:
+    # -- every identity ----------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
         # Any verified identity may ask whether the service runs; nothing more.
-        await actor(request, vault_ids | admin_ids)
+        await self.actor(request, self.vault_ids | self.admin_ids)
         return json_response({"status": "ok"})
 
-    async def status(request: Request) -> Response:
-        who = await actor(request, admin_ids)
-        await service.audit.record("keyservice.status.read", actor=who)
-        return json_response(service.status())
+    async def noop(self, request: Request) -> Response:
+        await self.actor(request, self.vault_ids | self.admin_ids)
+        return json_response({"object": "noop"})
 
-    async def unseal(request: Request) -> Response:
-        who = await actor(request, admin_ids)
+    # -- the administrator: status, seal and unseal --------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
+        await self.service.audit.record("keyservice.status.read", actor=who)
+        return json_response(self.service.status())
+
+    async def unseal(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
         data = await _body(request, {"share"})
         share = data.get("share")
         if not isinstance(share, str) or not share:
             raise ParameterMissing(param="share")
-        progress = await service.submit_share(share, actor=who)
+        progress = await self.service.submit_share(share, actor=who)
         return json_response(
             {
                 "sealed": progress.sealed,
@@ -156,21 +199,20 @@ def routes(
             }
         )
 
-    async def seal(request: Request) -> Response:
-        who = await actor(request, admin_ids)
-        await service.seal(actor=who)
+    async def seal(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
+        await self.service.seal(actor=who)
         return json_response({"sealed": True})
 
-    # Each handler authorizes first (actor), then checks the key name and the body.
-    # Names reach a record only once the service knows them, and still as untrusted_text.
+    # -- the vault: data keys and derived keys -------------------------------------------
 
-    async def datakey(request: Request) -> Response:
-        who = await actor(request, vault_ids)
+    async def datakey(self, request: Request) -> Response:
+        who = await self.actor(request, self.vault_ids)
         name = _kek_name(request)
         await _body(request, ())
-        plaintext, wrapped, version = service.datakey(name)
+        plaintext, wrapped, version = self.service.datakey(name)
         # Fail closed: a data key whose issue cannot be recorded is not handed out.
-        await service.audit.record(
+        await self.service.audit.record(
             "keyservice.datakey.issued",
             actor=who,
             object_id=untrusted_text(name),
@@ -180,25 +222,25 @@ def routes(
             {"plaintext": _enc(plaintext), "ciphertext": _enc(wrapped), "key_version": version}
         )
 
-    async def unwrap(request: Request) -> Response:
-        who = await actor(request, vault_ids)
+    async def unwrap(self, request: Request) -> Response:
+        who = await self.actor(request, self.vault_ids)
         name = _kek_name(request)
         data = await _body(request, {"ciphertext"})
-        plaintext = service.unwrap(name, _b64(data, "ciphertext"))
-        await service.audit.record(
+        plaintext = self.service.unwrap(name, _b64(data, "ciphertext"))
+        await self.service.audit.record(
             "keyservice.datakey.unwrapped", actor=who, object_id=untrusted_text(name)
         )
         return json_response({"plaintext": _enc(plaintext)})
 
-    async def derive(request: Request) -> Response:
-        who = await actor(request, vault_ids)
+    async def derive(self, request: Request) -> Response:
+        who = await self.actor(request, self.vault_ids)
         name = _kek_name(request)
         data = await _body(request, {"context", "version"})
         context = _context(data)
         if holds_card_number(context):
             # Card data where none may be: refused, and recorded (with the number
             # replaced) because it means a bug or an attack on the caller's side.
-            await service.audit.record(
+            await self.service.audit.record(
                 "keyservice.key.derived",
                 actor=who,
                 object_id=untrusted_text(name),
@@ -212,8 +254,8 @@ def routes(
         version = data.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidRequestError("Expected an integer.", param="version")
-        key, used = service.derive(name, context, version)
-        await service.audit.record(
+        key, used = self.service.derive(name, context, version)
+        await self.service.audit.record(
             "keyservice.key.derived",
             actor=who,
             object_id=untrusted_text(name),
@@ -221,18 +263,20 @@ def routes(
         )
         return json_response({"key": _enc(key), "key_version": used})
 
-    async def rotate(request: Request) -> Response:
-        who = await actor(request, admin_ids)
+    # -- the administrator: the KEKs -----------------------------------------------------
+
+    async def rotate(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
         name = _kek_name(request)
         await _body(request, ())
-        return json_response(await service.rotate(name, actor=who))
+        return json_response(await self.service.rotate(name, actor=who))
 
-    async def rewrap(request: Request) -> Response:
-        who = await actor(request, admin_ids)
+    async def rewrap(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
         name = _kek_name(request)
         data = await _body(request, {"ciphertext"})
-        wrapped, version = service.rewrap(name, _b64(data, "ciphertext"))
-        await service.audit.record(
+        wrapped, version = self.service.rewrap(name, _b64(data, "ciphertext"))
+        await self.service.audit.record(
             "keyservice.datakey.rewrapped",
             actor=who,
             object_id=untrusted_text(name),
@@ -240,8 +284,8 @@ def routes(
         )
         return json_response({"ciphertext": _enc(wrapped), "key_version": version})
 
-    async def config(request: Request) -> Response:
-        who = await actor(request, admin_ids)
+    async def config(self, request: Request) -> Response:
+        who = await self.actor(request, self.admin_ids)
         name = _kek_name(request)
         data = await _body(request, {"min_decryption_version"})
         minimum = data.get("min_decryption_version")
@@ -249,23 +293,5 @@ def routes(
             raise ParameterMissing(param="min_decryption_version")
         if not isinstance(minimum, int) or isinstance(minimum, bool):
             raise InvalidRequestError("Expected an integer.", param="min_decryption_version")
-        result = await service.configure(name, min_decryption_version=minimum, actor=who)
+        result = await self.service.configure(name, min_decryption_version=minimum, actor=who)
         return json_response(result)
-
-    async def noop(request: Request) -> Response:
-        await actor(request, vault_ids | admin_ids)
-        return json_response({"object": "noop"})
-
-    return [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/noop", noop, methods=["POST"]),
-        Route("/v1/status", status, methods=["GET"]),
-        Route("/v1/unseal", unseal, methods=["POST"]),
-        Route("/v1/seal", seal, methods=["POST"]),
-        Route("/v1/keys/{name}/datakey", datakey, methods=["POST"]),
-        Route("/v1/keys/{name}/unwrap", unwrap, methods=["POST"]),
-        Route("/v1/keys/{name}/derive", derive, methods=["POST"]),
-        Route("/v1/keys/{name}/rotate", rotate, methods=["POST"]),
-        Route("/v1/keys/{name}/rewrap", rewrap, methods=["POST"]),
-        Route("/v1/keys/{name}/config", config, methods=["POST"]),
-    ]

@@ -14,7 +14,7 @@
 
 :func:`raw_error_response` is the answer the transport writes itself, as bytes, when it
 refuses a connection or a request before any application has it (see
-:mod:`cardvault.transport.server`): the same error object and security headers.
+:mod:`cardvault.transport.protocol`): the same error object and security headers.
 """
 
 from __future__ import annotations

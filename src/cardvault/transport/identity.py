@@ -1,8 +1,9 @@
 """The verified identity of a mutual-TLS peer, and authorization by it.
 
 The TLS layer (:mod:`cardvault.transport.server`) has already verified the client's
-certificate chain against the deployment CA before any byte of HTTP is read; it puts
-the certificate's ``spiffe://cardvault/<identity>`` URI SAN into the ASGI scope as
+certificate chain against the deployment CA before any byte of HTTP is read; each
+connection's protocol (:mod:`cardvault.transport.protocol`) puts the certificate's
+``spiffe://cardvault/<identity>`` URI SAN into the ASGI scope as
 ``scope["extensions"]["tls"]["client_identity"]``. Endpoints authorize by that name.
 """
 

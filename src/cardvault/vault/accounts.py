@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from cardvault.audit.record import untrusted_text
 from cardvault.audit.recorder import Recorder
+from cardvault.audit.text import untrusted_text
 from cardvault.errors import AuthenticationError, PermissionDenied, ResourceMissing
 from cardvault.storage.base import Account, ApiKey, VaultStore
 from cardvault.vault.ids import looks_like_id, new_id

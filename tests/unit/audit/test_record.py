@@ -16,16 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardvault.audit import record as record_module
+from cardvault.audit import text as text_module
 from cardvault.audit.log import AuditLog
 from cardvault.audit.record import (
     GENESIS,
     AuditRecord,
     RecordInvalid,
-    check_entry,
     format_time,
     json_nesting_exceeds,
 )
 from cardvault.audit.signing import CHECKPOINT_CONTEXT, checkpoint_message
+from cardvault.audit.text import check_entry
 
 from ._support import generated_card_number
 
@@ -260,16 +261,16 @@ def _outcome(check: Any, value: str) -> str | None:
 @settings(max_examples=500)
 @given(st.one_of(_ID_LIKE, _DIGIT_HEAVY, _MARKED, st.text(max_size=48)))
 def test_the_id_shortcut_refuses_exactly_what_the_full_check_refuses(value: str) -> None:
-    assert _outcome(record_module._check_id, value) == _outcome(record_module._check_text, value)
+    assert _outcome(text_module._check_id, value) == _outcome(text_module._check_text, value)
 
 
 def test_the_id_shortcut_still_finds_a_card_number_and_a_secret_prefix() -> None:
     pan = generated_card_number()
     glued = f"pm_{pan[:4]}-{pan[4:8]}-{pan[8:12]}-{pan[12:]}"
     with pytest.raises(ValueError, match="card number"):
-        record_module._check_id("object", glued)
+        text_module._check_id("object", glued)
     with pytest.raises(ValueError, match="secret"):
-        record_module._check_id("object", "x_sk_live_abcdefgh")
+        text_module._check_id("object", "x_sk_live_abcdefgh")
 
 
 _TEXT = st.text(max_size=40)  # any text: quotes, backslashes, non-ASCII, controls

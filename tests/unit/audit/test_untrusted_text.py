@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cardvault.audit import AuditLog, verify_log
-from cardvault.audit.record import MAX_TEXT, check_entry, untrusted_text
+from cardvault.audit.text import MAX_TEXT, check_entry, untrusted_text
 from cardvault.cards import holds_card_number, luhn_valid
 
 from ._support import generated_card_number
