@@ -5,9 +5,16 @@ Routes:
 ``GET /``
     The checkout: the cart, and the vault's card element (``cardvault.js`` from the
     vault, pinned by its SRI hash; the card fields are a frame on the vault's origin).
+    The page carries an **order attempt** (``att_…``), which the server makes here and
+    keeps in a cookie (``__Host-attempt``), so that a reload shows the same attempt:
+    while it is unpaid the same form, once approved the receipt (no Pay button), after
+    a decline or a failure a new attempt.
 ``POST /orders``
-    ``{"payment_method": "pm_…"}`` from the checkout page: pays for the cart (see
-    :mod:`.payments`) and answers the order as JSON. Same-origin JSON only.
+    ``{"attempt": "att_…", "payment_method": "pm_…"}`` from the checkout page: pays for
+    the cart (see :mod:`.payments`) and answers the order as JSON. One attempt is one
+    order: sending it again answers the same order. Same-origin JSON only.
+``POST /checkout/new``
+    "Start a new order" on the receipt: a new attempt in the cookie, and back to ``/``.
 ``GET /orders``
     The orders: what was bought, the card's brand and last four, the acquirer's answer.
 ``GET /static/…``, ``GET /healthz``
@@ -35,7 +42,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .orders import Order, OrderStore, PaymentMethodUsed
+from .orders import ATTEMPT_ID, Order, OrderStore, PaymentMethodUsed, new_attempt
 from .payments import CART, Cart, PaymentError, Payments
 
 __all__ = ["HSTS", "SecurityHeaders", "ShopApp", "build_shop_app"]
@@ -58,6 +65,9 @@ _STATIC_HEADERS: list[tuple[bytes, bytes]] = [
 #: Anything that does not set its own policy (JSON, errors) may load nothing at all.
 _DEFAULT_CSP = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 _MAX_BODY = 4096
+#: The checkout's order attempt, kept across reloads. ``__Host-``: HTTPS, this host
+#: only, path ``/``. HttpOnly: the page reads the attempt from its own markup.
+ATTEMPT_COOKIE = "__Host-attempt"
 
 _BRANDS = {
     "amex": "American Express",
@@ -148,6 +158,7 @@ class ShopApp:
         self.payments = payments
         self.cart = cart
         self._checkout = _template("checkout.html")
+        self._receipt = _template("receipt.html")
         self._orders = _template("orders.html")
         self._static = {
             "checkout.js": (
@@ -172,23 +183,48 @@ class ShopApp:
             headers={"content-security-policy": self.page_csp},
         )
 
-    async def checkout(self, _request: Request) -> Response:
+    async def checkout(self, request: Request) -> Response:
+        # The attempt this browser is on, if any: the same until it is declined or
+        # failed, so that a reload cannot start a second order for the same cart.
+        attempt = request.cookies.get(ATTEMPT_COOKIE, "")
+        order = None
+        if ATTEMPT_ID.fullmatch(attempt):
+            order = await run_in_threadpool(self.orders.by_attempt, attempt)
+        else:
+            attempt = ""
+        if order is not None and order.status == "approved":
+            return self._page(self._receipt.substitute(self._cart_values(), **_receipt(order)))
+        if not attempt or (order is not None and order.status in ("declined", "failed")):
+            attempt = new_attempt()
+        response = self._page(
+            self._checkout.substitute(
+                self._cart_values(),
+                vault=html.escape(self.vault_url),
+                integrity=html.escape(self.integrity),
+                pk=html.escape(self.publishable_key),
+                attempt=attempt,
+            )
+        )
+        _set_attempt(response, attempt)
+        return response
+
+    def _cart_values(self) -> dict[str, str]:
         e = html.escape
         rows = "\n".join(
             f"      <li><span>{e(item.name)}</span>"
             f"<span>{e(_money(item.amount, self.cart.currency))}</span></li>"
             for item in self.cart.items
         )
-        total = _money(self.cart.amount, self.cart.currency)
-        return self._page(
-            self._checkout.substitute(
-                vault=e(self.vault_url),
-                integrity=e(self.integrity),
-                pk=e(self.publishable_key),
-                items=rows,
-                total=e(total),
-            )
-        )
+        return {"items": rows, "total": e(_money(self.cart.amount, self.cart.currency))}
+
+    async def new_checkout(self, request: Request) -> Response:
+        """The receipt's "Start a new order": a new attempt, then the checkout. A POST
+        (a form on the receipt), so that no link, prefetch or reload starts an order."""
+        if not self._same_origin(request):
+            return _error(403, "forbidden_origin", "Orders come from this shop's own pages.")
+        response = Response(status_code=303, headers={"location": "/"})
+        _set_attempt(response, new_attempt())
+        return response
 
     async def list_orders(self, _request: Request) -> Response:
         orders = await run_in_threadpool(self.orders.recent)
@@ -206,14 +242,20 @@ class ShopApp:
 
     # -- the payment --------------------------------------------------------------------
 
-    async def create_order(self, request: Request) -> Response:
+    def _same_origin(self, request: Request) -> bool:
         # Only this shop's own pages may order: a browser sends Origin (and
         # Sec-Fetch-Site) with every POST; another site's page is refused, and a form
         # post from elsewhere cannot send JSON without a CORS preflight, which fails.
+        # Under Referrer-Policy: no-referrer a browser sends "Origin: null" with a form
+        # post, even to its own origin; Sec-Fetch-Site then says where it came from.
         origin = request.headers.get("origin")
-        if (origin is not None and origin != self.origin) or request.headers.get(
-            "sec-fetch-site"
-        ) in ("cross-site", "same-site"):
+        site = request.headers.get("sec-fetch-site")
+        if site in ("cross-site", "same-site"):
+            return False
+        return origin in (None, self.origin) or (origin == "null" and site == "same-origin")
+
+    async def create_order(self, request: Request) -> Response:
+        if not self._same_origin(request):
             return _error(403, "forbidden_origin", "Orders come from this shop's own pages.")
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != "application/json":
@@ -225,11 +267,16 @@ class ShopApp:
             data = json.loads(body)
         except ValueError:
             return _error(400, "invalid_json", "The request body is not JSON.")
-        pm = data.get("payment_method") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return _error(400, "invalid_payment_method", "Give a payment_method.")
+        pm = data.get("payment_method")
         if not isinstance(pm, str):
             return _error(400, "invalid_payment_method", "Give a payment_method.")
+        attempt = data.get("attempt")
+        if attempt is not None and not isinstance(attempt, str):
+            return _error(400, "invalid_attempt", "That is not an order attempt of this shop.")
         try:
-            order = await run_in_threadpool(self.payments.checkout, pm, self.cart)
+            order = await run_in_threadpool(self.payments.checkout, pm, self.cart, attempt)
         except PaymentMethodUsed:
             return _error(
                 409,
@@ -238,12 +285,18 @@ class ShopApp:
             )
         except PaymentError as exc:
             return _error(exc.status, exc.code, exc.message, exc.order)
-        return JSONResponse({"order": _public(order)})
+        status, answer = _order_answer(order)
+        response = JSONResponse(answer, status_code=status)
+        if "next_attempt" in answer and request.cookies.get(ATTEMPT_COOKIE) == attempt:
+            # The page on this attempt goes on with the next one, and so does a reload.
+            _set_attempt(response, answer["next_attempt"])
+        return response
 
     def routes(self) -> list[Route]:
         return [
             Route("/", self.checkout, methods=["GET"]),
             Route("/orders", self.create_order, methods=["POST"]),
+            Route("/checkout/new", self.new_checkout, methods=["POST"]),
             Route("/orders", self.list_orders, methods=["GET"]),
             Route("/static/{name}", self.static, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -256,6 +309,50 @@ def _public(order: Order) -> dict[str, Any]:
         **order.to_dict(),
         "brand_name": _brand(order.brand),
         "amount_text": _money(order.amount, order.currency),
+    }
+
+
+def _set_attempt(response: Response, attempt: str) -> None:
+    response.set_cookie(
+        ATTEMPT_COOKIE, attempt, path="/", secure=True, httponly=True, samesite="strict"
+    )
+
+
+def _order_answer(order: Order) -> tuple[int, dict[str, Any]]:
+    """The answer to every submission of ``order``'s attempt, the first and any repeat.
+
+    ``200`` with the order when the acquirer answered (approved, declined, or its
+    error); ``502`` when the vault refused the forward (a 4xx: nothing was sent);
+    ``503`` when the outcome is unknown (the order is pending: send the same attempt
+    again, which is never charged twice). After a decline or a failure, ``next_attempt`` is
+    the attempt for trying again (with another card, say).
+    """
+    body: dict[str, Any] = {"order": _public(order)}
+    status = 200
+    if order.status == "pending":
+        status = 503
+        body["error"] = {
+            "code": order.error or "payment_unconfirmed",
+            "message": "The payment could not be confirmed. Try again: "
+            "this order will not be charged twice.",
+        }
+    elif order.status == "failed" and order.forwarding_request is None:
+        status = 502
+        body["error"] = {
+            "code": order.error or "api_error",
+            "message": "The payment could not be made.",
+        }
+    if order.status in ("declined", "failed"):
+        body["next_attempt"] = new_attempt()
+    return status, body
+
+
+def _receipt(order: Order) -> dict[str, str]:
+    e = html.escape
+    return {
+        "order": e(order.id),
+        "paid": e(_money(order.amount, order.currency)),
+        "card": e(f"{_brand(order.brand)} ending in {order.last4 or '????'}"),
     }
 
 
@@ -274,19 +371,20 @@ def _order_rows(orders: list[Order]) -> str:
     for o in orders:
         when = datetime.fromtimestamp(o.created, UTC).strftime("%Y-%m-%d %H:%M UTC")
         card = f"{_brand(o.brand)} •••• {o.last4}" if o.last4 else _brand(o.brand)
-        answer = o.status
+        answer: str = o.status
         if o.decline_code:
             answer += f" ({o.decline_code})"
         elif o.error:
             answer += f" ({o.error})"
         rows.append(
             f'      <tr id="{e(o.id)}" data-status="{e(o.status)}">'
-            f"<td>{e(o.id)}<br><small>{e(when)}</small></td>"
-            f"<td>{e(o.description)}</td>"
-            f'<td class="num">{e(_money(o.amount, o.currency))}</td>'
-            f"<td>{e(card)}<br><small>{e(o.payment_method)}</small></td>"
-            f'<td class="status {e(o.status)}">{e(answer)}</td>'
-            f"<td><small>{e(o.authorization_id or '—')}</small></td></tr>"
+            f'<td data-label="Order">{e(o.id)}<br><small>{e(when)}</small></td>'
+            f'<td data-label="Items">{e(o.description)}</td>'
+            f'<td data-label="Amount" class="num">{e(_money(o.amount, o.currency))}</td>'
+            f'<td data-label="Card">{e(card)}<br><small>{e(o.payment_method)}</small></td>'
+            f'<td data-label="Answer" class="status {e(o.status)}">{e(answer)}</td>'
+            f'<td data-label="Authorization"><small>{e(o.authorization_id or "—")}</small></td>'
+            "</tr>"
         )
     return "\n".join(rows)
 

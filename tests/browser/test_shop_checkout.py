@@ -3,7 +3,9 @@
 A customer opens the shop (https://localhost:SHOP), types a published test card into
 the vault's card element, and pays. The tests look at what the page showed, what the
 orders page says, which requests carried the card number (only the frame's, to the
-vault), and what the shop's zone kept (no card number).
+vault), and what the shop's zone kept (no card number). Then that the shop charges once:
+a double click, an attempt sent again by hand, a reload after paying; that Pay stays
+disabled once paid; and that the pages fit a 390 px wide screen.
 
 Chromium trusts the stack's own CA (``STATE/ca/ca.pem``) through an NSS database, as in
 the rest of this folder; nothing switches certificate verification off.
@@ -13,20 +15,26 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from browser_support import Recorder, launch, nss_home
 
+from cardvault.client import Client
 from cardvault.scan import scan_paths
+from cardvault.transport.tls import client_context
 from helpers import free_ports
 
 VISA = "4242424242424242"  # published test cards (shared/testdata/test_cards.json)
@@ -231,3 +239,218 @@ def test_a_declined_card_shows_the_decline_and_is_listed_as_declined(
     assert row.get_attribute("data-status") == "declined"
     assert "Visa •••• 0002" in row.inner_text()
     assert scan_paths([Path(stack["shop"]["dir"])], canaries=[VISA, DECLINED]) == []
+
+
+# --- paying once: one order attempt per order, Pay disabled once paid --------------------
+#
+# The shop is the model merchants copy (issue 19, item 9): after an approval the card
+# fields stayed filled and Pay stayed enabled, and a second click placed a second $60
+# order. Each order attempt (att_…) is now made by the shop's server with the page, is
+# unique in its orders table and is the Idempotency-Key of its forward; these tests count
+# what the shop recorded and what the acquirer received.
+
+
+def order_count(stack: dict[str, Any]) -> int:
+    with sqlite3.connect(stack["shop"]["db"]) as db:
+        return int(db.execute("SELECT count(*) FROM orders").fetchone()[0])
+
+
+def acquirer_received(stack: dict[str, Any]) -> list[dict[str, Any]]:
+    path = Path(stack["acquirer"]["state"]) / "received.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def new_pm(stack: dict[str, Any], number: str = VISA) -> str:
+    """What the card element does: the card to the vault with the publishable key."""
+    with Client(
+        stack["keys"]["publishable"], base_url=stack["vault"]["url"], ca_bundle=stack["ca_bundle"]
+    ) as vault:
+        pm = vault.payment_methods.create(
+            card={"number": number, "exp_month": 12, "exp_year": 2031, "cvc": "123"}
+        )
+    return str(pm["id"])
+
+
+def post_order(stack: dict[str, Any], attempt: str, pm: str) -> httpx.Response:
+    """What the checkout page sends, sent by hand: the attempt and a pm_ id."""
+    with httpx.Client(
+        verify=client_context(stack["ca_bundle"]), trust_env=False, timeout=60
+    ) as http:
+        return http.post(
+            stack["shop"]["url"] + "/orders", json={"attempt": attempt, "payment_method": pm}
+        )
+
+
+def page_attempt(page: Any) -> str:
+    """The order attempt the server rendered the checkout with. (Before attempts
+    existed there was none: a made-up one then shows what the shop does with it.)"""
+    return page.locator("#payment-form").get_attribute("data-attempt") or (
+        "att_" + secrets.token_hex(16)
+    )
+
+
+def settle(page: Any) -> None:
+    """Long enough for a second order, if the page sent one, to reach the shop's table
+    (the row is written before the forward) and usually the acquirer."""
+    page.wait_for_timeout(2500)
+
+
+def orders_posted(rec: Recorder, stack: dict[str, Any]) -> int:
+    url = stack["shop"]["url"] + "/orders"
+    return sum(1 for r in rec.requests if r.method == "POST" and r.url == url)
+
+
+def test_clicking_pay_twice_places_one_order_and_one_forward(
+    shop_page: tuple[Any, Recorder], stack: dict[str, Any]
+) -> None:
+    page, rec = shop_page
+    open_checkout(page, stack)
+    type_card(page, VISA)
+    orders, received = order_count(stack), len(acquirer_received(stack))
+    box = page.locator("#pay").bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.dblclick(x, y)  # a quick double click on Pay
+    page.wait_for_selector("#result[data-state]")
+    page.mouse.click(x, y)  # and a click once the answer is shown
+    settle(page)
+    result = page.locator("#result")
+    assert result.get_attribute("data-state") == "approved", rec.console
+    assert order_count(stack) - orders == 1
+    sent = acquirer_received(stack)[received:]
+    assert len(sent) == 1
+    assert result.get_attribute("data-order") in sent[0]["body"]
+    assert orders_posted(rec, stack) == 1
+
+
+def test_the_same_attempt_sent_again_is_the_same_order(
+    shop_page: tuple[Any, Recorder], stack: dict[str, Any]
+) -> None:
+    page, rec = shop_page
+    open_checkout(page, stack)
+    attempt = page_attempt(page)
+    orders, received = order_count(stack), len(acquirer_received(stack))
+    # The page's attempt, sent by hand: twice at once, then once more, each time with a
+    # payment method of its own (as a second click would make).
+    with ThreadPoolExecutor(2) as pool:
+        pms = [new_pm(stack), new_pm(stack)]
+        first = list(pool.map(lambda pm: post_order(stack, attempt, pm), pms))
+    again = post_order(stack, attempt, new_pm(stack))
+    answers = [*first, again]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert len({a.json()["order"]["id"] for a in answers}) == 1
+    order = again.json()["order"]
+    assert order["status"] == "approved"
+    assert order_count(stack) - orders == 1
+    assert [order["id"] in r["body"] for r in acquirer_received(stack)[received:]] == [True]
+
+    # The page then pays with the same attempt: it is told about the same order, and
+    # nothing more is charged.
+    type_card(page, VISA)
+    result = pay(page)
+    assert (result["state"], result["order"]) == ("approved", order["id"]), rec.console
+    settle(page)
+    assert order_count(stack) - orders == 1
+    assert len(acquirer_received(stack)) - received == 1
+
+
+def test_after_an_approval_pay_stays_disabled_and_a_reload_shows_the_receipt(
+    shop_page: tuple[Any, Recorder], stack: dict[str, Any]
+) -> None:
+    page, rec = shop_page
+    open_checkout(page, stack)
+    type_card(page, VISA)
+    result = pay(page)
+    assert result["state"] == "approved", rec.console
+    orders = order_count(stack)
+    pay_button = page.locator("#pay")
+    assert pay_button.is_disabled()
+    page.wait_for_timeout(1000)
+    assert pay_button.is_disabled()  # not only until the answer: for good
+    assert page.locator(FRAME).count() == 0  # the card fields are gone
+
+    # A reload is the receipt of the same order, with no Pay button at all.
+    page.reload()
+    assert page.locator("#result").get_attribute("data-order") == result["order"]
+    assert page.get_by_role("button", name=re.compile("^Pay")).count() == 0
+    assert order_count(stack) == orders
+
+    # Buying again is a new attempt, asked for on purpose.
+    with page.expect_navigation(url=stack["shop"]["url"] + "/"):
+        page.get_by_role("button", name="Start a new order").click()
+    page.wait_for_function("window.cardReady === true")
+    assert page.get_by_role("button", name=re.compile("^Pay")).is_enabled()
+    type_card(page, VISA)
+    second = pay(page)
+    assert second["state"] == "approved"
+    assert second["order"] != result["order"]
+    assert order_count(stack) == orders + 1
+
+
+def test_a_decline_enables_pay_again_for_a_new_attempt(
+    shop_page: tuple[Any, Recorder], stack: dict[str, Any]
+) -> None:
+    page, rec = shop_page
+    open_checkout(page, stack)
+    attempt = page_attempt(page)
+    type_card(page, DECLINED)
+    declined = pay(page)
+    assert declined["state"] == "declined", rec.console
+    assert page.locator("#pay").is_enabled()
+    type_card(page, VISA)  # the fields were cleared: another card
+    approved = pay(page)
+    assert approved["state"] == "approved", rec.console
+    assert approved["order"] != declined["order"]
+    with sqlite3.connect(stack["shop"]["db"]) as db:
+        attempts = dict(
+            db.execute(
+                "SELECT id, attempt FROM orders WHERE id IN (?, ?)",
+                (declined["order"], approved["order"]),
+            ).fetchall()
+        )
+    assert attempts[declined["order"]] == attempt
+    assert attempts[approved["order"]] not in (None, attempt)
+    # A reload after the approval is its receipt, not a fresh form.
+    page.reload()
+    assert page.locator("#result").get_attribute("data-order") == approved["order"]
+
+
+def no_sideways_scroll(page: Any) -> dict[str, Any]:
+    return dict(
+        page.evaluate(
+            """() => ({
+                scrollWidth: document.documentElement.scrollWidth,
+                innerWidth: window.innerWidth,
+                outside: Array.from(document.querySelectorAll("main *"))
+                    .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 0.5)
+                    .map((el) => el.tagName + (el.id ? "#" + el.id : "")),
+            })"""
+        )
+    )
+
+
+def test_the_shop_fits_a_390_px_wide_screen(
+    shop_browser: Any, stack: dict[str, Any], tmp_path: Path
+) -> None:
+    # Something to list, with the longest ids the table shows.
+    attempt = "att_" + secrets.token_hex(16)
+    assert post_order(stack, attempt, new_pm(stack)).status_code == 200
+    context = shop_browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(stack["shop"]["url"] + "/orders")
+        assert page.locator("tbody tr[data-status]").count() >= 1
+        page.screenshot(path=str(tmp_path / "orders-390.png"), full_page=True)
+        fit = no_sideways_scroll(page)
+        assert fit["scrollWidth"] <= fit["innerWidth"], fit
+        assert fit["outside"] == [], fit
+        open_checkout(page, stack)
+        page.screenshot(path=str(tmp_path / "checkout-390.png"), full_page=True)
+        fit = no_sideways_scroll(page)
+        assert fit["scrollWidth"] <= fit["innerWidth"], fit
+        assert fit["outside"] == [], fit
+    finally:
+        context.close()

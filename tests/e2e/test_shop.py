@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,201 @@ def test_the_shop_refuses_orders_from_other_origins_and_unknown_payment_methods(
     assert stack.order("../v1/forwarding").status_code == 400
     # None of these made an order: the pm is still good for one.
     assert stack.order(pm["id"]).json()["order"]["status"] == "approved"
+
+
+# --- one order per attempt: a repeat answers the first order, never a second charge ----------
+
+
+def attempt_id() -> str:
+    return "att_" + secrets.token_hex(16)
+
+
+def sent_for(stack: Stack, order_id: str) -> list[dict[str, Any]]:
+    """What the acquirer received for ``order_id`` (its reference)."""
+    path = Path(stack.info["acquirer"]["state"]) / "received.jsonl"
+    received = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in received if order_id in (r["body"] or "")]
+
+
+def order_attempt(stack: Stack, attempt: str, pm_id: str, **headers: str) -> httpx.Response:
+    with stack.http() as http:
+        return http.post(
+            f"{stack.shop_url}/orders",
+            json={"attempt": attempt, "payment_method": pm_id},
+            headers=headers,
+        )
+
+
+def count_orders(stack: Stack) -> int:
+    with sqlite3.connect(stack.info["shop"]["db"]) as db:
+        return int(db.execute("SELECT count(*) FROM orders").fetchone()[0])
+
+
+def test_the_same_attempt_sent_again_is_one_order_and_one_forward(stack: Stack) -> None:
+    attempt, before = attempt_id(), count_orders(stack)
+    # Three at once (a double click, a retried POST), then one more, each with a payment
+    # method of its own: one order, charged once, and every answer is that order.
+    pms = [stack.pm(VISA)["id"] for _ in range(4)]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda pm: order_attempt(stack, attempt, pm), pms[:3]))
+    answers.append(order_attempt(stack, attempt, pms[3]))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    orders = [a.json()["order"] for a in answers]
+    assert len({(o["id"], o["status"], o["forwarding_request"]) for o in orders}) == 1
+    assert (orders[0]["status"], orders[0]["attempt"]) == ("approved", attempt)
+    assert count_orders(stack) == before + 1
+    assert len(sent_for(stack, orders[0]["id"])) == 1
+    # The payment methods of the repeats were not used: each can still pay an order.
+    assert order_attempt(stack, attempt_id(), pms[3]).json()["order"]["status"] == "approved"
+
+
+def test_a_declined_attempt_answers_its_decline_and_the_next_attempt(stack: Stack) -> None:
+    attempt = attempt_id()
+    first = order_attempt(stack, attempt, stack.pm(DECLINED)["id"])
+    again = order_attempt(stack, attempt, stack.pm(VISA)["id"])
+    assert first.json()["order"]["status"] == "declined"
+    assert again.json()["order"]["id"] == first.json()["order"]["id"]  # not a new charge
+    # A new try (another card) is a new attempt, which the answer offers.
+    nxt = again.json()["next_attempt"]
+    assert nxt != attempt
+    paid = order_attempt(stack, nxt, stack.pm(VISA)["id"])
+    assert paid.json()["order"]["status"] == "approved"
+    assert "next_attempt" not in paid.json()
+
+
+@pytest.mark.parametrize("forwarded", [False, True], ids=["before-forward", "after-forward"])
+def test_an_order_left_pending_by_a_dead_shop_is_finished_by_its_attempts_retry(
+    stack: Stack, forwarded: bool
+) -> None:
+    # The shop recorded the pending order and died, before forwarding or after the
+    # vault had forwarded (and the acquirer approved) but before recording the answer.
+    # The customer's retry of the attempt forwards under the same Idempotency-Key: the
+    # vault sends it once, or answers the forward it made.
+    attempt, pm = attempt_id(), stack.pm(VISA)["id"]
+    order_id = "ord_" + secrets.token_hex(8)
+    first = None
+    if forwarded:
+        with Client(
+            stack.info["keys"]["secret"],
+            base_url=stack.info["vault"]["url"],
+            ca_bundle=stack.info["ca_bundle"],
+        ) as vault:
+            first = vault.forwarding.create(
+                payment_method=pm,
+                url=stack.info["acquirer"]["forward_url"],
+                replacements=["card_number", "card_expiry", "card_cvc"],
+                request={
+                    "headers": [{"name": "Content-Type", "value": "application/json"}],
+                    "body": json.dumps(
+                        {"amount": 6000, "currency": "usd", "reference": order_id, "card": {}}
+                    ),
+                },
+                idempotency_key=f"shop-{attempt}",
+            )
+    with sqlite3.connect(stack.info["shop"]["db"]) as db:
+        db.execute(
+            "INSERT INTO orders (id, created, description, amount, currency, payment_method, "
+            "brand, last4, status, attempt, claimed_until) "
+            "VALUES (?, ?, 'Field notebook, dot grid, Fountain pen, fine nib', 6000, 'usd', "
+            "?, 'visa', '4242', 'pending', ?, ?)",
+            (order_id, int(time.time()) - 600, pm, attempt, int(time.time()) - 400),
+        )
+    r = order_attempt(stack, attempt, stack.pm(VISA)["id"])
+    assert r.status_code == 200, r.text
+    order = r.json()["order"]
+    assert (order["id"], order["status"]) == (order_id, "approved")
+    assert len(sent_for(stack, order_id)) == 1
+    if first is not None:
+        assert order["forwarding_request"] == first["id"]
+
+
+def test_the_checkout_keeps_its_attempt_across_reloads_until_it_is_paid(stack: Stack) -> None:
+    def page_attempt(text: str) -> str:
+        found = re.search(r'data-attempt="(att_[0-9a-f]{32})"', text)
+        assert found, text
+        return found.group(1)
+
+    with stack.http() as http:
+        first = http.get(stack.shop_url + "/")
+        attempt = page_attempt(first.text)
+        cookie = first.headers["set-cookie"]
+        assert cookie.startswith(f"__Host-attempt={attempt};")
+        assert {"secure", "httponly", "path=/", "samesite=strict"} <= {
+            part.strip().lower() for part in cookie.split(";")
+        }
+        assert page_attempt(http.get(stack.shop_url + "/").text) == attempt  # a reload
+        paid = http.post(
+            stack.shop_url + "/orders",
+            json={"attempt": attempt, "payment_method": stack.pm(VISA)["id"]},
+        ).json()["order"]
+        # Paid: the checkout is the receipt, with nothing to pay.
+        receipt = http.get(stack.shop_url + "/")
+        assert paid["id"] in receipt.text
+        assert 'id="pay"' not in receipt.text and "data-attempt" not in receipt.text
+        # A new order is asked for on purpose (a POST), and is a new attempt.
+        assert http.get(stack.shop_url + "/checkout/new").status_code == 405
+        refused = http.post(
+            stack.shop_url + "/checkout/new", headers={"origin": "https://evil.example"}
+        )
+        assert refused.status_code == 403
+        new = http.post(stack.shop_url + "/checkout/new", headers={"origin": stack.shop_url})
+        assert (new.status_code, new.headers["location"]) == (303, "/")
+        second = page_attempt(http.get(stack.shop_url + "/").text)
+        assert second != attempt
+        # Declined: the page goes on with the next attempt, and so does a reload.
+        declined = http.post(
+            stack.shop_url + "/orders",
+            json={"attempt": second, "payment_method": stack.pm(DECLINED)["id"]},
+        ).json()
+        assert declined["order"]["status"] == "declined"
+        assert page_attempt(http.get(stack.shop_url + "/").text) == declined["next_attempt"]
+
+
+def test_an_attempt_the_shop_did_not_make_is_refused(stack: Stack) -> None:
+    before, pm = count_orders(stack), stack.pm(VISA)["id"]
+    for bad in ["att_1", "ord_" + "0" * 32, "ATT_" + "0" * 32, "", 7, ["att_" + "0" * 32]]:
+        with stack.http() as http:
+            r = http.post(f"{stack.shop_url}/orders", json={"attempt": bad, "payment_method": pm})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_attempt"), bad
+    assert count_orders(stack) == before
+
+
+def test_the_order_store_adds_attempts_to_a_database_made_before_them(tmp_path: Path) -> None:
+    db = tmp_path / "shop.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE orders (id TEXT PRIMARY KEY, created INTEGER NOT NULL, "
+            "description TEXT NOT NULL, amount INTEGER NOT NULL, currency TEXT NOT NULL, "
+            "payment_method TEXT NOT NULL UNIQUE, brand TEXT, last4 TEXT, status TEXT NOT NULL, "
+            "decline_code TEXT, authorization_id TEXT, acquirer_status INTEGER, "
+            "forwarding_request TEXT, error TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO orders (id, created, description, amount, currency, payment_method, "
+            "status) VALUES ('ord_old', 1, 'x', 6000, 'usd', 'pm_old', 'approved')"
+        )
+    script = (
+        "import sys; from pathlib import Path; from examples.shop.orders import OrderStore\n"
+        "s = OrderStore(Path(sys.argv[1]))\n"
+        "print(s.get('ord_old').attempt)\n"
+        "o = s.create(attempt='att_' + '0' * 32, payment_method='pm_new', description='x', "
+        "amount=1, currency='usd', brand=None, last4=None, claim_for=60)\n"
+        "print(s.by_attempt('att_' + '0' * 32).id == o.id)\n"
+        "try:\n"
+        "    s.create(attempt='att_' + '0' * 32, payment_method='pm_other', description='x', "
+        "amount=1, currency='usd', brand=None, last4=None, claim_for=60)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(db)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.stdout.split() == ["None", "True", "AttemptTaken"], out.stderr
 
 
 def test_the_shops_database_files_and_logs_hold_no_card_number_or_cvc(stack: Stack) -> None:
