@@ -18,6 +18,8 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   │   ├── KeyServiceUnavailable    api_error              503  keyservice_unavailable
     │   │   ├── AuditUnavailableError    api_error              503  audit_unavailable
     │   │   ├── KeyServiceSealed         api_error              503  keyservice_sealed
+    │   │   ├── DatabaseUnavailable      api_error              503  database_unavailable
+    │   │   │   └── StorageFull          api_error              503  storage_full
     │   │   └── TooManyConnections       api_error              503  too_many_connections
     │   ├── ForwardingDestinationError   api_error              502  forwarding_destination_error
     │   └── ConfigurationError           (start-up only; never rendered with details)
@@ -52,6 +54,16 @@ messages are written here, from constants, and ``param`` names a parameter, neve
 
 Lower layers raise their own exceptions; the boundary translates them into a leaf with
 ``raise Leaf(...) from exc`` so the cause is kept for the logs but not shown to callers.
+The storage layer is the one exception that is already a leaf when it is raised:
+:class:`cardvault.storage.StoreUnavailable` is a :class:`DatabaseUnavailable` (and a
+:class:`StorageFull` when the disk is full), so a database outage met anywhere in a
+request is a 503 and never the 500 of a bug.
+
+Every 503 says when to come back: :attr:`CardVaultError.retry_after` is the class's
+``Retry-After`` (seconds), set on every instance unless the raise site gives its own
+(docs/reliability.md lists them, and why each value). ``RateLimitError``'s raise site
+always computes its own. A 500 (:class:`APIError` itself) has none: it means a bug, not
+"try again later".
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ __all__ = [
     "CiphertextInvalid",
     "ClientCertificateRequired",
     "ConfigurationError",
+    "DatabaseUnavailable",
     "ExpiredCard",
     "ForwardingDestinationError",
     "IdempotencyError",
@@ -91,6 +104,7 @@ __all__ = [
     "RequestTooLarge",
     "ResourceMissing",
     "ServiceUnavailable",
+    "StorageFull",
     "TooManyConnections",
     "UnsealShareInvalid",
     "UnsupportedMediaType",
@@ -105,12 +119,17 @@ class CardVaultError(Exception):
 
     ``message`` is shown to the caller and must never contain caller input.
     ``param`` names the offending parameter (``card[number]``), never its value.
+    ``headers`` go out with the answer; a class with a :attr:`retry_after` puts its
+    ``Retry-After`` there unless the raise site gave one.
     """
 
     type: ClassVar[str] = "api_error"
     code: ClassVar[str] = "api_error"
     http_status: ClassVar[int] = 500
     default_message: ClassVar[str] = "An internal error occurred."
+    #: Seconds for the answer's ``Retry-After``: set on every "try again later" (each
+    #: 503, and 429), so that no raise site can forget it; None for the rest.
+    retry_after: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -122,6 +141,10 @@ class CardVaultError(Exception):
         self.message = message if message is not None else self.default_message
         self.param = param
         self.headers: dict[str, str] = dict(headers or {})
+        if self.retry_after is not None and not any(
+            name.lower() == "retry-after" for name in self.headers
+        ):
+            self.headers["Retry-After"] = str(self.retry_after)
         super().__init__(self.message)
 
     def to_dict(self, request_log_url: str | None = None) -> dict[str, Any]:
@@ -149,13 +172,21 @@ class APIError(CardVaultError):
 
 
 class ServiceUnavailable(APIError):
+    """Try again later: the request was refused because something it needs is missing
+    for now. Every subclass is a 503 with its own code and ``Retry-After``."""
+
     code = "service_unavailable"
     http_status = 503
+    retry_after = 5
     default_message = "The service is temporarily unavailable. Retry later."
 
 
 class KeyServiceUnavailable(ServiceUnavailable):
+    """The key service cannot be reached or did not answer as it should. Restarted by
+    its supervisor it answers again within a couple of seconds."""
+
     code = "keyservice_unavailable"
+    retry_after = 2
     default_message = "The key service cannot be reached. Nothing was stored; retry later."
 
 
@@ -163,14 +194,39 @@ class AuditUnavailableError(ServiceUnavailable):
     """The audit record of a sensitive operation could not be written: refused (fail closed)."""
 
     code = "audit_unavailable"
+    retry_after = 5
     default_message = "The audit log cannot be written, so the operation was refused. Retry later."
 
 
 class KeyServiceSealed(ServiceUnavailable):
+    """The key service holds no keys until custodians unseal it: by hand, in minutes."""
+
     code = "keyservice_sealed"
+    retry_after = 30
     default_message = (
         "The key service is sealed. Custodians must unseal it before keys can be used."
     )
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The service's database cannot be reached or cannot take a write now (a lost or
+    refused connection, a server shutting down or out of connections, an I/O error, a
+    lock held past its timeout). Raised by the storage layer as
+    :class:`cardvault.storage.StoreUnavailable`. Whether a write that was in flight took
+    effect is unknown."""
+
+    code = "database_unavailable"
+    retry_after = 2
+    default_message = "The database is temporarily unavailable. Retry later."
+
+
+class StorageFull(DatabaseUnavailable):
+    """The database's disk (or its size limit) is full: nothing more can be written until
+    space is freed, which takes an operator or a purge, not a moment."""
+
+    code = "storage_full"
+    retry_after = 30
+    default_message = "The service's storage is full, so nothing can be saved now. Retry later."
 
 
 class TooManyConnections(ServiceUnavailable):
@@ -178,6 +234,7 @@ class TooManyConnections(ServiceUnavailable):
     by the transport with ``Retry-After`` on a connection it then closes."""
 
     code = "too_many_connections"
+    retry_after = 1
     default_message = "The server has too many open connections. Retry after the Retry-After delay."
 
 
@@ -391,9 +448,13 @@ class IdentityNotAllowed(PermissionDenied):
 
 
 class RateLimitError(CardVaultError):
+    """A key's token bucket is empty. The raise site sets ``Retry-After`` to when the
+    next token comes; the class's 1 s is only the net under it."""
+
     type = "rate_limit_error"
     code = "rate_limit"
     http_status = 429
+    retry_after = 1
     default_message = "Too many requests. Slow down and retry after the Retry-After delay."
 
 

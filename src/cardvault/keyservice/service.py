@@ -19,6 +19,7 @@ State machine::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -132,6 +133,8 @@ class KeyService:
         self._pending_since = 0.0
         self._seal_meta: dict[str, Any] = {}
         self._kcv = ""
+        #: One rotation at a time: each stores version ``latest + 1`` before using it.
+        self._rotating = asyncio.Lock()
 
     async def _event(self, actor: str, action: str, result: str, detail: str) -> None:
         """Record an event in the store's event table and in the audit log (fail closed)."""
@@ -345,11 +348,27 @@ class KeyService:
     async def rotate(self, name: str, *, actor: str) -> dict[str, Any]:
         if name not in KEK_KINDS:
             raise ResourceMissing("No key with this name.")
-        ring = self._ring(name, KEK_KINDS[name])
-        assert self._root is not None
-        new = ring.rotate()
-        sealed = crypto.seal(self._root, new.expose_secret(), _kek_context(name, new.version))
-        await self.store.add_kek(StoredKek(name, new.version, sealed, int(time.time())))
+        async with self._rotating:
+            ring = self._ring(name, KEK_KINDS[name])
+            assert self._root is not None
+            new = crypto.Key.generate(name, ring.latest.version + 1)
+            sealed = crypto.seal(self._root, new.expose_secret(), _kek_context(name, new.version))
+            # Stored before it is used: a version that is not durable must never wrap a
+            # data key, which nothing could unwrap after a restart. The store unavailable
+            # (a 503, try again later), the ring is unchanged and the key forgotten.
+            try:
+                await self.store.add_kek(StoredKek(name, new.version, sealed, int(time.time())))
+            except BaseException:
+                new.wipe()
+                raise
+            if self._rings.get(name) is not ring:
+                # Sealed meanwhile: the stored version is loaded at the next unseal.
+                new.wipe()
+                raise KeyServiceSealed()
+            self._rings[name] = crypto.Keyring(
+                [*(ring.key(version) for version in ring.versions), new],
+                min_decryption_version=ring.min_decryption_version,
+            )
         await self._event(actor, "rotate", "ok", f"{name} v{new.version}")
         return self.status()["keys"][name]  # type: ignore[no-any-return]
 

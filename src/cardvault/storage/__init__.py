@@ -24,13 +24,19 @@ starlette, uvicorn, httpx, aiohttp), nothing of :mod:`cardvault.vault`,
 :mod:`cardvault.keyservice`, :mod:`cardvault.transport` or :mod:`cardvault.cards`. It
 never sees plaintext card data or keys: what it stores is ciphertext, sealed keys and
 facts that are not secret. The services import it, never the other way round.
+
+A database that cannot be reached or cannot take a write now (a lost PostgreSQL
+connection, a full disk, an I/O error, a lock held too long) is raised by every store as
+one exception, :class:`StoreUnavailable` (:class:`StoreFull` for a full disk), never as
+the driver's: an API error already (503 ``database_unavailable`` or ``storage_full``,
+with ``Retry-After``). It does not mean "not written": see its docstring.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cardvault.storage._shared import store_location
+from cardvault.storage._shared import StoreFull, StoreUnavailable, store_location
 from cardvault.storage.base import (
     Account,
     ApiKey,
@@ -66,6 +72,8 @@ __all__ = [
     "PostgresVaultStore",
     "SQLiteKeyStore",
     "SQLiteVaultStore",
+    "StoreFull",
+    "StoreUnavailable",
     "StoredKek",
     "UnstorableValue",
     "VaultStore",

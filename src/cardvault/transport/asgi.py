@@ -212,12 +212,14 @@ class SecurityHeaders:
 
         try:
             await self.app(scope, receive, send_with_headers)
-        except Exception:
+        except Exception as exc:
             # Starlette re-raises after its handler has answered; log only what no
-            # handler saw.
+            # handler saw. An error of the tree (a 503 raised outside the routes, say)
+            # is answered as itself; anything else is a bug, a 500.
             if status == 0:
-                _log.exception("unhandled error", service=self.service)
-                await error_response(APIError())(scope, receive, send_with_headers)
+                leaf = exc if isinstance(exc, CardVaultError) else APIError()
+                _log.exception("unhandled error", service=self.service, code=leaf.code)
+                await error_response(leaf)(scope, receive, send_with_headers)
         finally:
             _access.info(
                 "request",
@@ -232,6 +234,9 @@ class SecurityHeaders:
 
 
 async def _cardvault_error(_request: Request, exc: Exception) -> Response:
+    # Every error of the tree is answered as itself: a 503 (the database, the key
+    # service, the audit log unavailable; the storage layer's StoreUnavailable is one)
+    # with its code and Retry-After. Only what is not of the tree reaches _crash (500).
     assert isinstance(exc, CardVaultError)
     if isinstance(exc, APIError):
         _log.error("internal error", code=exc.code, cause=repr(exc.__cause__))

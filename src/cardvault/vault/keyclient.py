@@ -1,8 +1,10 @@
 """The vault's side of the key service: an HTTPS client with the vault's own certificate.
 
 The vault never imports the key service; it talks to it only over mutual TLS. Errors
-become :class:`KeyServiceUnavailable` (cannot reach, or an unexpected answer) or
-:class:`KeyServiceSealed` (503 ``keyservice_sealed``), so nothing half-done is stored.
+become :class:`KeyServiceSealed` when the key service answers 503 ``keyservice_sealed``,
+else :class:`KeyServiceUnavailable` (cannot reach it, or any other answer: its own 503s
+for its database, its audit log or its connections included), so nothing half-done is
+stored. Both are 503s with their ``Retry-After`` (:mod:`cardvault.errors`).
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ class KeyServiceClient:
         except httpx.HTTPError as exc:
             _log.error("key service unreachable", error=type(exc).__name__)
             raise KeyServiceUnavailable() from exc
-        if response.status_code == 503:
-            raise KeyServiceSealed()
         if response.status_code != 200:
             code = None
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 code = response.json()["error"]["code"]
+            if response.status_code == 503 and code == KeyServiceSealed.code:
+                raise KeyServiceSealed()
             _log.error("key service refused", status=response.status_code, code=code)
             raise KeyServiceUnavailable()
         data: dict[str, Any] = response.json()

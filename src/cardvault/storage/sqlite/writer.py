@@ -38,6 +38,16 @@ Concurrency:
 A caller that is cancelled while its write is queued cannot tell whether it happened:
 the operation may still be committed.
 
+**An unavailable database is one exception.** Whatever SQLite or the file system says
+that means "cannot take this now" (the disk full, ``max_page_count`` reached, an I/O
+error, the lock held by another process past ``BUSY_TIMEOUT_S``, a file that cannot be
+opened or written) reaches the caller as :class:`~cardvault.storage.StoreUnavailable`
+(:func:`~cardvault.storage.sqlite.connection.unavailable`), from a write, a lookup or a
+read alike, with SQLite's error as its cause; never as a ``sqlite3`` exception. A
+writing connection that could not be opened is tried again on a later call (at most
+every ``REOPEN_AFTER_S``), so a store whose disk was full works again once there is
+space, without a restart.
+
 The store belongs to the event loop that writes to it; a write from another loop is
 settled on that loop, but the flush runs on the loop that scheduled it.
 """
@@ -55,8 +65,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import structlog
+
 from cardvault.files import ensure_private_file
-from cardvault.storage._shared import column_list, copy_error, settle_on_their_loops
+from cardvault.storage._shared import (
+    CANNOT_OPEN,
+    StoreUnavailable,
+    column_list,
+    copy_error,
+    settle_on_their_loops,
+    store_unavailable,
+)
 from cardvault.storage.base import UnstorableValue
 from cardvault.storage.migrations import Schema
 from cardvault.storage.sqlite.connection import (
@@ -64,10 +83,12 @@ from cardvault.storage.sqlite.connection import (
     BUSY_TIMEOUT_S,
     apply_migrations,
     connect,
+    translated,
+    unavailable,
 )
 from cardvault.storage.sqlite.wal import WalCheckpoints
 
-__all__ = ["BUSY_RETRY_S", "MAX_BATCH", "READERS", "Insert", "SQLiteDatabase"]
+__all__ = ["BUSY_RETRY_S", "MAX_BATCH", "READERS", "REOPEN_AFTER_S", "Insert", "SQLiteDatabase"]
 
 T = TypeVar("T")
 
@@ -80,6 +101,12 @@ BUSY_RETRY_S = 0.002
 
 #: Read connections (threads).
 READERS = 4
+
+_log = structlog.get_logger("cardvault.storage")
+
+#: After the writing connection failed to open, the soonest it is tried again (each
+#: call meanwhile is unavailable at once, without touching the disk).
+REOPEN_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +184,7 @@ class SQLiteDatabase:
         self._readers: ThreadPoolExecutor | None = None
         self._wal = WalCheckpoints(self.path)
         self._open_error: BaseException | None = None
+        self._open_failed_at = 0.0
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
         self._commits = 0
@@ -196,36 +224,49 @@ class SQLiteDatabase:
     # -- connections ---------------------------------------------------------------------
 
     def _start(self) -> ThreadPoolExecutor:
-        """Open the writing connection and start the read pool on first use. Caller
-        holds ``_lock``."""
+        """Open the writing connection and start the read pool on first use; open the
+        writing connection again if it failed last time (at most every
+        ``REOPEN_AFTER_S``). Caller holds ``_lock``."""
         if self._closed:
             raise RuntimeError(f"the {type(self).__name__} is closed")
+        if self._conn is None and (
+            self._open_error is None or time.monotonic() - self._open_failed_at >= REOPEN_AFTER_S
+        ):
+            self._open_writer()
         if self._readers is None:
-            try:
-                ensure_private_file(self.path)
-                conn = connect(self.path, writer=True)
-            except Exception as exc:
-                self._open_error = exc
-            else:
-                try:
-                    self._wal.attach(conn)
-                    # Never wait inside SQLite on the event loop: a lock held by another
-                    # process makes the flush retry a little later instead.
-                    conn.execute("PRAGMA busy_timeout = 0")
-                except Exception as exc:
-                    conn.close()
-                    self._open_error = exc
-                else:
-                    self._conn = conn
             self._readers = ThreadPoolExecutor(
                 max_workers=self._readers_count, thread_name_prefix="cardvault-sqlite-read"
             )
         return self._readers
 
-    def _unavailable(self) -> RuntimeError:
-        error = RuntimeError(f"the SQLite store {self.path.name} could not be opened")
-        error.__cause__ = self._open_error
-        return error
+    def _open_writer(self) -> None:
+        try:
+            ensure_private_file(self.path)
+            conn = connect(self.path, writer=True)
+        except Exception as exc:
+            self._open_failed(exc)
+            return
+        try:
+            self._wal.attach(conn)
+            # Never wait inside SQLite on the event loop: a lock held by another
+            # process makes the flush retry a little later instead.
+            conn.execute("PRAGMA busy_timeout = 0")
+        except Exception as exc:
+            conn.close()
+            self._open_failed(exc)
+            return
+        self._conn = conn
+        self._open_error = None
+
+    def _open_failed(self, exc: BaseException) -> None:
+        self._open_error = exc
+        self._open_failed_at = time.monotonic()
+
+    def _unavailable(self) -> StoreUnavailable:
+        """Why there is no writing connection, as the caller gets it."""
+        cause = self._open_error
+        error = None if cause is None else unavailable(cause)
+        return error if error is not None else store_unavailable(CANNOT_OPEN, cause)
 
     async def _write(
         self,
@@ -242,7 +283,7 @@ class SQLiteDatabase:
         with self._lock:
             self._start()
         if self._conn is None:
-            raise self._unavailable()
+            raise self._unavailable() from self._open_error
         self._pending.append(_Write(fn, loop, future, erases, compound, insert))
         if self._flush_handle is None or self._flush_loop is not loop:
             # (A flush scheduled on another event loop, one that has since stopped,
@@ -264,22 +305,31 @@ class SQLiteDatabase:
                 return fn(conn)
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorname not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                    raise
+                    error = unavailable(exc)
+                    if error is None:
+                        raise
+                    raise error from exc
         return await self._read(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on a read connection, on the read pool's threads."""
         with self._lock:
             pool = self._start()
-        return await asyncio.get_running_loop().run_in_executor(pool, self._run_read, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, self._run_read, fn)
+        except (sqlite3.Error, OSError) as exc:
+            error = unavailable(exc)
+            if error is None:
+                raise
+            raise error from exc
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             # The writing connection, opened before any read is submitted, created the
             # file (mode 0600) and turned WAL on.
-            if self._open_error is not None:
-                raise self._unavailable()
+            if self._conn is None:
+                raise self._unavailable() from self._open_error
             conn = connect(self.path, writer=False)
             self._local.conn = conn
             with self._lock:
@@ -321,7 +371,12 @@ class SQLiteDatabase:
                 outcomes = [(op, None, copy_error(exc)) for op in batch]
             self._busy_since = None
             del self._pending[: len(batch)]
-            settle_on_their_loops([(op.loop, op.future, v, e) for op, v, e in outcomes])
+            settle_on_their_loops(
+                [
+                    (op.loop, op.future, v, None if e is None else translated(e))
+                    for op, v, e in outcomes
+                ]
+            )
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[_Outcome]:
         if self._insert_alone(conn, batch):
@@ -354,7 +409,14 @@ class SQLiteDatabase:
             return [(op, None, copy_error(exc)) for op in batch]
         self._committed(conn, batch[0].loop)
         if self._scrub_pending or any(op.erases for op in batch):
-            self._scrub_pending = not self._wal.scrub(conn, wait=False)
+            try:
+                self._scrub_pending = not self._wal.scrub(conn, wait=False)
+            except sqlite3.Error as exc:
+                # The batch is committed whatever becomes of the scrub (a full disk can
+                # refuse the checkpoint): its callers get their outcomes, and the scrub
+                # is tried again after the next transaction.
+                self._scrub_pending = True
+                _log.warning("sqlite_scrub_failed", error=str(exc))
         return outcomes
 
     def _committed(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
