@@ -47,8 +47,16 @@ from cardvault.storage import (
     VaultStore,
     open_vault_store,
 )
-from cardvault.storage.base import UnstorableValue
-from cardvault.storage.migrations import VAULT_SCHEMA
+from cardvault.storage.base import (
+    CLAIMED,
+    COMPLETED,
+    DONE,
+    PENDING,
+    UNKNOWN,
+    TakenCvc,
+    UnstorableValue,
+)
+from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 
 #: The server CI starts; trust authentication for the ``postgres`` role.
 POSTGRES_ADMIN_DSN = os.environ.get(
@@ -241,6 +249,20 @@ def claim(
     return dataclasses.replace(record, **changes)
 
 
+def held(key: str, token: str, **changes: Any) -> IdempotencyRecord:
+    """A claim as the vault makes it: held by a replica under a boot, with a lease and
+    the id of its effect."""
+    record = claim(
+        key,
+        owner="host-a",
+        boot="boot-1",
+        token=token,
+        lease_until=NOW + 300,
+        effect_id=f"pm_{key}",
+    )
+    return dataclasses.replace(record, **changes)
+
+
 async def seed(store: VaultStore) -> None:
     """Two accounts and the data keys every payment method refers to."""
     await store.create_account(account(ACCT))
@@ -272,19 +294,55 @@ def test_migrate_twice_is_harmless_and_keeps_data(backend: Backend) -> None:
     backend.run(check, migrate=False)
 
 
+def at_version(store: VaultStore, version: int) -> VaultStore:
+    """``store``, migrating only up to ``version`` (an older release's schema)."""
+    store.schema = Schema("vault", VAULT_SCHEMA.migrations[:version], lock=VAULT_SCHEMA.lock)  # type: ignore[misc]
+    return store
+
+
+_OLD_CLAIM = (
+    "INSERT INTO idempotency_keys (account_id, mode, idempotency_key, request_hash, created, "
+    "response_status, response_body) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def test_migration_3_drops_idempotency_keys_stored_in_the_clear(backend: Backend) -> None:
     # Before version 3 the Idempotency-Key header was stored verbatim, and a caller could
     # put a card number in it. Since then the vault stores "ik_" and a MAC.
     async def check(store: VaultStore) -> None:
+        await at_version(store, 2).migrate()
         await seed(store)
         for key in ("order-17 retry", "ik_AbCdEfGhIjKlMnOp", "ikX-not-a-mac"):
-            await store.claim_idempotency_key(claim(key))
-        await backend.execute("DELETE FROM schema_version WHERE version >= 3")
-        await store.migrate()
+            await backend.execute(_OLD_CLAIM, ACCT, "test", key, "h" * 64, NOW, None, None)
+        await at_version(store, VAULT_SCHEMA.latest).migrate()
         rows = await backend.fetch("SELECT idempotency_key FROM idempotency_keys")
         assert [k for (k,) in rows] == ["ik_AbCdEfGhIjKlMnOp"]
 
-    backend.run(check)
+    backend.run(check, migrate=False)
+
+
+def test_migration_4_keeps_answers_and_makes_older_claims_stale_at_once(
+    backend: Backend,
+) -> None:
+    # Claims of the release before have no holder and name no effect: their requests died
+    # with the upgrade, so they are stale at once and the next request runs afresh.
+    async def check(store: VaultStore) -> None:
+        await at_version(store, 3).migrate()
+        await seed(store)
+        await backend.execute(_OLD_CLAIM, ACCT, "test", "ik_done", "h" * 64, NOW, 200, "pm_1")
+        await backend.execute(_OLD_CLAIM, ACCT, "test", "ik_running", "h" * 64, NOW, None, None)
+        await at_version(store, VAULT_SCHEMA.latest).migrate()
+        done = await store.claim_idempotency_key(claim("ik_done"))
+        running = await store.claim_idempotency_key(claim("ik_running"))
+        assert done is not None
+        assert (done.state, done.response_status, done.response_body) == (DONE, 200, "pm_1")
+        assert running is not None
+        assert (running.state, running.lease_until, running.effect_id) == (CLAIMED, 0, None)
+        assert running.token is not None
+        stale = await store.stale_idempotency_claims(NOW, "host", "boot", limit=10)
+        assert [r.key for r in stale] == ["ik_running"]
+
+    backend.run(check, migrate=False)
 
 
 def test_migrate_from_two_stores_at_once_applies_each_version_once(backend: Backend) -> None:
@@ -675,9 +733,11 @@ def test_complete_stores_the_response_for_later_claims(backend: Backend) -> None
     async def check(store: VaultStore) -> None:
         await seed(store)
         assert await store.claim_idempotency_key(first) is None
-        await store.complete_idempotency_key(ACCT, "test", "idem_1", 200, body)
+        assert await store.complete_idempotency_key(ACCT, "test", "idem_1", 200, body)
         existing = await store.claim_idempotency_key(claim("idem_1", created=NOW + 1))
-        assert existing == dataclasses.replace(first, response_status=200, response_body=body)
+        assert existing == dataclasses.replace(
+            first, response_status=200, response_body=body, state=DONE
+        )
 
     backend.run(check)
 
@@ -702,7 +762,7 @@ def test_claims_are_scoped_to_account_and_mode(backend: Backend) -> None:
         assert await store.claim_idempotency_key(claim("k")) is None
         assert await store.claim_idempotency_key(claim("k", mode="live")) is None
         assert await store.claim_idempotency_key(claim("k", account_id=OTHER)) is None
-        await store.complete_idempotency_key(ACCT, "live", "k", 402, "{}")
+        assert await store.complete_idempotency_key(ACCT, "live", "k", 402, "{}")
         assert await store.claim_idempotency_key(claim("k")) == claim("k")
         assert await store.claim_idempotency_key(claim("k", account_id=OTHER)) == claim(
             "k", account_id=OTHER
@@ -1271,7 +1331,7 @@ def test_take_cvc_returns_it_once_and_erases_it(backend: Backend) -> None:
         await store.insert_payment_method(record)
         assert await store.take_cvc(OTHER, False, "pm_take") is None
         assert await store.take_cvc(ACCT, True, "pm_take") is None
-        assert await store.take_cvc(ACCT, False, "pm_take") == (sealed, DK_CVC)
+        assert await store.take_cvc(ACCT, False, "pm_take") == TakenCvc(sealed, DK_CVC, NOW + 3600)
         assert await store.take_cvc(ACCT, False, "pm_take") is None
         assert await store.get_payment_method(ACCT, False, "pm_take") == without_cvc(record)
 
@@ -1338,5 +1398,273 @@ def test_forwarding_requests_round_trip_list_and_purge(backend: Backend) -> None
         assert await store.purge_forwarding_requests(NOW + 2) == 4  # 0, 1, live, other
         remaining = await store.list_forwarding_requests(ACCT, False, limit=10)
         assert [r.id for r in remaining] == ["fwdreq_4", "fwdreq_3", "fwdreq_2"]
+
+    backend.run(check)
+
+
+# -- idempotency claims: holders, takeovers, stale claims (migration 4) ----------------------
+
+
+def test_a_held_claim_round_trips_every_field(backend: Backend) -> None:
+    first = held("ik_a", "tok-1")
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.claim_idempotency_key(first) is None
+        assert await store.claim_idempotency_key(held("ik_a", "tok-2")) == first
+
+    backend.run(check)
+
+
+def test_take_over_replaces_the_holder_only_under_the_expected_token(backend: Backend) -> None:
+    first = held("ik_a", "tok-1")
+    mine = dataclasses.replace(
+        first, owner="host-b", boot="boot-9", token="tok-2", lease_until=NOW + 900
+    )
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.claim_idempotency_key(first)
+        assert not await store.take_over_idempotency_key(mine, "tok-wrong")
+        assert await store.claim_idempotency_key(claim("ik_a")) == first
+        assert await store.take_over_idempotency_key(mine, "tok-1")
+        assert await store.claim_idempotency_key(claim("ik_a")) == mine
+        # The old holder's token no longer works for anything.
+        assert not await store.take_over_idempotency_key(first, "tok-1")
+        assert not await store.complete_idempotency_key(
+            ACCT, "test", "ik_a", 200, "pm_x", token="tok-1"
+        )
+        assert not await store.release_idempotency_key(ACCT, "test", "ik_a", token="tok-1")
+        # The request and its effect can be replaced too (another request takes the key).
+        renewed = dataclasses.replace(mine, request_hash="r" * 64, effect_id="pm_other")
+        assert await store.take_over_idempotency_key(renewed, "tok-2")
+        assert await store.claim_idempotency_key(claim("ik_a")) == renewed
+        # A finished record is never taken over.
+        assert await store.complete_idempotency_key(
+            ACCT, "test", "ik_a", 200, "pm_other", token="tok-2"
+        )
+        assert not await store.take_over_idempotency_key(held("ik_a", "tok-3"), "tok-2")
+
+    backend.run(check)
+
+
+def test_concurrent_takeovers_from_two_stores_admit_exactly_one(backend: Backend) -> None:
+    async def check(first: VaultStore) -> None:
+        await seed(first)
+        await first.claim_idempotency_key(held("ik_race", "tok-dead"))
+        second = backend.open()
+        try:
+            attempts = [
+                (first if n % 2 else second).take_over_idempotency_key(
+                    held("ik_race", f"tok-{n}", boot=f"boot-{n}"), "tok-dead"
+                )
+                for n in range(20)
+            ]
+            results = await asyncio.gather(*attempts)
+        finally:
+            await second.close()
+        assert sum(results) == 1
+        winner = results.index(True)
+        stored = await first.claim_idempotency_key(claim("ik_race"))
+        assert stored == held("ik_race", f"tok-{winner}", boot=f"boot-{winner}")
+
+    backend.run(check)
+
+
+def test_complete_and_release_by_the_holder_only(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.claim_idempotency_key(held("ik_a", "tok-1"))
+        await store.claim_idempotency_key(held("ik_b", "tok-1"))
+        assert not await store.complete_idempotency_key(
+            ACCT, "test", "ik_a", 200, "pm_a", token="tok-other"
+        )
+        assert await store.complete_idempotency_key(
+            ACCT, "test", "ik_a", 502, "!forwarding_destination_error", token="tok-1", state=UNKNOWN
+        )
+        done = await store.claim_idempotency_key(claim("ik_a"))
+        assert done is not None
+        assert (done.state, done.response_status, done.response_body) == (
+            UNKNOWN, 502, "!forwarding_destination_error",
+        )  # fmt: skip
+        # A finished record is not completed again by its holder.
+        assert not await store.complete_idempotency_key(
+            ACCT, "test", "ik_a", 200, "pm_a", token="tok-1"
+        )
+        assert not await store.release_idempotency_key(ACCT, "test", "ik_b", token="tok-other")
+        assert await store.release_idempotency_key(ACCT, "test", "ik_b", token="tok-1")
+        assert not await store.release_idempotency_key(ACCT, "test", "ik_b", token="tok-1")
+        assert await store.claim_idempotency_key(held("ik_b", "tok-2")) is None
+
+    backend.run(check)
+
+
+def test_stale_claims_are_those_past_their_lease_or_of_a_dead_boot(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        for record in [
+            held("ik_expired", "t1", lease_until=NOW - 5),
+            held("ik_expired_other_host", "t2", owner="host-b", lease_until=NOW - 1),
+            held("ik_dead_boot", "t3", boot="boot-0", lease_until=NOW + 100),
+            held("ik_live", "t4", lease_until=NOW + 100),
+            held("ik_other_host", "t5", owner="host-b", boot="boot-0", lease_until=NOW + 100),
+            held("ik_done", "t6", lease_until=NOW - 5, account_id=OTHER, mode="live"),
+        ]:
+            await store.claim_idempotency_key(record)
+        await store.complete_idempotency_key(OTHER, "live", "ik_done", 200, "pm_x")
+        stale = await store.stale_idempotency_claims(NOW, "host-a", "boot-1", limit=10)
+        # Oldest lease first.
+        assert [r.key for r in stale] == ["ik_expired", "ik_expired_other_host", "ik_dead_boot"]
+        assert stale[0] == held("ik_expired", "t1", lease_until=NOW - 5)
+        assert len(await store.stale_idempotency_claims(NOW, "host-a", "boot-1", limit=2)) == 2
+
+    backend.run(check)
+
+
+# -- the CVC taken for a forward and put back; forwards' outcomes (migration 4) -------------
+
+
+def pending_fwd(fwd_id: str, pm_id: str = "pm_take", **changes: Any) -> ForwardingRequestRecord:
+    record = dataclasses.replace(
+        fwd(fwd_id),
+        payment_method=pm_id,
+        outcome=PENDING,
+        request_context={},
+        response_details={},
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def test_restore_cvc_puts_it_back_exactly_as_taken(backend: Backend) -> None:
+    record = pm("pm_take", cvc=secrets.token_bytes(40), cvc_expires=NOW + 3600)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        taken = await store.take_cvc(ACCT, False, "pm_take")
+        assert taken is not None
+        assert not await store.restore_cvc(OTHER, False, "pm_take", taken)
+        assert not await store.restore_cvc(ACCT, False, "pm_gone", taken)
+        assert await store.restore_cvc(ACCT, False, "pm_take", taken)
+        assert await store.get_payment_method(ACCT, False, "pm_take") == record
+        # Never over a CVC that is there.
+        assert not await store.restore_cvc(ACCT, False, "pm_take", TakenCvc(b"x" * 40, DK_CVC, NOW))
+        assert await store.get_payment_method(ACCT, False, "pm_take") == record
+
+    backend.run(check)
+
+
+def test_take_cvc_for_forward_stores_the_forward_and_takes_the_cvc_together(
+    backend: Backend,
+) -> None:
+    sealed = secrets.token_bytes(40)
+    record = pm("pm_take", cvc=sealed, cvc_expires=NOW + 3600)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        assert await store.take_cvc_for_forward(pending_fwd("fwdreq_1")) == TakenCvc(
+            sealed, DK_CVC, NOW + 3600
+        )
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_1") == pending_fwd(
+            "fwdreq_1"
+        )
+        assert await store.get_payment_method(ACCT, False, "pm_take") == without_cvc(record)
+        # No CVC left: nothing is written.
+        assert await store.take_cvc_for_forward(pending_fwd("fwdreq_2")) is None
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_2") is None
+        # An id that exists: nothing is written, the CVC stays.
+        await store.insert_payment_method(pm("pm_two", cvc=sealed, cvc_expires=NOW + 60))
+        with pytest.raises(DuplicateError):
+            await store.take_cvc_for_forward(pending_fwd("fwdreq_1", pm_id="pm_two"))
+        two = await store.get_payment_method(ACCT, False, "pm_two")
+        assert two is not None
+        assert two.cvc_ct == sealed
+
+    backend.run(check)
+
+
+def test_concurrent_forwards_take_the_cvc_once(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(pm("pm_take", cvc=secrets.token_bytes(40)))
+        results = await asyncio.gather(
+            *(store.take_cvc_for_forward(pending_fwd(f"fwdreq_{n}")) for n in range(12))
+        )
+        assert sum(r is not None for r in results) == 1
+        stored = await store.list_forwarding_requests(ACCT, False, limit=20)
+        assert len(stored) == 1
+
+    backend.run(check)
+
+
+def test_a_pending_forward_is_completed_once(backend: Backend) -> None:
+    context = {"destination_duration": 3, "destination_ip_address": "127.0.0.1"}
+    response = {"body": '{"ok":true}', "headers": [], "status": 200}
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_forwarding_request(pending_fwd("fwdreq_1"))
+        await store.insert_forwarding_request(pending_fwd("fwdreq_2"))
+        assert not await store.complete_forwarding_request(
+            OTHER, False, "fwdreq_1", COMPLETED, context, response
+        )
+        assert await store.complete_forwarding_request(
+            ACCT, False, "fwdreq_1", COMPLETED, context, response
+        )
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_1") == pending_fwd(
+            "fwdreq_1", outcome=COMPLETED, request_context=context, response_details=response
+        )
+        # Settled: never again (an "unknown" after it changes nothing).
+        assert not await store.complete_forwarding_request(ACCT, False, "fwdreq_1", UNKNOWN)
+        assert await store.complete_forwarding_request(ACCT, False, "fwdreq_2", UNKNOWN)
+        second = await store.get_forwarding_request(ACCT, False, "fwdreq_2")
+        assert second == pending_fwd("fwdreq_2", outcome=UNKNOWN)
+
+    backend.run(check)
+
+
+def test_cancel_deletes_a_pending_forward_and_restores_its_cvc_together(
+    backend: Backend,
+) -> None:
+    record = pm("pm_take", cvc=secrets.token_bytes(40), cvc_expires=NOW + 3600)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(record)
+        taken = await store.take_cvc_for_forward(pending_fwd("fwdreq_1"))
+        assert taken is not None
+        assert not await store.cancel_forwarding_request(ACCT, True, "fwdreq_1", taken)
+        assert await store.cancel_forwarding_request(ACCT, False, "fwdreq_1", taken)
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_1") is None
+        assert await store.get_payment_method(ACCT, False, "pm_take") == record
+        # Only a pending forward: a completed one stays, and no CVC comes back.
+        taken = await store.take_cvc_for_forward(pending_fwd("fwdreq_2"))
+        assert taken is not None
+        assert await store.complete_forwarding_request(ACCT, False, "fwdreq_2", UNKNOWN)
+        assert not await store.cancel_forwarding_request(ACCT, False, "fwdreq_2", taken)
+        assert await store.get_payment_method(ACCT, False, "pm_take") == without_cvc(record)
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_2") is not None
+        # Without a CVC to restore.
+        await store.insert_forwarding_request(pending_fwd("fwdreq_3"))
+        assert await store.cancel_forwarding_request(ACCT, False, "fwdreq_3", None)
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_3") is None
+
+    backend.run(check)
+
+
+def test_pending_forwards_are_listed_oldest_first_across_accounts(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_forwarding_request(pending_fwd("fwdreq_new", created=NOW + 10))
+        await store.insert_forwarding_request(pending_fwd("fwdreq_old", created=NOW - 10))
+        await store.insert_forwarding_request(
+            pending_fwd("fwdreq_other", created=NOW - 5, account_id=OTHER, livemode=True)
+        )
+        await store.insert_forwarding_request(fwd("fwdreq_done", created=NOW - 20))
+        found = await store.pending_forwarding_requests(NOW, limit=10)
+        assert [r.id for r in found] == ["fwdreq_old", "fwdreq_other"]
+        assert found[0] == pending_fwd("fwdreq_old", created=NOW - 10)
+        assert len(await store.pending_forwarding_requests(NOW + 60, limit=2)) == 2
 
     backend.run(check)

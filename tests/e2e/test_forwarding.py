@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -509,3 +510,152 @@ def test_official_stripe_library_forwarding_request_create(
     finally:
         stripe.api_base = "https://api.stripe.com"
         stripe.ca_bundle_path = None
+
+
+# --- the CVC is taken only as the request leaves (issue 19) ---------------------------------
+
+
+@dataclass
+class Cold:
+    """A vault of its own that caches no unwrapped key (every forward asks the key
+    service), with a destination on a port nothing listens on."""
+
+    url: str
+    sk: str
+    keyd: subprocess.Popen[bytes]
+    refused_url: str
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory, pki: Pki, stack: Stack) -> Iterator[Cold]:
+    d = tmp_path_factory.mktemp("fwd-cold")
+    kport, vport, refused = free_ports(3)  # nothing ever listens on `refused`
+    kcert, kkey = pki.cert("keyd")
+    kconf = d / "keyd.toml"
+    kconf.write_text(
+        f'profile = "development"\n[server]\nport = {kport}\ncert_file = "{kcert}"\nkey_file = "{kkey}"\n'
+        f'client_ca_file = "{pki.ca_file}"\n[store]\nurl = "sqlite:///{d / "keyd.db"}"\n'
+        f'[audit]\ndirectory = "{d / "keyd-audit"}"\n'
+        f'[seal]\ntype = "dev"\ndev_key_file = "{d / "root.key"}"\n'
+    )
+    assert cli("keyservice", "init", "--config", str(kconf)).returncode == 0
+    placements = (
+        "[destination.placements]\n"
+        'card_number = { json = "/card/number" }\n'
+        'card_expiry = { json_month = "/card/exp_month", json_year = "/card/exp_year" }\n'
+        'card_cvc = { json = "/card/cvc" }\n'
+    )
+    allowlist = d / "allowlist.toml"
+    allowlist.write_text(
+        f'[[destination]]\nname = "acquirer"\nurl = "{stack.acquirer_url}/v1/authorizations"\n'
+        'methods = ["POST"]\nreplacements = ["card_number", "card_expiry", "card_cvc"]\n'
+        f'accounts = ["*"]\nca_file = "{pki.ca_file}"\n{placements}\n'
+        f'[[destination]]\nname = "refused"\nurl = "https://localhost:{refused}/v1/authorizations"\n'
+        'methods = ["POST"]\nreplacements = ["card_number", "card_expiry", "card_cvc"]\n'
+        f'accounts = ["*"]\nca_file = "{pki.ca_file}"\n{placements}'
+    )
+    vcert, vkey = pki.cert("vault")
+    vconf = d / "vault.toml"
+    vconf.write_text(
+        f'profile = "development"\n[server]\nport = {vport}\ncert_file = "{vcert}"\nkey_file = "{vkey}"\n'
+        f'[store]\nurl = "sqlite:///{d / "vault.db"}"\n'
+        f'[keyservice]\nurl = "https://localhost:{kport}"\nca_file = "{pki.ca_file}"\n'
+        f'cert_file = "{vcert}"\nkey_file = "{vkey}"\ntimeout = 2.0\n'
+        "[datakeys]\ncache_ttl = 0\n"
+        f'[forwarding]\nallowlist_file = "{allowlist}"\n'
+        "[limits]\nsecret_rate = 10000.0\nsecret_burst = 10000.0\n"
+    )
+    _, _, sk = account(vconf)
+    with keyservice_and_vault(kconf, kport, vconf, vport, d) as (keyd, _vault):
+        try:
+            yield Cold(
+                f"https://localhost:{vport}",
+                sk,
+                keyd,
+                f"https://localhost:{refused}/v1/authorizations",
+            )
+        finally:
+            keyd.send_signal(signal.SIGCONT)
+
+
+def _cold_forward(
+    http: httpx.Client, cold: Cold, pm: str, url: str, replacements: tuple[str, ...], **headers: str
+) -> httpx.Response:
+    data = {
+        "payment_method": pm,
+        "url": url,
+        "request[body]": json.dumps({"amount": 1000, "card": {}}),
+        **{f"replacements[{i}]": r for i, r in enumerate(replacements)},
+    }
+    return http.post(
+        f"{cold.url}/v1/forwarding/requests",
+        data=data,
+        headers={"authorization": f"Bearer {cold.sk}", **headers},
+    )
+
+
+def _cold_pm(http: httpx.Client, cold: Cold) -> str:
+    r = http.post(
+        f"{cold.url}/v1/payment_methods",
+        data={"type": "card", "card[number]": VISA, "card[exp_month]": "12",
+              "card[exp_year]": "2034", "card[cvc]": "314"},
+        headers={"authorization": f"Bearer {cold.sk}"},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def test_a_forward_with_the_key_service_down_keeps_the_cvc(
+    http: httpx.Client, stack: Stack, cold: Cold
+) -> None:
+    # Before: the CVC was taken (erased) before its data key was unwrapped, so the answer
+    # was 503 "retry later" and the retry could never send the CVC.
+    pm = _cold_pm(http, cold)
+    acquirer = f"{stack.acquirer_url}/v1/authorizations"
+    cold.keyd.send_signal(signal.SIGSTOP)
+    try:
+        down = _cold_forward(http, cold, pm, acquirer, ("card_expiry", "card_cvc"))
+    finally:
+        cold.keyd.send_signal(signal.SIGCONT)
+    assert down.status_code == 503, down.text
+    assert down.json()["error"]["code"] == "keyservice_unavailable"
+    before = len(stack.received())
+    ok = _cold_forward(http, cold, pm, acquirer, ("card_expiry", "card_cvc"))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["outcome"] == "completed"
+    received = stack.received()[before:]
+    assert len(received) == 1
+    assert json.loads(received[0]["body"])["card"]["cvc"] == "314"
+
+
+def test_a_forward_to_a_refused_port_keeps_the_cvc_and_the_key(
+    http: httpx.Client, stack: Stack, cold: Cold
+) -> None:
+    # Before: a refused connection (the card cannot have left) consumed the CVC and the
+    # Idempotency-Key: the retry repeated the 502 and the CVC was gone.
+    pm = _cold_pm(http, cold)
+    replacements = ("card_number", "card_cvc")
+    refused = _cold_forward(
+        http, cold, pm, cold.refused_url, replacements, **{"idempotency-key": "r-1"}
+    )
+    assert refused.status_code == 502, refused.text
+    assert refused.json()["error"]["code"] == "forwarding_destination_error"
+    assert int(refused.headers["retry-after"]) > 0
+    # The same key runs again (it is not replayed), and may be used with other parameters.
+    again = _cold_forward(
+        http, cold, pm, cold.refused_url, replacements, **{"idempotency-key": "r-1"}
+    )
+    assert again.status_code == 502
+    assert "idempotent-replayed" not in again.headers
+    before = len(stack.received())
+    acquirer = f"{stack.acquirer_url}/v1/authorizations"
+    ok = _cold_forward(http, cold, pm, acquirer, replacements, **{"idempotency-key": "r-1"})
+    assert ok.status_code == 200, ok.text
+    received = stack.received()[before:]
+    assert len(received) == 1
+    assert json.loads(received[0]["body"])["card"]["cvc"] == "314"
+    listed = http.get(
+        f"{cold.url}/v1/forwarding/requests", headers={"authorization": f"Bearer {cold.sk}"}
+    ).json()["data"]
+    # Nothing is kept of the two that were not sent.
+    assert [f["id"] for f in listed if f["payment_method"] == pm] == [ok.json()["id"]]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -551,3 +557,164 @@ def test_wrong_method_names_every_allowed_method(http: httpx.Client, stack: Stac
     )
     assert r.status_code == 405
     assert set(r.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+# --- crashes: a vault killed with SIGKILL in the middle of its creates (issue 19) ----------
+
+
+@dataclass
+class Crashable:
+    """A stack of its own whose vault the test kills (SIGKILL) and starts again, and whose
+    key service it can stop (SIGSTOP) and let go on (SIGCONT)."""
+
+    stack: Stack
+    keyd_pid: int
+    vault_pid: int
+    later: contextlib.ExitStack
+
+    def kill_vault(self) -> None:
+        os.kill(self.vault_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _port_open(self.port):
+            assert time.monotonic() < deadline, "the killed vault still listens"
+            time.sleep(0.02)
+
+    def start_vault(self) -> None:
+        proc = self.later.enter_context(
+            cardvault_process(
+                ["vault", "serve", "--config", str(self.stack.vault_config)],
+                log=self.stack.vault_log,
+            )
+        )
+        wait_for_port(self.port, proc)
+        self.vault_pid = proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.stack.url.rsplit(":", 1)[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_of(config: Path) -> int:
+    """The process whose command line names ``config`` (the stack's key service)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config).encode() in cmdline and b"serve" in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no process runs {config}")
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def crashable(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: Pki
+) -> Iterator[Crashable]:
+    with vault_database(request.param, tmp_path_factory.mktemp("db")) as dsn:
+        for stack in run_stack(tmp_path_factory, pki, request.param, dsn):
+            with contextlib.ExitStack() as later:
+                keyd = _pid_of(stack.dir / "keyd.toml")
+                yield Crashable(stack, keyd, stack.vault_pid, later)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(keyd, signal.SIGCONT)
+
+
+def _cards(stack: Stack) -> list[str]:
+    return sorted(str(r[0]) for r in stack.sql("SELECT id FROM payment_methods"))
+
+
+def _recorded(stack: Stack, action: str) -> set[str]:
+    lines = (stack.audit_dir / "audit.jsonl").read_text().splitlines()
+    return {r["object"] for r in map(json.loads, lines) if r["action"] == action}
+
+
+def test_a_vault_killed_during_a_create_answers_the_retry_with_one_card(
+    http: httpx.Client, crashable: Crashable
+) -> None:
+    # Before: the key was claimed before the work and released only in-process, so after
+    # the kill every retry was 409 idempotency_key_in_use, for 24 hours.
+    stack, sk = crashable.stack, crashable.stack.accounts[1]["sk"]
+    crashable.kill_vault()
+    crashable.start_vault()  # cold: it has no data key yet
+    # Its account key (for the Idempotency-Key's MAC) is fetched now; no data key is.
+    warm = create(
+        http, stack, sk, card_form(**{"card[exp_month]": "13"}), **{"idempotency-key": "w"}
+    )
+    assert warm.status_code == 402
+    before = _cards(stack)
+    os.kill(crashable.keyd_pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(
+                create, http, stack, sk, card_form(), **{"idempotency-key": "crash-1"}
+            )
+            deadline = time.monotonic() + 4  # the vault gives up on the key service at 5 s
+            while not stack.sql("SELECT 1 FROM idempotency_keys WHERE response_status IS NULL"):
+                assert time.monotonic() < deadline, "the create never claimed its key"
+                time.sleep(0.02)
+            crashable.kill_vault()
+            with pytest.raises(httpx.HTTPError):
+                first.result()
+    finally:
+        os.kill(crashable.keyd_pid, signal.SIGCONT)
+    crashable.start_vault()
+    retry = create(http, stack, sk, card_form(), **{"idempotency-key": "crash-1"})
+    assert retry.status_code == 200, retry.text
+    again = create(http, stack, sk, card_form(), **{"idempotency-key": "crash-1"})
+    assert again.json()["id"] == retry.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert _cards(stack) == sorted([*before, retry.json()["id"]])
+
+
+def test_kill_9_under_load_then_every_key_is_answered_once_and_every_card_recorded(
+    http: httpx.Client, crashable: Crashable, pki: Pki
+) -> None:
+    # Before: after 20 kills, 34 of 83 in-flight keys were stuck, and 17 cards had no
+    # audit record (the row came before the record).
+    stack, sk = crashable.stack, crashable.stack.accounts[1]["sk"]
+    keys = [f"load-{n}" for n in range(48)]
+    before = set(_cards(stack))
+    first: dict[str, str] = {}
+
+    def worker(mine: list[str]) -> None:
+        with httpx.Client(verify=client_context(pki.ca_file), trust_env=False, timeout=10) as c:
+            for key in mine:
+                try:
+                    r = create(c, stack, sk, card_form(), **{"idempotency-key": key})
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    first[key] = r.json()["id"]
+
+    with ThreadPoolExecutor(12) as pool:
+        for n in range(12):
+            pool.submit(worker, keys[n::12])
+        deadline = time.monotonic() + 10
+        while len(set(_cards(stack)) - before) < 8:
+            assert time.monotonic() < deadline, "no load reached the store"
+            time.sleep(0.005)
+        crashable.kill_vault()
+    crashable.start_vault()
+    answers = {
+        key: create(http, stack, sk, card_form(), **{"idempotency-key": key}) for key in keys
+    }
+    stuck = {k: r.json()["error"]["code"] for k, r in answers.items() if r.status_code != 200}
+    assert stuck == {}
+    ids = {key: r.json()["id"] for key, r in answers.items()}
+    # Answered before the kill: the same card again.
+    assert {k: ids[k] for k in first} == first
+    # One card per key, and no card the keys do not answer.
+    assert len(set(ids.values())) == len(keys)
+    new = set(_cards(stack)) - before
+    assert new == set(ids.values())
+    # Every card has its audit record.
+    assert new <= _recorded(stack, "payment_method.created")

@@ -24,9 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 __all__ = [
+    "CLAIMED",
+    "COMPLETED",
+    "DONE",
+    "PENDING",
+    "UNKNOWN",
     "Account",
     "ApiKey",
     "DataKeyRecord",
@@ -38,11 +43,31 @@ __all__ = [
     "Mode",
     "PaymentMethodRecord",
     "StoredKek",
+    "TakenCvc",
     "UnstorableValue",
     "VaultStore",
 ]
 
 Mode = Literal["test", "live"]
+
+# -- the states of an idempotency claim (IdempotencyRecord.state) -----------------------------
+
+#: The first request holds the key and may still be running (``owner``, ``boot``,
+#: ``token`` and ``lease_until`` say who, and until when).
+CLAIMED: Final = "claimed"
+#: The first request finished: ``response_status`` and ``response_body`` are its answer.
+DONE: Final = "done"
+#: A forward whose card may have reached its destination, whose answer is not known: it
+#: is never sent again; ``response_body`` is what a retry is answered.
+UNKNOWN: Final = "unknown"
+
+# -- the outcome of a forwarding request (ForwardingRequestRecord.outcome) -------------------
+
+#: Stored before the request leaves the vault; the request may be under way.
+PENDING: Final = "pending"
+#: The destination answered: ``request_context`` and ``response_details`` hold it.
+COMPLETED: Final = "completed"
+# UNKNOWN (above): the request may have reached the destination, whose answer was lost.
 
 
 class DuplicateError(Exception):
@@ -113,14 +138,30 @@ class PaymentMethodRecord:
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
+    """One Idempotency-Key of an account and mode, and the state of its request:
+    :data:`CLAIMED` (running, or stopped before it finished), :data:`DONE` or
+    :data:`UNKNOWN` (docs/api.md, "Idempotency")."""
+
     account_id: str
     mode: Mode
     key: str
     request_hash: str
+    #: When the key was first claimed (its 24 hours run from here).
     created: int
     #: None while the first request is still in flight.
     response_status: int | None = None
     response_body: str | None = None
+    state: str = CLAIMED
+    #: Who holds the claim: the replica (a process's stable name), its boot (a random id
+    #: per start of the process) and a token of this hold (a new one at every takeover).
+    owner: str | None = None
+    boot: str | None = None
+    token: str | None = None
+    #: Unix seconds after which the claim is stale whoever holds it.
+    lease_until: int | None = None
+    #: The id of the object the request creates (``pm_…``, ``fwdreq_…``), chosen when the
+    #: key is claimed, so that a retry can look for it.
+    effect_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +181,17 @@ class ForwardingRequestRecord:
     request_context: dict[str, object] = field(default_factory=dict)
     request_details: dict[str, object] = field(default_factory=dict)
     response_details: dict[str, object] = field(default_factory=dict)
+    #: :data:`PENDING`, :data:`COMPLETED` or :data:`UNKNOWN`.
+    outcome: str = COMPLETED
+
+
+class TakenCvc(NamedTuple):
+    """A payment method's sealed CVC as :meth:`VaultStore.take_cvc` erased it: what
+    :meth:`VaultStore.restore_cvc` puts back."""
+
+    cvc_ct: bytes
+    data_key_id: str
+    expires: int | None
 
 
 class VaultStore(Protocol):
@@ -208,17 +260,53 @@ class VaultStore(Protocol):
     async def destroy_expired_cvcs(self, now: int) -> int:
         """Erase every sealed CVC whose ``cvc_expires`` <= now; the number erased."""
 
-    async def take_cvc(
-        self, account_id: str, livemode: bool, pm_id: str
-    ) -> tuple[bytes, str] | None:
-        """Atomically read and erase a payment method's sealed CVC: ``(cvc_ct,
-        cvc_data_key_id)``, or None when there is none (never stored, used, or expired).
+    async def take_cvc(self, account_id: str, livemode: bool, pm_id: str) -> TakenCvc | None:
+        """Atomically read and erase a payment method's sealed CVC (its ciphertext, data
+        key id and expiry), or None when there is none (never stored, used, or expired).
         Two concurrent calls never both get it."""
+
+    async def restore_cvc(
+        self, account_id: str, livemode: bool, pm_id: str, taken: TakenCvc
+    ) -> bool:
+        """Put back a CVC exactly as :meth:`take_cvc` took it. False, and nothing
+        written, when the payment method is gone or holds a CVC again."""
 
     # -- forwarding requests -----------------------------------------------------------
 
     async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
         """Durable when it returns. Raises DuplicateError if the id exists."""
+
+    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+        """In one transaction: take the CVC of ``record.payment_method`` (as
+        :meth:`take_cvc`) and insert ``record`` (a forward about to leave, outcome
+        :data:`PENDING`). None, and nothing written, when there is no CVC to take.
+        Raises DuplicateError (nothing written) if the id exists."""
+
+    async def complete_forwarding_request(
+        self,
+        account_id: str,
+        livemode: bool,
+        fwd_id: str,
+        outcome: str,
+        request_context: dict[str, object] | None = None,
+        response_details: dict[str, object] | None = None,
+    ) -> bool:
+        """Set a :data:`PENDING` forward's outcome (:data:`COMPLETED` with what the
+        destination answered, or :data:`UNKNOWN`). False if it is not pending (settled
+        already) or not there."""
+
+    async def cancel_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str, restore: TakenCvc | None
+    ) -> bool:
+        """A :data:`PENDING` forward that cannot have reached its destination: in one
+        transaction, delete it and put back the CVC it took (``restore``, when given, as
+        :meth:`restore_cvc`). False, and nothing written, when it is not pending."""
+
+    async def pending_forwarding_requests(
+        self, created_before: int, *, limit: int
+    ) -> list[ForwardingRequestRecord]:
+        """:data:`PENDING` forwards created before ``created_before``, oldest first, at
+        most ``limit``: every account and mode."""
 
     async def get_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str
@@ -245,13 +333,42 @@ class VaultStore(Protocol):
         return None; otherwise return the existing record unchanged. Atomic across
         replicas."""
 
-    async def complete_idempotency_key(
-        self, account_id: str, mode: Mode, key: str, status: int, body: str
-    ) -> None:
-        """Store the response of the first request."""
+    async def take_over_idempotency_key(
+        self, record: IdempotencyRecord, expected_token: str
+    ) -> bool:
+        """Compare and set: if the key's record is :data:`CLAIMED` with the token
+        ``expected_token``, replace its ``request_hash``, ``owner``, ``boot``, ``token``,
+        ``lease_until`` and ``effect_id`` with ``record``'s and return True; otherwise
+        change nothing and return False. Of concurrent calls with the same expected
+        token, at most one succeeds."""
 
-    async def release_idempotency_key(self, account_id: str, mode: Mode, key: str) -> None:
-        """Forget an in-flight claim (the request failed before doing anything)."""
+    async def complete_idempotency_key(
+        self,
+        account_id: str,
+        mode: Mode,
+        key: str,
+        status: int,
+        body: str,
+        *,
+        token: str | None = None,
+        state: str = DONE,
+    ) -> bool:
+        """Store the response of the first request, and the record's new ``state``
+        (:data:`DONE` or :data:`UNKNOWN`). With ``token``, only if the record is still
+        :data:`CLAIMED` under that token. False if nothing was changed."""
+
+    async def release_idempotency_key(
+        self, account_id: str, mode: Mode, key: str, *, token: str | None = None
+    ) -> bool:
+        """Forget a claim (its request did nothing): with ``token``, only the record held
+        under that token. False if nothing was deleted."""
+
+    async def stale_idempotency_claims(
+        self, now: int, owner: str, boot: str, *, limit: int
+    ) -> list[IdempotencyRecord]:
+        """:data:`CLAIMED` records whose lease has run out (``lease_until`` <= ``now``)
+        or that ``owner`` holds under another boot than ``boot``: every account and mode,
+        oldest lease first, at most ``limit``."""
 
     async def purge_idempotency_keys(self, before: int) -> int:
         """Delete records created before ``before``; the number deleted."""

@@ -239,8 +239,39 @@ _VAULT_3 = Migration(
     ),
 )
 
+_VAULT_4 = Migration(
+    4,
+    "idempotency claims with an owner, a lease and their effect's id; forwards' outcome",
+    (
+        # A claim is held by one process (owner: the replica's name, boot: that start of
+        # it, token: this hold) until lease_until; effect_id is the id of the object its
+        # request creates, chosen when the key is claimed, so that a retry after a crash
+        # or a lost acknowledgement looks that object up instead of making another.
+        "ALTER TABLE idempotency_keys ADD COLUMN state TEXT NOT NULL DEFAULT 'claimed' "
+        "CHECK (state IN ('claimed', 'done', 'unknown'))",
+        "ALTER TABLE idempotency_keys ADD COLUMN owner TEXT",
+        "ALTER TABLE idempotency_keys ADD COLUMN boot TEXT",
+        "ALTER TABLE idempotency_keys ADD COLUMN token TEXT",
+        "ALTER TABLE idempotency_keys ADD COLUMN lease_until BIGINT",
+        "ALTER TABLE idempotency_keys ADD COLUMN effect_id TEXT",
+        "UPDATE idempotency_keys SET state = 'done' WHERE response_status IS NOT NULL",
+        # Claims of the release before: their requests died with it (the upgrade restarts
+        # the vault) and they name no effect, so they are stale at once and the next
+        # request with the key runs afresh.
+        "UPDATE idempotency_keys SET token = 'v3', lease_until = 0",
+        # The settler reads the few claims still held.
+        """CREATE INDEX idempotency_keys_claimed
+            ON idempotency_keys (lease_until) WHERE state = 'claimed'""",
+        # A forward is stored before it leaves (pending) and completed after.
+        "ALTER TABLE forwarding_requests ADD COLUMN outcome TEXT NOT NULL DEFAULT 'completed' "
+        "CHECK (outcome IN ('pending', 'completed', 'unknown'))",
+        """CREATE INDEX forwarding_requests_pending
+            ON forwarding_requests (created) WHERE outcome = 'pending'""",
+    ),
+)
+
 #: The vault's schema, in the vault's database.
-VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3), lock=7302)
+VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4), lock=7302)
 
 
 # -- the key service's database -------------------------------------------------------------

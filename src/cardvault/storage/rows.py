@@ -68,6 +68,7 @@ FORWARDING_COLUMNS = (
     "request_context",
     "request_details",
     "response_details",
+    "outcome",
 )
 IDEMPOTENCY_COLUMNS = (
     "account_id",
@@ -77,6 +78,12 @@ IDEMPOTENCY_COLUMNS = (
     "created",
     "response_status",
     "response_body",
+    "state",
+    "owner",
+    "boot",
+    "token",
+    "lease_until",
+    "effect_id",
 )
 
 
@@ -86,6 +93,52 @@ SELECT_DATA_KEY = select("data_keys", DATA_KEY_COLUMNS)
 SELECT_PAYMENT_METHOD = select("payment_methods", PAYMENT_METHOD_COLUMNS)
 SELECT_FORWARDING = select("forwarding_requests", FORWARDING_COLUMNS)
 SELECT_IDEMPOTENCY = select("idempotency_keys", IDEMPOTENCY_COLUMNS)
+
+# -- the vault's statements of idempotency claims and forwards, written once --------------
+#
+# In SQLite's placeholders; the PostgreSQL store numbers them
+# (cardvault.storage.postgres.pool.numbered).
+
+#: Compare and set: a claimed record's holder, lease, request and effect, if its token
+#: is still the one the caller saw.
+TAKE_OVER_IDEMPOTENCY = (
+    "UPDATE idempotency_keys SET request_hash = ?, owner = ?, boot = ?, token = ?, "
+    "lease_until = ?, effect_id = ? "
+    "WHERE account_id = ? AND mode = ? AND idempotency_key = ? "
+    "AND token = ? AND state = 'claimed'"
+)
+COMPLETE_IDEMPOTENCY = (
+    "UPDATE idempotency_keys SET state = ?, response_status = ?, response_body = ? "
+    "WHERE account_id = ? AND mode = ? AND idempotency_key = ?"
+)
+#: As COMPLETE_IDEMPOTENCY, by the claim's holder only.
+COMPLETE_HELD_IDEMPOTENCY = COMPLETE_IDEMPOTENCY + " AND token = ? AND state = 'claimed'"
+RELEASE_IDEMPOTENCY = (
+    "DELETE FROM idempotency_keys WHERE account_id = ? AND mode = ? AND idempotency_key = ?"
+)
+RELEASE_HELD_IDEMPOTENCY = RELEASE_IDEMPOTENCY + " AND token = ?"
+#: Claims whose lease ran out, or held by this owner under another boot.
+STALE_IDEMPOTENCY_CLAIMS = SELECT_IDEMPOTENCY + (
+    " WHERE state = 'claimed' AND (lease_until <= ? OR (owner = ? AND boot <> ?))"
+    " ORDER BY lease_until LIMIT ?"
+)
+
+COMPLETE_FORWARD = (
+    "UPDATE forwarding_requests SET outcome = ?, request_context = ?, response_details = ? "
+    "WHERE id = ? AND account_id = ? AND livemode = ? AND outcome = 'pending'"
+)
+DELETE_PENDING_FORWARD = (
+    "DELETE FROM forwarding_requests "
+    "WHERE id = ? AND account_id = ? AND livemode = ? AND outcome = 'pending'"
+)
+PENDING_FORWARDS = SELECT_FORWARDING + (
+    " WHERE outcome = 'pending' AND created < ? ORDER BY created LIMIT ?"
+)
+#: A CVC put back as it was taken, into a payment method that holds none.
+RESTORE_CVC = (
+    "UPDATE payment_methods SET cvc_ct = ?, cvc_data_key_id = ?, cvc_expires = ? "
+    "WHERE id = ? AND account_id = ? AND livemode = ? AND cvc_ct IS NULL"
+)
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
@@ -103,6 +156,10 @@ def _opt_bytes(value: Any) -> bytes | None:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def origins_param(origins: Sequence[str]) -> str:
@@ -200,6 +257,12 @@ def idempotency_params(i: IdempotencyRecord) -> tuple[Any, ...]:
         i.created,
         i.response_status,
         i.response_body,
+        i.state,
+        i.owner,
+        i.boot,
+        i.token,
+        i.lease_until,
+        i.effect_id,
     )
 
 
@@ -211,7 +274,48 @@ def idempotency_from_row(r: Sequence[Any]) -> IdempotencyRecord:
         request_hash=str(r[3]),
         created=int(r[4]),
         response_status=_opt_int(r[5]),
-        response_body=None if r[6] is None else str(r[6]),
+        response_body=_opt_str(r[6]),
+        state=str(r[7]),
+        owner=_opt_str(r[8]),
+        boot=_opt_str(r[9]),
+        token=_opt_str(r[10]),
+        lease_until=_opt_int(r[11]),
+        effect_id=_opt_str(r[12]),
+    )
+
+
+def take_over_params(i: IdempotencyRecord, expected_token: str) -> tuple[Any, ...]:
+    """TAKE_OVER_IDEMPOTENCY's parameters."""
+    return (
+        i.request_hash,
+        i.owner,
+        i.boot,
+        i.token,
+        i.lease_until,
+        i.effect_id,
+        i.account_id,
+        i.mode,
+        i.key,
+        expected_token,
+    )
+
+
+def forward_outcome_params(
+    account_id: str,
+    livemode: bool,
+    fwd_id: str,
+    outcome: str,
+    request_context: dict[str, object] | None,
+    response_details: dict[str, object] | None,
+) -> tuple[Any, ...]:
+    """COMPLETE_FORWARD's parameters."""
+    return (
+        outcome,
+        _json(request_context or {}),
+        _json(response_details or {}),
+        fwd_id,
+        account_id,
+        bool(livemode),
     )
 
 
@@ -229,6 +333,7 @@ def forwarding_params(f: ForwardingRequestRecord) -> tuple[Any, ...]:
         _json(f.request_context),
         _json(f.request_details),
         _json(f.response_details),
+        f.outcome,
     )
 
 
@@ -246,6 +351,7 @@ def forwarding_from_row(r: Sequence[Any]) -> ForwardingRequestRecord:
         request_context=dict(json.loads(r[9])),
         request_details=dict(json.loads(r[10])),
         response_details=dict(json.loads(r[11])),
+        outcome=str(r[12]),
     )
 
 

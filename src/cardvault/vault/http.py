@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from cardvault import __version__
-from cardvault.errors import AuthenticationError
+from cardvault.errors import AuthenticationError, ServiceUnavailable
 from cardvault.transport.asgi import json_response, read_body
 from cardvault.transport.identity import require_identity
 from cardvault.vault.accounts import Accounts, Caller, require_secret
@@ -39,7 +39,7 @@ from cardvault.vault.element import (
     CardElement,
 )
 from cardvault.vault.forwarding.forwarder import Forwarder
-from cardvault.vault.idempotency import Idempotency
+from cardvault.vault.idempotency import Claim, Idempotency
 from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import KeyLimits
@@ -78,10 +78,22 @@ class VaultRoutes(NamedTuple):
     admin: list[BaseRoute]
 
 
-def routes(api: PublicAPI | None, *, admin_identities: Collection[str] = ("admin",)) -> VaultRoutes:
+#: What ``/readyz`` asks: ``(ready, checks)``, each check ``ok`` or what is wrong.
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+
+
+def routes(
+    api: PublicAPI | None,
+    *,
+    admin_identities: Collection[str] = ("admin",),
+    readiness: Readiness | None = None,
+) -> VaultRoutes:
     """Every route of the vault. Without ``api`` (no store and key service configured)
-    the public listener serves only its transport endpoints."""
+    the public listener serves only its transport endpoints. ``readiness`` answers
+    ``/readyz`` (:class:`cardvault.vault.app.Readiness`); without it the vault is ready
+    whenever it serves."""
     admin = _Admin(admin_identities)
+    readyz = _ReadyZ(readiness)
     with_key: list[BaseRoute] = []
     element: list[BaseRoute] = []
     if api is not None:
@@ -121,6 +133,7 @@ def routes(api: PublicAPI | None, *, admin_identities: Collection[str] = ("admin
     return VaultRoutes(
         public=[
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz.answer, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/v1/noop", noop, methods=["GET", "POST"]),
             *element,
@@ -129,6 +142,7 @@ def routes(api: PublicAPI | None, *, admin_identities: Collection[str] = ("admin
         with_api_key=with_key,
         admin=[
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz.answer, methods=["GET"]),
             Route("/v1/admin/whoami", admin.whoami, methods=["GET"]),
         ],
     )
@@ -138,7 +152,30 @@ def routes(api: PublicAPI | None, *, admin_identities: Collection[str] = ("admin
 
 
 async def healthz(_request: Request) -> Response:
+    """Liveness: the process serves requests (nothing else is asked)."""
     return json_response({"status": "ok"})
+
+
+class _ReadyZ:
+    """Readiness: 200 with every check ``ok``, or 503 ``service_unavailable`` naming the
+    checks that failed (``keyservice sealed``, ``audit failed`` ...). Never cached by a
+    client or proxy."""
+
+    def __init__(self, readiness: Readiness | None) -> None:
+        self.readiness = readiness
+
+    async def answer(self, _request: Request) -> Response:
+        ready, checks = (True, {}) if self.readiness is None else await self.readiness()
+        if not ready:
+            failing = ", ".join(
+                f"{name} {state}" for name, state in checks.items() if state != "ok"
+            )
+            raise ServiceUnavailable(
+                f"The vault is not ready: {failing}.", headers={"Cache-Control": "no-store"}
+            )
+        return json_response(
+            {"status": "ready", "checks": checks}, headers={"cache-control": "no-store"}
+        )
 
 
 async def noop(_request: Request) -> Response:
@@ -228,12 +265,21 @@ class _KeyedHandlers:
         request: Request,
         caller: Caller,
         params: dict[str, Any],
-        create: Callable[[], Awaitable[dict[str, Any]]],
+        create: Callable[[Claim], Awaitable[dict[str, Any]]],
         replay: Callable[[str], Awaitable[dict[str, Any]]],
+        *,
+        prefix: str,
     ) -> Response:
-        """A create, done at most once per Idempotency-Key."""
+        """A create, done at most once per Idempotency-Key; ``create`` makes its object
+        under the claim's id (``prefix``: that of the ids it makes)."""
         outcome = await self.api.idempotency.run(
-            caller, request.headers.get("idempotency-key"), request.url.path, params, create, replay
+            caller,
+            request.headers.get("idempotency-key"),
+            request.url.path,
+            params,
+            create,
+            replay,
+            prefix=prefix,
         )
         if outcome.replayed:
             return json_response(outcome.body, headers={"idempotent-replayed": "true"})
@@ -261,8 +307,9 @@ class _PaymentMethodHandlers(_KeyedHandlers):
             request,
             caller,
             params,
-            lambda: self.service.create_payment_method(caller, params),
+            lambda claim: self.service.create_payment_method(caller, params, claim),
             replay,
+            prefix="pm_",
         )
 
     async def list_(self, request: Request) -> Response:
@@ -298,8 +345,9 @@ class _ForwardingHandlers(_KeyedHandlers):
             request,
             caller,
             params,
-            lambda: self.forwarder.create(caller, params),
+            lambda claim: self.forwarder.create(caller, params, claim),
             lambda fwd_id: self.forwarder.retrieve(caller, fwd_id),
+            prefix="fwdreq_",
         )
 
     async def list_(self, request: Request) -> Response:

@@ -33,16 +33,16 @@ from cardvault.cards import (
 )
 from cardvault.errors import (
     APIError,
-    AuditUnavailableError,
     InvalidRequestError,
     ParameterMissing,
     ResourceMissing,
     error_class_for,
 )
 from cardvault.logging import bind_request_fields, get_logger
-from cardvault.storage.base import PaymentMethodRecord, UnstorableValue, VaultStore
+from cardvault.storage.base import DuplicateError, PaymentMethodRecord, UnstorableValue, VaultStore
 from cardvault.vault.accounts import Caller, require_secret
 from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.idempotency import Claim
 from cardvault.vault.ids import looks_like_id, time_ordered_id
 from cardvault.vault.params import check_keys, list_object, parse_metadata, read_page
 
@@ -200,7 +200,17 @@ class PaymentMethods:
         self.cvc_ttl = cvc_ttl
         self.audit = audit or Recorder(None)
 
-    async def create_payment_method(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+    async def create_payment_method(
+        self, caller: Caller, params: dict[str, Any], claim: Claim | None = None
+    ) -> dict[str, Any]:
+        """Seal and store a card. ``claim`` (from :class:`~cardvault.vault.idempotency.
+        Idempotency`) names the id to store it under; without one a new id is made.
+
+        Audit before effect: ``payment_method.created`` is durable before the row is
+        written, so no row can exist without its record. The record of a row that never
+        came is followed by ``payment_method.not_stored`` (here when the write certainly
+        failed, else by the settler, docs/audit.md)."""
+        claim = claim or Claim(time_ordered_id("pm_"))
         new = _create_params(params)
         card = new.card
         with card_data_as_api_errors():
@@ -212,38 +222,80 @@ class PaymentMethods:
                 check_card_allowed(number, livemode=caller.livemode)
                 if card.get("cvc") not in (None, ""):
                     cvc = validate_cvc(card.get("cvc"), number.brand)
-            record = await self._sealed(caller, new, number, expiry, cvc)
+            record = await self._sealed(caller, claim.effect_id, new, number, expiry, cvc)
             display_brand = number.display_brand
         finally:
             number.wipe()
             if cvc is not None:
                 cvc.wipe()
-        try:
-            await self.store.insert_payment_method(record)
-        except UnstorableValue as exc:
-            # The parser refuses such text first; this is the net under it.
-            raise InvalidRequestError("A parameter holds text that cannot be stored.") from exc
-        try:
-            await self.audit.record(
-                "payment_method.created",
-                actor=caller.key_id,
-                object_id=record.id,
-                detail={"livemode": caller.livemode, "brand": record.brand},
-            )
-        except AuditUnavailableError:
-            # Fail closed: a card whose creation cannot be recorded is not kept.
-            await self.store.delete_payment_method(caller.account_id, caller.livemode, record.id)
-            raise
+        # Fail closed: a card whose creation cannot be recorded is never stored.
+        await self.audit.record(
+            "payment_method.created",
+            actor=caller.key_id,
+            object_id=record.id,
+            detail={"livemode": caller.livemode, "brand": record.brand},
+        )
+        record = await self._store(caller, record, claim)
         # On the request's access line rather than a line of its own: one line per
         # request is a measurable share of a tokenization's cost.
         bind_request_fields(payment_method=record.id, key=caller.key_id, livemode=caller.livemode)
         return self._render(record, name=new.name, display_brand=display_brand)
 
-    async def _sealed(
-        self, caller: Caller, new: _Create, number: CardNumber, expiry: Expiry, cvc: CVC | None
+    async def _store(
+        self, caller: Caller, record: PaymentMethodRecord, claim: Claim
     ) -> PaymentMethodRecord:
-        """The record to store: the number (and name, and CVC) sealed, the facts kept."""
-        pm_id = time_ordered_id("pm_")
+        """Insert the row; the row as stored. A write that raised is not taken for "not
+        written" (on PostgreSQL a commit whose acknowledgement was lost raises): the row
+        is looked for, and the error stands only when it is not there."""
+        claim.begin()
+        try:
+            await self.store.insert_payment_method(record)
+        except UnstorableValue as exc:
+            # Nothing ran. (The parser refuses such text first; this is the net under it.)
+            claim.undone()
+            await self._not_stored(caller, record.id, "unstorable")
+            raise InvalidRequestError("A parameter holds text that cannot be stored.") from exc
+        except DuplicateError as exc:
+            # The claim's id is taken: an earlier attempt of this same request stored it.
+            stored = await self.store.get_payment_method(
+                caller.account_id, caller.livemode, record.id
+            )
+            if stored is None:
+                raise APIError() from exc
+            return stored
+        except Exception:
+            stored = await self.store.get_payment_method(
+                caller.account_id, caller.livemode, record.id
+            )
+            if stored is None:
+                # Unknown: not there now, and perhaps committed later. The claim is kept
+                # (docs/api.md, "Idempotency"); the settler writes the follow-up.
+                raise
+            _log.warning("a payment method was stored although its write raised")
+            return stored
+        return record
+
+    async def _not_stored(self, caller: Caller, pm_id: str, reason: str) -> None:
+        """The follow-up of a ``payment_method.created`` whose row never came."""
+        await self.audit.record(
+            "payment_method.not_stored",
+            actor=caller.key_id,
+            object_id=pm_id,
+            result="error",
+            detail={"reason": reason, "livemode": caller.livemode},
+        )
+
+    async def _sealed(
+        self,
+        caller: Caller,
+        pm_id: str,
+        new: _Create,
+        number: CardNumber,
+        expiry: Expiry,
+        cvc: CVC | None,
+    ) -> PaymentMethodRecord:
+        """The record to store as ``pm_id``: the number (and name, and CVC) sealed, the
+        facts kept."""
         account_key = await self.keys.account_key(caller.account_id)
         fingerprint = crypto.fingerprint(account_key, number.digits_for_crypto())
         dk_id, dk = await self.keys.for_encryption("pan")

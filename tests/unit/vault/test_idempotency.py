@@ -59,9 +59,9 @@ def test_a_concurrent_duplicate_in_flight_gets_409(tmp_path: Path) -> None:
         release = asyncio.Event()
         real = service.create_payment_method
 
-        async def slow(caller: Any, params: Any) -> Any:
+        async def slow(caller: Any, params: Any, claim: Any = None) -> Any:
             await release.wait()
-            return await real(caller, params)
+            return await real(caller, params, claim)
 
         service.create_payment_method = slow  # type: ignore[method-assign]
         headers = {"authorization": f"Bearer {secret}", "idempotency-key": "k1"}

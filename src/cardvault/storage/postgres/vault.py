@@ -31,13 +31,16 @@ from typing import Any, ClassVar, TypeVar
 from cardvault.storage import rows
 from cardvault.storage._shared import column_list, copy_error, insert_sql, settle
 from cardvault.storage.base import (
+    DONE,
     Account,
     ApiKey,
     DataKeyRecord,
+    DuplicateError,
     ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
+    TakenCvc,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
@@ -56,6 +59,33 @@ _INSERT_IDEMPOTENCY = numbered(
     insert_sql("idempotency_keys", rows.IDEMPOTENCY_COLUMNS)
     + " ON CONFLICT (account_id, mode, idempotency_key) DO NOTHING RETURNING 1"
 )
+
+_TAKE_OVER_IDEMPOTENCY = numbered(rows.TAKE_OVER_IDEMPOTENCY)
+_COMPLETE_IDEMPOTENCY = numbered(rows.COMPLETE_IDEMPOTENCY)
+_COMPLETE_HELD_IDEMPOTENCY = numbered(rows.COMPLETE_HELD_IDEMPOTENCY)
+_RELEASE_IDEMPOTENCY = numbered(rows.RELEASE_IDEMPOTENCY)
+_RELEASE_HELD_IDEMPOTENCY = numbered(rows.RELEASE_HELD_IDEMPOTENCY)
+_STALE_IDEMPOTENCY_CLAIMS = numbered(rows.STALE_IDEMPOTENCY_CLAIMS)
+_COMPLETE_FORWARD = numbered(rows.COMPLETE_FORWARD)
+_DELETE_PENDING_FORWARD = numbered(rows.DELETE_PENDING_FORWARD)
+_PENDING_FORWARDS = numbered(rows.PENDING_FORWARDS)
+_RESTORE_CVC = numbered(rows.RESTORE_CVC)
+#: Read and erase a CVC in one statement: the CTE reads the old values and the UPDATE
+#: erases them; the row lock it takes means two takers cannot both get the CVC.
+_TAKE_CVC = (
+    "WITH old AS (SELECT id, cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods "
+    "WHERE id = $1 AND account_id = $2 AND livemode = $3 AND cvc_ct IS NOT NULL FOR UPDATE) "
+    "UPDATE payment_methods p SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
+    "FROM old WHERE p.id = old.id "
+    "RETURNING old.cvc_ct, old.cvc_data_key_id, old.cvc_expires"
+)
+
+
+def _taken(row: Any) -> TakenCvc | None:
+    if row is None:
+        return None
+    return TakenCvc(bytes(row[0]), str(row[1]), None if row[2] is None else int(row[2]))
+
 
 #: The most rows one multi-row insert carries (PostgreSQL binds at most 32767 values).
 PM_BATCH = 512
@@ -240,27 +270,81 @@ class PostgresVaultStore(VaultLists, PostgresDatabase):
         )
         return count(status)
 
-    async def take_cvc(
-        self, account_id: str, livemode: bool, pm_id: str
-    ) -> tuple[bytes, str] | None:
+    async def take_cvc(self, account_id: str, livemode: bool, pm_id: str) -> TakenCvc | None:
         pool = await self._get_pool()
-        # A CTE reads the old values and the UPDATE erases them in one statement; the
-        # row lock it takes means two takers cannot both get the CVC.
-        row = await pool.fetchrow(
-            "WITH old AS (SELECT id, cvc_ct, cvc_data_key_id FROM payment_methods "
-            "WHERE id = $1 AND account_id = $2 AND livemode = $3 AND cvc_ct IS NOT NULL FOR UPDATE) "
-            "UPDATE payment_methods p SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
-            "FROM old WHERE p.id = old.id RETURNING old.cvc_ct, old.cvc_data_key_id",
-            pm_id,
-            account_id,
-            bool(livemode),
-        )
-        return None if row is None else (bytes(row[0]), str(row[1]))
+        row = await pool.fetchrow(_TAKE_CVC, pm_id, account_id, bool(livemode))
+        return _taken(row)
+
+    async def restore_cvc(
+        self, account_id: str, livemode: bool, pm_id: str, taken: TakenCvc
+    ) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(_RESTORE_CVC, *taken, pm_id, account_id, bool(livemode))
+        return count(status) == 1
 
     # -- forwarding requests -------------------------------------------------------------
 
     async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
         await self._insert(_INSERT_FWD, rows.forwarding_params(record), "a forwarding request")
+
+    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+        import asyncpg
+
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            # The row lock the take holds keeps a concurrent taker out until the commit.
+            taken = _taken(
+                await conn.fetchrow(
+                    _TAKE_CVC, record.payment_method, record.account_id, bool(record.livemode)
+                )
+            )
+            if taken is None:
+                return None
+            try:
+                await conn.execute(_INSERT_FWD, *rows.forwarding_params(record))
+            except asyncpg.UniqueViolationError as exc:
+                # Leaving the block rolls the take back too.
+                raise DuplicateError("a forwarding request with this id exists") from exc
+        return taken
+
+    async def complete_forwarding_request(
+        self,
+        account_id: str,
+        livemode: bool,
+        fwd_id: str,
+        outcome: str,
+        request_context: dict[str, object] | None = None,
+        response_details: dict[str, object] | None = None,
+    ) -> bool:
+        pool = await self._get_pool()
+        params = rows.forward_outcome_params(
+            account_id, livemode, fwd_id, outcome, request_context, response_details
+        )
+        return count(await pool.execute(_COMPLETE_FORWARD, *params)) == 1
+
+    async def cancel_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str, restore: TakenCvc | None
+    ) -> bool:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            pm_id = await conn.fetchval(
+                _DELETE_PENDING_FORWARD + " RETURNING payment_method",
+                fwd_id,
+                account_id,
+                bool(livemode),
+            )
+            if pm_id is None:
+                return False
+            if restore is not None:
+                await conn.execute(_RESTORE_CVC, *restore, pm_id, account_id, bool(livemode))
+        return True
+
+    async def pending_forwarding_requests(
+        self, created_before: int, *, limit: int
+    ) -> list[ForwardingRequestRecord]:
+        pool = await self._get_pool()
+        found = await pool.fetch(_PENDING_FORWARDS, created_before, limit)
+        return [rows.forwarding_from_row(r) for r in found]
 
     async def get_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str
@@ -300,29 +384,51 @@ class PostgresVaultStore(VaultLists, PostgresDatabase):
                 return rows.idempotency_from_row(row)
             # Released between the two statements: claim again.
 
-    async def complete_idempotency_key(
-        self, account_id: str, mode: Mode, key: str, status: int, body: str
-    ) -> None:
+    async def take_over_idempotency_key(
+        self, record: IdempotencyRecord, expected_token: str
+    ) -> bool:
         pool = await self._get_pool()
-        await pool.execute(
-            "UPDATE idempotency_keys SET response_status = $1, response_body = $2 "
-            "WHERE account_id = $3 AND mode = $4 AND idempotency_key = $5",
-            status,
-            body,
-            account_id,
-            mode,
-            key,
-        )
+        params = rows.take_over_params(record, expected_token)
+        return count(await pool.execute(_TAKE_OVER_IDEMPOTENCY, *params)) == 1
 
-    async def release_idempotency_key(self, account_id: str, mode: Mode, key: str) -> None:
+    async def complete_idempotency_key(
+        self,
+        account_id: str,
+        mode: Mode,
+        key: str,
+        status: int,
+        body: str,
+        *,
+        token: str | None = None,
+        state: str = DONE,
+    ) -> bool:
         pool = await self._get_pool()
-        await pool.execute(
-            "DELETE FROM idempotency_keys "
-            "WHERE account_id = $1 AND mode = $2 AND idempotency_key = $3",
-            account_id,
-            mode,
-            key,
-        )
+        if token is None:
+            status_tag = await pool.execute(
+                _COMPLETE_IDEMPOTENCY, state, status, body, account_id, mode, key
+            )
+        else:
+            status_tag = await pool.execute(
+                _COMPLETE_HELD_IDEMPOTENCY, state, status, body, account_id, mode, key, token
+            )
+        return count(status_tag) == 1
+
+    async def release_idempotency_key(
+        self, account_id: str, mode: Mode, key: str, *, token: str | None = None
+    ) -> bool:
+        pool = await self._get_pool()
+        if token is None:
+            status = await pool.execute(_RELEASE_IDEMPOTENCY, account_id, mode, key)
+        else:
+            status = await pool.execute(_RELEASE_HELD_IDEMPOTENCY, account_id, mode, key, token)
+        return count(status) == 1
+
+    async def stale_idempotency_claims(
+        self, now: int, owner: str, boot: str, *, limit: int
+    ) -> list[IdempotencyRecord]:
+        pool = await self._get_pool()
+        found = await pool.fetch(_STALE_IDEMPOTENCY_CLAIMS, now, owner, boot, limit)
+        return [rows.idempotency_from_row(r) for r in found]
 
     async def purge_idempotency_keys(self, before: int) -> int:
         pool = await self._get_pool()

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 from cardvault.storage import rows
 from cardvault.storage._shared import insert_sql
 from cardvault.storage.base import (
+    DONE,
     Account,
     ApiKey,
     DataKeyRecord,
@@ -25,6 +26,7 @@ from cardvault.storage.base import (
     IdempotencyRecord,
     Mode,
     PaymentMethodRecord,
+    TakenCvc,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
@@ -189,33 +191,81 @@ class SQLiteVaultStore(VaultLists, SQLiteDatabase):
 
         return await self._write(op, erases=True)
 
-    async def take_cvc(
-        self, account_id: str, livemode: bool, pm_id: str
-    ) -> tuple[bytes, str] | None:
-        def op(conn: sqlite3.Connection) -> tuple[bytes, str] | None:
+    async def take_cvc(self, account_id: str, livemode: bool, pm_id: str) -> TakenCvc | None:
+        def op(conn: sqlite3.Connection) -> TakenCvc | None:
             # The only writing connection runs this whole function inside its
             # transaction, so no other write can come between the read and the erase.
-            row = conn.execute(
-                "SELECT cvc_ct, cvc_data_key_id FROM payment_methods "
-                "WHERE id = ? AND account_id = ? AND livemode = ? AND cvc_ct IS NOT NULL",
-                (pm_id, account_id, bool(livemode)),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE payment_methods SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
-                "WHERE id = ?",
-                (pm_id,),
-            )
-            return bytes(row[0]), str(row[1])
+            return _take_cvc(conn, account_id, livemode, pm_id)
 
         return await self._write(op, erases=True, compound=True)
+
+    async def restore_cvc(
+        self, account_id: str, livemode: bool, pm_id: str, taken: TakenCvc
+    ) -> bool:
+        params = (*taken, pm_id, account_id, bool(livemode))
+        return await self._write(lambda c: c.execute(rows.RESTORE_CVC, params).rowcount == 1)
 
     # -- forwarding requests -------------------------------------------------------------
 
     async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
         params = rows.forwarding_params(record)
         await self._write(lambda c: insert(c, _INSERT_FWD, params, "a forwarding request"))
+
+    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+        params = rows.forwarding_params(record)
+        scope = (record.account_id, record.livemode, record.payment_method)
+
+        def op(conn: sqlite3.Connection) -> TakenCvc | None:
+            taken = _take_cvc(conn, *scope)
+            if taken is not None:
+                # A duplicate id fails the whole operation (its savepoint): the CVC stays.
+                insert(conn, _INSERT_FWD, params, "a forwarding request")
+            return taken
+
+        return await self._write(op, erases=True, compound=True)
+
+    async def complete_forwarding_request(
+        self,
+        account_id: str,
+        livemode: bool,
+        fwd_id: str,
+        outcome: str,
+        request_context: dict[str, object] | None = None,
+        response_details: dict[str, object] | None = None,
+    ) -> bool:
+        params = rows.forward_outcome_params(
+            account_id, livemode, fwd_id, outcome, request_context, response_details
+        )
+        return await self._write(lambda c: c.execute(rows.COMPLETE_FORWARD, params).rowcount == 1)
+
+    async def cancel_forwarding_request(
+        self, account_id: str, livemode: bool, fwd_id: str, restore: TakenCvc | None
+    ) -> bool:
+        scope = (fwd_id, account_id, bool(livemode))
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT payment_method FROM forwarding_requests "
+                "WHERE id = ? AND account_id = ? AND livemode = ? AND outcome = 'pending'",
+                scope,
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute(rows.DELETE_PENDING_FORWARD, scope)
+            if restore is not None:
+                conn.execute(rows.RESTORE_CVC, (*restore, str(row[0]), account_id, bool(livemode)))
+            return True
+
+        return await self._write(op, compound=True)
+
+    async def pending_forwarding_requests(
+        self, created_before: int, *, limit: int
+    ) -> list[ForwardingRequestRecord]:
+        def op(conn: sqlite3.Connection) -> list[ForwardingRequestRecord]:
+            found = conn.execute(rows.PENDING_FORWARDS, (created_before, limit)).fetchall()
+            return [rows.forwarding_from_row(r) for r in found]
+
+        return await self._read(op)
 
     async def get_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str
@@ -255,27 +305,48 @@ class SQLiteVaultStore(VaultLists, SQLiteDatabase):
 
         return await self._write(op)
 
+    async def take_over_idempotency_key(
+        self, record: IdempotencyRecord, expected_token: str
+    ) -> bool:
+        params = rows.take_over_params(record, expected_token)
+        return await self._write(
+            lambda c: c.execute(rows.TAKE_OVER_IDEMPOTENCY, params).rowcount == 1
+        )
+
     async def complete_idempotency_key(
-        self, account_id: str, mode: Mode, key: str, status: int, body: str
-    ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE idempotency_keys SET response_status = ?, response_body = ? "
-                "WHERE account_id = ? AND mode = ? AND idempotency_key = ?",
-                (status, body, account_id, mode, key),
-            )
+        self,
+        account_id: str,
+        mode: Mode,
+        key: str,
+        status: int,
+        body: str,
+        *,
+        token: str | None = None,
+        state: str = DONE,
+    ) -> bool:
+        sql = rows.COMPLETE_IDEMPOTENCY
+        params: tuple[Any, ...] = (state, status, body, account_id, mode, key)
+        if token is not None:
+            sql, params = rows.COMPLETE_HELD_IDEMPOTENCY, (*params, token)
+        return await self._write(lambda c: c.execute(sql, params).rowcount == 1)
 
-        await self._write(op)
+    async def release_idempotency_key(
+        self, account_id: str, mode: Mode, key: str, *, token: str | None = None
+    ) -> bool:
+        sql = rows.RELEASE_IDEMPOTENCY
+        params: tuple[Any, ...] = (account_id, mode, key)
+        if token is not None:
+            sql, params = rows.RELEASE_HELD_IDEMPOTENCY, (*params, token)
+        return await self._write(lambda c: c.execute(sql, params).rowcount == 1)
 
-    async def release_idempotency_key(self, account_id: str, mode: Mode, key: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "DELETE FROM idempotency_keys "
-                "WHERE account_id = ? AND mode = ? AND idempotency_key = ?",
-                (account_id, mode, key),
-            )
+    async def stale_idempotency_claims(
+        self, now: int, owner: str, boot: str, *, limit: int
+    ) -> list[IdempotencyRecord]:
+        def op(conn: sqlite3.Connection) -> list[IdempotencyRecord]:
+            found = conn.execute(rows.STALE_IDEMPOTENCY_CLAIMS, (now, owner, boot, limit))
+            return [rows.idempotency_from_row(r) for r in found.fetchall()]
 
-        await self._write(op)
+        return await self._read(op)
 
     async def purge_idempotency_keys(self, before: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -284,3 +355,22 @@ class SQLiteVaultStore(VaultLists, SQLiteDatabase):
             ).rowcount
 
         return await self._write(op)
+
+
+def _take_cvc(
+    conn: sqlite3.Connection, account_id: str, livemode: bool, pm_id: str
+) -> TakenCvc | None:
+    """Read and erase a CVC, inside the writer's transaction (nothing can come between)."""
+    row = conn.execute(
+        "SELECT cvc_ct, cvc_data_key_id, cvc_expires FROM payment_methods "
+        "WHERE id = ? AND account_id = ? AND livemode = ? AND cvc_ct IS NOT NULL",
+        (pm_id, account_id, bool(livemode)),
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        "UPDATE payment_methods SET cvc_ct = NULL, cvc_data_key_id = NULL, cvc_expires = NULL "
+        "WHERE id = ?",
+        (pm_id,),
+    )
+    return TakenCvc(bytes(row[0]), str(row[1]), None if row[2] is None else int(row[2]))

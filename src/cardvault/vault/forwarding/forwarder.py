@@ -8,22 +8,38 @@ to put in (``replacements``), and a request body and headers. :meth:`Forwarder.c
    account; anything else is refused with one opaque error;
 2. refuses replacements the destination may not receive, headers it may not set, and
    any value or header holding a control character;
-3. opens the card data (the CVC is *taken*: read and erased in one step, so it can be
-   sent once at most), the number into its wipeable type (:class:`_OpenCard`);
+3. opens the card data: the data keys are unwrapped (the key service), the number is
+   opened into its wipeable type and the CVC into a buffer (:class:`_OpenCard`), from
+   the payment method as read; nothing is taken yet;
 4. builds the request twice from the same description
    (:mod:`~cardvault.vault.forwarding.placement`): once with the real values, to send,
    and once with masked values (``424242******4242``, ``***``), to store and return;
-   credentials the vault adds are ``[REDACTED]`` in the stored copy;
-5. records ``forward.requested``, sends the request to the destination's own URL
-   (:mod:`~cardvault.vault.forwarding.outbound`), wipes the card values, masks any card
-   number in the response, and stores the request with ``forward.completed``.
+   credentials the vault adds are ``[REDACTED]`` in the stored copy. Every check that
+   can fail has run by now;
+5. records ``forward.requested``, then, in one transaction, stores the forwarding
+   request as ``pending`` (under the id its Idempotency-Key claim chose) and *takes*
+   the CVC (erases it: it can be sent once at most);
+6. sends the request to the destination's own URL
+   (:mod:`~cardvault.vault.forwarding.outbound`) and wipes the card values. When the
+   destination cannot have received anything (no connection, a failed TLS handshake),
+   the pending request is deleted and the CVC put back in one transaction, and the
+   answer is a 502 that may be retried with the same key. When it may have received the
+   request (a timeout, a reset), the request is stored ``unknown`` and never sent again;
+7. masks any card number in the response, and stores the request ``completed`` with
+   ``forward.completed``.
+
+A crash between 5 and 7 leaves the request ``pending``; a retry with the same key, or
+the settler, reports it ``unknown`` and never sends it again
+(:mod:`cardvault.vault.idempotency`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,16 +50,31 @@ from cardvault.cards import CardNumber
 from cardvault.errors import (
     APIError,
     CardVaultError,
+    IdempotencyKeyInUse,
     InvalidRequestError,
     ParameterMissing,
     ResourceMissing,
 )
 from cardvault.logging import bind_request_fields, get_logger
-from cardvault.storage.base import ForwardingRequestRecord, PaymentMethodRecord, VaultStore
+from cardvault.storage.base import (
+    COMPLETED,
+    PENDING,
+    UNKNOWN,
+    DuplicateError,
+    ForwardingRequestRecord,
+    PaymentMethodRecord,
+    TakenCvc,
+    VaultStore,
+)
 from cardvault.vault.accounts import Caller, require_secret
 from cardvault.vault.datakeys import DataKeyManager
 from cardvault.vault.forwarding.allowlist import REPLACEMENTS, Allowlist, Destination, match_url
-from cardvault.vault.forwarding.outbound import HOP_BY_HOP, OutboundClient, OutboundResponse
+from cardvault.vault.forwarding.outbound import (
+    HOP_BY_HOP,
+    DestinationUnreachable,
+    OutboundClient,
+    OutboundResponse,
+)
 from cardvault.vault.forwarding.placement import (
     REDACTED,
     CardValues,
@@ -52,6 +83,7 @@ from cardvault.vault.forwarding.placement import (
     mask_card_numbers,
     safe_header_value,
 )
+from cardvault.vault.idempotency import Claim
 from cardvault.vault.ids import looks_like_id, time_ordered_id
 from cardvault.vault.params import check_keys, list_object, parse_metadata, read_page
 from cardvault.vault.payment_methods import find_payment_method, sealing_context
@@ -168,10 +200,18 @@ class Forwarder:
 
     # -- the API -------------------------------------------------------------------------
 
-    async def create(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+    async def create(
+        self, caller: Caller, params: dict[str, Any], claim: Claim | None = None
+    ) -> dict[str, Any]:
+        """Send a card (module docstring). ``claim`` (from :class:`~cardvault.vault.
+        idempotency.Idempotency`) names the id the forwarding request is stored under."""
         require_secret(caller)
+        claim = claim or Claim(time_ordered_id("fwdreq_"))
         fwd = self._read(caller, params)
         record = await find_payment_method(self.store, caller, fwd.pm_id)
+        with_cvc = "card_cvc" in fwd.replacements
+        if with_cvc and record.cvc_ct is None:
+            raise _no_cvc()
         card = await self._open(caller, record, fwd.replacements)
         try:
             headers, payload = self._outbound(fwd, card)
@@ -183,33 +223,32 @@ class Forwarder:
                 fwd.headers,
                 card.masked(),
             )
-            response = await self._send(caller, fwd, headers, payload)
+            pending = self._pending(caller, claim.effect_id, fwd, shown_body, shown_headers)
+            # Recorded before anything is taken or leaves the vault: no record, no forward.
+            await self.audit.record(
+                "forward.requested",
+                actor=caller.key_id,
+                object_id=fwd.pm_id,
+                detail={
+                    "destination": fwd.destination.name,
+                    "replacements": ",".join(fwd.replacements),
+                    "forwarding_request": pending.id,
+                },
+            )
+            taken = await self._start(caller, claim, pending, record, with_cvc)
+            response = await self._send(caller, claim, fwd, pending, taken, headers, payload)
             del headers, payload  # sent: the card's text is not kept a moment longer
             response_body = card.mask_cvc(
                 mask_card_numbers(response.body.decode("utf-8", errors="replace"))
             )
         finally:
             card.wipe()
-        destination = fwd.destination
-        stored = ForwardingRequestRecord(
-            id=time_ordered_id("fwdreq_"),
-            account_id=caller.account_id,
-            livemode=caller.livemode,
-            created=int(time.time()),
-            payment_method=fwd.pm_id,
-            url=destination.url,
-            destination=destination.name,
-            replacements=list(fwd.replacements),
-            metadata=fwd.metadata,
+        stored = dataclasses.replace(
+            pending,
+            outcome=COMPLETED,
             request_context={
                 "destination_duration": response.duration_ms,
                 "destination_ip_address": response.peer_ip,
-            },
-            request_details={
-                "body": mask_card_numbers(shown_body),
-                "headers": [{"name": k, "value": mask_card_numbers(v)} for k, v in shown_headers]
-                + [{"name": c.header_name, "value": REDACTED} for c in destination.credentials],
-                "http_method": "POST",
             },
             response_details={
                 "body": response_body,
@@ -221,12 +260,12 @@ class Forwarder:
                 "status": response.status,
             },
         )
-        await self._keep(caller, stored, response.status)
+        await self._keep(caller, stored, response.status, cvc_used=with_cvc)
         # On the request's access line rather than a line of its own.
         bind_request_fields(
             forwarding_request=stored.id,
             payment_method=fwd.pm_id,
-            destination=destination.name,
+            destination=fwd.destination.name,
             destination_status=response.status,
             key=caller.key_id,
         )
@@ -251,6 +290,12 @@ class Forwarder:
 
     @staticmethod
     def render(record: ForwardingRequestRecord) -> dict[str, Any]:
+        """Stripe's ``forwarding.request``, and its ``outcome``: ``completed`` (the
+        destination answered: ``response_details``), ``pending`` (being sent now) or
+        ``unknown`` (it may have reached the destination, whose answer was lost; never
+        sent again). Only a completed request has ``request_context`` and
+        ``response_details``; the others have null there."""
+        completed = record.outcome == COMPLETED
         return {
             "id": record.id,
             "object": "forwarding.request",
@@ -260,9 +305,10 @@ class Forwarder:
             "payment_method": record.payment_method,
             "replacements": record.replacements,
             "url": record.url,
-            "request_context": record.request_context,
+            "outcome": record.outcome,
+            "request_context": record.request_context if completed else None,
             "request_details": record.request_details,
-            "response_details": record.response_details,
+            "response_details": record.response_details if completed else None,
         }
 
     # -- the steps of a create, in order ---------------------------------------------------
@@ -316,8 +362,10 @@ class Forwarder:
     async def _open(
         self, caller: Caller, record: PaymentMethodRecord, replacements: list[str]
     ) -> _OpenCard:
-        """The card values the forward asked for. The CVC is taken: erased in the store
-        as it is read, and the erasure recorded."""
+        """The card values the forward asked for, opened from ``record`` as read: the
+        data keys are unwrapped first (the key service may be down or sealed: nothing is
+        taken then). The CVC is opened here and taken only when the request is about to
+        leave (:meth:`_start`)."""
         number: CardNumber | None = None
         cvc: bytearray | None = None
         name = None
@@ -335,7 +383,14 @@ class Forwarder:
                         key, record.name_ct, sealing_context(caller, record.id, "name")
                     ).decode()
             if "card_cvc" in replacements:
-                cvc = await self._take_cvc(caller, record)
+                if record.cvc_ct is None or record.cvc_data_key_id is None:
+                    raise _no_cvc()
+                cvc_key = await self.keys.for_decryption(record.cvc_data_key_id, "cvc")
+                # crypto.open_ answers bytes, which cannot be wiped: copied at once into a
+                # buffer that can, and the bytes dropped.
+                cvc = bytearray(
+                    crypto.open_(cvc_key, record.cvc_ct, sealing_context(caller, record.id, "cvc"))
+                )
         except crypto.InvalidCiphertext as exc:
             if number is not None:
                 number.wipe()
@@ -346,27 +401,6 @@ class Forwarder:
                 number.wipe()
             raise
         return _OpenCard(number, cvc, name, record)
-
-    async def _take_cvc(self, caller: Caller, record: PaymentMethodRecord) -> bytearray:
-        taken = await self.store.take_cvc(caller.account_id, caller.livemode, record.id)
-        if taken is None:
-            raise InvalidRequestError(
-                "This PaymentMethod has no CVC: it was never given, was already used by a "
-                "forward, or has expired.",
-                param="replacements",
-            )
-        cvc_ct, cvc_dk = taken
-        cvc_key = await self.keys.for_decryption(cvc_dk, "cvc")
-        # crypto.open_ answers bytes, which cannot be wiped: copied at once into a buffer
-        # that can, and the bytes dropped.
-        cvc = bytearray(crypto.open_(cvc_key, cvc_ct, sealing_context(caller, record.id, "cvc")))
-        await self.audit.record(
-            "cvc.destroyed",
-            actor=caller.key_id,
-            object_id=record.id,
-            detail={"reason": "used by a forward"},
-        )
-        return cvc
 
     def _outbound(self, fwd: _Forward, card: _OpenCard) -> tuple[list[tuple[str, str]], bytes]:
         """The request to send: its headers (the vault's credentials last) and body.
@@ -394,17 +428,86 @@ class Forwarder:
             )
         return out_headers + credentials, payload
 
+    def _pending(
+        self,
+        caller: Caller,
+        fwd_id: str,
+        fwd: _Forward,
+        shown_body: str,
+        shown_headers: list[tuple[str, str]],
+    ) -> ForwardingRequestRecord:
+        """The forwarding request as stored before it leaves: what is sent, masked."""
+        destination = fwd.destination
+        return ForwardingRequestRecord(
+            id=fwd_id,
+            account_id=caller.account_id,
+            livemode=caller.livemode,
+            created=int(time.time()),
+            payment_method=fwd.pm_id,
+            url=destination.url,
+            destination=destination.name,
+            replacements=list(fwd.replacements),
+            metadata=fwd.metadata,
+            request_details={
+                "body": mask_card_numbers(shown_body),
+                "headers": [{"name": k, "value": mask_card_numbers(v)} for k, v in shown_headers]
+                + [{"name": c.header_name, "value": REDACTED} for c in destination.credentials],
+                "http_method": "POST",
+            },
+            outcome=PENDING,
+        )
+
+    async def _start(
+        self,
+        caller: Caller,
+        claim: Claim,
+        pending: ForwardingRequestRecord,
+        record: PaymentMethodRecord,
+        with_cvc: bool,
+    ) -> TakenCvc | None:
+        """Store the forwarding request as pending and, in the same transaction, take
+        the CVC: the last durable step before the request leaves. The CVC as taken (to
+        put back if nothing is sent), or None without one.
+
+        A write that raised is not taken for "not written": the request is looked for,
+        and found, it was stored (and the CVC taken) and the forward goes on."""
+        claim.begin()
+        try:
+            if not with_cvc:
+                await self.store.insert_forwarding_request(pending)
+                return None
+            taken = await self.store.take_cvc_for_forward(pending)
+        except DuplicateError as exc:
+            # Another attempt of this same request stored it first: it is that one's to
+            # send. The claim is kept, and a retry reports what became of it.
+            raise IdempotencyKeyInUse() from exc
+        except Exception:
+            found = await self.store.get_forwarding_request(
+                caller.account_id, caller.livemode, pending.id
+            )
+            if found is None or found.outcome != PENDING:
+                raise
+            _log.warning("a forwarding request was stored although its write raised")
+            taken = _as_read(record) if with_cvc else None
+            return taken
+        if taken is None:
+            # Taken by a concurrent forward since it was read: nothing was written.
+            claim.undone()
+            await self._not_sent(caller, pending, "no_cvc")
+            raise _no_cvc()
+        return taken
+
     async def _send(
-        self, caller: Caller, fwd: _Forward, headers: list[tuple[str, str]], payload: bytes
+        self,
+        caller: Caller,
+        claim: Claim,
+        fwd: _Forward,
+        pending: ForwardingRequestRecord,
+        taken: TakenCvc | None,
+        headers: list[tuple[str, str]],
+        payload: bytes,
     ) -> OutboundResponse:
         destination = fwd.destination
-        # Recorded before anything leaves the vault: no record, no forward.
-        await self.audit.record(
-            "forward.requested",
-            actor=caller.key_id,
-            object_id=fwd.pm_id,
-            detail={"destination": destination.name, "replacements": ",".join(fwd.replacements)},
-        )
         try:
             return await self.outbound.send(
                 destination=destination.name,
@@ -417,22 +520,77 @@ class Forwarder:
                 ca_file=destination.ca_file,
                 pins=destination.pin_sha256,
             )
+        except DestinationUnreachable:
+            # Nothing left the vault: the pending request goes and the CVC comes back, in
+            # one transaction, and the key may be used again.
+            if await self.store.cancel_forwarding_request(
+                caller.account_id, caller.livemode, pending.id, taken
+            ):
+                claim.undone()
+            await self._not_sent(caller, pending, "unreachable")
+            raise
         except CardVaultError:
-            await self.audit.record(
-                "forward.completed",
-                actor=caller.key_id,
-                object_id=fwd.pm_id,
-                result="destination_error",
-                detail={"destination": destination.name},
+            # It may have reached the destination: never sent again.
+            await asyncio.gather(
+                self.store.complete_forwarding_request(
+                    caller.account_id, caller.livemode, pending.id, UNKNOWN
+                ),
+                self.audit.record(
+                    "forward.completed",
+                    actor=caller.key_id,
+                    object_id=fwd.pm_id,
+                    result="destination_error",
+                    detail={"destination": destination.name, "forwarding_request": pending.id},
+                ),
+                *self._cvc_used(caller, pending, taken is not None),
+                # The destination's error is the answer whatever becomes of these: a
+                # request still pending is settled "unknown" later.
+                return_exceptions=True,
             )
             raise
 
-    async def _keep(self, caller: Caller, stored: ForwardingRequestRecord, status: int) -> None:
-        """The forward has happened: its record and its audit record are both true
-        whatever becomes of the other, so they are made durable together (one flush of
-        each in the same loop iteration), and the answer waits for both."""
-        written, recorded = await asyncio.gather(
-            self.store.insert_forwarding_request(stored),
+    async def _not_sent(
+        self, caller: Caller, pending: ForwardingRequestRecord, reason: str
+    ) -> None:
+        """The follow-up of a ``forward.requested`` whose request never left."""
+        await self.audit.record(
+            "forward.not_sent",
+            actor=caller.key_id,
+            object_id=pending.id,
+            result="error",
+            detail={"reason": reason, "payment_method": pending.payment_method},
+        )
+
+    def _cvc_used(
+        self, caller: Caller, pending: ForwardingRequestRecord, used: bool
+    ) -> list[Awaitable[None]]:
+        """The record of a CVC gone with a forward (none when there was no CVC)."""
+        if not used:
+            return []
+        return [
+            self.audit.record(
+                "cvc.destroyed",
+                actor=caller.key_id,
+                object_id=pending.payment_method,
+                detail={"reason": "used by a forward"},
+            )
+        ]
+
+    async def _keep(
+        self, caller: Caller, stored: ForwardingRequestRecord, status: int, *, cvc_used: bool
+    ) -> None:
+        """The forward has happened: its record and its audit records are all true
+        whatever becomes of the others, so they are made durable together (one flush of
+        each in the same loop iteration), and the answer waits for all."""
+        outcomes = await asyncio.gather(
+            self.store.complete_forwarding_request(
+                stored.account_id,
+                stored.livemode,
+                stored.id,
+                COMPLETED,
+                stored.request_context,
+                stored.response_details,
+            ),
             self.audit.record(
                 "forward.completed",
                 actor=caller.key_id,
@@ -443,11 +601,27 @@ class Forwarder:
                     "status": status,
                 },
             ),
+            *self._cvc_used(caller, stored, cvc_used),
             return_exceptions=True,
         )
-        for outcome in (recorded, written):
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+
+def _no_cvc() -> InvalidRequestError:
+    return InvalidRequestError(
+        "This PaymentMethod has no CVC: it was never given, was already used by a "
+        "forward, or has expired.",
+        param="replacements",
+    )
+
+
+def _as_read(record: PaymentMethodRecord) -> TakenCvc | None:
+    """The CVC a forward's transaction took, as the payment method was read before it."""
+    if record.cvc_ct is None or record.cvc_data_key_id is None:
+        return None
+    return TakenCvc(record.cvc_ct, record.cvc_data_key_id, record.cvc_expires)
 
 
 def _card_number(plain: bytes, pm_id: str) -> CardNumber:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -33,7 +33,14 @@ from cardvault.logging import get_logger
 from cardvault.transport.pins import PinMismatch, check_peer_pins
 from cardvault.transport.tls import client_context
 
-__all__ = ["HOP_BY_HOP", "DestinationError", "OutboundClient", "OutboundResponse", "PinMismatch"]
+__all__ = [
+    "HOP_BY_HOP",
+    "DestinationError",
+    "DestinationUnreachable",
+    "OutboundClient",
+    "OutboundResponse",
+    "PinMismatch",
+]
 
 _log = get_logger("cardvault.vault.outbound")
 
@@ -56,6 +63,32 @@ HOP_BY_HOP = frozenset(
 
 
 DestinationError = ForwardingDestinationError
+
+
+class DestinationUnreachable(ForwardingDestinationError):
+    """The destination cannot have received anything: no connection was made (refused,
+    unreachable, the name not resolved), or its TLS handshake failed or its key pin did
+    not match, before a byte of the request was written. Nothing left the vault, so the
+    forward may be retried with the same Idempotency-Key (502, same code, with
+    ``Retry-After``)."""
+
+    consumes_idempotency_key: ClassVar[bool] = False
+    default_message = (
+        "The forwarding destination could not be reached (no connection, or its "
+        "certificate failed verification): nothing was sent. Retry later."
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(_UNREACHABLE_RETRY_AFTER)})
+
+
+#: Seconds a caller is told to wait before retrying a forward that was not sent.
+_UNREACHABLE_RETRY_AFTER = 5
+
+#: What aiohttp raises when the connection was never made or its TLS handshake failed:
+#: the request was not written. A timeout, a reset or a closed connection (a reused one
+#: included) may come after the request was written, and count as "may have received".
+_NOT_CONNECTED = (aiohttp.ClientConnectorError, PinMismatch)
 
 
 class _PinningConnector(aiohttp.TCPConnector):
@@ -177,7 +210,12 @@ class OutboundClient:
             raise
         except PinMismatch as exc:
             _log.error("forward refused: destination key pin mismatch", destination=destination)
-            raise DestinationError() from exc
+            raise DestinationUnreachable() from exc
+        except _NOT_CONNECTED as exc:
+            _log.warning(
+                "forward not sent: no connection", destination=destination, error=type(exc).__name__
+            )
+            raise DestinationUnreachable() from exc
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
             _log.warning("forward failed", destination=destination, error=type(exc).__name__)
             raise DestinationError() from exc
