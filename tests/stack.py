@@ -4,16 +4,19 @@ processes over real TLS, on SQLite or on a PostgreSQL database of the test's own
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
+import signal
 import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from helpers import Pki, cli, free_ports, keyservice_and_vault
+from helpers import Pki, cardvault_process, cli, free_ports, wait_for_port
 
 __all__ = ["Stack", "create_account", "run_stack", "vault_database"]
 
@@ -31,10 +34,51 @@ class Stack:
     dsn: str
     #: The vault's process id (for its memory, or a signal).
     vault_pid: int = 0
+    #: The running processes by service (``keyservice``, ``vault``): see :meth:`stop`
+    #: and :meth:`start`.
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: The environment each service is started with (added to this process's).
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Stops every process started, when the stack ends.
+    exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def audit_dir(self) -> Path:
         return self.dir / "audit"
+
+    @property
+    def vault_port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self, service: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Send ``sig`` to ``service`` (``keyservice`` or ``vault``) and wait for it to
+        exit; its exit status (``-9`` after SIGKILL). For a crash (SIGKILL), an outage,
+        or a clean stop before the service is started again with :meth:`start`."""
+        proc = self.processes[service]
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+        return proc.wait(timeout)
+
+    def start(self, service: str) -> subprocess.Popen[bytes]:
+        """Start ``service`` again on its settings, its log appended to the first one's,
+        after it stopped, was killed or exited by itself (as a supervisor would); returns
+        once it listens. The process is stopped when the stack ends."""
+        running = self.processes.get(service)
+        assert running is None or running.poll() is not None, f"{service} is still running"
+        config, port, log = {
+            "keyservice": (self.dir / "keyd.toml", self.keyd_port, self.keyd_log),
+            "vault": (self.vault_config, self.vault_port, self.vault_log),
+        }[service]
+        proc = self.exits.enter_context(
+            cardvault_process(
+                [service, "serve", "--config", str(config)], env=self.env.get(service), log=log
+            )
+        )
+        self.processes[service] = proc
+        if service == "vault":
+            self.vault_pid = proc.pid
+        wait_for_port(port, proc)
+        return proc
 
     @property
     def db(self) -> Path:
@@ -113,11 +157,15 @@ def run_stack(
     *,
     limits: str = "publishable_rate = 2.0\npublishable_burst = 30.0\n",
     vault_toml: str = "",
+    vault_env: dict[str, str] | None = None,
+    prepare: Callable[[Path], object] | None = None,
 ) -> Iterator[Stack]:
     """The key service and the vault as real processes on ``dsn``, with two accounts
     (the first with live keys too). ``limits`` is the vault's ``[limits]`` table and
     ``vault_toml`` is appended to its settings (tables of their own, such as
-    ``[server.limits]``)."""
+    ``[server.limits]``); ``vault_env`` is added to the vault's environment. ``prepare``
+    is called with the stack's directory once the settings are written, before either
+    process starts (to put a file system of its own under the audit directory, say)."""
     d = tmp_path_factory.mktemp("stack")
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
@@ -143,8 +191,10 @@ def run_stack(
         "[limits]\n" + limits + vault_toml
     )
     accounts = [create_account(vconf, live=True), create_account(vconf)]
-    with keyservice_and_vault(kconf, kport, vconf, vport, d) as (_keyd, vault):
-        yield Stack(
+    if prepare is not None:
+        prepare(d)
+    with contextlib.ExitStack() as exits:
+        stack = Stack(
             d,
             f"https://localhost:{vport}",
             vconf,
@@ -154,5 +204,10 @@ def run_stack(
             accounts,
             backend,
             dsn,
-            vault.pid,
+            env={"vault": vault_env or {}},
+            exits=exits,
         )
+        # The key service first: the vault asks it for keys from its first request.
+        for service in ("keyservice", "vault"):
+            stack.start(service)
+        yield stack

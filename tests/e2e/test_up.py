@@ -169,3 +169,210 @@ def test_up_refuses_one_port_for_two_services(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert f"port {port} given to more than one service" in r.stderr
     assert not (tmp_path / "stack.json").exists()
+
+
+# --- supervision ---------------------------------------------------------------------
+
+
+def up_args(state: Path, ports: dict[str, int], *more: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cardvault", "up", "--state", str(state),
+        "--vault-port", str(ports["vault"]), "--redirect-port", str(ports["redirect"]),
+        "--keyservice-port", str(ports["keyservice"]), "--admin-port", str(ports["admin"]),
+        "--acquirer-port", str(ports["acquirer"]), "--shop-port", str(ports["shop"]), *more,
+    ]  # fmt: skip
+
+
+def some_ports() -> dict[str, int]:
+    names = ("vault", "redirect", "keyservice", "admin", "acquirer", "shop")
+    return dict(zip(names, free_ports(len(names)), strict=True))
+
+
+def read_stack(state: Path) -> dict[str, object]:
+    stack: dict[str, object] = json.loads((state / "stack.json").read_text())
+    return stack
+
+
+def eventually(check: object, timeout: float = 60, every: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()  # type: ignore[operator]
+        except Exception:  # not yet: the process is starting, the file being replaced
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("not within the time allowed")
+        time.sleep(every)
+
+
+@pytest.mark.slow
+def test_up_restarts_a_killed_vault_and_kills_a_stuck_child_on_ctrl_c(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    out_path = tmp_path / "up.log"
+    with out_path.open("wb") as out:
+        proc = subprocess.Popen(
+            up_args(state, some_ports(), "--stop-grace", "2"), stdout=out, stderr=out
+        )
+    try:
+        wait_for(state / "stack.json", proc)
+        before = read_stack(state)
+        vault = before["vault"]
+        assert isinstance(vault, dict) and vault["restarts"] == 0
+        os.kill(vault["pid"], signal.SIGKILL)  # as the OOM killer does
+
+        def restarted() -> dict[str, object] | None:
+            now = read_stack(state)["vault"]
+            assert isinstance(now, dict)
+            return now if now["restarts"] == 1 and now["pid"] != vault["pid"] else None
+
+        again = eventually(restarted)
+        assert isinstance(again, dict)
+        assert "SIGKILL" in str(again["last_exit"])
+        keys = before["keys"]
+        assert isinstance(keys, dict)
+
+        def tokenizes() -> bool:
+            with Client(
+                keys["secret"], base_url=vault["url"], ca_bundle=before["ca_bundle"], max_retries=0
+            ) as client:
+                pm = client.post(
+                    "/v1/payment_methods",
+                    {"type": "card", "card[number]": "4242424242424242",
+                     "card[exp_month]": "12", "card[exp_year]": "2031"},
+                )  # fmt: skip
+            return bool(pm["card"]["last4"] == "4242")
+
+        eventually(tokenizes)  # the vault answers again
+        said = out_path.read_text()
+        assert "vault was killed by SIGKILL" in said and "vault restarted" in said
+
+        # A child that cannot act on SIGTERM (stopped) is killed after the grace period.
+        stuck = again["pid"]
+        assert isinstance(stuck, int)
+        os.kill(stuck, signal.SIGSTOP)
+        children = pids_of_children(proc.pid)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert 2 <= time.monotonic() - started < 20
+        time.sleep(0.5)
+        assert not alive(stuck)
+        assert [pid for pid in children if alive(pid)] == []
+        assert "vault did not stop within 2 s of SIGTERM: killed" in out_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_up_gives_up_on_a_vault_that_keeps_failing_to_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    out_path = tmp_path / "up.log"
+    with out_path.open("wb") as out:
+        proc = subprocess.Popen(
+            up_args(state, some_ports(), "--restarts", "2"), stdout=out, stderr=out
+        )
+    try:
+        wait_for(state / "stack.json", proc)
+        vault = read_stack(state)["vault"]
+        assert isinstance(vault, dict)
+        children = pids_of_children(proc.pid)
+        # A byte of the vault's audit log flipped (in place): each start refuses it.
+        log = state / "vault" / "audit.jsonl"
+        with log.open("r+b") as fh:
+            fh.seek(40)
+            byte = fh.read(1)
+            fh.seek(40)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        os.kill(vault["pid"], signal.SIGKILL)
+        assert proc.wait(60) == 1
+        said = " ".join(out_path.read_text().split())
+        assert "vault exited with status 2" in said
+        assert "crash-looping, so up gives up and stops the stack" in said
+        assert not (state / "stack.json").exists()
+        time.sleep(0.5)
+        assert [pid for pid in children if alive(pid)] == []
+        refused = " ".join((state / "vault" / "vault.log").read_text().split())
+        assert "cardvault audit repair" in refused
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _child(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    from cardvault.cli.up import _Stack
+
+    ready = tmp_path / "ready"
+    stack = _Stack(tmp_path)
+    proc = stack.start(
+        "stubborn",
+        _child(
+            "import signal, time, pathlib\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
+            "time.sleep(120)\n"
+        ),
+        str(tmp_path / "stubborn.log"),
+    )
+    eventually(ready.exists, timeout=20, every=0.05)
+    started = time.monotonic()
+    stack.shutdown(grace=1.0)
+    took = time.monotonic() - started
+    assert 1.0 <= took < 5
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_crash_loop_stops_after_the_restarts_allowed(tmp_path: Path) -> None:
+    from cardvault.cli.up import _Stack
+
+    changes: list[int] = []
+    stack = _Stack(tmp_path, restarts=3, on_change=lambda: changes.append(1))
+    stack.start("crasher", _child("import sys; sys.exit(3)"), str(tmp_path / "crasher.log"))
+    started = time.monotonic()
+    stack.watch(every=0.05)  # returns once it gives up
+    assert time.monotonic() - started < 20
+    (child,) = stack.children
+    assert stack.gave_up is child
+    assert child.restarts == 3 and len(changes) == 3
+    assert child.last_exit == "exited with status 3"
+    stack.shutdown(grace=1.0)
+
+
+def test_a_child_that_exits_once_is_restarted_and_runs_on(tmp_path: Path) -> None:
+    import threading
+
+    from cardvault.cli.up import _Stack
+
+    marker = tmp_path / "ran-once"
+    stack = _Stack(tmp_path)
+    stack.start(
+        "flaky",
+        _child(
+            "import pathlib, sys, time\n"
+            f"marker = pathlib.Path({str(marker)!r})\n"
+            "if not marker.exists():\n"
+            "    marker.touch()\n"
+            "    sys.exit(74)\n"
+            "time.sleep(120)\n"
+        ),
+        str(tmp_path / "flaky.log"),
+    )
+    watcher = threading.Thread(target=stack.watch, kwargs={"every": 0.05})
+    watcher.start()
+    try:
+        (child,) = stack.children
+        eventually(lambda: child.restarts == 1 and child.proc.poll() is None, timeout=20)
+        time.sleep(0.5)
+        assert child.restarts == 1 and child.proc.poll() is None
+        assert child.last_exit == "exited with status 74 (its audit log failed)"
+        assert stack.gave_up is None
+    finally:
+        stack.stopping = True
+        watcher.join(10)
+        stack.shutdown(grace=2.0)

@@ -27,8 +27,13 @@ modules:
 * :mod:`cardvault.audit.text`: what a record may hold (``check_entry``), and
   ``untrusted_text`` for text a caller chose;
 * :mod:`cardvault.audit.signing`: the signing key and the checkpoint signature;
-* :mod:`cardvault.audit.logfile`: the file (locked append, fsync, cut back) and the
-  check of its tail on opening;
+* :mod:`cardvault.audit.logfile`: the files' names, and the log's file (locked append,
+  fsync, cut back);
+* :mod:`cardvault.audit.tailfile`: ``audit.tail``, the service's MAC-ed mark of where its
+  log ends;
+* :mod:`cardvault.audit.opening`: the check of the log before a service continues it;
+* :mod:`cardvault.audit.repair`: ``cardvault audit repair``, which makes a refused log
+  continuable again and records what it did;
 * :mod:`cardvault.audit.log`: the writer, :class:`AuditLog` (chain, group commit,
   checkpoints);
 * :mod:`cardvault.audit.verify`: what verification can and cannot find, and ``export``;
@@ -46,6 +51,7 @@ from cardvault.audit.log import (
     CHECKPOINT_INTERVAL,
     HEAD_FILE,
     LOG_FILE,
+    TAIL_FILE,
     AuditLog,
 )
 from cardvault.audit.record import CHECKPOINT_ACTION, GENESIS, AuditRecord, DetailValue
@@ -61,6 +67,7 @@ __all__ = [
     "KEY_FILE",
     "LOG_FILE",
     "PUBLIC_KEY_FILE",
+    "TAIL_FILE",
     "AuditCorrupt",
     "AuditError",
     "AuditLog",

@@ -32,9 +32,16 @@ class AuditUnavailable(AuditError):
 
 
 class AuditCorrupt(AuditError):
-    """The log (or its ``audit.head``) is not a valid chain where the service must continue it.
+    """The log (or its ``audit.head`` or ``audit.tail``) is not the chain the service
+    wrote, or holds records it cannot vouch for.
 
-    Raised when the log is opened, so that a service refuses to start rather than fork
-    the chain from a damaged or tampered tail. Run ``cardvault audit verify`` to find the
-    first bad record.
+    Raised when the log is opened, so that a service refuses to start rather than
+    continue (and sign) a damaged or tampered log. The message names the problem and
+    points to ``cardvault audit repair``; ``kind`` is its name (``edited``,
+    ``head_missing``, ``unvouched`` ...) and ``reason`` the problem alone, when known.
     """
+
+    def __init__(self, message: str, *, kind: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.reason = reason

@@ -46,12 +46,19 @@ seconds with unsigned records, and on :meth:`AuditLog.close`, the log appends an
 it), ``seq`` (that record's number), ``signature`` and ``key_id`` (see
 :mod:`.signing`). The checkpoint is itself part of the chain.
 
-Re-opening: the log reads its last two lines, checks their hashes and their link, checks
-that ``audit.head`` does not name a record beyond the end, and continues the chain from
-there (:func:`~cardvault.audit.logfile.read_tail`). A partial or altered tail raises
-:class:`AuditCorrupt`: the service must not start and fork the chain. (Only the tail is
-checked, to keep start-up fast; run ``cardvault audit verify`` for the whole log.) The
-file is locked (``flock``) while open, so two processes cannot write one log.
+Re-opening: the log is checked as :mod:`cardvault.audit.opening` describes (all its bytes
+against ``audit.tail``, the service's MAC-ed mark of where it ends, and ``audit.head``
+against the log), and continued only if it is exactly the chain this service wrote;
+otherwise :class:`AuditCorrupt` names the problem and points to ``cardvault audit
+repair``. Before each write the mark is replaced (:mod:`cardvault.audit.tailfile`), so
+that records written after the last checkpoint and before a crash are recognised as the
+service's own and signed by its next checkpoint, and anyone else's are refused. The file
+is locked (``flock``) while open, so two processes cannot write one log.
+
+Health: :attr:`AuditLog.broken` (a failure the log cannot recover from) and
+:attr:`AuditLog.failing_since` (the last write failed, and none has succeeded since) are
+what a service watches to stop and let its supervisor restart it
+(:func:`cardvault.audit.recorder.watch_audit_log`).
 
 A caller cancelled while it awaits the flush cannot tell whether its record is durable:
 it was made, and the flush still makes it durable unless the write or fsync fails.
@@ -70,7 +77,8 @@ from typing import Final
 import structlog
 
 from cardvault.audit.errors import AuditUnavailable
-from cardvault.audit.logfile import AppendFile, read_tail
+from cardvault.audit.logfile import HEAD_FILE, LOG_FILE, TAIL_FILE, AppendFile
+from cardvault.audit.opening import check_log
 from cardvault.audit.record import (
     CHECKPOINT_ACTION,
     AuditRecord,
@@ -84,7 +92,9 @@ from cardvault.audit.signing import (
     load_or_create_signing_key,
     sign_checkpoint,
 )
+from cardvault.audit.tailfile import LogEnd, TailFile, TailMark, encode_mark, mark_key
 from cardvault.audit.text import check_entry
+from cardvault.crypto import SigningKey
 from cardvault.files import write_private
 
 __all__ = [
@@ -92,11 +102,11 @@ __all__ = [
     "CHECKPOINT_INTERVAL",
     "HEAD_FILE",
     "LOG_FILE",
+    "TAIL_FILE",
     "AuditLog",
+    "checkpoint_record",
 ]
 
-LOG_FILE: Final = "audit.jsonl"
-HEAD_FILE: Final = "audit.head"
 #: Records between two checkpoints, at most.
 CHECKPOINT_EVERY: Final = 1000
 #: Seconds an unsigned record waits, at most, for a checkpoint. This bounds what a crash
@@ -151,6 +161,7 @@ class AuditLog:
         self.directory = Path(directory)
         self.path = self.directory / LOG_FILE
         self.head_path = self.directory / HEAD_FILE
+        self.tail_path = self.directory / TAIL_FILE
         self._every = checkpoint_every
         self._interval = checkpoint_interval
         self._clock = clock
@@ -160,6 +171,9 @@ class AuditLog:
         )
         self._closed = False
         self._broken: BaseException | None = None
+        # Since when writes fail (monotonic; None while the last one succeeded), and why.
+        self._failing_since: float | None = None
+        self._failure: str | None = None
         # Written since the last flush: the callers waiting, how many records, and the
         # newest checkpoint's line (for audit.head).
         self._waiters: list[_Waiter] = []
@@ -179,21 +193,41 @@ class AuditLog:
         except OSError as exc:
             raise AuditUnavailable("the audit signing key cannot be read or created") from exc
         self.key_id = key_id(self._key.public_key)
+        self._mark_key = mark_key(self._key)
         self._file = AppendFile.open(self.path)
         try:
-            self._seq, self._prev, self._size, last_is_checkpoint = read_tail(
-                self.path, self.head_path, self._key.public_key
+            opening = check_log(
+                self.path, self.head_path, self.tail_path, self._key.public_key, self._mark_key
             )
+            try:
+                self._tail = TailFile.open(self.tail_path)
+            except OSError as exc:
+                raise AuditUnavailable(f"{self.tail_path} cannot be opened") from exc
         except BaseException:
             self._file.close()
             raise
-        # After a crash the count of unsigned records is unknown; "at least one" makes
-        # the timer sign them within checkpoint_interval.
-        self._since_checkpoint = 0 if last_is_checkpoint or self._seq == 0 else 1
+        end = opening.end
+        if opening.new_mark:
+            try:
+                self._tail.write(encode_mark(TailMark(end, end), self._mark_key))
+            except OSError as exc:
+                self._tail.close()
+                self._file.close()
+                raise AuditUnavailable(f"{self.tail_path} cannot be written") from exc
+        #: SHA-256 of the durable bytes of the log, and the end they make.
+        self._hasher = opening.hasher
+        self._durable_end = end
+        self._seq, self._prev, self._size = end.seq, end.hash, end.size
+        self._checkpoint = (end.checkpoint_seq, end.checkpoint_hash)
+        # The records after the newest checkpoint, which the timer signs within
+        # checkpoint_interval of the next write (or close signs).
+        self._since_checkpoint = end.unsigned
         self._last_checkpoint = time.monotonic()
-        # (seq, prev, size, since) of the last durable record; the fields above are the
-        # last written one.
-        self._durable = (self._seq, self._prev, self._size, self._since_checkpoint)
+        # (seq, prev, size, since, checkpoint) of the last durable record; the fields
+        # above are the last written one's.
+        self._durable = (
+            self._seq, self._prev, self._size, self._since_checkpoint, self._checkpoint,
+        )  # fmt: skip
 
     @classmethod
     async def open(
@@ -233,6 +267,33 @@ class AuditLog:
         """The number of the last durable record (0 for an empty log)."""
         return self._durable[0]
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def broken(self) -> BaseException | None:
+        """Why the log can no longer be written until the service restarts (the file
+        could not be cut back after a failed write, or ``audit.head`` not replaced), or
+        None."""
+        return self._broken
+
+    @property
+    def failing_since(self) -> float | None:
+        """Since when (``time.monotonic()``) writes fail: set by a failed write, cleared
+        by the next one that succeeds. None while the log writes."""
+        return self._failing_since
+
+    @property
+    def failure(self) -> str | None:
+        """The last failure (the OS error), while :attr:`writable` is False."""
+        return self._failure if not self.writable else None
+
+    @property
+    def writable(self) -> bool:
+        """Whether the last write succeeded and the log is open and not broken."""
+        return not self._closed and self._broken is None and self._failing_since is None
+
     async def append(
         self,
         action: str,
@@ -270,9 +331,7 @@ class AuditLog:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
         if self._broken is not None:
-            raise AuditUnavailable("the audit log failed and cannot be written") from (
-                self._broken
-            )
+            raise AuditUnavailable("the audit log failed and cannot be written") from (self._broken)
         record = AuditRecord.seal(
             seq=self._seq + 1,
             time=self._now(),
@@ -288,7 +347,7 @@ class AuditLog:
         future: asyncio.Future[AuditRecord] = loop.create_future()
         made = [record]
         if self._since_checkpoint + 1 >= self._every:
-            made.append(self._checkpoint(record.seq, record.hash))
+            made.append(self._checkpoint_record(record.seq, record.hash))
         self._write(loop, made, (future, record))
         return await future
 
@@ -303,7 +362,7 @@ class AuditLog:
             self._timer = None
         if self._broken is None and self._since_checkpoint:
             loop = asyncio.get_running_loop()
-            checkpoint = self._checkpoint(self._seq, self._prev)
+            checkpoint = self._checkpoint_record(self._seq, self._prev)
             future: asyncio.Future[AuditRecord] = loop.create_future()
             try:
                 self._write(loop, [checkpoint], (future, checkpoint))
@@ -314,6 +373,7 @@ class AuditLog:
             self._flush_handle.cancel()
             self._flush()
         self._file.close()
+        self._tail.close()
 
     async def __aenter__(self) -> AuditLog:
         return self
@@ -346,6 +406,7 @@ class AuditLog:
         for record in records:
             if record.is_checkpoint:
                 since, head = 0, record.line()
+                self._checkpoint = (record.seq, record.hash)
                 self._last_checkpoint = time.monotonic()
             else:
                 since += 1
@@ -376,14 +437,18 @@ class AuditLog:
         self._timer = None
         if self._closed or self._broken is not None or not self._since_checkpoint:
             return
-        self._write(loop, [self._checkpoint(self._seq, self._prev)], None)
+        self._write(loop, [self._checkpoint_record(self._seq, self._prev)], None)
 
     def _cut(self, size: int, cause: OSError) -> None:
         """Cut the file back to ``size``, or mark the log broken."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._failure = str(cause)
         try:
             self._file.truncate(size)
         except OSError as exc:
             self._broken = exc
+            self._failure = f"{cause}; and the log could not be cut back: {exc}"
             _log.error("audit_log_broken", path=str(self.path), error=str(exc))
         else:
             _log.error("audit_write_failed", path=str(self.path), error=str(cause))
@@ -404,12 +469,19 @@ class AuditLog:
         self._waiters, self._unsynced, self._head, self._lines = [], 0, None, []
         if not records:
             return
+        data = b"".join(lines)
         try:
-            self._file.write(b"".join(lines))
+            # The mark first: a crash at any point leaves the log at one of its two ends.
+            hasher = self._hasher.copy()
+            hasher.update(data)
+            end = LogEnd(self._size, hasher.hexdigest(), self._seq, self._prev, *self._checkpoint)
+            self._tail.write(encode_mark(TailMark(self._durable_end, end), self._mark_key))
+            self._file.write(data)
             self._file.sync()
         except OSError as exc:
-            seq, prev, size, since = self._durable
-            self._seq, self._prev, self._size, self._since_checkpoint = seq, prev, size, since
+            seq, prev, size, since, checkpoint = self._durable
+            self._seq, self._prev, self._size = seq, prev, size
+            self._since_checkpoint, self._checkpoint = since, checkpoint
             self._cut(size, exc)
             _fail(waiters, "the audit record could not be written", exc)
             if since and self._timer is None and not self._closed and self._broken is None:
@@ -420,7 +492,17 @@ class AuditLog:
             return
         self._fsyncs += 1
         self._records += records
-        self._durable = (self._seq, self._prev, self._size, self._since_checkpoint)
+        self._hasher, self._durable_end = hasher, end
+        self._failing_since = None
+        try:
+            # Now only this end is the log's: a log cut back to the end before this write
+            # (its records acknowledged below) is no longer one the mark allows.
+            self._tail.write(encode_mark(TailMark(end, end), self._mark_key))
+        except OSError as exc:  # the mark still allows this end: nothing is lost
+            _log.warning("audit_mark_write_failed", path=str(self.tail_path), error=str(exc))
+        self._durable = (
+            self._seq, self._prev, self._size, self._since_checkpoint, self._checkpoint,
+        )  # fmt: skip
         if head is not None:
             try:
                 write_private(self.head_path, head)
@@ -429,27 +511,34 @@ class AuditLog:
                 # current audit.head a cut-off log could pass verification, so refuse
                 # every later append (fail closed) until an operator looks.
                 self._broken = exc
+                self._failing_since = self._failing_since or time.monotonic()
+                self._failure = f"{self.head_path} could not be replaced: {exc}"
                 _log.error("audit_head_write_failed", path=str(self.head_path), error=str(exc))
         for future, record in waiters:
             if not future.done():  # the caller was cancelled
                 future.set_result(record)
 
-    def _checkpoint(self, seq: int, head: str) -> AuditRecord:
-        detail: dict[str, DetailValue] = {
-            "head": head,
-            "seq": seq,
-            "signature": sign_checkpoint(self._key, head, seq),
-            "key_id": self.key_id,
-        }
-        return AuditRecord.seal(
-            seq=seq + 1,
-            time=self._now(),
-            actor=CHECKPOINT_ACTOR,
-            origin=None,
-            action=CHECKPOINT_ACTION,
-            object_id=None,
-            result="ok",
-            request_id=None,
-            detail=detail,
-            prev=head,
-        )
+    def _checkpoint_record(self, seq: int, head: str) -> AuditRecord:
+        return checkpoint_record(self._key, self.key_id, seq, head, self._now())
+
+
+def checkpoint_record(key: SigningKey, kid: str, seq: int, head: str, time: str) -> AuditRecord:
+    """The checkpoint that signs record ``seq`` (whose hash is ``head``), made at ``time``."""
+    detail: dict[str, DetailValue] = {
+        "head": head,
+        "seq": seq,
+        "signature": sign_checkpoint(key, head, seq),
+        "key_id": kid,
+    }
+    return AuditRecord.seal(
+        seq=seq + 1,
+        time=time,
+        actor=CHECKPOINT_ACTOR,
+        origin=None,
+        action=CHECKPOINT_ACTION,
+        object_id=None,
+        result="ok",
+        request_id=None,
+        detail=detail,
+        prev=head,
+    )

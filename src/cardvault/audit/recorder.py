@@ -1,15 +1,29 @@
-"""What the services call: an audit record for the request being handled, fail-closed.
+"""What the services call: an audit record for the request being handled, fail-closed;
+and the watch that stops a service whose audit log failed.
 
 ``Recorder.record`` fills in the request id and origin address from the request's
 logging context (bound by :class:`cardvault.transport.asgi.SecurityHeaders`), appends
 the record, and turns :class:`AuditUnavailable` into the API's
 :class:`~cardvault.errors.ServiceUnavailable`, so the operation it guards is refused.
+
+:func:`watch_audit_log` runs beside a service. While the log's last write failed, the
+service is not ready (``/readyz``) and refuses what it cannot record (503); when the log
+is broken (it could not be cut back after a failed write, or ``audit.head`` could not be
+replaced), or has failed for :data:`AUDIT_FAILURE_GRACE` seconds with no write
+succeeding since, the watch logs why and asks the service to stop, which then exits
+with :data:`AUDIT_FAILED_EXIT` so that its supervisor (systemd's
+``Restart=on-failure``, ``cardvault up``) starts it again: a restart re-checks the log
+from disk, and one that still cannot write refuses to start instead of answering 503
+for ever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Final
 
 from cardvault.audit.errors import AuditError, AuditUnavailable
 from cardvault.audit.log import AuditLog
@@ -18,7 +32,23 @@ from cardvault.config import AuditSettings
 from cardvault.errors import AuditUnavailableError, ConfigurationError
 from cardvault.logging import get_logger, request_fields
 
-__all__ = ["Recorder", "open_audit_log", "start_recording"]
+__all__ = [
+    "AUDIT_FAILED_EXIT",
+    "AUDIT_FAILURE_GRACE",
+    "Recorder",
+    "open_audit_log",
+    "start_recording",
+    "watch_audit_log",
+]
+
+#: The exit status of a service that stopped because its audit log failed: 74, EX_IOERR
+#: in sysexits.h ("an error occurred while doing I/O on some file"). Distinct from 1 (an
+#: unexpected error), 2 (a configuration error, or a log it refuses to continue) and 3
+#: (uvicorn's start-up failure).
+AUDIT_FAILED_EXIT: Final = 74
+#: Seconds a log may keep failing (no write succeeding since the first failure) before
+#: the service stops; a broken log stops it at once.
+AUDIT_FAILURE_GRACE: Final = 5.0
 
 _log = get_logger("cardvault.audit")
 
@@ -58,6 +88,45 @@ class Recorder:
     async def close(self) -> None:
         if self.log is not None:
             await self.log.close()
+
+    @property
+    def writable(self) -> bool:
+        """Whether the log's last write succeeded (and it is open and not broken); True
+        for a recorder without a log (it records nothing, as in tests)."""
+        return self.log is None or self.log.writable
+
+
+async def watch_audit_log(
+    recorder: Recorder,
+    stop: Callable[[str], object],
+    *,
+    grace: float = AUDIT_FAILURE_GRACE,
+    every: float = 0.25,
+) -> None:
+    """Call ``stop(reason)`` once, and return, when the recorder's log is broken or has
+    been failing for ``grace`` seconds (module docstring); return when it is closed."""
+    while True:
+        await asyncio.sleep(every)
+        log = recorder.log
+        if log is None:
+            continue
+        if log.closed:
+            return
+        since = log.failing_since
+        if log.broken is not None:
+            reason = f"the audit log is broken: {log.failure}"
+        elif since is not None and time.monotonic() - since >= grace:
+            reason = f"the audit log has failed for {grace:g} s: {log.failure}"
+        else:
+            continue
+        _log.error(
+            "audit log failed; stopping so that a supervisor restarts this service",
+            path=str(log.path),
+            reason=reason,
+            exit_status=AUDIT_FAILED_EXIT,
+        )
+        stop(reason)
+        return
 
 
 async def open_audit_log(directory: Path, settings: AuditSettings) -> AuditLog:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from cardvault.audit.errors import AuditCorrupt
-from cardvault.audit.log import HEAD_FILE
+from cardvault.audit.logfile import HEAD_FILE
 from cardvault.audit.record import (
     GENESIS,
     RECORD_DEPTH,
@@ -59,7 +59,15 @@ from cardvault.audit.record import (
 from cardvault.audit.signing import key_id, load_public_key, verify_checkpoint
 from cardvault.crypto import VerifyKey
 
-__all__ = ["WINDOW", "Problem", "ProblemKind", "VerifyResult", "export", "verify_log"]
+__all__ = [
+    "WINDOW",
+    "Problem",
+    "ProblemKind",
+    "VerifyResult",
+    "export",
+    "verify_log",
+    "verify_with_key",
+]
 
 #: Records looked at on either side of a break to tell what happened there.
 WINDOW: Final = 1024
@@ -103,6 +111,8 @@ class VerifyResult:
     records: int
     #: The last record number that verified (0 if none).
     last_seq: int
+    #: That record's hash (GENESIS if none).
+    last_hash: str
     #: Valid checkpoints seen.
     checkpoints: int
     #: The last record number covered by a valid checkpoint signature, if any.
@@ -424,8 +434,14 @@ def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = No
     log verifies). Raises ``OSError`` if the log or key cannot be read and ``ValueError``
     if the key is not an Ed25519 public key.
     """
+    return verify_with_key(Path(path), load_public_key(Path(public_key_path)), head_path=head_path)
+
+
+def verify_with_key(
+    path: Path, public_key: VerifyKey, *, head_path: Path | None = None
+) -> VerifyResult:
+    """:func:`verify_log` with the public key already loaded."""
     path = Path(path)
-    public_key = load_public_key(Path(public_key_path))
     kid = key_id(public_key)
     head_file = Path(head_path) if head_path is not None else path.with_name(HEAD_FILE)
     head, head_problem = _read_head(head_file, public_key, kid)
@@ -443,6 +459,7 @@ def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = No
         path=path,
         records=walk.prev_line,
         last_seq=last_seq,
+        last_hash=walk.prev.hash if walk.prev is not None else GENESIS,
         checkpoints=walk.checkpoints,
         signed_seq=walk.signed_seq,
         head_seq=head.seq if head is not None else None,

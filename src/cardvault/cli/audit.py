@@ -1,11 +1,11 @@
-"""``cardvault audit``: verify and export the services' audit logs."""
+"""``cardvault audit``: verify, export and repair the services' audit logs."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -25,8 +25,12 @@ from cardvault.audit import (
 )
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
 
+if TYPE_CHECKING:
+    from cardvault.audit.repair import RepairPlan
+
 app = typer.Typer(
-    help="Verify the hash chain and signatures of audit logs, and export them.",
+    help="Verify the hash chain and signatures of audit logs, export them, and repair one "
+    "its service refuses to continue.",
     no_args_is_help=True,
 )
 out = Console()
@@ -40,15 +44,25 @@ def admin_log_directory(log: Path) -> Path:
     return zone if zone.name.endswith("-admin") else zone.with_name(zone.name + "-admin")
 
 
-def record_access(log: Path, action: str, *, required: bool) -> None:
-    """Record that ``log`` was read or exported, before it is.
-
-    An export hands the records out, so when its record cannot be written the export is
-    refused (exit 1). A verification only checks integrity; it must still be able to
-    report a damaged log, so a failure to record it is a warning. An admin log's own
-    readers are not recorded in it (the log under examination is not written to)."""
-    import asyncio
+def _operator() -> str:
+    """Who runs the command, as recorded: the user name (from LOGNAME or USER) is the
+    operator's text, recorded as untrusted_text so that no name can make a record fail."""
     import getpass
+
+    from cardvault.audit.text import untrusted_text
+
+    return untrusted_text(f"os-user:{getpass.getuser()}", limit=100)
+
+
+def record_access(log: Path, action: str, *, required: bool) -> None:
+    """Record that ``log`` was read, exported or repaired, before it is.
+
+    An export hands the records out and a repair changes the log, so when their record
+    cannot be written they are refused (exit 1). A verification only checks integrity
+    and must still be able to report on a log when the disk is full, so a failure to
+    record it is a warning, and the verification goes on. An admin log's own readers are
+    not recorded in it (the log under examination is not written to)."""
+    import asyncio
 
     from cardvault.audit import AuditError, AuditLog
     from cardvault.audit.text import untrusted_text
@@ -60,11 +74,10 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
     async def go() -> None:
         audit = await AuditLog.open(target)
         try:
-            # The user name (from LOGNAME or USER) and the path are the operator's text:
-            # recorded as untrusted_text, so no name or path can make the record fail.
+            # The path is the operator's text too: recorded as untrusted_text.
             await audit.append(
                 action,
-                actor=untrusted_text(f"os-user:{getpass.getuser()}", limit=100),
+                actor=_operator(),
                 origin="local",
                 object_id=untrusted_text(str(log.resolve())[-200:]),
                 result="ok",
@@ -76,10 +89,16 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
     try:
         asyncio.run(go())
     except (AuditError, OSError) as exc:
+        reason = escape(str(exc))
+        if required:
+            err.print(
+                f"[red]cannot record this access in the audit log, so it is refused: {reason}[/]"
+            )
+            raise typer.Exit(1) from None
         err.print(
-            f"[red]cannot record this access in the audit log, so it is refused: {escape(str(exc))}[/]"
+            f"[yellow]warning: this verification could not be recorded in {escape(str(target))} "
+            f"({reason}); verifying anyway[/]"
         )
-        raise typer.Exit(1) from None
 
 
 def _logs_under(state: Path) -> list[Path]:
@@ -209,3 +228,84 @@ def export(
     except AuditCorrupt as exc:
         err.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None
+
+
+@app.command("repair")
+def repair(
+    path: Annotated[Path, typer.Argument(help="The audit log (audit.jsonl) its service refuses.")],
+    adopt_unsigned: Annotated[
+        bool,
+        typer.Option(
+            "--adopt-unsigned",
+            help="Keep the records after the last signature that still verify but that "
+            "nothing vouches for (you vouch for them: records written just before a power "
+            "cut). By default they are moved out with the rest.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do it (without: only show the plan).")
+    ] = False,
+) -> None:
+    """Make a log its service refuses to continue continuable again, and record it.
+
+    Keeps the part of the log that verifies and is vouched for, moves every line after
+    it to audit.cut-<time>.jsonl beside the log, and appends a signed audit.repaired
+    record saying what was found, kept and cut, and what audit.head was. Stop the
+    service first, and keep a copy of its audit directory as found.
+    """
+    from cardvault.audit import AuditError, AuditUnavailable
+    from cardvault.audit.repair import REPAIR_ACTION, Repair
+
+    try:
+        with Repair(path) as job:
+            plan = job.plan(adopt_unsigned=adopt_unsigned)
+            _print_plan(plan)
+            if not plan.needed:
+                out.print("[green]nothing to repair[/]: the service continues this log as it is.")
+                return
+            if not yes:
+                err.print("Nothing was changed. Run again with --yes to do this.")
+                raise typer.Exit(1)
+            record_access(path, REPAIR_ACTION, required=True)
+            record = job.apply(plan, actor=_operator())
+    except FileNotFoundError as exc:
+        err.print(f"[red]No such file: {escape(str(exc.filename))}[/]")
+        raise typer.Exit(1) from None
+    except AuditUnavailable as exc:
+        err.print(f"[red]{escape(str(exc))}[/]: stop the service that writes this log first.")
+        raise typer.Exit(1) from None
+    except (AuditError, OSError) as exc:
+        err.print(f"[red]repair failed: {escape(str(exc))}[/]")
+        raise typer.Exit(1) from None
+    out.print(
+        f"repaired: record {record.seq} ({REPAIR_ACTION}) and a checkpoint that signs it "
+        f"were appended; {escape(str(path.with_name(HEAD_FILE)))} names that checkpoint."
+    )
+    result = _verify_one(path, None, None)
+    if isinstance(result, str) or result.problem is not None:
+        problem = result if isinstance(result, str) else str(result.problem)
+        err.print(f"[red]the repaired log does not verify: {escape(problem)}[/]")
+        raise typer.Exit(1)
+    out.print(f"verify: [green]ok[/] ({result.records} records)")
+
+
+def _print_plan(plan: RepairPlan) -> None:
+    """What was found and what a repair does, in plain lines (no markup from the log)."""
+    show = out.print
+    if plan.refused is not None:
+        show(f"found        {escape(plan.reason or plan.refused)}", highlight=False)
+    show(f"log          {escape(str(plan.path))}: {plan.lines} lines", highlight=False)
+    show(f"audit.head   {plan.head}", highlight=False)
+    show(f"audit.tail   {plan.mark}", highlight=False)
+    if not plan.needed:
+        return
+    show(f"keep         lines 1 to {plan.keep_lines} (through record {plan.keep_seq})")
+    if plan.unvouched:
+        verb = "kept (--adopt-unsigned)" if plan.adopted else "cut (--adopt-unsigned keeps them)"
+        show(f"unvouched    {plan.unvouched} records after the last signed or marked one: {verb}")
+    if plan.cut_lines:
+        show(
+            f"cut          {plan.cut_lines} lines ({plan.cut_bytes} bytes), moved as they are "
+            "to audit.cut-<time>.jsonl beside the log"
+        )
+    show("then         append a signed audit.repaired record, write audit.head and audit.tail")

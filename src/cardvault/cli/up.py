@@ -4,19 +4,35 @@ The stack: the key service (mTLS only), the vault (public HTTPS listener, HTTP r
 port, mTLS admin API), the simulated acquirer and the example shop, each a real child
 process. Each zone gets its own state directory and certificate; the acquirer and the
 shop run only when cardvault runs from its repository (they live in ``examples/``).
+
+``up`` supervises its children (:class:`_Stack`): a child that exits, whatever the
+cause (a crash, the OOM killer's SIGKILL, a vault whose audit log failed and exited 74),
+is reported on the terminal and started again with the same command line, and
+``stack.json`` is rewritten with its new process id and its count of restarts. Every
+child is restarted, the key service and the examples too: each keeps its state on disk,
+and the development key service unseals itself on start. A child that exits
+``--restarts`` times within :data:`RESTART_WINDOW` seconds is in a crash loop: ``up``
+gives up, says so, stops the stack and exits 1. Restarts wait a little longer each time
+(:func:`_backoff`), so a loop cannot spin. On Ctrl-C (or SIGTERM) every child gets
+SIGTERM, and one still running ``--stop-grace`` seconds later is killed (SIGKILL, its
+whole process group); a second Ctrl-C kills at once. Children die with ``up``
+(``PR_SET_PDEATHSIG``) even if ``up`` itself is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
@@ -30,6 +46,15 @@ out = Console()
 err = Console(stderr=True)
 
 STACK_FILE = "stack.json"
+#: Restarts of one child allowed within this many seconds (``--restarts``) before ``up``
+#: decides it is in a crash loop and gives up.
+RESTART_WINDOW: Final = 60.0
+RESTARTS: Final = 5
+#: Seconds a child has after SIGTERM before it is killed (``--stop-grace``).
+STOP_GRACE: Final = 10.0
+#: The exit status the services use when their audit log failed
+#: (cardvault.audit.recorder.AUDIT_FAILED_EXIT; not imported, to keep `up` light).
+_AUDIT_FAILED: Final = 74
 
 
 def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
@@ -79,11 +104,28 @@ def _script(entry: Path, *args: str) -> list[str]:
     return [sys.executable, str(entry), *args]
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
+    """Ask the kernel to send this process SIGTERM when ``up`` dies (Linux), so that no
+    child outlives an ``up`` that was killed outright."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def _spawn(argv: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a session of its own, its output appended to ``log_path``."""
+    """Start ``argv`` in a session (and process group) of its own, its output appended
+    to ``log_path``."""
     log = _child_log(log_path)
     try:
-        return subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # (safe: up starts no threads)
+        )
     finally:
         log.close()
 
@@ -120,67 +162,175 @@ def _wait_healthy(
 @dataclass
 class _Child:
     """One service of the stack: its process, and the command line and log it was started
-    with (what starting it again would take)."""
+    with (what starting it again takes), and its restarts."""
 
     name: str
     argv: list[str]
     log: str
     proc: subprocess.Popen[bytes]
+    #: When it was restarted (``time.monotonic()``), within the restart window.
+    restarted: deque[float] = field(default_factory=deque)
+    #: Restarts since ``up`` started.
+    restarts: int = 0
+    #: When a restart is due, while it waits for one.
+    restart_at: float | None = None
+    #: How it last ended, in words.
+    last_exit: str | None = None
+
+
+def describe_exit(returncode: int) -> str:
+    """How a child ended, in words (a signal by name; 74 and 2 by what they mean)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (as the kernel's OOM killer does)" if returncode == -signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    if returncode == _AUDIT_FAILED:
+        return f"exited with status {returncode} (its audit log failed)"
+    if returncode == 2:
+        return f"exited with status {returncode} (a configuration error, or a log it refuses)"
+    return f"exited with status {returncode}"
+
+
+def _backoff(recent: int) -> float:
+    """Seconds before a restart, after ``recent`` restarts in the window: 0, 0.5, 1, 2 …
+    up to 8."""
+    return 0.0 if recent == 0 else min(0.5 * 2 ** (recent - 1), 8.0)
 
 
 class _Stack:
-    """The stack's child processes, in the order they started, and whether to stop.
+    """The stack's child processes, in the order they started, and their supervision.
 
-    :meth:`start` starts each child; :meth:`watch` then runs until a signal or a child's
-    exit (decided in :meth:`_exited`) asks the stack to stop; :meth:`shutdown` stops
-    every child.
+    :meth:`start` starts each child; :meth:`watch` then runs until a signal asks the
+    stack to stop or a child is in a crash loop, restarting each child that exits
+    (:meth:`_exited`); :meth:`shutdown` stops every child. ``on_change`` is called after
+    each restart (``up`` rewrites ``stack.json``).
     """
 
-    def __init__(self, state: Path) -> None:
+    def __init__(
+        self,
+        state: Path,
+        *,
+        restarts: int = RESTARTS,
+        window: float = RESTART_WINDOW,
+        on_change: Callable[[], object] | None = None,
+    ) -> None:
         self.state = state
         self.children: list[_Child] = []
         self.stopping = False
+        #: A second Ctrl-C: kill what is left without waiting.
+        self.hurry = False
+        #: The child whose crash loop stopped the stack, if one did.
+        self.gave_up: _Child | None = None
+        self.max_restarts = restarts
+        self.window = window
+        self.on_change = on_change
 
     def catch_signals(self) -> None:
-        """SIGINT (Ctrl-C) and SIGTERM ask the stack to stop: :meth:`watch` then returns."""
+        """SIGINT (Ctrl-C) and SIGTERM ask the stack to stop: :meth:`watch` then returns.
+        A second one makes :meth:`shutdown` kill without waiting."""
         signal.signal(signal.SIGINT, self.stop)
         signal.signal(signal.SIGTERM, self.stop)
 
     def stop(self, *_: Any) -> None:
+        if self.stopping:
+            self.hurry = True
         self.stopping = True
 
     def start(self, name: str, argv: list[str], log: str) -> subprocess.Popen[bytes]:
-        """Start the child ``name``; it is stopped by :meth:`shutdown`."""
+        """Start the child ``name``; it is watched by :meth:`watch` and stopped by
+        :meth:`shutdown`."""
         child = _Child(name, argv, log, _spawn(argv, log))
         self.children.append(child)
         return child.proc
 
-    def watch(self) -> None:
-        """Look at every child five times a second until the stack is asked to stop."""
+    def watch(self, every: float = 0.2) -> None:
+        """Look at every child five times a second until the stack is asked to stop (or
+        gives up on a crash loop), restarting those that exited."""
         while not self.stopping:
+            now = time.monotonic()
             for child in self.children:
-                if child.proc.poll() is not None:
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._restart(child)
+                elif child.proc.poll() is not None:
                     self._exited(child)
-            time.sleep(0.2)
+                if self.stopping:
+                    break
+            time.sleep(every)
 
     def _exited(self, child: _Child) -> None:
-        """What a child's exit means: it is reported, and the whole stack stops."""
+        """What a child's exit means: it is reported and restarted, unless it has been
+        restarted ``max_restarts`` times within the window (a crash loop): then the stack
+        gives up and stops."""
+        now = time.monotonic()
+        while child.restarted and now - child.restarted[0] > self.window:
+            child.restarted.popleft()
+        child.last_exit = describe_exit(child.proc.returncode)
+        recent = len(child.restarted)
+        if recent >= self.max_restarts:
+            err.print(
+                f"[red]{child.name} {child.last_exit}, after {recent} restarts in "
+                f"{self.window:g} s: it is crash-looping, so up gives up and stops the stack. "
+                f"Its log: {child.log}[/]",
+                highlight=False,
+            )
+            self.gave_up = child
+            self.stopping = True
+            return
+        delay = _backoff(recent)
+        when = f"in {delay:g} s" if delay else "now"
         err.print(
-            f"[red]a service exited ({child.proc.returncode}); logs in {self.state}/*/*.log[/]"
+            f"[yellow]{child.name} {child.last_exit}: restarting it {when} (restart "
+            f"{recent + 1} of at most {self.max_restarts} in {self.window:g} s). "
+            f"Its log: {child.log}[/]",
+            highlight=False,
         )
-        self.stopping = True
+        child.restart_at = now + delay
 
-    def shutdown(self, grace: float = 10) -> None:
-        """Terminate every child still running, then wait for each in turn up to ``grace``
-        seconds, and kill one that has not exited by then."""
-        for child in self.children:
+    def _restart(self, child: _Child) -> None:
+        child.restart_at = None
+        child.proc = _spawn(child.argv, child.log)
+        child.restarted.append(time.monotonic())
+        child.restarts += 1
+        err.print(f"{child.name} restarted (pid {child.proc.pid})", highlight=False)
+        if self.on_change is not None:
+            self.on_change()
+
+    def shutdown(self, grace: float = STOP_GRACE) -> None:
+        """Send SIGTERM to every child still running, give them ``grace`` seconds in all,
+        then kill (SIGKILL, the whole process group) each one still running, and reap
+        them all. A second Ctrl-C meanwhile kills at once."""
+        running = [c for c in self.children if c.proc.poll() is None and c.restart_at is None]
+        for child in running:
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while (
+            any(c.proc.poll() is None for c in running)
+            and time.monotonic() < deadline
+            and not self.hurry
+        ):
+            time.sleep(0.05)
+        for child in running:
             if child.proc.poll() is None:
-                child.proc.terminate()
-        for child in self.children:
-            try:
-                child.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
+                err.print(
+                    f"[yellow]{child.name} did not stop within {grace:g} s of SIGTERM: killed[/]",
+                    highlight=False,
+                )
+                _signal_group(child.proc, signal.SIGKILL)
+            child.proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """``sig`` to the child's process group (it leads one: started in a new session),
+    or to the child alone if the group is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
 
 
 def _check_ports(ports: list[int]) -> None:
@@ -299,8 +449,22 @@ def up(
     acquirer_port: Annotated[int, typer.Option(help="The simulated acquirer's port.")] = 8445,
     shop_port: Annotated[int, typer.Option(help="The example shop's HTTPS port.")] = 8446,
     admin_port: Annotated[int, typer.Option(help="The vault's admin API port (mTLS).")] = 8447,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help=f"Restarts of one service allowed within {RESTART_WINDOW:g} s; one more "
+            "exit is a crash loop, and up gives up and stops the stack.",
+        ),
+    ] = RESTARTS,
+    stop_grace: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds services get to stop on Ctrl-C before they are killed."),
+    ] = STOP_GRACE,
 ) -> None:
-    """Start the local stack (development only) and keep it running until Ctrl-C."""
+    """Start the local stack (development only) and keep it running until Ctrl-C.
+
+    A service that exits is reported and restarted (see docs/reliability.md)."""
     state = state.resolve()
     acquirer, shop = acquirer_entry(), shop_entry()
     ports = [vault_port, redirect_port, keyservice_port, admin_port]
@@ -324,7 +488,9 @@ def up(
     )
     stack_file = state / STACK_FILE
     stack_file.unlink(missing_ok=True)
-    stack = _Stack(state)
+    stack = _Stack(
+        state, restarts=restarts, on_change=lambda: _write_stack(stack_file, info, stack)
+    )
     stack.catch_signals()
     try:
         _start_services(stack, info, acquirer=acquirer, acquirer_port=acquirer_port)
@@ -332,7 +498,7 @@ def up(
             _start_shop(stack, info, shop)
         else:
             err.print("[yellow]examples/shop not found: running without the example shop[/]")
-        write_private(stack_file, json.dumps(info, indent=2).encode())
+        _write_stack(stack_file, info, stack)
         _print_stack(info, stack_file, acquirer=acquirer is not None)
         stack.watch()
     except RuntimeError as exc:
@@ -340,8 +506,22 @@ def up(
         raise typer.Exit(1) from None
     finally:
         stack_file.unlink(missing_ok=True)
-        stack.shutdown()
+        stack.shutdown(stop_grace)
         out.print("stopped.")
+    if stack.gave_up is not None:
+        raise typer.Exit(1)
+
+
+def _write_stack(stack_file: Path, info: dict[str, Any], stack: _Stack) -> None:
+    """``stack.json``: the stack's description, with each service's process id, its
+    restarts and how it last ended; replaced whole (never half written)."""
+    for child in stack.children:
+        entry = info.get(child.name)
+        if isinstance(entry, dict):
+            entry["pid"] = child.proc.pid
+            entry["restarts"] = child.restarts
+            entry["last_exit"] = child.last_exit
+    write_private(stack_file, json.dumps(info, indent=2).encode())
 
 
 def _check_port_free(port: int) -> None:

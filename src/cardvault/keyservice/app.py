@@ -1,4 +1,12 @@
-"""Start the key service: one mutual-TLS listener in front of :class:`KeyService`."""
+"""Start the key service: one mutual-TLS listener in front of :class:`KeyService`.
+
+Health: ``/healthz`` answers while the process serves, ``/readyz`` while its store
+answers, it is unsealed and its audit log writes (:mod:`cardvault.keyservice.http`).
+When the audit log fails for good (:func:`cardvault.audit.recorder.watch_audit_log`),
+the key service seals itself, stops its listener and exits with status 74
+(``AUDIT_FAILED_EXIT``) for its supervisor to restart it; a start whose audit records
+cannot be written exits 74 too.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from cardvault.audit.recorder import start_recording
-from cardvault.errors import ConfigurationError
+from cardvault.audit.recorder import AUDIT_FAILED_EXIT, start_recording, watch_audit_log
+from cardvault.errors import AuditUnavailableError, CardVaultError, ConfigurationError
 from cardvault.keyservice.http import routes
 from cardvault.keyservice.service import KeyService, initialize
 from cardvault.keyservice.settings import KeyServiceSettings
@@ -98,6 +106,13 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
     store = open_key_store(settings.store.url)
     service = KeyService(store, unseal_timeout=settings.seal.unseal_timeout)
     listener = build_listener(settings, service)
+    stop = asyncio.Event()
+    failed: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def audit_failed(reason: str) -> None:
+        failed.append(reason)
+        stop.set()
 
     async def startup() -> None:
         await start_recording(
@@ -119,14 +134,37 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
         )
         dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
         await service.start(dev_key_file=dev)
+        tasks.append(asyncio.create_task(watch_audit_log(service.audit, audit_failed)))
         _log.info("key service ready", sealed=service.sealed)
 
     async def shutdown() -> None:
+        for task in tasks:
+            task.cancel()
         try:
-            await service._event("service", "stop", "ok", "")
-            await service.seal(actor="shutdown")
+            try:
+                await service._event("service", "stop", "ok", "")
+            except CardVaultError:
+                _log.error("could not record the stop")
+            try:
+                await service.seal(actor="shutdown")  # wipes the keys, then records it
+            except CardVaultError:
+                _log.error("could not record the seal at shutdown")
         finally:
             await service.audit.close()
             await service.store.close()
 
-    run_until_stopped([listener], ready=ready, startup=startup, shutdown=shutdown)
+    try:
+        run_until_stopped([listener], ready=ready, startup=startup, shutdown=shutdown, stop=stop)
+    except AuditUnavailableError:
+        _log.error(
+            "key service not started: its audit log cannot be written",
+            exit_status=AUDIT_FAILED_EXIT,
+        )
+        raise SystemExit(AUDIT_FAILED_EXIT) from None
+    if failed:
+        _log.error(
+            "key service stopped: its audit log failed",
+            reason=failed[0],
+            exit_status=AUDIT_FAILED_EXIT,
+        )
+        raise SystemExit(AUDIT_FAILED_EXIT)

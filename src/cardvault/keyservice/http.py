@@ -13,6 +13,7 @@ can make its own record fail: a refused request always answers 401 or 403 and le
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -48,6 +49,8 @@ _MAX_BODY_DEPTH = 2
 _KEK_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 #: Longest derivation context: the vault sends an account id (``acct_…``).
 MAX_CONTEXT = 200
+#: The most the store may take to answer a readiness check (seconds).
+_READY_TIMEOUT = 2.0
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -123,6 +126,7 @@ def routes(
     api = _KeyServiceHandlers(service, vault=vault, admin=admin)
     return [
         Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
         Route("/v1/noop", api.noop, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/v1/unseal", api.unseal, methods=["POST"]),
@@ -172,6 +176,29 @@ class _KeyServiceHandlers:
         # Any verified identity may ask whether the service runs; nothing more.
         await self.actor(request, self.vault_ids | self.admin_ids)
         return json_response({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness, to any verified identity: 200 when the store answers, the service
+        is unsealed and its audit log's last write succeeded; else 503 with the same
+        body. ``checks`` names each: ``store`` (ok, unavailable), ``seal`` (unsealed,
+        sealed), ``audit`` (ok, failed). The vault's own ``/readyz`` asks this one."""
+        await self.actor(request, self.vault_ids | self.admin_ids)
+        try:
+            await asyncio.wait_for(self.service.store.get_meta("seal"), _READY_TIMEOUT)
+            store = "ok"
+        except Exception:
+            store = "unavailable"
+        checks = {
+            "store": store,
+            "seal": "sealed" if self.service.sealed else "unsealed",
+            "audit": "ok" if self.service.audit.writable else "failed",
+        }
+        ready = store == "ok" and checks["seal"] == "unsealed" and checks["audit"] == "ok"
+        return json_response(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status=200 if ready else 503,
+            headers={"cache-control": "no-store"},
+        )
 
     async def noop(self, request: Request) -> Response:
         await self.actor(request, self.vault_ids | self.admin_ids)

@@ -261,8 +261,10 @@ def run_until_stopped(
     ready: Callable[[], Any] | None = None,
     startup: Callable[[], Coroutine[Any, Any, Any]] | None = None,
     shutdown: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve ``listeners`` on a uvloop event loop until SIGINT/SIGTERM.
+    """Serve ``listeners`` on a uvloop event loop until SIGINT/SIGTERM, or until ``stop``
+    is set (by the service itself: a task of its start-up that decides it must exit).
 
     ``startup`` runs on the same loop before any socket is bound (an error there stops
     start-up with nothing listening); ``shutdown`` runs after every listener closed.
@@ -276,7 +278,7 @@ def run_until_stopped(
         if startup is not None:
             runner.run(startup())
         try:
-            runner.run(serve(listeners, ready=ready))
+            runner.run(serve(listeners, ready=ready, stop=stop))
         finally:
             if shutdown is not None:
                 runner.run(shutdown())

@@ -3,7 +3,16 @@
 :func:`build_vault` makes the vault's objects from its settings (:class:`Vault`),
 :func:`build_listeners` its public HTTPS listener, the optional redirect port and the
 admin API (the routes are :func:`cardvault.vault.http.routes`), and :func:`run` serves
-them until the process is stopped, opening the audit log and the sweeper at start-up.
+them until the process is stopped, opening the audit log, the sweeper and the watch of
+the audit log at start-up.
+
+Health (docs/reliability.md, "Health and supervision"): ``/healthz`` answers while the
+process serves; ``/readyz`` (:class:`Readiness`) answers 200 only while the store
+answers, the key service answers its own ``/readyz`` (reachable, unsealed, its store
+and audit log working) and the audit log's last write succeeded. When the audit log
+fails for good (:func:`cardvault.audit.recorder.watch_audit_log`), the vault stops its
+listeners and exits with status 74 (``AUDIT_FAILED_EXIT``), for its supervisor to
+restart it; a start whose audit records cannot be written exits 74 too.
 """
 
 from __future__ import annotations
@@ -12,19 +21,25 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
+import httpx
 from starlette.routing import BaseRoute
 
-from cardvault.audit.recorder import Recorder, start_recording
-from cardvault.errors import CardVaultError, ConfigurationError
+from cardvault.audit.recorder import (
+    AUDIT_FAILED_EXIT,
+    Recorder,
+    start_recording,
+    watch_audit_log,
+)
+from cardvault.errors import AuditUnavailableError, CardVaultError, ConfigurationError
 from cardvault.logging import configure_logging, get_logger
 from cardvault.storage.base import VaultStore
 from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
 from cardvault.transport.server import Listener, run_until_stopped
-from cardvault.transport.tls import server_context
+from cardvault.transport.tls import client_context, server_context
 from cardvault.vault.accounts import Accounts
 from cardvault.vault.datakeys import DataKeyManager, DataKeyPolicy
 from cardvault.vault.forwarding.allowlist import Allowlist
@@ -39,9 +54,15 @@ from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import KeyLimits, RateLimiter
 from cardvault.vault.settings import VaultSettings
 
-__all__ = ["Vault", "build_listeners", "build_vault", "run"]
+__all__ = ["Readiness", "Vault", "build_listeners", "build_vault", "run"]
 
 _log = get_logger("cardvault.vault")
+
+#: Seconds a readiness answer is reused (a load balancer's probes, or anyone's: the
+#: public /readyz must not turn every request into a database query and a key-service
+#: call), and the most each of its checks may take.
+READY_CACHE: Final = 1.0
+READY_TIMEOUT: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,78 @@ def build_vault(settings: VaultSettings) -> Vault | None:
     )
 
 
+class Readiness:
+    """What ``/readyz`` answers: ``(ready, checks)``, each check ``ok`` or what is wrong.
+
+    ``store``: a read answered within :data:`READY_TIMEOUT`. ``keyservice``: the key
+    service's own ``/readyz`` answered 200, over mutual TLS with the vault's certificate
+    (``sealed``, ``not_ready`` or ``unreachable`` otherwise). ``audit``: the log's last
+    write succeeded (``failed`` otherwise). The store's and the key service's answers are
+    reused for :data:`READY_CACHE` seconds, and concurrent requests share one check; the
+    audit log's state is read each time."""
+
+    def __init__(self, vault: Vault | None, settings: VaultSettings) -> None:
+        self.vault = vault
+        ks = settings.keyservice
+        self._http: httpx.AsyncClient | None = None
+        if vault is not None and ks.ca_file and ks.cert_file and ks.key_file:
+            self._http = httpx.AsyncClient(
+                base_url=ks.url.rstrip("/"),
+                verify=client_context(ks.ca_file, client_cert=(ks.cert_file, ks.key_file)),
+                timeout=READY_TIMEOUT,
+                trust_env=False,
+                follow_redirects=False,
+            )
+        self._answer: tuple[float, dict[str, str]] | None = None
+        self._running: asyncio.Future[None] | None = None
+
+    async def __call__(self) -> tuple[bool, dict[str, str]]:
+        vault = self.vault
+        if vault is None:
+            return True, {}
+        now = time.monotonic()
+        if self._answer is None or now - self._answer[0] >= READY_CACHE:
+            if self._running is None or self._running.done():
+                self._running = asyncio.ensure_future(self._check(vault))
+            await asyncio.shield(self._running)
+        assert self._answer is not None
+        # The audit log's state is in memory: always the current one.
+        checks = {**self._answer[1], "audit": "ok" if vault.audit.writable else "failed"}
+        return all(value == "ok" for value in checks.values()), checks
+
+    async def _check(self, vault: Vault) -> None:
+        store, keyservice = await asyncio.gather(self._store(vault), self._keyservice())
+        self._answer = (time.monotonic(), {"store": store, "keyservice": keyservice})
+
+    async def _store(self, vault: Vault) -> str:
+        try:
+            await asyncio.wait_for(vault.store.get_account("acct_readiness"), READY_TIMEOUT)
+        except Exception as exc:
+            _log.warning("readiness: the store did not answer", error=type(exc).__name__)
+            return "unavailable"
+        return "ok"
+
+    async def _keyservice(self) -> str:
+        if self._http is None:
+            return "unreachable"
+        try:
+            response = await self._http.get("/readyz")
+        except httpx.HTTPError as exc:
+            _log.warning("readiness: the key service did not answer", error=type(exc).__name__)
+            return "unreachable"
+        if response.status_code == 200:
+            return "ok"
+        try:
+            seal = response.json()["checks"]["seal"]
+        except (ValueError, KeyError, TypeError):
+            seal = None
+        return "sealed" if seal == "sealed" else "not_ready"
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+
 def _allowlist(settings: VaultSettings) -> Allowlist:
     """The forwarding allowlist, read once, now. An invalid file stops start-up; no file
     means an empty allowlist (every URL refused)."""
@@ -141,8 +234,14 @@ def _public_api(settings: VaultSettings, vault: Vault) -> PublicAPI:
     )
 
 
-def build_listeners(settings: VaultSettings, vault: Vault | None = None) -> list[Listener]:
-    """The vault's listeners, ready to serve. Raises ConfigurationError on bad settings."""
+def build_listeners(
+    settings: VaultSettings,
+    vault: Vault | None = None,
+    readiness: Callable[[], Any] | None = None,
+) -> list[Listener]:
+    """The vault's listeners, ready to serve. Raises ConfigurationError on bad settings.
+    ``readiness`` answers ``/readyz`` (:class:`Readiness`); without it the vault is
+    ready whenever it serves."""
     srv = settings.server
     public_port = srv.public_port or srv.port
     base = settings.public_url.rstrip("/") or (
@@ -161,6 +260,7 @@ def build_listeners(settings: VaultSettings, vault: Vault | None = None) -> list
     table = routes(
         _public_api(settings, vault) if vault is not None else None,
         admin_identities=adm.allowed_identities,
+        readiness=readiness,
     )
     public_app = build_app(table.public, service="vault", security_txt=security_txt)
     listeners = [Listener("public", public_app, srv.host, srv.port, public_ctx, limits=srv.limits)]
@@ -226,7 +326,8 @@ def _redirect_app(settings: VaultSettings, public_port: int) -> Any:
 
 
 def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> None:
-    """Run the vault in this process until SIGINT/SIGTERM."""
+    """Run the vault in this process until SIGINT/SIGTERM, or until its audit log fails:
+    then exit with status 74 (:data:`~cardvault.audit.recorder.AUDIT_FAILED_EXIT`)."""
     configure_logging(
         profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format
     )
@@ -241,22 +342,43 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
             "payment API disabled: store.url and keyservice.* are not set; "
             "only /healthz and the transport endpoints are served"
         )
-    listeners = build_listeners(settings, vault)
+    readiness = Readiness(vault, settings)
+    listeners = build_listeners(settings, vault, readiness)
     _log.info("vault starting", profile=settings.profile, listeners=[lst.name for lst in listeners])
     tasks: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+    failed: list[str] = []
+
+    def audit_failed(reason: str) -> None:
+        failed.append(reason)
+        stop.set()
 
     async def startup() -> None:
         if vault is not None:
             await _start(vault, settings)
             tasks.append(asyncio.create_task(_sweeper(vault, settings)))
+            tasks.append(asyncio.create_task(watch_audit_log(vault.audit, audit_failed)))
 
     async def shutdown() -> None:
         for task in tasks:
             task.cancel()
+        await readiness.close()
         if vault is not None:
             await _stop(vault)
 
-    run_until_stopped(listeners, ready=ready, startup=startup, shutdown=shutdown)
+    try:
+        run_until_stopped(listeners, ready=ready, startup=startup, shutdown=shutdown, stop=stop)
+    except AuditUnavailableError:
+        _log.error(
+            "vault not started: its audit log cannot be written",
+            exit_status=AUDIT_FAILED_EXIT,
+        )
+        raise SystemExit(AUDIT_FAILED_EXIT) from None
+    if failed:
+        _log.error(
+            "vault stopped: its audit log failed", reason=failed[0], exit_status=AUDIT_FAILED_EXIT
+        )
+        raise SystemExit(AUDIT_FAILED_EXIT)
     _log.info("vault stopped")
 
 

@@ -50,6 +50,16 @@ def make_log(directory: Path, count: int, *, checkpoint_every: int = 1000) -> Pa
     return directory / "audit.jsonl"
 
 
+def crash(log: AuditLog) -> None:
+    """Let go of ``log`` as a process killed now would: its files closed as they are,
+    with no closing checkpoint, and its timer never run."""
+    if log._timer is not None:
+        log._timer.cancel()
+    log._closed = True
+    log._file.close()
+    log._tail.close()
+
+
 def read_lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
 

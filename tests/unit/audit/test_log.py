@@ -29,7 +29,15 @@ from cardvault.audit import (
 from cardvault.audit.signing import load_public_key, verify_checkpoint
 from cardvault.scan import scan_paths
 
-from ._support import append_many, entry, generated_card_number, make_log, read_lines, records
+from ._support import (
+    append_many,
+    crash,
+    entry,
+    generated_card_number,
+    make_log,
+    read_lines,
+    records,
+)
 
 
 def run(coro: Any) -> Any:
@@ -65,7 +73,7 @@ def test_append_returns_the_record_once_its_line_is_on_disk(tmp_path: Path) -> N
 
 def test_files_are_private_and_the_public_key_is_published(tmp_path: Path) -> None:
     make_log(tmp_path, 3)
-    for name in ("audit.jsonl", "audit.key", "audit.head"):
+    for name in ("audit.jsonl", "audit.key", "audit.head", "audit.tail"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
     public = load_public_key(tmp_path / "audit.pub")
     private = serialization.load_pem_private_key((tmp_path / "audit.key").read_bytes(), None)
@@ -193,12 +201,14 @@ def test_reopening_continues_the_chain_with_the_same_key(tmp_path: Path) -> None
 
 
 def test_reopening_after_a_crash_signs_the_unsigned_tail(tmp_path: Path) -> None:
-    make_log(tmp_path, 3)
+    async def write_and_crash() -> None:
+        log = await AuditLog.open(tmp_path)
+        await append_many(log, 3)
+        crash(log)  # no closing checkpoint: the three records are unsigned
+
+    run(write_and_crash())
     path = tmp_path / "audit.jsonl"
-    # A crash after record 3: the closing checkpoint never happened.
-    lines = read_lines(path)
-    path.write_bytes(b"".join(lines[:3]))
-    (tmp_path / "audit.head").unlink()
+    assert [r["action"] for r in records(path)] == ["vault.payment_method.create"] * 3
 
     async def main() -> None:
         log = await AuditLog.open(tmp_path)
@@ -207,6 +217,7 @@ def test_reopening_after_a_crash_signs_the_unsigned_tail(tmp_path: Path) -> None
     run(main())
     last = records(path)[-1]
     assert (last["seq"], last["action"]) == (4, CHECKPOINT_ACTION)
+    assert last["detail"]["seq"] == 3  # the checkpoint signs the records of before the crash
     verified(tmp_path)
 
 
@@ -462,7 +473,7 @@ def test_the_files_hold_no_card_data_or_key_material(tmp_path: Path) -> None:
         base64.b64encode(raw).decode(),
         base64.urlsafe_b64encode(raw).decode().rstrip("="),
     ]
-    files = [tmp_path / n for n in ("audit.jsonl", "audit.head", "audit.pub")]
+    files = [tmp_path / n for n in ("audit.jsonl", "audit.head", "audit.pub", "audit.tail")]
     assert scan_paths(files, canaries=canaries) == []
     # The scan is able to fail: a record that did hold the key (made here without the
     # checks append runs) is found.
