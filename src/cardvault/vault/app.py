@@ -109,7 +109,14 @@ def build_vault(settings: VaultSettings) -> Vault | None:
         audit=audit,
         accounts=Accounts(store, audit=audit),
         payment_methods=PaymentMethods(store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit),
-        idempotency=Idempotency(store, keys, ttl=settings.limits.idempotency_ttl),
+        idempotency=Idempotency(
+            store,
+            keys,
+            ttl=settings.limits.idempotency_ttl,
+            lease=settings.limits.idempotency_lease,
+            audit=audit,
+            replica=settings.store.replica or None,
+        ),
         forwarder=Forwarder(store, keys, audit, _allowlist(settings), OutboundClient()),
     )
 
@@ -408,6 +415,16 @@ async def _start(vault: Vault, settings: VaultSettings) -> None:
         ],
     )
     await vault.store.migrate()
+    # What requests cut off by a crash left behind: claims completed with the effect
+    # they made, forwards of unknown outcome marked so. Best effort: the next request
+    # with a key settles its own claim anyway, and the sweeper comes back to it.
+    try:
+        settled = await vault.idempotency.settle_stale()
+    except Exception:
+        _log.exception("could not settle stale idempotency claims at start-up")
+    else:
+        if settled:
+            _log.info("stale idempotency claims settled", count=settled)
 
 
 async def _stop(vault: Vault) -> None:
@@ -424,10 +441,13 @@ async def _stop(vault: Vault) -> None:
 
 
 async def _sweeper(vault: Vault, settings: VaultSettings) -> None:
-    """Destroy expired CVCs, forget old idempotency keys and purge forwarding requests
-    past their retention, once a minute."""
+    """Destroy expired CVCs, settle stale idempotency claims, forget old idempotency keys
+    and purge forwarding requests past their retention, once a minute."""
     while True:
         try:
+            settled = await vault.idempotency.settle_stale()
+            if settled:
+                _log.info("stale idempotency claims settled", count=settled)
             destroyed = await vault.payment_methods.sweep_expired_cvcs()
             if destroyed:
                 _log.info("expired CVCs destroyed", count=destroyed)

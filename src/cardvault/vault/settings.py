@@ -42,6 +42,11 @@ class StoreSettings:
     #: ``sqlite:///abs/path/vault.db`` (embedded default) or ``postgresql://role@host/db``.
     #: The vault's database is its own; nothing of the key service's is in it.
     url: str = ""
+    #: This vault process's name among those that share the database (the host name when
+    #: empty). Idempotency claims name their holder by it, so that a restarted process
+    #: knows the claims of its earlier start for stale at once; two vault processes on
+    #: one host sharing a database need names of their own.
+    replica: str = ""
 
 
 @dataclasses.dataclass
@@ -78,6 +83,9 @@ class LimitSettings:
     cvc_ttl: int = 3600
     #: Seconds an idempotency key is remembered (Stripe: 24 hours).
     idempotency_ttl: int = 86_400
+    #: Seconds a request holds its Idempotency-Key before the claim is stale whoever holds
+    #: it: above the longest request (a forward waits at most 60 s for its destination).
+    idempotency_lease: int = 300
     #: What one request's parameters may be (see docs/security.md): the most form
     #: fields or JSON values, names per parameter (card[number] has two), items per
     #: list, and body bytes.
