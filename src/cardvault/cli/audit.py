@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -101,9 +102,12 @@ def record_access(log: Path, action: str, *, required: bool) -> None:
         )
 
 
-def _logs_under(state: Path) -> list[Path]:
-    """Every zone's log in a local stack: STATE/<zone>/audit.jsonl."""
-    return sorted(state.glob(f"*/{LOG_FILE}"))
+def _logs_under(directory: Path) -> list[Path]:
+    """Every audit log under ``directory``, at any depth: a local stack's zones
+    (``STATE/<zone>/audit.jsonl``), a vault's workers (``…/w<i>/audit.jsonl``), the
+    logs of several hosts copied side by side. Lines a repair moved out
+    (``audit.cut-….jsonl``) are not logs."""
+    return sorted(p for p in directory.rglob(LOG_FILE) if p.is_file())
 
 
 def _verify_one(log: Path, public_key: Path | None, head: Path | None) -> VerifyResult | str:
@@ -116,15 +120,95 @@ def _verify_one(log: Path, public_key: Path | None, head: Path | None) -> Verify
         return f"cannot verify: {exc}"
 
 
+def _signer(log: Path, public_key: Path | None) -> str | None:
+    """The key id of the key the chain is verified with, or None if it cannot be read."""
+    from cardvault.audit.signing import key_id, load_public_key
+
+    try:
+        return key_id(load_public_key(public_key or log.with_name(PUBLIC_KEY_FILE)))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class _Chain:
+    """One chain of a set, as ``verify`` reports it."""
+
+    log: str
+    key_id: str | None
+    records: int | None = None
+    signed_through: int | None = None
+    unsigned: int | None = None
+    problem: str | None = None
+    kind: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _check_chain(name: str, log: Path, public_key: Path | None, head: Path | None) -> _Chain:
+    chain = _Chain(name, _signer(log, public_key))
+    if log.exists():
+        record_access(log, "audit.verified", required=False)
+    result = _verify_one(log, public_key, head)
+    if isinstance(result, str):
+        chain.problem, chain.kind = result, "unreadable"
+        return chain
+    chain.records, chain.signed_through = result.records, result.signed_seq
+    chain.unsigned = result.unsigned
+    if result.problem is not None:
+        chain.problem, chain.kind = str(result.problem), str(result.problem.kind)
+    return chain
+
+
+def _shared_keys(chains: list[_Chain]) -> None:
+    """A set's chains must each have a signing key of their own: two chains signed by one
+    key cannot be told apart (either could stand in for the other), so each such chain
+    fails with ``shared_key``."""
+    by_key: dict[str, list[_Chain]] = {}
+    for chain in chains:
+        if chain.key_id is not None:
+            by_key.setdefault(chain.key_id, []).append(chain)
+    for key, sharing in by_key.items():
+        if len(sharing) < 2:
+            continue
+        for chain in sharing:
+            if chain.ok:
+                others = ", ".join(c.log for c in sharing if c is not chain)
+                chain.problem = f"shared_key: {key} also signs {others}"
+                chain.kind = "shared_key"
+
+
+def _collect(paths: list[Path], state: Path | None) -> list[tuple[str, Path]]:
+    """(name shown, log) for every log named or found under a directory named."""
+    found: list[tuple[str, Path]] = []
+    roots = [*paths, *([state] if state is not None else [])]
+    for root in roots:
+        if root.is_dir():
+            found += [
+                (str(log.relative_to(root)) if root == state else str(log), log)
+                for log in _logs_under(root)
+            ]
+        else:
+            found.append((str(root), root))
+    return found
+
+
 @app.command("verify")
 def verify(
-    path: Annotated[
-        Path | None, typer.Argument(help="An audit log (audit.jsonl).", show_default=False)
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Audit logs (audit.jsonl), or directories to search for them (every log "
+            "under each, at any depth: a deployment's set of chains).",
+            show_default=False,
+        ),
     ] = None,
     state: Annotated[
         Path | None,
         typer.Option(
-            "--state", help="Verify every zone's log of a local stack (DIR/*/audit.jsonl)."
+            "--state", help="Verify every log of a local stack (every audit.jsonl under DIR)."
         ),
     ] = None,
     public_key: Annotated[
@@ -132,68 +216,79 @@ def verify(
         typer.Option(
             "--public-key",
             help="The service's published key (default: audit.pub beside each log). "
-            "Use a copy kept elsewhere when the host itself is in doubt.",
+            "Use a copy kept elsewhere when the host itself is in doubt. One log only.",
         ),
     ] = None,
     head: Annotated[
         Path | None,
-        typer.Option("--head", help=f"The signed head (default: {HEAD_FILE} beside the log)."),
+        typer.Option(
+            "--head", help=f"The signed head (default: {HEAD_FILE} beside the log). One log only."
+        ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: every chain and the verdict.")
+    ] = False,
     stack: StackOpt = None,
 ) -> None:
-    """Check the hash chain and checkpoint signatures; exit 1 at the first problem.
+    """Check the hash chains and checkpoint signatures of one log or a set; exit 1 if any
+    fails.
 
-    Reports the first record where an edit, deletion, insertion, reordering or
-    truncation happened. With neither a PATH nor --state, every log of the local stack
+    Reports, per chain, the first record where an edit, deletion, insertion, reordering or
+    truncation happened. A set (several logs, or directories) also fails when two chains
+    are signed by one key. With neither a PATH nor --state, every log of the local stack
     (cardvault up) is verified.
     """
-    if path is None and state is None:
+    paths = list(paths or [])
+    if not paths and state is None:
         found = stack_value(load_stack(stack), "state")
         state = Path(found) if found else None
         if state is None:
             err.print("[red]Give a log PATH or --state DIR[/] (or run beside a local stack).")
             raise typer.Exit(2)
-    if path is not None and state is not None:
-        err.print("[red]Give either a log PATH or --state DIR.[/]")
+    if paths and state is not None:
+        err.print("[red]Give either log PATHs or --state DIR.[/]")
         raise typer.Exit(2)
-    if state is not None:
-        if head is not None or public_key is not None:
-            err.print("[red]--head and --public-key apply to one log, not to --state.[/]")
-            raise typer.Exit(2)
-        logs = _logs_under(state)
-        if not logs:
-            err.print(
-                f"[red]No audit logs under {escape(str(state))} (looked for */{LOG_FILE}).[/]"
-            )
-            raise typer.Exit(1)
-    else:
-        assert path is not None
-        logs = [path]
-
-    table = Table(title="Audit logs", title_justify="left")
-    for column in ("log", "records", "signed through", "unsigned", "result"):
-        table.add_column(column, justify="right" if column in {"records", "unsigned"} else "left")
-    failed = False
-    for log in logs:
-        name = str(log.relative_to(state)) if state is not None else str(log)
-        if log.exists():
-            record_access(log, "audit.verified", required=False)
-        result = _verify_one(log, public_key, head)
-        if isinstance(result, str):
-            failed = True
-            table.add_row(escape(name), "-", "-", "-", f"[red]{escape(result)}[/]")
-            continue
-        signed = str(result.signed_seq) if result.signed_seq is not None else "never"
-        if result.problem is None:
-            verdict = "[green]ok[/]"
-        else:
-            failed = True
-            # The message may quote text from the log (a forged key id): no markup.
-            verdict = f"[red]{escape(str(result.problem))}[/]"
-        table.add_row(escape(name), str(result.records), signed, str(result.unsigned), verdict)
-    out.print(table)
-    if failed:
+    logs = _collect(paths, state)
+    single = len(paths) == 1 and not paths[0].is_dir()
+    if (head is not None or public_key is not None) and not single:
+        err.print("[red]--head and --public-key apply to one log, not to a set.[/]")
+        raise typer.Exit(2)
+    if not logs:
+        where = ", ".join(str(p) for p in [*paths, *([state] if state else [])])
+        err.print(f"[red]No audit logs under {escape(where)} (looked for {LOG_FILE}).[/]")
         raise typer.Exit(1)
+    chains = [_check_chain(name, log, public_key, head) for name, log in logs]
+    _shared_keys(chains)
+    ok = all(chain.ok for chain in chains)
+    if as_json:
+        print(json.dumps({"ok": ok, "chains": [asdict(c) for c in chains]}, indent=2))
+    else:
+        _print_chains(chains)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _print_chains(chains: list[_Chain]) -> None:
+    table = Table(title="Audit logs", title_justify="left")
+    for column in ("log", "key", "records", "signed through", "unsigned", "result"):
+        table.add_column(column, justify="right" if column in {"records", "unsigned"} else "left")
+    for c in chains:
+        signed = (
+            "-"
+            if c.records is None
+            else (str(c.signed_through) if c.signed_through is not None else "never")
+        )
+        # The problem may quote text from the log (a forged key id): no markup.
+        verdict = "[green]ok[/]" if c.ok else f"[red]{escape(c.problem or '')}[/]"
+        table.add_row(
+            escape(c.log),
+            escape(c.key_id or "-"),
+            "-" if c.records is None else str(c.records),
+            signed,
+            "-" if c.unsigned is None else str(c.unsigned),
+            verdict,
+        )
+    out.print(table)
 
 
 @app.command("export")

@@ -343,6 +343,67 @@ def test_state_without_logs_fails(tmp_path: Path) -> None:
     assert outcome.exit_code == 1
 
 
+# --- a set of chains (a deployment's processes) -------------------------------------------
+
+
+def test_a_set_is_every_log_at_any_depth_each_with_its_key(tmp_path: Path) -> None:
+    make_log(tmp_path / "host-a" / "vault" / "w0", 3)
+    make_log(tmp_path / "host-a" / "vault" / "w1", 2)
+    make_log(tmp_path / "host-b" / "vault", 4)
+    outcome = CliRunner().invoke(app, ["verify", str(tmp_path), "--json"], env=WIDE)
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.output)
+    assert report["ok"] is True
+    chains = {Path(c["log"]).relative_to(tmp_path).as_posix(): c for c in report["chains"]}
+    assert set(chains) == {
+        "host-a/vault/w0/audit.jsonl",
+        "host-a/vault/w1/audit.jsonl",
+        "host-b/vault/audit.jsonl",
+    }
+    assert [c["records"] for c in chains.values()] == [4, 3, 5]  # each with its checkpoint
+    assert len({c["key_id"] for c in chains.values()}) == 3
+
+
+def test_a_set_fails_when_one_chain_is_tampered(tmp_path: Path) -> None:
+    good = make_log(tmp_path / "w0", 4)
+    tampered = make_log(tmp_path / "w1", 4)
+    delete_record_3(tampered)
+    args = ["verify", str(good), str(tampered), "--json"]
+    outcome = CliRunner().invoke(app, args, env=WIDE)
+    assert outcome.exit_code == 1
+    chains = {c["log"]: c for c in json.loads(outcome.output)["chains"]}
+    assert chains[str(good)]["problem"] is None
+    assert chains[str(tampered)]["kind"] == "deleted"
+
+
+def test_two_chains_signed_by_one_key_fail_as_a_set(tmp_path: Path) -> None:
+    first = make_log(tmp_path / "w0", 3)
+    (tmp_path / "w1").mkdir()
+    for name in ("audit.key", "audit.pub"):
+        (tmp_path / "w1" / name).write_bytes(first.with_name(name).read_bytes())
+    make_log(tmp_path / "w1", 3)
+    # Each verifies alone ...
+    for log in (first, tmp_path / "w1" / "audit.jsonl"):
+        assert CliRunner().invoke(app, ["verify", str(log)], env=WIDE).exit_code == 0
+    # ... but as a set either could stand in for the other.
+    outcome = CliRunner().invoke(app, ["verify", str(tmp_path), "--json"], env=WIDE)
+    assert outcome.exit_code == 1
+    kinds = {c["log"]: c["kind"] for c in json.loads(outcome.output)["chains"]}
+    assert kinds[str(first)] == kinds[str(tmp_path / "w1" / "audit.jsonl")] == "shared_key"
+    # (The verifications above were recorded in each zone's admin log, a chain of its own.)
+    assert kinds[str(tmp_path / "w0-admin" / "audit.jsonl")] is None
+
+
+def test_public_key_and_head_are_for_one_log(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "w0", 2)
+    make_log(tmp_path / "w1", 2)
+    key = log.with_name("audit.pub")
+    assert (
+        CliRunner().invoke(app, ["verify", str(tmp_path), "--public-key", str(key)]).exit_code == 2
+    )
+    assert CliRunner().invoke(app, ["verify", str(log), "--public-key", str(key)]).exit_code == 0
+
+
 def test_verify_fails_without_a_public_key(log: Path) -> None:
     log.with_name("audit.pub").unlink()
     outcome = CliRunner().invoke(app, ["verify", str(log)], env=WIDE)
