@@ -376,3 +376,26 @@ def test_a_child_that_exits_once_is_restarted_and_runs_on(tmp_path: Path) -> Non
         stack.stopping = True
         watcher.join(10)
         stack.shutdown(grace=2.0)
+
+
+@pytest.mark.slow
+def test_no_child_outlives_an_up_that_is_killed(tmp_path: Path) -> None:
+    # Before: the children ran in sessions of their own and nothing tied them to up, so
+    # an up killed outright (SIGKILL: no Ctrl-C handler runs) left the whole stack
+    # running, holding its ports and its logs.
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        up_args(state, some_ports()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(state / "stack.json", proc)
+        children = pids_of_children(proc.pid)
+        assert len(children) >= 2  # the key service and the vault at least
+        proc.kill()
+        proc.wait(10)
+        eventually(lambda: not any(alive(pid) for pid in children), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids_of_children(proc.pid):
+            os.kill(pid, signal.SIGKILL)

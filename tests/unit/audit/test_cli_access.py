@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,39 @@ def test_a_path_or_user_name_the_record_could_not_hold_is_recorded_as_untrusted_
     assert verified["actor"] == "os-user:eve?admin"
     assert verified["object"].endswith("/x/[card number]/vault/audit.jsonl")
     assert "4242424242424242" not in admin.read_text()
+
+
+# -- verify on a full disk (its own record cannot be written) ---------------------------------
+
+
+def test_a_verification_that_cannot_be_recorded_still_verifies(tmp_path: Path) -> None:
+    # Before: verify refused to run (exit 1) when it could not record its own access, so
+    # on a full disk the one command that tells whether the log is intact did not run.
+    log = make_log(tmp_path / "vault")
+    (tmp_path / "vault-admin").write_text("not a directory")
+    result = CliRunner().invoke(app, ["verify", str(log)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "could not be recorded" in result.output and "verifying anyway" in result.output
+
+
+def test_verify_on_a_full_file_system(tmp_path: Path) -> None:
+    """The admin log on a real file system that is full (a 64 KiB tmpfs, filled)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    log = make_log(tmp_path / "vault")
+    admin = tmp_path / "vault-admin"
+    admin.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(admin)], check=True)
+    try:
+        with contextlib.suppress(OSError), (admin / "filler").open("wb", buffering=0) as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+        full = CliRunner().invoke(app, ["verify", str(log)], env={"COLUMNS": "200"})
+        assert full.exit_code == 0, full.output
+        assert "verifying anyway" in full.output
+        # An export, which hands the records out, is refused when it cannot be recorded.
+        refused = CliRunner().invoke(app, ["export", str(log)])
+        assert refused.exit_code == 1
+        assert "service.start" not in refused.output
+    finally:
+        subprocess.run(["umount", str(admin)], check=True)

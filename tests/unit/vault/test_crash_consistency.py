@@ -588,12 +588,15 @@ def test_a_forward_with_the_key_service_down_keeps_the_cvc(tmp_path: Path) -> No
         before = cvc_of(w, pm_id)
         p = w.process()  # its data keys not yet unwrapped
         p.keys.down = True
-        r = await p.forward(w.secret, pm_id, "fwd-1")
+        # Without the card number: its key would be unwrapped (and fail) first, and the
+        # test would pass whatever became of the CVC.
+        expiry_and_cvc = {"replacements[0]": "card_expiry"}
+        r = await p.forward(w.secret, pm_id, "fwd-1", **expiry_and_cvc)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "keyservice_unavailable"
         assert cvc_of(w, pm_id) == before
         p.keys.down = False
-        ok = await p.forward(w.secret, pm_id, "fwd-1")
+        ok = await p.forward(w.secret, pm_id, "fwd-1", **expiry_and_cvc)
         assert ok.status_code == 200, ok.text
         assert ok.json()["outcome"] == "completed"
         assert b"314" in p.outbound.sent[0]
