@@ -164,8 +164,8 @@ def run_stack(
     (the first with live keys too). ``limits`` is the vault's ``[limits]`` table and
     ``vault_toml`` is appended to its settings (tables of their own, such as
     ``[server.limits]``); ``vault_env`` is added to the vault's environment. ``prepare``
-    is called with the stack's directory once the settings are written, before either
-    process starts (to put a file system of its own under the audit directory, say)."""
+    is called with the stack's directory once the settings are written, before anything
+    else is (to put a file system of its own under the audit directory, say)."""
     d = tmp_path_factory.mktemp("stack")
     if not pki.cert("keyd")[0].exists():
         pki.ca.issue("keyd", dns=["localhost"], ips=["127.0.0.1"])
@@ -190,9 +190,9 @@ def run_stack(
         f'cert_file = "{vcert}"\nkey_file = "{vkey}"\n'
         "[limits]\n" + limits + vault_toml
     )
-    accounts = [create_account(vconf, live=True), create_account(vconf)]
     if prepare is not None:
         prepare(d)
+    accounts = [create_account(vconf, live=True), create_account(vconf)]
     with contextlib.ExitStack() as exits:
         stack = Stack(
             d,

@@ -20,6 +20,7 @@ for ever.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -130,16 +131,38 @@ async def watch_audit_log(
 
 
 async def open_audit_log(directory: Path, settings: AuditSettings) -> AuditLog:
-    """Open a service's audit log at start-up; any problem stops start-up with a
-    :class:`ConfigurationError` that says what is wrong (never silently a new chain)."""
+    """Open a service's audit log at start-up; any problem stops start-up (never silently
+    a new chain). A disk that is full or failing is :class:`AuditUnavailableError` (the
+    service exits 74 and its supervisor tries again: space may come back); anything
+    else, a log it refuses or a directory it may not use, is a
+    :class:`ConfigurationError` (exit 2: an operator must act)."""
     try:
         return await AuditLog.open(
             directory,
             checkpoint_every=settings.checkpoint_every,
             checkpoint_interval=float(settings.checkpoint_interval),
         )
+    except AuditUnavailable as exc:
+        if _transient(exc):
+            raise AuditUnavailableError(
+                f"cannot open the audit log in {directory}: {exc} ({exc.__cause__})"
+            ) from exc
+        raise ConfigurationError(f"cannot open the audit log in {directory}: {exc}") from exc
     except AuditError as exc:
         raise ConfigurationError(f"cannot open the audit log in {directory}: {exc}") from exc
+
+
+#: I/O errors that waiting may mend: a full disk or quota, a failing device.
+_TRANSIENT_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def _transient(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _TRANSIENT_ERRNOS:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 async def start_recording(

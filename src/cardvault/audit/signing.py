@@ -100,6 +100,10 @@ def ensure_public_key(directory: Path, key: SigningKey) -> Path:
     """
     path = Path(directory) / PUBLIC_KEY_FILE
     pem = key.public_key.pem()
-    if not create_private(path, pem) and path.read_bytes() != pem:
+    # Only a missing file is written: creating one writes a copy aside first, which on a
+    # full disk fails and would stop a start that needs to write nothing here.
+    if not path.exists():
+        create_private(path, pem)  # False: another process made it first, read below
+    if path.read_bytes() != pem:
         raise AuditCorrupt(f"{path} does not match {KEY_FILE}; restore the right pair")
     return path

@@ -4,7 +4,9 @@ and `cardvault audit repair` is the only way back, recorded in the log itself.""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cardvault.audit import CHECKPOINT_ACTION, AuditCorrupt, AuditLog, verify_log
+from cardvault.audit.recorder import open_audit_log
 from cardvault.audit.repair import REPAIR_ACTION, Repair
 from cardvault.audit.signing import load_or_create_signing_key
 from cardvault.audit.tailfile import LogEnd, TailMark, encode_mark, mark_key, read_mark
 from cardvault.cli.audit import app
+from cardvault.config import AuditSettings
+from cardvault.errors import AuditUnavailableError, ConfigurationError
 
 from ._support import append_many, crash, entry, read_lines, rechain, records, reseal, write_lines
 
@@ -287,3 +292,28 @@ def test_repair_leaves_a_good_log_alone(tmp_path: Path) -> None:
             job.apply(plan, actor="os-user:tester")
     assert snapshot(tmp_path) == before
     assert entry(0)  # (the support module's records are what the log holds)
+
+
+# -- a disk that is full at start-up is "try again", not a configuration error --------------
+
+
+@pytest.mark.parametrize(
+    ("err", "raised"),
+    [
+        (errno.ENOSPC, AuditUnavailableError),  # exit 74: the supervisor tries again
+        (errno.EIO, AuditUnavailableError),
+        (errno.EACCES, ConfigurationError),  # exit 2: an operator must act
+    ],
+)
+def test_opening_on_a_full_disk_is_unavailable_not_misconfigured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, raised: type[Exception]
+) -> None:
+    # Before: every I/O failure at open was a ConfigurationError (exit 2), which the
+    # systemd units do not restart: a vault whose audit disk filled up stayed down after
+    # the space came back.
+    def fail(_directory: Path) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr("cardvault.audit.log.load_or_create_signing_key", fail)
+    with pytest.raises(raised):
+        asyncio.run(open_audit_log(tmp_path / "audit", AuditSettings()))
