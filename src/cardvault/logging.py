@@ -117,9 +117,22 @@ def merge_request_fields(_logger: WrappedLogger, _name: str, event_dict: EventDi
     return event_dict
 
 
-def _shared_processors() -> list[Processor]:
+def _process_fields(fields: Mapping[str, Any]) -> Processor:
+    """structlog processor: fields of the process (a worker's number), on every line."""
+    fixed = dict(fields)
+
+    def add(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        for key, value in fixed.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add
+
+
+def _shared_processors(fields: Mapping[str, Any] | None = None) -> list[Processor]:
     return [
         merge_request_fields,
+        *([_process_fields(fields)] if fields else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -136,8 +149,10 @@ def configure_logging(
     level: str = "info",
     fmt: str = "auto",
     stream: TextIO | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
-    """Configure structlog and the standard library's logging for a service process."""
+    """Configure structlog and the standard library's logging for a service process.
+    ``fields`` are added to every line (a vault worker's ``worker`` number)."""
     use_json = fmt == "json" or (fmt == "auto" and profile != "development")
     renderer: Processor = (
         structlog.processors.JSONRenderer()
@@ -146,7 +161,7 @@ def configure_logging(
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )
     )
-    shared = _shared_processors()
+    shared = _shared_processors(fields)
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
 
     structlog.configure(

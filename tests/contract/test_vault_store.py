@@ -44,6 +44,7 @@ from cardvault.storage import (
     PaymentMethodRecord,
     PostgresVaultStore,
     SQLiteVaultStore,
+    StoreUnavailable,
     VaultStore,
     open_vault_store,
 )
@@ -1666,5 +1667,55 @@ def test_pending_forwards_are_listed_oldest_first_across_accounts(backend: Backe
         assert [r.id for r in found] == ["fwdreq_old", "fwdreq_other"]
         assert found[0] == pending_fwd("fwdreq_old", created=NOW - 10)
         assert len(await store.pending_forwarding_requests(NOW + 60, limit=2)) == 2
+
+    backend.run(check)
+
+
+# -- the lead of the periodic jobs -----------------------------------------------------
+
+
+def test_one_store_of_those_sharing_a_database_leads_the_jobs_and_another_takes_over(
+    backend: Backend,
+) -> None:
+    """PostgreSQL: of the stores sharing the database one leads, until it is closed or
+    its lock connection is ended by the server; then the next call of another takes the
+    lead, and the one that lost it knows. SQLite: one process per file, always the lead."""
+
+    async def check(first: VaultStore) -> None:
+        second, third = backend.open(), backend.open()
+        try:
+            if backend.name == "sqlite":
+                assert [await s.lead_jobs() for s in (first, second, first)] == [True] * 3
+                return
+            assert await first.lead_jobs()
+            assert not await second.lead_jobs()
+            assert await first.lead_jobs()  # kept
+            assert not await second.lead_jobs()  # tried again, still held
+            # One holder, seen from the server, on a connection of its own.
+            holders = await backend.fetch(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                "USING (pid) WHERE l.locktype = 'advisory' AND l.objid = ? AND l.granted "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                7303,
+            )
+            assert len(holders) == 1 and str(holders[0][0]).startswith("cardvault-jobs ")
+            await first.close()  # gives the lead up
+            assert await second.lead_jobs()
+            assert not await third.lead_jobs()
+            # The server ends the leader's connection (as it does when its process dies).
+            await backend.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND objid = ? AND granted AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())",
+                7303,
+            )
+            assert await third.lead_jobs()
+            with contextlib.suppress(StoreUnavailable):
+                assert not await second.lead_jobs()  # lost, and not taken back
+            assert not await second.lead_jobs()
+            assert await third.lead_jobs()
+        finally:
+            await second.close()
+            await third.close()
 
     backend.run(check)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -40,9 +41,15 @@ err = Console(stderr=True)
 
 def admin_log_directory(log: Path) -> Path:
     """Where reading ``log`` is recorded: its zone's admin log (``<zone>-admin/``), or the
-    same directory for an admin log itself. The running service holds its own log open."""
+    same directory for an admin log itself. The running service holds its own log open.
+    A vault worker's log (``<audit dir>/w<i>/``) belongs to the vault's zone: its
+    reading is recorded in the vault's admin log, not in a chain made beside it."""
     zone = log.resolve().parent
-    return zone if zone.name.endswith("-admin") else zone.with_name(zone.name + "-admin")
+    if zone.name.endswith("-admin"):
+        return zone
+    if re.fullmatch(r"w[0-9]+", zone.name):
+        zone = zone.parent
+    return zone.with_name(zone.name + "-admin")
 
 
 def _operator() -> str:

@@ -58,22 +58,36 @@ _AUDIT_FAILED: Final = 74
 
 
 def _demo_keys(state: Path, vault_config: str) -> dict[str, str]:
-    """The demo account's test keys, created on first run and kept in the shop's zone."""
+    """The demo account's test keys, created on the first run on the vault's store and
+    kept in the shop's zone (made again when the stack moves to another store)."""
+    from cardvault.config import load_settings
+    from cardvault.vault.settings import VaultSettings
+
+    settings = load_settings(VaultSettings, Path(vault_config))
+    store = _store_id(settings.store.url)
     path = state / "shop" / "keys.json"
     if path.exists():
         keys: dict[str, str] = json.loads(path.read_text())
-        return keys
-    from cardvault.config import load_settings
+        if keys.get("store", "sqlite") == store:
+            return keys
     from cardvault.vault.admin import administer
-    from cardvault.vault.settings import VaultSettings
 
-    made = administer(
-        load_settings(VaultSettings, Path(vault_config)),
-        lambda admin: admin.create_account("demo"),
-    )
+    made = administer(settings, lambda admin: admin.create_account("demo"))
     keys = {"account": made.id, **{kind: key for kind, _mode, key in made.keys}}
+    if store != "sqlite":
+        keys["store"] = store
     write_private(path, json.dumps(keys).encode())
     return keys
+
+
+def _store_id(url: str) -> str:
+    """Which store the demo keys belong to: ``sqlite`` (the stack's own), or a digest of
+    a PostgreSQL URL (which may hold a password)."""
+    if url.startswith("sqlite:"):
+        return "sqlite"
+    import hashlib
+
+    return "postgresql:" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _allow_origin(vault_config: str, account: str, origin: str) -> None:
@@ -461,11 +475,34 @@ def up(
         float,
         typer.Option(min=0, help="Seconds services get to stop on Ctrl-C before they are killed."),
     ] = STOP_GRACE,
+    vault_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Vault processes serving its ports (more than one needs --database-url).",
+        ),
+    ] = 1,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The vault's store: this PostgreSQL database (postgresql://role@host/db) "
+            "instead of SQLite in the state directory.",
+            show_default=False,
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the vault's rate limits in this Redis (redis://host:port/db or "
+            "rediss://), shared by every vault process, instead of in memory.",
+        ),
+    ] = None,
 ) -> None:
     """Start the local stack (development only) and keep it running until Ctrl-C.
 
     A service that exits is reported and restarted (see docs/reliability.md)."""
     state = state.resolve()
+    _check_vault_store(database_url, vault_workers)
     acquirer, shop = acquirer_entry(), shop_entry()
     ports = [vault_port, redirect_port, keyservice_port, admin_port]
     ports += [acquirer_port] if acquirer else []
@@ -479,9 +516,13 @@ def up(
         keyservice_port=keyservice_port,
         acquirer_port=acquirer_port,
         shop_port=shop_port,
+        database_url=database_url,
+        vault_workers=vault_workers,
     )
     if shop is None:
         del info["shop"]
+    if redis_url is not None:
+        _use_redis(info["vault"]["config"], redis_url)
     err.print(
         "[bold yellow]DEVELOPMENT STACK[/] — local certificates, a key service that unseals "
         "itself from a local file; never put real card data in it."
@@ -512,6 +553,17 @@ def up(
         raise typer.Exit(1)
 
 
+def _use_redis(vault_config: str, redis_url: str) -> None:
+    """``[limits] backend = "redis"`` in the vault's settings (written afresh on every
+    run by ``prepare``), with ``redis_url``."""
+    if not redis_url.startswith(("redis://", "rediss://")):
+        err.print("[red]--redis-url must be redis://host:port/db or rediss://host:port/db[/]")
+        raise typer.Exit(2)
+    path = Path(vault_config)
+    toml = f'\n[limits]\nbackend = "redis"\nredis_url = {json.dumps(redis_url)}\n'
+    write_private(path, path.read_bytes() + toml.encode())
+
+
 def _write_stack(stack_file: Path, info: dict[str, Any], stack: _Stack) -> None:
     """``stack.json``: the stack's description, with each service's process id, its
     restarts and how it last ended; replaced whole (never half written)."""
@@ -522,6 +574,20 @@ def _write_stack(stack_file: Path, info: dict[str, Any], stack: _Stack) -> None:
             entry["restarts"] = child.restarts
             entry["last_exit"] = child.last_exit
     write_private(stack_file, json.dumps(info, indent=2).encode())
+
+
+def _check_vault_store(database_url: str | None, workers: int) -> None:
+    """Exit 2 unless the vault's store can serve ``workers`` processes: several need
+    PostgreSQL (the SQLite store has one writer, in one process)."""
+    if database_url is not None and not database_url.startswith(("postgresql://", "postgres://")):
+        err.print("[red]--database-url must be a PostgreSQL URL: postgresql://role@host/db[/]")
+        raise typer.Exit(2)
+    if workers > 1 and database_url is None:
+        err.print(
+            f"[red]--vault-workers {workers} needs --database-url postgresql://…[/]: the "
+            "SQLite store has one writer, in one process"
+        )
+        raise typer.Exit(2)
 
 
 def _check_port_free(port: int) -> None:

@@ -6,6 +6,7 @@ returns the stack's description that ``cardvault up`` writes to ``stack.json``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,21 @@ def _prepare_vault(
     admin_port: int,
     keyservice_port: int,
     forward_url: str,
-) -> dict[str, str]:
+    database_url: str | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
     """The vault's zone: its certificate (server, and client identity "vault" for the key
-    service), its forwarding allowlist and settings. Its ``stack.json`` entry."""
+    service), its forwarding allowlist and settings. Its ``stack.json`` entry.
+
+    Its store is SQLite in the zone, or the PostgreSQL database at ``database_url``
+    (``cardvault up --database-url``), served by ``workers`` processes (each with its
+    own audit log in ``<zone>/w<i>/``). Shared rate limits (``[limits]``) are added by
+    ``cardvault up --redis-url`` after this file is written."""
     vdir = _zone_dir(state, "vault")
+    store_url = database_url or f"sqlite:///{vdir / 'vault.db'}"
+    # With PostgreSQL the audit log stays where the SQLite store would keep it: the zone.
+    audit = "" if database_url is None else f'[audit]\ndirectory = "{vdir}"\n\n'
+    workers_line = f"workers = {workers}\n" if workers != 1 else ""
     _issue_local(ca, "vault", vdir, client_identity="vault")
     write_private(vdir / CA_CERT_FILE, ca_pem)
     write_private(
@@ -134,10 +146,11 @@ def _prepare_vault(
         (
             'profile = "development"\n\n[server]\n'
             f'host = "127.0.0.1"\nport = {vault_port}\nredirect_port = {redirect_port}\n'
+            f"{workers_line}"
             f'cert_file = "{vdir / "vault.pem"}"\nkey_file = "{vdir / "vault.key"}"\n\n'
             f'[admin]\nport = {admin_port}\nclient_ca_file = "{vdir / CA_CERT_FILE}"\n'
             'allowed_identities = ["admin"]\n\n'
-            f'[store]\nurl = "sqlite:///{vdir / "vault.db"}"\n\n'
+            f"[store]\nurl = {json.dumps(store_url)}\n\n{audit}"
             f'[keyservice]\nurl = "https://localhost:{keyservice_port}"\n'
             f'ca_file = "{vdir / CA_CERT_FILE}"\ncert_file = "{vdir / "vault.pem"}"\n'
             f'key_file = "{vdir / "vault.key"}"\n\n'
@@ -150,6 +163,8 @@ def _prepare_vault(
         "admin_url": f"https://localhost:{admin_port}",
         "config": str(vdir / "vault.toml"),
         "log": str(vdir / "vault.log"),
+        "store": "sqlite" if database_url is None else "postgresql",
+        "workers": workers,
     }
 
 
@@ -224,8 +239,12 @@ def prepare(
     keyservice_port: int,
     acquirer_port: int = 8445,
     shop_port: int = 8446,
+    database_url: str | None = None,
+    vault_workers: int = 1,
 ) -> dict[str, Any]:
     """Create (or reuse) certificates, configuration and the demo account under ``state``.
+    The vault's store is SQLite unless ``database_url`` (PostgreSQL) is given, and it is
+    served by ``vault_workers`` processes.
 
     Each zone gets its own directory (mode 0700) with its own certificate, key, copy of
     the CA certificate, configuration and database: no file is shared between zones.
@@ -244,6 +263,8 @@ def prepare(
         admin_port=admin_port,
         keyservice_port=keyservice_port,
         forward_url=forward_url,
+        database_url=database_url,
+        workers=vault_workers,
     )
     acquirer = _prepare_acquirer(state, ca, acquirer_port=acquirer_port)
     clients = _prepare_clients(state, ca, ca_pem)

@@ -373,7 +373,23 @@ class VaultStore(Protocol):
     async def purge_idempotency_keys(self, before: int) -> int:
         """Delete records created before ``before``; the number deleted."""
 
-    async def close(self) -> None: ...
+    # -- periodic jobs -----------------------------------------------------------------
+
+    async def lead_jobs(self) -> bool:
+        """Whether this store's process is the one that runs the vault's periodic jobs
+        now (the CVC sweep, settling and purging idempotency keys, purging forwarding
+        requests), asked before each run.
+
+        Of the stores sharing one database, at most one leads at a time. The lead is
+        taken when it is free and kept until the store is closed or its process or its
+        connection to the database dies; then the next call of another store takes it.
+        A call that finds the lead lost (the connection dropped) answers False unless it
+        can take it again. PostgreSQL: a session-level advisory lock on a connection of
+        its own. SQLite: always True (one vault process per database file)."""
+
+    async def close(self) -> None:
+        """Finish what is queued and close the connections (and give up the lead of the
+        periodic jobs). Idempotent."""
 
 
 # -- the key service's store ----------------------------------------------------------------

@@ -64,6 +64,9 @@ class Listener:
     port: int
     ssl_context: ssl.SSLContext | None = None
     limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
+    #: A listening socket inherited from a parent process (a vault worker's), served
+    #: instead of binding ``host``:``port`` here.
+    fd: int | None = None
 
 
 class _Server(uvicorn.Server):
@@ -141,11 +144,18 @@ def build_server(listener: Listener) -> uvicorn.Server:
     return _Server(config, listener)
 
 
-def bind(listener: Listener) -> socket.socket:
-    """Bind the listener's socket now, so that a port in use is a clear error at once."""
+def bind(listener: Listener, *, reuse_port: bool = False) -> socket.socket:
+    """Bind the listener's socket now, so that a port in use is a clear error at once.
+    A listener with an inherited socket (``fd``) gets that socket, already bound.
+    ``reuse_port``: ``SO_REUSEPORT``, for one of several sockets on the port, one per
+    worker process, among which the kernel spreads the connections."""
+    if listener.fd is not None:
+        return socket.socket(fileno=listener.fd)
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((listener.host, listener.port))
     except OSError as exc:

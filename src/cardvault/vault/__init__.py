@@ -9,7 +9,8 @@ reads a card number back.
 Its rooms, from the outside in:
 
 - ``app.py``: wiring only: settings → objects (:class:`~cardvault.vault.app.Vault`) →
-  listeners → run.
+  listeners → run. ``workers.py``: several vault processes on one host, started and
+  supervised by a parent that binds their ports.
 - ``http.py``: every route of the vault, public and admin, in one list; one handler per
   endpoint. ``element.py``: the card element's handlers and its files (``static/``).
 - ``accounts.py``: accounts, API keys, authentication and the :class:`Caller`.

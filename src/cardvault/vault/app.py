@@ -18,6 +18,7 @@ restart it; a start whose audit records cannot be written exits 74 too.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ from cardvault.vault.idempotency import Idempotency
 from cardvault.vault.keyclient import KeyServiceClient
 from cardvault.vault.params import ParseLimits
 from cardvault.vault.payment_methods import PaymentMethods
-from cardvault.vault.ratelimit import KeyLimits, RateLimiter
+from cardvault.vault.ratelimit import key_limits
 from cardvault.vault.settings import VaultSettings
+from cardvault.vault.workers import WorkerSpec
 
 __all__ = ["Readiness", "Vault", "build_listeners", "build_vault", "run"]
 
@@ -88,6 +90,8 @@ def build_vault(settings: VaultSettings) -> Vault | None:
         return None
     if not settings.store.url:
         raise ConfigurationError("missing required setting store.url (keyservice.url is set)")
+    if not settings.jobs.interval > 0:
+        raise ConfigurationError("jobs.interval must be more than 0 seconds")
     if not ks.url or ks.ca_file is None or ks.cert_file is None or ks.key_file is None:
         raise ConfigurationError(
             "missing required setting keyservice.url, keyservice.ca_file, keyservice.cert_file "
@@ -232,10 +236,8 @@ def _public_api(settings: VaultSettings, vault: Vault) -> PublicAPI:
         idempotency=vault.idempotency,
         # One bucket per key for the whole API (docs/api.md, "Rate limits"): a key's
         # forwards and tokenizations draw from the same bucket.
-        payment_method_limits=KeyLimits(
-            secret=RateLimiter(lim.secret_rate, lim.secret_burst),
-            publishable=RateLimiter(lim.publishable_rate, lim.publishable_burst),
-        ),
+        # In this process, or in Redis shared by every vault process ([limits] backend).
+        payment_method_limits=key_limits(lim),
         forwarder=vault.forwarder,
         parse_limits=parse_limits,
     )
@@ -332,11 +334,25 @@ def _redirect_app(settings: VaultSettings, public_port: int) -> Any:
         ) from exc
 
 
-def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> None:
+def run(
+    settings: VaultSettings,
+    *,
+    ready: Callable[[], Any] | None = None,
+    worker: WorkerSpec | None = None,
+) -> None:
     """Run the vault in this process until SIGINT/SIGTERM, or until its audit log fails:
-    then exit with status 74 (:data:`~cardvault.audit.recorder.AUDIT_FAILED_EXIT`)."""
+    then exit with status 74 (:data:`~cardvault.audit.recorder.AUDIT_FAILED_EXIT`).
+
+    ``worker``: this process is one of several serving the sockets a parent process
+    bound (:mod:`cardvault.vault.workers`): its replica name and audit log are its own,
+    and every log line names it."""
+    if worker is not None:
+        settings = worker.settings(settings)
     configure_logging(
-        profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format
+        profile=settings.profile,
+        level=settings.logging.level,
+        fmt=settings.logging.format,
+        fields={"worker": worker.name} if worker is not None else None,
     )
     if settings.profile == "development":
         _log.warning(
@@ -351,6 +367,8 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
         )
     readiness = Readiness(vault, settings)
     listeners = build_listeners(settings, vault, readiness)
+    if worker is not None:
+        _inherit_sockets(listeners, worker)
     _log.info("vault starting", profile=settings.profile, listeners=[lst.name for lst in listeners])
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
@@ -362,11 +380,16 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
 
     async def startup() -> None:
         if vault is not None:
-            await _start(vault, settings)
+            await _start(vault, settings, worker)
             tasks.append(asyncio.create_task(_sweeper(vault, settings)))
             tasks.append(asyncio.create_task(watch_audit_log(vault.audit, audit_failed)))
 
     async def shutdown() -> None:
+        if worker is not None:
+            # The parent repeats the SIGTERM (or Ctrl-C) that the whole process group
+            # got: once the listeners are closed, it must not cut the stop short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         for task in tasks:
             task.cancel()
         await readiness.close()
@@ -389,9 +412,29 @@ def run(settings: VaultSettings, *, ready: Callable[[], Any] | None = None) -> N
     _log.info("vault stopped")
 
 
-async def _start(vault: Vault, settings: VaultSettings) -> None:
-    """Open the audit log and record the start, then bring the store's schema up to date."""
+def _inherit_sockets(listeners: list[Listener], worker: WorkerSpec) -> None:
+    """A worker serves the sockets its parent bound, one per listener."""
+    for listener in listeners:
+        fd = worker.fds.get(listener.name)
+        if fd is None:
+            raise ConfigurationError(
+                f"the vault's parent process passed no socket for the {listener.name} "
+                "listener (were the settings changed while it ran?)"
+            )
+        listener.fd = fd
+
+
+async def _start(vault: Vault, settings: VaultSettings, worker: WorkerSpec | None = None) -> None:
+    """Open the audit log and record the start, then bring the store's schema up to date.
+    A worker's ``config.loaded`` names it and its replica."""
     allowlist = vault.forwarder.allowlist
+    workers: dict[str, str | int] = {}
+    if worker is not None:
+        workers = {
+            "worker": worker.index,
+            "workers": worker.count,
+            "replica": vault.idempotency.replica,
+        }
     await start_recording(
         vault.audit,
         settings.audit,
@@ -406,6 +449,7 @@ async def _start(vault: Vault, settings: VaultSettings) -> None:
                     "tls_profile": settings.server.tls_profile,
                     "store": settings.store.url.split(":", 1)[0],
                     "admin_api": bool(settings.admin.port),
+                    **workers,
                 },
             ),
             (
@@ -441,22 +485,51 @@ async def _stop(vault: Vault) -> None:
 
 
 async def _sweeper(vault: Vault, settings: VaultSettings) -> None:
-    """Destroy expired CVCs, settle stale idempotency claims, forget old idempotency keys
-    and purge forwarding requests past their retention, once a minute."""
+    """The periodic jobs, every ``[jobs] interval`` seconds (60): destroy expired CVCs,
+    settle stale idempotency claims, forget old idempotency keys and purge forwarding
+    requests past their retention.
+
+    They run on one process at a time of those sharing the database: the one whose store
+    leads them (:meth:`~cardvault.storage.base.VaultStore.lead_jobs`, asked before each
+    run, so that another takes over within an interval when the leader dies). Every
+    process still follows up the creates of its own whose outcome it does not know
+    (:meth:`Idempotency.settle_stale` with ``shared=False``): nobody else knows them."""
+    leading = False
     while True:
         try:
-            settled = await vault.idempotency.settle_stale()
-            if settled:
-                _log.info("stale idempotency claims settled", count=settled)
-            destroyed = await vault.payment_methods.sweep_expired_cvcs()
-            if destroyed:
-                _log.info("expired CVCs destroyed", count=destroyed)
-            await vault.store.purge_idempotency_keys(
-                int(time.time()) - settings.limits.idempotency_ttl
+            lead = await vault.store.lead_jobs()
+        except Exception as exc:
+            _log.warning(
+                "periodic jobs: cannot take or keep their lead; trying again later",
+                error=type(exc).__name__,
             )
-            await vault.store.purge_forwarding_requests(
-                int(time.time()) - settings.forwarding.retention_days * 86_400
-            )
+            lead = False
+        if lead != leading:
+            leading = lead
+            if lead:
+                _log.info("periodic jobs: this process runs them now")
+            else:
+                _log.warning("periodic jobs: this process lost their lead")
+        try:
+            await _jobs(vault, settings, lead=lead)
         except Exception:
-            _log.exception("sweeper failed; retrying in a minute")
-        await asyncio.sleep(60)
+            _log.exception("periodic jobs failed; retrying at the next interval")
+        await asyncio.sleep(settings.jobs.interval)
+
+
+async def _jobs(vault: Vault, settings: VaultSettings, *, lead: bool) -> None:
+    """One run of the periodic jobs: all of them when this process leads, else only
+    the follow-up of its own creates of unknown outcome."""
+    settled = await vault.idempotency.settle_stale(shared=lead)
+    if settled:
+        _log.info("stale idempotency claims settled", count=settled)
+    if not lead:
+        return
+    destroyed = await vault.payment_methods.sweep_expired_cvcs()
+    if destroyed:
+        _log.info("expired CVCs destroyed", count=destroyed)
+    await vault.store.purge_idempotency_keys(int(time.time()) - settings.limits.idempotency_ttl)
+    await vault.store.purge_forwarding_requests(
+        int(time.time()) - settings.forwarding.retention_days * 86_400
+    )
+    _log.debug("periodic jobs ran")

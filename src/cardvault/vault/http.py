@@ -245,7 +245,7 @@ class _KeyedHandlers:
     async def caller(self, request: Request) -> Caller:
         """Authenticate the request's API key and take one token from its rate limit."""
         caller = await self.api.accounts.authenticate(_presented_key(request))
-        self.limits.check(caller.kind, caller.key_id)
+        await self.limits.check(caller.kind, caller.key_id)
         return caller
 
     async def body(self, request: Request) -> dict[str, Any]:

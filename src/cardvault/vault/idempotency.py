@@ -497,10 +497,12 @@ class Idempotency:
 
     # -- settling ---------------------------------------------------------------------
 
-    async def settle_stale(self, *, limit: int = 500) -> int:
+    async def settle_stale(self, *, limit: int = 500, shared: bool = True) -> int:
         """Settle what requests that will never finish left behind; the number settled.
-        For the vault's start-up (after the store is migrated) and its once-a-minute
-        sweeper; safe to run in several replicas at once.
+        For the vault's start-up (after the store is migrated) and its periodic jobs;
+        safe to run in several replicas at once. ``shared=False`` does only the last
+        item below, which is this process's own (the periodic jobs of a process that
+        does not lead them: the leader settles the database's for all).
 
         * A stale claim whose effect exists is completed (a forward still pending is
           marked ``unknown``), so a retry replays it.
@@ -514,6 +516,28 @@ class Idempotency:
           is looked for once the lease has passed: absent, its follow-up is recorded.
         """
         now = int(self.clock())
+        settled = 0
+        if shared:
+            settled += await self._settle_shared(now, limit)
+        for item in list(self._unsettled.values()):
+            if item.since > now - self.lease:
+                continue
+            try:
+                found = await self._look(item.account_id, item.livemode, item.effect_id)
+                if found is None:
+                    mode = "live" if item.livemode else "test"
+                    await self._not_done(_SETTLER, item.account_id, mode, item.effect_id)
+                elif isinstance(found, ForwardingRequestRecord) and found.outcome == PENDING:
+                    await self._forward_unknown(_SETTLER, found)
+                del self._unsettled[item.effect_id]
+                settled += 1
+            except Exception:
+                _log.exception("could not settle a create of unknown outcome; retrying later")
+        return settled
+
+    async def _settle_shared(self, now: int, limit: int) -> int:
+        """The stale claims and pending forwards in the database (:meth:`settle_stale`'s
+        first three items)."""
         settled = 0
         for record in await self.store.stale_idempotency_claims(
             now, self.replica, self.boot, limit=limit
@@ -530,20 +554,6 @@ class Idempotency:
                 settled += 1
             except Exception:
                 _log.exception("could not settle a pending forward; retrying later")
-        for item in list(self._unsettled.values()):
-            if item.since > now - self.lease:
-                continue
-            try:
-                found = await self._look(item.account_id, item.livemode, item.effect_id)
-                if found is None:
-                    mode = "live" if item.livemode else "test"
-                    await self._not_done(_SETTLER, item.account_id, mode, item.effect_id)
-                elif isinstance(found, ForwardingRequestRecord) and found.outcome == PENDING:
-                    await self._forward_unknown(_SETTLER, found)
-                del self._unsettled[item.effect_id]
-                settled += 1
-            except Exception:
-                _log.exception("could not settle a create of unknown outcome; retrying later")
         return settled
 
     async def _settle_claim(self, record: IdempotencyRecord, now: int) -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from cardvault.config import (
     AuditSettings,
     ListenerSettings,
     LoggingSettings,
     Profile,
+    Secret,
     SecurityTxtSettings,
 )
 
@@ -17,11 +19,29 @@ __all__ = [
     "AdminSettings",
     "AuditSettings",
     "DataKeySettings",
+    "JobSettings",
     "KeyServiceClientSettings",
     "LimitSettings",
     "StoreSettings",
+    "VaultServerSettings",
     "VaultSettings",
 ]
+
+
+@dataclasses.dataclass
+class VaultServerSettings(ListenerSettings):
+    """The vault's listeners ([server]), and the processes that serve them."""
+
+    #: Processes serving the public, redirect and admin ports (docs/deploy.md,
+    #: "Workers"). 1: this process serves them itself. More: a parent process binds the
+    #: ports and supervises that many workers (PostgreSQL only).
+    workers: int = 1
+    #: Seconds the workers get after SIGTERM to finish the requests in flight before
+    #: they are killed (workers > 1).
+    stop_grace: float = 30.0
+    #: Restarts of one worker allowed within 60 s (workers > 1); one more exit is a
+    #: crash loop, and the vault stops every worker and exits 1.
+    worker_restarts: int = 5
 
 
 @dataclasses.dataclass
@@ -45,7 +65,8 @@ class StoreSettings:
     #: This vault process's name among those that share the database (the host name when
     #: empty). Idempotency claims name their holder by it, so that a restarted process
     #: knows the claims of its earlier start for stale at once; two vault processes on
-    #: one host sharing a database need names of their own.
+    #: one host sharing a database need names of their own. Workers (server.workers > 1)
+    #: are named ``<replica>/w<i>``.
     replica: str = ""
 
 
@@ -79,6 +100,19 @@ class LimitSettings:
     #: The same for publishable keys (card testers abuse them).
     publishable_rate: float = 5.0
     publishable_burst: float = 20.0
+    #: Where the buckets live: "memory" (this process: one process only) or "redis"
+    #: (shared by every vault process; see docs/api.md, "Rate limits").
+    backend: Literal["memory", "redis"] = "memory"
+    #: ``redis://[user:password@]host:port/db``, or ``rediss://`` for TLS (certificate
+    #: and host name verified). It holds a password: give it in the environment or in a
+    #: file (``redis_url_file``, ``CARDVAULT_LIMITS_REDIS_URL_FILE``), never in source.
+    redis_url: Secret | None = None
+    #: The CA that signed the Redis server's certificate (rediss://); the system's
+    #: CAs when empty.
+    redis_ca_file: Path | None = None
+    #: Seconds a connect, command or wait for a pooled connection to Redis may take
+    #: before the request is limited in this process instead.
+    redis_timeout: float = 0.25
     #: Seconds a CVC is kept, sealed, before the sweeper destroys it.
     cvc_ttl: int = 3600
     #: Seconds an idempotency key is remembered (Stripe: 24 hours).
@@ -104,10 +138,20 @@ class ForwardingSettings:
 
 
 @dataclasses.dataclass
+class JobSettings:
+    """The vault's periodic jobs: the CVC sweep, settling and purging idempotency keys,
+    purging old forwarding requests. One process of those sharing the database runs
+    them at a time (docs/reliability.md, "Jobs run once")."""
+
+    #: Seconds between two runs (and between two tries for the lead by the others).
+    interval: float = 60.0
+
+
+@dataclasses.dataclass
 class VaultSettings:
     #: "production" (the default) or "development", which announces itself at start-up.
     profile: Profile = "production"
-    server: ListenerSettings = dataclasses.field(default_factory=ListenerSettings)
+    server: VaultServerSettings = dataclasses.field(default_factory=VaultServerSettings)
     admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
     security_txt: SecurityTxtSettings = dataclasses.field(default_factory=SecurityTxtSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
@@ -118,6 +162,7 @@ class VaultSettings:
     datakeys: DataKeySettings = dataclasses.field(default_factory=DataKeySettings)
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     forwarding: ForwardingSettings = dataclasses.field(default_factory=ForwardingSettings)
+    jobs: JobSettings = dataclasses.field(default_factory=JobSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""

@@ -118,3 +118,11 @@ def test_verify_on_a_full_file_system(tmp_path: Path) -> None:
         assert "service.start" not in refused.output
     finally:
         subprocess.run(["umount", str(admin)], check=True)
+
+
+def test_reading_a_workers_log_is_recorded_in_the_vaults_admin_log(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "vault" / "w1")
+    assert CliRunner().invoke(app, ["verify", str(log)]).exit_code == 0
+    assert not (tmp_path / "vault" / "w1-admin").exists()
+    admin = tmp_path / "vault-admin" / "audit.jsonl"
+    assert "audit.verified" in actions(admin)

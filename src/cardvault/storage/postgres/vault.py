@@ -15,7 +15,10 @@ that each caller gets its own outcome.
 
 Several replicas may share the database: :meth:`migrate` holds a transaction-scoped
 advisory lock, and :meth:`claim_idempotency_key` relies on the primary key
-(``INSERT … ON CONFLICT DO NOTHING``, then ``SELECT``).
+(``INSERT … ON CONFLICT DO NOTHING``, then ``SELECT``). The periodic jobs are led by
+one of them at a time (:meth:`lead_jobs`): a session-level advisory lock
+(:data:`JOBS_LOCK`) held on a connection of its own, outside the pool, which the server
+releases when that connection ends, however it ends.
 
 A deleted row (and an erased CVC) stays in the table's heap as a dead tuple until
 VACUUM reclaims the space; the database's storage is expected to be encrypted at rest.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -44,9 +48,21 @@ from cardvault.storage.base import (
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
-from cardvault.storage.postgres.pool import PostgresDatabase, count, numbered
+from cardvault.storage.postgres.pool import (
+    CONNECT_TIMEOUT_S,
+    PostgresDatabase,
+    count,
+    numbered,
+    unavailable,
+)
 
-__all__ = ["PostgresVaultStore"]
+__all__ = ["JOBS_LOCK", "PostgresVaultStore"]
+
+#: The session-level advisory lock whose holder runs the vault's periodic jobs
+#: (:meth:`PostgresVaultStore.lead_jobs`); the schema's migrations lock is 7302.
+JOBS_LOCK = 7303
+#: Seconds the leader's check that its lock connection still answers may take.
+_JOBS_CHECK_TIMEOUT_S = 5.0
 
 R = TypeVar("R")
 
@@ -121,6 +137,9 @@ class PostgresVaultStore(VaultLists, PostgresDatabase):
         self._pm_flush: asyncio.Handle | None = None
         self._pm_flush_loop: asyncio.AbstractEventLoop | None = None
         self._pm_tasks: set[asyncio.Task[None]] = set()
+        # The connection that holds (or tries for) JOBS_LOCK, and whether it holds it.
+        self._jobs_conn: Any = None
+        self._jobs_held = False
 
     # -- accounts and keys ---------------------------------------------------------------
 
@@ -435,10 +454,62 @@ class PostgresVaultStore(VaultLists, PostgresDatabase):
         status = await pool.execute("DELETE FROM idempotency_keys WHERE created < $1", before)
         return count(status)
 
+    # -- periodic jobs -------------------------------------------------------------------
+
+    async def lead_jobs(self) -> bool:
+        """Hold :data:`JOBS_LOCK` on a connection of this store's own (opened on the
+        first call, named ``cardvault-jobs <pid>`` in ``pg_stat_activity``): True while
+        it holds it. The leader checks that its connection still answers (a dropped
+        connection has lost the lock, maybe to another process by now); the others try
+        ``pg_try_advisory_lock`` again at each call. Errors of an unavailable database
+        are :class:`~cardvault.storage.StoreUnavailable`, and the lead is given up with
+        the connection."""
+        try:
+            conn = self._jobs_conn
+            if conn is None or conn.is_closed():
+                self._jobs_held = False
+                conn = self._jobs_conn = await self._jobs_connect()
+            if self._jobs_held:
+                await conn.fetchval("SELECT 1", timeout=_JOBS_CHECK_TIMEOUT_S)
+                return True
+            held = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", JOBS_LOCK, timeout=_JOBS_CHECK_TIMEOUT_S
+            )
+            self._jobs_held = bool(held)
+            return self._jobs_held
+        except Exception as exc:
+            connected = self._jobs_conn is not None
+            await self._jobs_drop()
+            error = unavailable(exc, connected=connected, broken=True)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def _jobs_connect(self) -> Any:
+        import asyncpg
+
+        return await asyncpg.connect(
+            self._dsn,
+            timeout=CONNECT_TIMEOUT_S,
+            server_settings={"application_name": f"cardvault-jobs {os.getpid()}"},
+        )
+
+    async def _jobs_drop(self) -> None:
+        """Close the lock's connection (the server then releases the lock)."""
+        conn, self._jobs_conn, self._jobs_held = self._jobs_conn, None, False
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.close(), _JOBS_CHECK_TIMEOUT_S)
+        except Exception:
+            conn.terminate()
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Finish the queued inserts and close the pool. Idempotent."""
+        """Finish the queued inserts, give up the lead of the periodic jobs and close the
+        pool. Idempotent."""
+        await self._jobs_drop()
         if self._pm_flush is not None:
             self._pm_flush.cancel()
             self._pm_flush_start(asyncio.get_running_loop())

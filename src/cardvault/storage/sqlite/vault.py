@@ -356,6 +356,13 @@ class SQLiteVaultStore(VaultLists, SQLiteDatabase):
 
         return await self._write(op)
 
+    # -- periodic jobs -------------------------------------------------------------------
+
+    async def lead_jobs(self) -> bool:
+        """Always True: a SQLite database is served by one vault process (its
+        group-commit writer is in that process), so there is no one else to lead."""
+        return True
+
 
 def _take_cvc(
     conn: sqlite3.Connection, account_id: str, livemode: bool, pm_id: str
