@@ -29,6 +29,7 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ResourceMissing                                     404  resource_missing
     │   ├── UrlNotFound                                         404  url_invalid
     │   ├── CiphertextInvalid                                   400  ciphertext_invalid
+    │   │   └── KeyVersionUnavailable                           410  key_version_unavailable
     │   ├── UnsealShareInvalid                                  400  unseal_share_invalid
     │   ├── MalformedRequest                                    400  request_malformed
     │   ├── MethodNotAllowed                                    405  method_not_allowed
@@ -93,6 +94,7 @@ __all__ = [
     "InvalidRequestError",
     "KeyServiceSealed",
     "KeyServiceUnavailable",
+    "KeyVersionUnavailable",
     "MalformedRequest",
     "MethodNotAllowed",
     "ParameterMissing",
@@ -298,6 +300,18 @@ class CiphertextInvalid(InvalidRequestError):
     default_message = (
         "The ciphertext or wrapped key could not be opened: it is malformed, altered, "
         "for another key or purpose, or its key version is retired."
+    )
+
+
+class KeyVersionUnavailable(CiphertextInvalid):
+    """Data under a key version that was retired or destroyed (crypto-shredded): it can
+    no longer be decrypted, and retrying will not help."""
+
+    code = "key_version_unavailable"
+    http_status = 410
+    default_message = (
+        "The card data was encrypted under a key version that has been retired or "
+        "destroyed; it can no longer be decrypted. Collect the card again."
     )
 
 

@@ -54,6 +54,7 @@ from cardvault.storage.base import (
     DONE,
     PENDING,
     UNKNOWN,
+    KeyJob,
     TakenCvc,
     UnstorableValue,
 )
@@ -464,6 +465,38 @@ def test_data_key_round_trips_and_a_duplicate_id_raises(backend: Backend) -> Non
         with pytest.raises(DuplicateError):
             await store.insert_data_key(data_key("dk_one"))
         assert await store.get_data_key("dk_one") == record
+
+    backend.run(check)
+
+
+def test_data_keys_are_counted_walked_and_moved_one_row_each(backend: Backend) -> None:
+    """The re-encryption job's queries: counts by version, the walk in id order below a
+    version, moves only where the row is still under the version it was read under."""
+
+    async def check(store: VaultStore) -> None:
+        for i in range(5):
+            await store.insert_data_key(DataKeyRecord(f"dk_m{i}", "pan", 1, b"old%d" % i, NOW))
+        await store.insert_data_key(DataKeyRecord("dk_c", "cvc", 1, b"cvc", NOW))
+        assert await store.data_key_counts() == {"pan": {1: 5}, "cvc": {1: 1}}
+        first = await store.data_keys_below("pan", 2, "", 3)
+        assert [r.id for r in first] == ["dk_m0", "dk_m1", "dk_m2"]
+        rest = await store.data_keys_below("pan", 2, first[-1].id, 3)
+        assert [r.id for r in rest] == ["dk_m3", "dk_m4"]
+        moves = [(r.id, r.kek_version, b"new" + r.id.encode(), 2) for r in first]
+        assert await store.move_data_keys(moves) == 3
+        # Again (a resumed batch): nothing is under v1 any more, nothing moves.
+        assert await store.move_data_keys(moves) == 0
+        assert await store.data_key_counts() == {"pan": {1: 2, 2: 3}, "cvc": {1: 1}}
+        moved = await store.get_data_key("dk_m0")
+        assert moved is not None
+        assert (moved.kek_version, moved.wrapped) == (2, b"newdk_m0")
+        assert await store.get_key_job("pan") is None
+        job = KeyJob("pan", "rr_1", 2, "dk_m2", 3, NOW, NOW)
+        await store.put_key_job(job)
+        assert await store.get_key_job("pan") == job
+        done = KeyJob("pan", "rr_1", 2, "", 5, NOW, NOW + 1, NOW + 1)
+        await store.put_key_job(done)
+        assert await store.get_key_job("pan") == done
 
     backend.run(check)
 

@@ -189,8 +189,8 @@ ADMIN_ENDPOINTS = [
     "/v1/unseal",
     "/v1/seal",
     "/v1/keys/pan/rotate",
-    "/v1/keys/pan/rewrap",
     "/v1/keys/pan/config",
+    "/v1/keys/pan/destroy",
 ]
 
 
@@ -228,7 +228,10 @@ def test_no_endpoint_returns_a_kek_or_the_root_key(keyd: Keyd, keyd_pki: Pki) ->
         status = admin.get(f"{keyd.url}/v1/status").json()
     assert set(status["keys"]) == {"pan", "cvc", "fingerprint"}
     for info in status["keys"].values():
-        assert set(info) == {"latest_version", "versions", "min_decryption_version", "kind"}
+        assert set(info) == {
+            "latest_version", "versions", "min_decryption_version", "kind", "states",
+        }  # fmt: skip
+        assert set(info["states"].values()) <= {"active", "decrypt_only", "retired", "destroyed"}
 
 
 # --- rotation and substitution ---------------------------------------------------------
@@ -254,8 +257,9 @@ def test_rotate_rewrap_and_min_decryption_version(keyd: Keyd, keyd_pki: Pki) -> 
         cfg = admin.post(f"{keyd.url}/v1/keys/cvc/config", json={"min_decryption_version": 2})
         assert cfg.json()["min_decryption_version"] == 2
         r = vault.post(f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": old["ciphertext"]})
-        assert r.status_code == 400
-        assert r.json()["error"]["code"] == "ciphertext_invalid"
+        # Under a retired version: a clear, final answer (not a 503 to retry).
+        assert r.status_code == 410
+        assert r.json()["error"]["code"] == "key_version_unavailable"
         r = vault.post(
             f"{keyd.url}/v1/keys/cvc/unwrap", json={"ciphertext": rewrapped["ciphertext"]}
         )

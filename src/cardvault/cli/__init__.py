@@ -23,7 +23,7 @@ err = Console(stderr=True)
 
 
 def _register() -> None:
-    from cardvault.cli import accounts, api, audit, certs, keyservice, scan, up, vault
+    from cardvault.cli import accounts, api, audit, certs, keys, keyservice, scan, up, vault
 
     app.add_typer(accounts.accounts_app, name="accounts")
     app.add_typer(accounts.keys_app, name="api-keys")
@@ -31,6 +31,7 @@ def _register() -> None:
     app.command("scan")(scan.scan)
     app.add_typer(certs.app, name="certs")
     app.add_typer(keyservice.app, name="keyservice")
+    app.add_typer(keys.app, name="keys")
     app.add_typer(vault.app, name="vault")
     app.command("up")(up.up)
     api.register(app)

@@ -256,4 +256,131 @@ def config(
     )
 
 
+# -- ceremonies on a stopped key service (docs/keys.md) ---------------------------------
+
+ShareFileOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--share-file",
+        help="A current custodian share, one per file; repeat K times. Without it, "
+        "shares are read from the terminal (no echo) or stdin, one per line.",
+    ),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option("--out-dir", help="Write one file per new custodian here (0600)."),
+]
+
+
+def _current_shares(files: list[Path] | None) -> list[str]:
+    if files:
+        return [path.read_text().strip() for path in files]
+    if not sys.stdin.isatty():
+        return [line.strip() for line in sys.stdin if line.strip()]
+    err.print(
+        "Current custodian shares, one per prompt; an empty answer ends (none for the HSM seal)."
+    )
+    found: list[str] = []
+    while share := getpass.getpass(f"current share {len(found) + 1}: ").strip():
+        found.append(share)
+    return found
+
+
+def _hand_out(result: list[Any], shares: int, threshold: int, out_dir: Path | None) -> None:
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for share in result:
+            path = out_dir / f"custodian-{share.index}.share"
+            write_private(path, (share.to_text() + "\n").encode())
+            out.print(
+                f"share {share.index}/{shares} → {path} (mode 0600): give it to one custodian"
+            )
+    else:
+        out.print(f"[bold]{shares} new shares; any {threshold} unseal.[/] Each is shown once.")
+        for share in result:
+            out.print(
+                f"  custodian {share.index}: {share.to_text()}", highlight=False, soft_wrap=True
+            )
+    for share in result:
+        share.wipe()
+
+
+def _ceremony(run: Any) -> list[Any]:
+    try:
+        return run()  # type: ignore[no-any-return]
+    except CardVaultError as exc:
+        err.print(f"[red]refused:[/] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+@app.command("reseal")
+def reseal(
+    to: Annotated[str, typer.Option("--to", help="The new seal: shamir or pkcs11.")],
+    config: ConfigOpt = None,
+    share_file: ShareFileOpt = None,
+    shares: Annotated[int, typer.Option(help="--to shamir: how many new shares (N).")] = 5,
+    threshold: Annotated[int, typer.Option(help="--to shamir: how many unseal (K).")] = 3,
+    out_dir: OutDirOpt = None,
+) -> None:
+    """Move a STOPPED key service to another seal under a new root key.
+
+    Opens the current seal (K current shares, or the token with its PIN file), makes a
+    new root key under the new seal (inside the token for pkcs11, split into new shares
+    for shamir) and seals every KEK again under it in one transaction. Data keys and
+    cards are untouched; the old shares or token key open nothing stored afterwards.
+    Then set [seal] type to the new seal and start the service.
+    """
+    from cardvault.keyservice.app import reseal_key_service
+
+    if to not in ("shamir", "pkcs11"):
+        err.print("[red]--to must be shamir or pkcs11[/]")
+        raise typer.Exit(2)
+    if to == "shamir" and not 2 <= threshold <= shares <= 255:
+        err.print("[red]need 2 <= --threshold <= --shares <= 255[/]")
+        raise typer.Exit(2)
+    settings = load_settings(KeyServiceSettings, config)
+    current = _current_shares(share_file)
+    result = _ceremony(
+        lambda: reseal_key_service(
+            settings,
+            to=to,  # type: ignore[arg-type]
+            shares=current,
+            new_shares=shares,
+            new_threshold=threshold,
+        )
+    )
+    if to == "shamir":
+        _hand_out(result, shares, threshold, out_dir)
+    out.print(f'Resealed under a new root key. Set [seal] type = "{to}" and start the service.')
+
+
+@app.command("rekey")
+def rekey(
+    config: ConfigOpt = None,
+    share_file: ShareFileOpt = None,
+    shares: Annotated[int, typer.Option(help="How many new custodian shares (N).")] = 5,
+    threshold: Annotated[int, typer.Option(help="How many new shares unseal (K).")] = 3,
+    out_dir: OutDirOpt = None,
+) -> None:
+    """New custodian shares (new N, new K) for the SAME root key of a stopped service.
+
+    Needs K current shares. The root key and its check value do not change; the old
+    shares stop working (refused as another split; they rebuild nothing stored).
+    """
+    from cardvault.keyservice.app import rekey_key_service
+
+    if not 2 <= threshold <= shares <= 255:
+        err.print("[red]need 2 <= --threshold <= --shares <= 255[/]")
+        raise typer.Exit(2)
+    settings = load_settings(KeyServiceSettings, config)
+    current = _current_shares(share_file)
+    result = _ceremony(
+        lambda: rekey_key_service(
+            settings, shares=current, new_shares=shares, new_threshold=threshold
+        )
+    )
+    _hand_out(result, shares, threshold, out_dir)
+    out.print("Custodian shares replaced: the old shares no longer unseal this key service.")
+
+
 __all__ = ["app"]

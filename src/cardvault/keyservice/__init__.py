@@ -13,6 +13,9 @@ derives per-account keys, and lets an administrator unseal, seal, rotate and rew
   checked before anything else, and every refusal is audited.
 - ``service.py``: :class:`~cardvault.keyservice.service.KeyService`: the seal, the
   keyring and the operations. ``settings.py``: its settings.
+- ``seals.py``: the root key behind each seal (in memory, or inside a PKCS#11 token)
+  and the wrapped Shamir form; ``ceremony.py``: ``reseal`` and ``rekey`` on a stopped
+  key service.
 
 What it may import: :mod:`cardvault.crypto` (the safe layer), :mod:`cardvault.storage`
 (its own store, the ``KeyStore`` protocol; never the vault's database), the audit log,

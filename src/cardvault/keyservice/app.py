@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from cardvault.audit.recorder import AUDIT_FAILED_EXIT, start_recording, watch_audit_log
+from cardvault.audit.recorder import (
+    AUDIT_FAILED_EXIT,
+    Recorder,
+    open_audit_log,
+    start_recording,
+    watch_audit_log,
+)
 from cardvault.errors import AuditUnavailableError, CardVaultError, ConfigurationError
+from cardvault.keyservice import ceremony
 from cardvault.keyservice.http import routes
+from cardvault.keyservice.seals import TokenConfig
 from cardvault.keyservice.service import KeyService, initialize
 from cardvault.keyservice.settings import KeyServiceSettings
 from cardvault.logging import configure_logging, get_logger
@@ -26,7 +34,14 @@ from cardvault.transport.securitytxt import render_security_txt
 from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import server_context
 
-__all__ = ["build_listener", "check_settings", "run"]
+__all__ = [
+    "build_listener",
+    "check_settings",
+    "rekey_key_service",
+    "reseal_key_service",
+    "run",
+    "token_config",
+]
 
 _log = get_logger("cardvault.keyservice")
 
@@ -39,15 +54,108 @@ def initialize_key_service(
     development seal, which writes the root key to ``seal.dev_key_file``."""
     check_settings(settings)
     dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
+    token = token_config(settings) if settings.seal.type == "pkcs11" else None
 
     async def go() -> list[Any]:
         store = open_key_store(settings.store.url)
         try:
-            return await initialize(store, shares=shares, threshold=threshold, dev_key_file=dev)
+            return await initialize(
+                store, shares=shares, threshold=threshold, dev_key_file=dev, token=token
+            )
         finally:
             await store.close()
 
     return asyncio.run(go())
+
+
+def token_config(settings: KeyServiceSettings) -> TokenConfig | None:
+    """The PKCS#11 token's settings, or None when they are not set (any seal type:
+    ``reseal`` reads them to move to or from the token)."""
+    seal = settings.seal
+    if seal.pkcs11_module is None and not seal.pkcs11_token_label and seal.pkcs11_pin_file is None:
+        return None
+    missing = [
+        name
+        for name, value in (
+            ("seal.pkcs11_module", seal.pkcs11_module),
+            ("seal.pkcs11_token_label", seal.pkcs11_token_label),
+            ("seal.pkcs11_pin_file", seal.pkcs11_pin_file),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigurationError(f"missing required setting {missing[0]} for the PKCS#11 seal")
+    assert seal.pkcs11_module is not None
+    assert seal.pkcs11_pin_file is not None
+    if not seal.pkcs11_module.is_file():
+        raise ConfigurationError(f"seal.pkcs11_module {seal.pkcs11_module} does not exist")
+    return TokenConfig(seal.pkcs11_module, seal.pkcs11_token_label, seal.pkcs11_pin_file)
+
+
+def _stopped_service_ceremony(settings: KeyServiceSettings, work: Callable[..., Any]) -> Any:
+    """Run ``work(store, recorder)`` on the key service's store and audit log. The audit
+    log is locked while open, by a running key service too: a ceremony on a running
+    service is refused."""
+
+    async def go() -> Any:
+        directory, _admin = settings.audit.resolved(settings.store.url)
+        try:
+            log = await open_audit_log(directory, settings.audit)
+        except (ConfigurationError, AuditUnavailableError) as exc:
+            if "another process" in str(exc):
+                raise ConfigurationError(
+                    "the key service is running (it holds its audit log): stop it first"
+                ) from exc
+            raise
+        recorder = Recorder(log)
+        store = open_key_store(settings.store.url)
+        try:
+            return await work(store, recorder)
+        finally:
+            await store.close()
+            await recorder.close()
+
+    return asyncio.run(go())
+
+
+def reseal_key_service(
+    settings: KeyServiceSettings,
+    *,
+    to: Literal["shamir", "pkcs11"],
+    shares: list[str],
+    new_shares: int,
+    new_threshold: int,
+) -> list[Any]:
+    """``cardvault keyservice reseal``: the door to :func:`ceremony.reseal`."""
+    dev = settings.seal.dev_key_file if settings.profile == "development" else None
+    token = token_config(settings)
+
+    async def work(store: Any, recorder: Recorder) -> list[Any]:
+        return await ceremony.reseal(
+            store,
+            recorder,
+            to=to,
+            shares=shares,
+            new_shares=new_shares,
+            new_threshold=new_threshold,
+            token=token,
+            dev_key_file=dev,
+        )
+
+    return _stopped_service_ceremony(settings, work)  # type: ignore[no-any-return]
+
+
+def rekey_key_service(
+    settings: KeyServiceSettings, *, shares: list[str], new_shares: int, new_threshold: int
+) -> list[Any]:
+    """``cardvault keyservice rekey``: the door to :func:`ceremony.rekey`."""
+
+    async def work(store: Any, recorder: Recorder) -> list[Any]:
+        return await ceremony.rekey(
+            store, recorder, shares=shares, new_shares=new_shares, new_threshold=new_threshold
+        )
+
+    return _stopped_service_ceremony(settings, work)  # type: ignore[no-any-return]
 
 
 def check_settings(settings: KeyServiceSettings) -> None:
@@ -55,6 +163,10 @@ def check_settings(settings: KeyServiceSettings) -> None:
     if settings.server.client_ca_file is None:
         raise ConfigurationError(
             "missing required setting server.client_ca_file: the key service accepts only mutual TLS"
+        )
+    if settings.seal.type == "pkcs11" and token_config(settings) is None:
+        raise ConfigurationError(
+            'missing required setting seal.pkcs11_module for seal.type = "pkcs11"'
         )
     if settings.seal.type == "dev":
         if settings.profile != "development":
@@ -133,7 +245,8 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
             ],
         )
         dev = settings.seal.dev_key_file if settings.seal.type == "dev" else None
-        await service.start(dev_key_file=dev)
+        token = token_config(settings) if settings.seal.type == "pkcs11" else None
+        await service.start(dev_key_file=dev, token=token)
         tasks.append(asyncio.create_task(watch_audit_log(service.audit, audit_failed)))
         _log.info("key service ready", sealed=service.sealed)
 

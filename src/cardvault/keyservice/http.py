@@ -47,6 +47,9 @@ _MAX_BODY = 16 * 1024
 _MAX_BODY_DEPTH = 2
 #: A KEK name in a path (``pan``, ``cvc``, ``fingerprint``): a short identifier.
 _KEK_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+#: Most wrapped keys in one ``rewrap`` call (each about 120 base64 characters: the
+#: batch fits the body limit).
+MAX_REWRAP_BATCH = 100
 #: Longest derivation context: the vault sends an account id (``acct_…``).
 MAX_CONTEXT = 200
 #: The most the store may take to answer a readiness check (seconds).
@@ -137,6 +140,7 @@ def routes(
         Route("/v1/keys/{name}/rotate", api.rotate, methods=["POST"]),
         Route("/v1/keys/{name}/rewrap", api.rewrap, methods=["POST"]),
         Route("/v1/keys/{name}/config", api.config, methods=["POST"]),
+        Route("/v1/keys/{name}/destroy", api.destroy, methods=["POST"]),
     ]
 
 
@@ -299,9 +303,32 @@ class _KeyServiceHandlers:
         return json_response(await self.service.rotate(name, actor=who))
 
     async def rewrap(self, request: Request) -> Response:
-        who = await self.actor(request, self.admin_ids)
+        # The vault too: its re-encryption job moves its stored keys forward. The answer
+        # holds no plaintext, and the vault may unwrap its keys anyway.
+        who = await self.actor(request, self.vault_ids | self.admin_ids)
         name = _kek_name(request)
-        data = await _body(request, {"ciphertext"})
+        data = await _body(request, {"ciphertext", "ciphertexts"})
+        if "ciphertexts" in data:
+            # A batch (the re-encryption job's): all re-wrapped, or none answered.
+            many = data["ciphertexts"]
+            if not isinstance(many, list) or not 1 <= len(many) <= MAX_REWRAP_BATCH:
+                raise InvalidRequestError(
+                    f"Expected a list of 1 to {MAX_REWRAP_BATCH} base64 strings.",
+                    param="ciphertexts",
+                )
+            out, version = [], 0
+            for value in many:
+                wrapped, version = self.service.rewrap(
+                    name, _b64({"ciphertexts": value}, "ciphertexts")
+                )
+                out.append(_enc(wrapped))
+            await self.service.audit.record(
+                "keyservice.datakey.rewrapped",
+                actor=who,
+                object_id=untrusted_text(name),
+                detail={"kek_version": version, "count": len(out)},
+            )
+            return json_response({"ciphertexts": out, "key_version": version})
         wrapped, version = self.service.rewrap(name, _b64(data, "ciphertext"))
         await self.service.audit.record(
             "keyservice.datakey.rewrapped",
@@ -322,3 +349,19 @@ class _KeyServiceHandlers:
             raise InvalidRequestError("Expected an integer.", param="min_decryption_version")
         result = await self.service.configure(name, min_decryption_version=minimum, actor=who)
         return json_response(result)
+
+    async def destroy(self, request: Request) -> Response:
+        """One custodian's approval of a retired version's destruction (``version``,
+        ``share``); the K-th destroys it."""
+        who = await self.actor(request, self.admin_ids)
+        name = _kek_name(request)
+        data = await _body(request, {"version", "share"})
+        version = data.get("version")
+        if version is None:
+            raise ParameterMissing(param="version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidRequestError("Expected a positive integer.", param="version")
+        share = data.get("share")
+        if share is not None and not isinstance(share, str):
+            raise InvalidRequestError("Expected a string.", param="share")
+        return json_response(await self.service.destroy(name, version, share=share, actor=who))

@@ -34,14 +34,24 @@ from cardvault.errors import (
     ConfigurationError,
     InvalidRequestError,
     KeyServiceSealed,
+    KeyVersionUnavailable,
+    ParameterMissing,
     ResourceMissing,
     UnsealShareInvalid,
 )
 from cardvault.files import write_private
+from cardvault.keyservice.seals import (
+    RootKey,
+    SoftwareRoot,
+    TokenConfig,
+    TokenRoot,
+    TokenUnavailable,
+    root_from_shares,
+)
 from cardvault.logging import get_logger
 from cardvault.storage import KeyStore, StoredKek
 
-__all__ = ["KEK_KINDS", "KeyService", "UnsealProgress", "initialize"]
+__all__ = ["KEK_KINDS", "KeyService", "UnsealProgress", "initialize", "version_states"]
 
 #: Every KEK the service creates at init, and what it may be used for. ``datakey`` KEKs
 #: wrap data keys (the vault's card numbers and CVCs live under different ones, so a key
@@ -59,6 +69,40 @@ def _kek_context(name: str, version: int) -> dict[str, str]:
     return {"kek": name, "version": str(version)}
 
 
+def version_states(ring: crypto.Keyring) -> dict[str, str]:
+    """Each version's state, oldest first: ``active`` (the newest: wraps and unwraps),
+    ``decrypt_only`` (older, still unwraps), ``retired`` (below min_decryption_version:
+    refuses everything, material still stored) or ``destroyed`` (material deleted)."""
+    latest, held = ring.latest.version, set(ring.versions)
+    states: dict[str, str] = {}
+    for version in range(1, latest + 1):
+        if version not in held:
+            states[str(version)] = "destroyed"
+        elif version == latest:
+            states[str(version)] = "active"
+        elif version < ring.min_decryption_version:
+            states[str(version)] = "retired"
+        else:
+            states[str(version)] = "decrypt_only"
+    return states
+
+
+def _unwrap_error(ring: crypto.Keyring, wrapped: bytes) -> Exception:
+    """Why a wrapped key did not open: a version retired or destroyed (410, a clear
+    answer the vault passes on), else an invalid ciphertext (400)."""
+    try:
+        header = crypto.read_wrapped_key_header(wrapped)
+    except (crypto.InvalidCiphertext, ValueError):
+        return CiphertextInvalid(param="ciphertext")
+    state = version_states(ring).get(str(header.kek_version))
+    if header.kek_name == ring.name and state in ("retired", "destroyed"):
+        return KeyVersionUnavailable(
+            f"This data key is wrapped under a {state} key version; it can no longer be unwrapped.",
+            param="ciphertext",
+        )
+    return CiphertextInvalid(param="ciphertext")
+
+
 @dataclass(frozen=True)
 class UnsealProgress:
     sealed: bool
@@ -72,18 +116,22 @@ async def initialize(
     shares: int,
     threshold: int,
     dev_key_file: Path | None = None,
+    token: TokenConfig | None = None,
 ) -> list[crypto.Share]:
     """Create the root key and the first version of every KEK in an empty store.
 
     Returns the custodian shares (empty for the development seal, whose root key is
-    written to ``dev_key_file`` instead). The root key itself is never written
-    anywhere else: after this returns it exists only in the shares.
+    written to ``dev_key_file`` instead, and for the PKCS#11 seal, whose root key is
+    generated inside the token and never leaves it). The root key itself is never
+    written anywhere else: after this returns it exists only in the shares.
     """
     await store.migrate()
     if await store.get_meta(_META_ROOT_KCV) is not None:
         raise ConfigurationError(
             "the key service is already initialized; refusing to replace its keys"
         )
+    if token is not None:
+        return await _initialize_in_token(store, token)
     root = crypto.Key.generate(ROOT_KEY_NAME, 1)
     try:
         out: list[crypto.Share] = []
@@ -111,6 +159,26 @@ async def initialize(
         root.wipe()
 
 
+async def _initialize_in_token(store: KeyStore, token: TokenConfig) -> list[crypto.Share]:
+    try:
+        root = TokenRoot.create(token)
+    except TokenUnavailable as exc:
+        raise ConfigurationError(f"cannot initialize the PKCS#11 seal: {exc}") from exc
+    try:
+        seal_meta = root.meta(token)
+        now = int(time.time())
+        for name in KEK_KINDS:
+            with crypto.Key.generate(name, 1) as kek:
+                sealed = root.seal_kek(kek)
+            await store.add_kek(StoredKek(name, 1, sealed, now))
+        await store.set_meta(_META_SEAL, json.dumps(seal_meta))
+        await store.set_meta(_META_ROOT_KCV, f"token:{root.key_id.hex()}")
+        await store.append_event("cli", "init", "ok", json.dumps({"type": "pkcs11"}))
+        return []
+    finally:
+        root.wipe()
+
+
 class KeyService:
     """The key service's operations. Every method that needs keys raises
     :class:`KeyServiceSealed` while sealed."""
@@ -127,7 +195,7 @@ class KeyService:
         self.audit = audit or Recorder(None)
         self.unseal_timeout = unseal_timeout
         self._clock = clock
-        self._root: crypto.Key | None = None
+        self._root: RootKey | None = None
         self._rings: dict[str, crypto.Keyring] = {}
         self._pending: list[crypto.Share] = []
         self._pending_since = 0.0
@@ -135,6 +203,9 @@ class KeyService:
         self._kcv = ""
         #: One rotation at a time: each stores version ``latest + 1`` before using it.
         self._rotating = asyncio.Lock()
+        #: Custodian approvals of a version's destruction, by (name, version): shares.
+        self._destroy_approvals: dict[tuple[str, int], list[crypto.Share]] = {}
+        self._destroy_since = 0.0
 
     async def _event(self, actor: str, action: str, result: str, detail: str) -> None:
         """Record an event in the store's event table and in the audit log (fail closed)."""
@@ -149,8 +220,12 @@ class KeyService:
 
     # -- start-up ----------------------------------------------------------------------
 
-    async def start(self, *, dev_key_file: Path | None = None) -> None:
-        """Load metadata; with ``dev_key_file`` (development seal), unseal from it."""
+    async def start(
+        self, *, dev_key_file: Path | None = None, token: TokenConfig | None = None
+    ) -> None:
+        """Load metadata; with ``dev_key_file`` (development seal), unseal from it; with
+        ``token`` (PKCS#11 seal), unseal from the token, or stay sealed and say why when
+        the token refuses (a wrong PIN, no token, no root key in it)."""
         await self.store.migrate()
         kcv = await self.store.get_meta(_META_ROOT_KCV)
         meta = await self.store.get_meta(_META_SEAL)
@@ -166,8 +241,33 @@ class KeyService:
                     "seal.type is dev but this store was initialized with shares"
                 )
             material = bytearray(dev_key_file.read_bytes())
-            await self._unseal_with(crypto.Key(ROOT_KEY_NAME, 1, material), actor="dev-seal")
+            root = SoftwareRoot(crypto.Key(ROOT_KEY_NAME, 1, material))
+            await self._unseal_with(root, actor="dev-seal")
+        stored_type = self._seal_meta.get("type")
+        if (token is not None) != (stored_type == "pkcs11"):
+            raise ConfigurationError(
+                f"seal.type does not match this store, which is sealed with {stored_type!r}: "
+                "after `cardvault keyservice reseal`, set seal.type to the new seal"
+            )
+        if token is not None:
+            await self._unseal_from_token(token)
         await self._event("service", "start", "sealed" if self.sealed else "unsealed", "")
+
+    async def _unseal_from_token(self, token: TokenConfig) -> None:
+        try:
+            root = TokenRoot.open(token, bytes.fromhex(self._seal_meta["key_id"]))
+        except TokenUnavailable as exc:
+            await self._event("token", "unseal", "refused", str(exc))
+            _log.error("key service stays sealed: the PKCS#11 token refused", reason=str(exc))
+            return
+        try:
+            root.verify(self._seal_meta["check"])
+        except crypto.KeyCheckMismatch:
+            root.wipe()
+            await self._event("token", "unseal", "wrong_key", "")
+            _log.error("key service stays sealed: the token's key is not this store's root key")
+            return
+        await self._unseal_with(root, actor="token")
 
     @property
     def sealed(self) -> bool:
@@ -198,7 +298,8 @@ class KeyService:
             return UnsealProgress(False, 0, self.threshold)
         if self._seal_meta.get("type") != "shamir":
             raise InvalidRequestError(
-                "This key service uses the development seal; shares do not apply."
+                f"This key service uses the {self._seal_meta.get('type')} seal; shares do not "
+                "apply (the PKCS#11 seal unseals from its token at start: restart it)."
             )
         if self._pending_expired():
             self._wipe_pending()
@@ -223,31 +324,31 @@ class KeyService:
         if len(self._pending) < self.threshold:
             return UnsealProgress(True, len(self._pending), self.threshold)
         try:
-            material = crypto.shamir_combine(self._pending)
+            root = root_from_shares(self._seal_meta, crypto.shamir_combine(self._pending))
         except crypto.InvalidShare as exc:
             self._wipe_pending()
             await self._event(actor, "unseal", "rejected", str(exc))
             raise UnsealShareInvalid() from exc
         finally:
             self._wipe_pending()
-        await self._unseal_with(crypto.Key(ROOT_KEY_NAME, 1, material), actor=actor)
+        await self._unseal_with(SoftwareRoot(root), actor=actor)
         return UnsealProgress(False, 0, self.threshold)
 
-    async def _unseal_with(self, root: crypto.Key, *, actor: str) -> None:
-        try:
-            crypto.verify_key_check_value(root, self._kcv)
-        except crypto.KeyCheckMismatch as exc:
-            root.wipe()
-            await self._event(actor, "unseal", "wrong_key", "")
-            raise UnsealShareInvalid() from exc
+    async def _unseal_with(self, root: RootKey, *, actor: str) -> None:
+        if isinstance(root, SoftwareRoot):
+            try:
+                crypto.verify_key_check_value(root.key, self._kcv)
+            except crypto.KeyCheckMismatch as exc:
+                root.wipe()
+                await self._event(actor, "unseal", "wrong_key", "")
+                raise UnsealShareInvalid() from exc
         stored = await self.store.list_keks()
         minimums = await self.store.min_decryption_versions()
         rings: dict[str, list[crypto.Key]] = {}
         try:
             for kek in stored:
-                context = _kek_context(kek.name, kek.version)
-                material = bytearray(crypto.open_(root, kek.sealed, context))
-                rings.setdefault(kek.name, []).append(crypto.Key(kek.name, kek.version, material))
+                opened = root.open_kek(kek.name, kek.version, kek.sealed)
+                rings.setdefault(kek.name, []).append(opened)
         except crypto.InvalidCiphertext as exc:
             root.wipe()
             for keys in rings.values():
@@ -266,6 +367,7 @@ class KeyService:
     async def seal(self, *, actor: str) -> None:
         """Wipe the root key and every KEK from memory."""
         self._wipe_pending()
+        self._wipe_destroy_approvals()
         if self._root is not None:
             self._root.wipe()
         for ring in self._rings.values():
@@ -291,6 +393,7 @@ class KeyService:
                 "versions": list(ring.versions),
                 "min_decryption_version": ring.min_decryption_version,
                 "kind": KEK_KINDS[name],
+                "states": version_states(ring),
             }
             for name, ring in sorted(self._rings.items())
         }
@@ -318,14 +421,14 @@ class KeyService:
             with ring.unwrap_key(wrapped, purpose=name) as dek:
                 return dek.expose_secret()
         except crypto.InvalidCiphertext as exc:
-            raise CiphertextInvalid(param="ciphertext") from exc
+            raise _unwrap_error(ring, wrapped) from exc
 
     def rewrap(self, name: str, wrapped: bytes) -> tuple[bytes, int]:
         ring = self._ring(name, "datakey")
         try:
             return ring.rewrap_key(wrapped, purpose=name), ring.latest.version
         except crypto.InvalidCiphertext as exc:
-            raise CiphertextInvalid(param="ciphertext") from exc
+            raise _unwrap_error(ring, wrapped) from exc
 
     def derive(self, name: str, context: str, version: int | None = None) -> tuple[bytes, int]:
         """A per-account key (HKDF of the KEK, ``context`` = account id)."""
@@ -352,7 +455,7 @@ class KeyService:
             ring = self._ring(name, KEK_KINDS[name])
             assert self._root is not None
             new = crypto.Key.generate(name, ring.latest.version + 1)
-            sealed = crypto.seal(self._root, new.expose_secret(), _kek_context(name, new.version))
+            sealed = self._root.seal_kek(new)
             # Stored before it is used: a version that is not durable must never wrap a
             # data key, which nothing could unwrap after a restart. The store unavailable
             # (a 503, try again later), the ring is unchanged and the key forgotten.
@@ -390,3 +493,112 @@ class KeyService:
             actor, "config", "ok", f"{name} min_decryption_version={min_decryption_version}"
         )
         return self.status()["keys"][name]  # type: ignore[no-any-return]
+
+    # -- destruction (crypto-shredding) --------------------------------------------------
+
+    async def destroy(
+        self, name: str, version: int, *, share: str | None, actor: str
+    ) -> dict[str, Any]:
+        """Approve, and after ``threshold`` custodian approvals carry out, the destruction
+        of a retired KEK version: its sealed material is deleted from the store and its
+        key wiped from memory. Irreversible: whatever it wrapped can never be unwrapped.
+
+        Approval is the unseal's: each custodian submits their Shamir share; the K-th
+        valid one rebuilds the root key, which must match the stored check value (then
+        is wiped at once). A bad share wipes every approval given so far. The
+        development seal has no custodians and needs none.
+        """
+        if name not in KEK_KINDS:
+            raise ResourceMissing("No key with this name.")
+        ring = self._ring(name, KEK_KINDS[name])
+        state = version_states(ring).get(str(version))
+        target = (name, version)
+        if state == "destroyed":
+            return {"object": "keyservice.destroy", "name": name, "version": version,
+                    "destroyed": True, "progress": 0, "threshold": self.threshold}  # fmt: skip
+        if state != "retired":
+            raise InvalidRequestError(
+                "Only a retired version can be destroyed: retire it first "
+                "(every stored key re-encrypted, min_decryption_version above it).",
+                param="version",
+            )
+        seal_type = self._seal_meta.get("type")
+        approvals: list[int] = []
+        if seal_type == "shamir":
+            pending = self._destroy_approvals.setdefault(target, [])
+            if pending and self._clock() - self._destroy_since > self.unseal_timeout:
+                self._wipe_destroy_approvals()
+                pending = self._destroy_approvals.setdefault(target, [])
+            if not share:
+                raise ParameterMissing(param="share")
+            try:
+                parsed = crypto.Share.from_text(share)
+                if (
+                    parsed.split_id.hex() != self._seal_meta["split_id"]
+                    or parsed.threshold != self.threshold
+                ):
+                    raise crypto.InvalidShare("the share belongs to another split")
+                if any(p.index == parsed.index for p in pending):
+                    raise crypto.InvalidShare("this share was already submitted")
+            except crypto.InvalidShare as exc:
+                self._wipe_destroy_approvals()
+                await self._event(actor, "destroy_approval", "rejected", f"{name} v{version}")
+                raise UnsealShareInvalid() from exc
+            if not pending:
+                self._destroy_since = self._clock()
+            pending.append(parsed)
+            await self._event(
+                actor, "destroy_approval", "accepted", f"{name} v{version} index={parsed.index}"
+            )
+            if len(pending) < self.threshold:
+                return {"object": "keyservice.destroy", "name": name, "version": version,
+                        "destroyed": False, "progress": len(pending),
+                        "threshold": self.threshold}  # fmt: skip
+            approvals = sorted(p.index for p in pending)
+            try:
+                # Direct or wrapped Shamir seal (keyservice/seals.py): the root key either way.
+                material = root_from_shares(self._seal_meta, crypto.shamir_combine(pending))
+            except crypto.InvalidShare as exc:
+                await self._event(actor, "destroy", "rejected", f"{name} v{version}")
+                raise UnsealShareInvalid() from exc
+            finally:
+                self._wipe_destroy_approvals()
+            with material as rebuilt:
+                try:
+                    crypto.verify_key_check_value(rebuilt, self._kcv)
+                except crypto.KeyCheckMismatch as exc:
+                    await self._event(actor, "destroy", "wrong_key", f"{name} v{version}")
+                    raise UnsealShareInvalid() from exc
+        elif seal_type != "dev":
+            raise InvalidRequestError(
+                "This seal has no custodian shares to approve a destruction with."
+            )
+        async with self._rotating:
+            ring = self._ring(name, KEK_KINDS[name])
+            if version_states(ring).get(str(version)) != "retired":
+                raise InvalidRequestError(
+                    "Only a retired version can be destroyed.", param="version"
+                )
+            # Deleted from the store first (durably, the file's free pages and WAL
+            # scrubbed): a crash after this leaves nothing to load at the next unseal.
+            await self.store.delete_kek(name, version)
+            doomed = ring.key(version)
+            self._rings[name] = crypto.Keyring(
+                [ring.key(v) for v in ring.versions if v != version],
+                min_decryption_version=ring.min_decryption_version,
+            )
+            # Wiped after the swap: a reader holding the old ring meets a wiped key
+            # (an error), never a decryption under zeros.
+            doomed.wipe()
+        await self._event(
+            actor, "destroy", "ok", f"{name} v{version} approvals={approvals or seal_type}"
+        )
+        _log.warning("key version destroyed", name=name, version=version, actor=actor)
+        return {"object": "keyservice.destroy", "name": name, "version": version,
+                "destroyed": True, "progress": 0, "threshold": self.threshold}  # fmt: skip
+
+    def _wipe_destroy_approvals(self) -> None:
+        for shares in self._destroy_approvals.values():
+            for share in shares:
+                share.wipe()
+        self._destroy_approvals = {}

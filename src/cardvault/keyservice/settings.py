@@ -27,10 +27,16 @@ class StoreSettings:
 
 @dataclasses.dataclass
 class SealSettings:
-    #: "shamir" (custodian shares; the only choice in production) or "dev" (auto-unseal
-    #: from a local file: development only, refused in production).
-    type: Literal["shamir", "dev"] = "shamir"
+    #: "shamir" (custodian shares), "pkcs11" (the root key inside an HSM, automatic
+    #: unseal at start with the token's PIN) or "dev" (auto-unseal from a local file:
+    #: development only, refused in production).
+    type: Literal["shamir", "dev", "pkcs11"] = "shamir"
     dev_key_file: Path | None = None
+    #: For "pkcs11": the vendor's PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so),
+    #: the token's label, and a file (mode 0600) holding the token's user PIN.
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str = ""
+    pkcs11_pin_file: Path | None = None
     #: Seconds after the first share before partial unseal progress is discarded.
     unseal_timeout: int = 600
 

@@ -34,11 +34,13 @@ __all__ = [
     "UNKNOWN",
     "Account",
     "ApiKey",
+    "DataKeyMove",
     "DataKeyRecord",
     "DuplicateError",
     "ForwardingRequestRecord",
     "IdempotencyRecord",
     "KekExists",
+    "KeyJob",
     "KeyStore",
     "Mode",
     "PaymentMethodRecord",
@@ -110,6 +112,26 @@ class DataKeyRecord:
     kek_version: int
     wrapped: bytes
     created: int
+
+
+@dataclass(frozen=True)
+class KeyJob:
+    """A re-encryption run over one KEK's stored data keys: every key under a version
+    below ``target_version`` is moved to it. ``cursor``: the last data key id reached
+    (the walk is in id order); ``finished``: when the run ended, None while it runs."""
+
+    kek: str
+    run_id: str
+    target_version: int
+    cursor: str
+    moved: int
+    started: int
+    updated: int
+    finished: int | None = None
+
+
+#: One data key to move: ``(id, the version it is under, wrapped anew, the new version)``.
+DataKeyMove = tuple[str, int, bytes, int]
 
 
 @dataclass(frozen=True)
@@ -227,6 +249,26 @@ class VaultStore(Protocol):
     async def insert_data_key(self, record: DataKeyRecord) -> None: ...
 
     async def get_data_key(self, data_key_id: str) -> DataKeyRecord | None: ...
+
+    async def data_key_counts(self) -> dict[str, dict[int, int]]:
+        """How many stored data keys each KEK version wraps: ``{kek: {version: n}}``."""
+
+    async def data_keys_below(
+        self, kek: str, version: int, after: str, limit: int
+    ) -> list[DataKeyRecord]:
+        """Up to ``limit`` of ``kek``'s data keys under a version below ``version``
+        whose id is after ``after``, in id order."""
+
+    async def move_data_keys(self, moves: Sequence[DataKeyMove]) -> int:
+        """Store each data key wrapped anew, one row write each (its wrapped key and
+        version together), only where it is still under the version it was read
+        under; how many were moved. One transaction."""
+
+    async def get_key_job(self, kek: str) -> KeyJob | None:
+        """The re-encryption run of ``kek``, running or last finished."""
+
+    async def put_key_job(self, job: KeyJob) -> None:
+        """Store (insert or replace) the re-encryption run of ``job.kek``."""
 
     # -- payment methods ---------------------------------------------------------------
 
@@ -428,6 +470,16 @@ class KeyStore(Protocol):
 
     async def set_min_decryption_version(self, name: str, version: int) -> None:
         """Persist a key's ``min_decryption_version``."""
+
+    async def replace_seal(self, keks: Sequence[StoredKek], meta: dict[str, str]) -> None:
+        """In one transaction: replace the sealed form of every KEK version in ``keks``
+        (a reseal under a new root key) and set the ``meta`` values. Raises ValueError,
+        nothing written, when a KEK in ``keks`` is not stored or a stored one is left
+        out: a reseal moves every KEK or none."""
+
+    async def delete_kek(self, name: str, version: int) -> bool:
+        """Delete one sealed KEK version for good (its destruction): False when it was
+        not stored. Durable when it returns."""
 
     async def min_decryption_versions(self) -> dict[str, int]:
         """Every persisted ``min_decryption_version``, by key name."""

@@ -270,8 +270,30 @@ _VAULT_4 = Migration(
     ),
 )
 
+_VAULT_5 = Migration(
+    5,
+    "re-encryption jobs: one cursor per KEK; data keys counted by KEK version",
+    (
+        # One row per KEK whose stored data keys are being (or were last) moved to a
+        # newer KEK version: the run, its target, and the last data key id it reached,
+        # committed after every batch so that a stopped run resumes there.
+        """CREATE TABLE key_jobs (
+            kek {key} PRIMARY KEY,
+            run_id TEXT NOT NULL,
+            target_version INTEGER NOT NULL,
+            cursor TEXT NOT NULL,
+            moved BIGINT NOT NULL,
+            started BIGINT NOT NULL,
+            updated BIGINT NOT NULL,
+            finished BIGINT
+        )""",
+        # Counting the keys still under each version, and finding the next batch.
+        "CREATE INDEX data_keys_kek_version ON data_keys (kek, kek_version, id)",
+    ),
+)
+
 #: The vault's schema, in the vault's database.
-VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4), lock=7302)
+VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5), lock=7302)
 
 
 # -- the key service's database -------------------------------------------------------------

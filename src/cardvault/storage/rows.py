@@ -370,6 +370,8 @@ UPSERT_META = (
 )
 INSERT_KEK = insert_sql("keks", KEK_COLUMNS)
 SELECT_KEKS = select("keks", KEK_COLUMNS) + " ORDER BY name, version"
+DELETE_KEK = "DELETE FROM keks WHERE name = ? AND version = ?"
+UPDATE_KEK_SEALED = "UPDATE keks SET sealed = ? WHERE name = ? AND version = ?"
 UPSERT_MIN_DECRYPTION_VERSION = (
     "INSERT INTO key_config (name, min_decryption_version) VALUES (?, ?) "
     "ON CONFLICT (name) DO UPDATE SET min_decryption_version = excluded.min_decryption_version"

@@ -50,6 +50,7 @@ from cardvault.vault.forwarding.outbound import OutboundClient
 from cardvault.vault.http import PublicAPI, routes
 from cardvault.vault.idempotency import Idempotency
 from cardvault.vault.keyclient import KeyServiceClient
+from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import ParseLimits
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import key_limits
@@ -80,6 +81,8 @@ class Vault:
     payment_methods: PaymentMethods
     idempotency: Idempotency
     forwarder: Forwarder
+    #: The key lifecycle's side in the vault (usage counts, re-encryption job).
+    maintenance: KeyMaintenance | None = None
 
 
 def build_vault(settings: VaultSettings) -> Vault | None:
@@ -104,7 +107,13 @@ def build_vault(settings: VaultSettings) -> Vault | None:
         ks.url, ca_file=ks.ca_file, cert_file=ks.cert_file, key_file=ks.key_file, timeout=ks.timeout
     )
     dk = settings.datakeys
-    policy = DataKeyPolicy(dk.max_uses, float(dk.max_age), float(dk.cache_ttl), dk.cache_size)
+    policy = DataKeyPolicy(
+        dk.max_uses,
+        float(dk.max_age),
+        float(dk.cache_ttl),
+        dk.cache_size,
+        fingerprint_version=dk.fingerprint_version,
+    )
     keys = DataKeyManager(store, client, policy)
     audit = Recorder(None)
     return Vault(
@@ -122,6 +131,9 @@ def build_vault(settings: VaultSettings) -> Vault | None:
             replica=settings.store.replica or None,
         ),
         forwarder=Forwarder(store, keys, audit, _allowlist(settings), OutboundClient()),
+        maintenance=KeyMaintenance(
+            store, client, audit, fingerprint_version=dk.fingerprint_version
+        ),
     )
 
 
@@ -270,6 +282,7 @@ def build_listeners(
         _public_api(settings, vault) if vault is not None else None,
         admin_identities=adm.allowed_identities,
         readiness=readiness,
+        maintenance=vault.maintenance if vault is not None else None,
     )
     public_app = build_app(table.public, service="vault", security_txt=security_txt)
     listeners = [Listener("public", public_app, srv.host, srv.port, public_ctx, limits=srv.limits)]

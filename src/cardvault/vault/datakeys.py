@@ -45,6 +45,9 @@ class DataKeyPolicy:
     max_age: float = 3600.0
     cache_ttl: float = 300.0
     cache_size: int = 1024
+    #: The fingerprint KEK version per-account keys are derived under (pinned, so that
+    #: a rotation of that KEK leaves fingerprints comparable); None: the newest.
+    fingerprint_version: int | None = None
 
 
 class _Current:
@@ -174,7 +177,11 @@ class DataKeyManager:
             return key
 
         async def fetch() -> crypto.Key:
-            material, version = await self.keys.derive("fingerprint", account_id)
+            pinned = self.policy.fingerprint_version
+            if pinned is None:
+                material, version = await self.keys.derive("fingerprint", account_id)
+            else:
+                material, version = await self.keys.derive("fingerprint", account_id, pinned)
             return crypto.Key(f"fingerprint:{account_id}", version, material)
 
         return await self._once(f"derive:{account_id}", fetch, self._account_keys, account_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from cardvault import __version__
-from cardvault.errors import AuthenticationError, ServiceUnavailable
+from cardvault.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ParameterMissing,
+    ParameterUnknown,
+    ServiceUnavailable,
+)
 from cardvault.transport.asgi import json_response, read_body
 from cardvault.transport.identity import require_identity
 from cardvault.vault.accounts import Accounts, Caller, require_secret
@@ -40,6 +47,7 @@ from cardvault.vault.element import (
 )
 from cardvault.vault.forwarding.forwarder import Forwarder
 from cardvault.vault.idempotency import Claim, Idempotency
+from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import KeyLimits
@@ -87,12 +95,13 @@ def routes(
     *,
     admin_identities: Collection[str] = ("admin",),
     readiness: Readiness | None = None,
+    maintenance: KeyMaintenance | None = None,
 ) -> VaultRoutes:
     """Every route of the vault. Without ``api`` (no store and key service configured)
     the public listener serves only its transport endpoints. ``readiness`` answers
     ``/readyz`` (:class:`cardvault.vault.app.Readiness`); without it the vault is ready
     whenever it serves."""
-    admin = _Admin(admin_identities)
+    admin = _Admin(admin_identities, maintenance)
     readyz = _ReadyZ(readiness)
     with_key: list[BaseRoute] = []
     element: list[BaseRoute] = []
@@ -144,6 +153,14 @@ def routes(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz.answer, methods=["GET"]),
             Route("/v1/admin/whoami", admin.whoami, methods=["GET"]),
+            *(
+                [
+                    Route("/v1/admin/keys", admin.key_usage, methods=["GET"]),
+                    Route("/v1/admin/keys/{kek}/reencrypt", admin.reencrypt, methods=["POST"]),
+                ]
+                if maintenance is not None
+                else []
+            ),
         ],
     )
 
@@ -195,12 +212,53 @@ async def openapi(_request: Request) -> Response:
 class _Admin:
     """The admin listener's endpoints: mutual TLS, and only the allowed identities."""
 
-    def __init__(self, allowed_identities: Collection[str]) -> None:
+    def __init__(
+        self, allowed_identities: Collection[str], maintenance: KeyMaintenance | None = None
+    ) -> None:
         self.allowed = frozenset(allowed_identities)
+        self.maintenance = maintenance
 
     async def whoami(self, request: Request) -> Response:
         identity = require_identity(request.scope, self.allowed)
         return json_response({"object": "identity", "identity": identity, "version": __version__})
+
+    async def key_usage(self, request: Request) -> Response:
+        """How many stored data keys each KEK version wraps (``cardvault keys status``)."""
+        require_identity(request.scope, self.allowed)
+        assert self.maintenance is not None
+        return json_response(await self.maintenance.usage())
+
+    async def reencrypt(self, request: Request) -> Response:
+        """One batch of the re-encryption job (``cardvault keys reencrypt``):
+        ``{"target_version", "batch_size"}``."""
+        identity = require_identity(request.scope, self.allowed)
+        assert self.maintenance is not None
+        kek = request.path_params["kek"]
+        try:
+            body = json.loads(await read_body(request, 4096) or b"{}")
+        except ValueError as exc:
+            raise InvalidRequestError("The body is not valid JSON.") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequestError("The body must be a JSON object.")
+        for name in body:
+            if name not in ("target_version", "batch_size"):
+                raise ParameterUnknown(param=str(name)[:64])
+        values: dict[str, int] = {}
+        for name, default in (("target_version", None), ("batch_size", 100)):
+            value = body.get(name, default)
+            if value is None:
+                raise ParameterMissing(param=name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidRequestError("Expected an integer.", param=name)
+            values[name] = value
+        return json_response(
+            await self.maintenance.reencrypt_batch(
+                str(kek),
+                target_version=values["target_version"],
+                batch_size=values["batch_size"],
+                actor=identity,
+            )
+        )
 
 
 # -- the API that takes a key -----------------------------------------------------------------

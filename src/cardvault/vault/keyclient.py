@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from cardvault.errors import KeyServiceSealed, KeyServiceUnavailable
+from cardvault.errors import KeyServiceSealed, KeyServiceUnavailable, KeyVersionUnavailable
 from cardvault.logging import get_logger
 from cardvault.transport.tls import client_context
 
@@ -76,6 +76,9 @@ class KeyServiceClient:
                 code = response.json()["error"]["code"]
             if response.status_code == 503 and code == KeyServiceSealed.code:
                 raise KeyServiceSealed()
+            if code == KeyVersionUnavailable.code:
+                # Data under a retired or destroyed KEK version: a clear, final answer.
+                raise KeyVersionUnavailable()
             _log.error("key service refused", status=response.status_code, code=code)
             raise KeyServiceUnavailable()
         data: dict[str, Any] = response.json()
@@ -95,8 +98,30 @@ class KeyServiceClient:
         )
         return bytearray(base64.b64decode(data["plaintext"]))
 
-    async def derive(self, kek: str, context: str) -> tuple[bytearray, int]:
-        data = await self._post(f"/v1/keys/{kek}/derive", {"context": context})
+    async def rewrap(self, kek: str, wrapped: bytes) -> tuple[bytes, int]:
+        """``wrapped`` re-wrapped under the newest KEK version: ``(wrapped, version)``.
+        No plaintext travels."""
+        data = await self._post(
+            f"/v1/keys/{kek}/rewrap", {"ciphertext": base64.b64encode(wrapped).decode()}
+        )
+        return base64.b64decode(data["ciphertext"]), int(data["key_version"])
+
+    async def rewrap_many(self, kek: str, wrapped: list[bytes]) -> tuple[list[bytes], int]:
+        """Each of ``wrapped`` re-wrapped under the newest KEK version, in one call (at
+        most 100): ``(wrapped, version)``. No plaintext travels."""
+        data = await self._post(
+            f"/v1/keys/{kek}/rewrap",
+            {"ciphertexts": [base64.b64encode(w).decode() for w in wrapped]},
+        )
+        return [base64.b64decode(c) for c in data["ciphertexts"]], int(data["key_version"])
+
+    async def derive(
+        self, kek: str, context: str, version: int | None = None
+    ) -> tuple[bytearray, int]:
+        body: dict[str, Any] = {"context": context}
+        if version is not None:
+            body["version"] = version
+        data = await self._post(f"/v1/keys/{kek}/derive", body)
         return bytearray(base64.b64decode(data["key"])), int(data["key_version"])
 
     async def close(self) -> None:

@@ -90,6 +90,11 @@ class DataKeySettings:
     #: Seconds an unwrapped data key stays cached for decryption, and how many.
     cache_ttl: int = 300
     cache_size: int = 1024
+    #: The ``fingerprint`` KEK version every fingerprint is derived under. Fingerprints
+    #: are comparable only under one version, so rotating that KEK does not change
+    #: them; moving to a new version means fingerprinting every card again
+    #: (docs/keys.md, "Fingerprint key rotation").
+    fingerprint_version: int = 1
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ Each method is one statement, durable when it returns; the statements are those 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from cardvault.storage import rows
@@ -19,9 +20,11 @@ __all__ = ["PostgresKeyStore"]
 
 _SELECT_META = numbered(rows.SELECT_META)
 _UPSERT_META = numbered(rows.UPSERT_META)
+_UPDATE_KEK_SEALED = numbered(rows.UPDATE_KEK_SEALED)
 _INSERT_KEK = numbered(rows.INSERT_KEK)
 _UPSERT_MIN_DECRYPTION_VERSION = numbered(rows.UPSERT_MIN_DECRYPTION_VERSION)
 _INSERT_EVENT = numbered(rows.INSERT_EVENT)
+_DELETE_KEK = numbered(rows.DELETE_KEK)
 
 
 class PostgresKeyStore(PostgresDatabase):
@@ -49,6 +52,22 @@ class PostgresKeyStore(PostgresDatabase):
     async def list_keks(self) -> list[StoredKek]:
         pool = await self._get_pool()
         return [rows.kek_from_row(r) for r in await pool.fetch(rows.SELECT_KEKS)]
+
+    async def replace_seal(self, keks: Sequence[StoredKek], meta: dict[str, str]) -> None:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            found = await conn.fetch("SELECT name, version FROM keks FOR UPDATE")
+            if {(r[0], r[1]) for r in found} != {(k.name, k.version) for k in keks}:
+                raise ValueError("a reseal must replace every stored KEK version, no other")
+            for kek in keks:
+                await conn.execute(_UPDATE_KEK_SEALED, kek.sealed, kek.name, kek.version)
+            for key, value in meta.items():
+                await conn.execute(_UPSERT_META, key, value)
+
+    async def delete_kek(self, name: str, version: int) -> bool:
+        pool = await self._get_pool()
+        status = await pool.execute(_DELETE_KEK, name, version)
+        return str(status).endswith(" 1")
 
     async def set_min_decryption_version(self, name: str, version: int) -> None:
         pool = await self._get_pool()

@@ -8,7 +8,7 @@ when it returns. The statements are those of :mod:`cardvault.storage.rows`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,6 +58,26 @@ class SQLiteKeyStore(SQLiteDatabase):
             return [rows.kek_from_row(r) for r in conn.execute(rows.SELECT_KEKS).fetchall()]
 
         return await self._read(op)
+
+    async def replace_seal(self, keks: Sequence[StoredKek], meta: dict[str, str]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            stored = {(r[0], r[1]) for r in conn.execute("SELECT name, version FROM keks")}
+            if stored != {(k.name, k.version) for k in keks}:
+                raise ValueError("a reseal must replace every stored KEK version, no other")
+            for kek in keks:
+                conn.execute(rows.UPDATE_KEK_SEALED, (kek.sealed, kek.name, kek.version))
+            for key, value in meta.items():
+                conn.execute(rows.UPSERT_META, (key, value))
+
+        # The old sealed forms are overwritten: scrub them from the WAL as erased data.
+        await self._write(op, compound=True, erases=True)
+
+    async def delete_kek(self, name: str, version: int) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute(rows.DELETE_KEK, (name, version)).rowcount > 0
+
+        # Erases key material: the WAL is scrubbed as for card data.
+        return await self._write(op, erases=True)
 
     async def set_min_decryption_version(self, name: str, version: int) -> None:
         await self._write(_execute(rows.UPSERT_MIN_DECRYPTION_VERSION, (name, version)))

@@ -1,0 +1,403 @@
+"""``cardvault keys``: the key lifecycle (rotate, re-encrypt, status, retire, destroy).
+
+Every command talks to the services over mutual TLS with the admin identity: to the key
+service (versions, rotation, retirement, destruction) and to the vault's admin API (how
+many stored data keys each version wraps, the re-encryption batches). It never opens a
+database. Beside a local stack (``cardvault up``) it finds both by itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cardvault.cli.stack import StackOpt, load_stack, stack_value
+from cardvault.client import Client, TransportError
+from cardvault.errors import CardVaultError
+
+app = typer.Typer(
+    help="The key lifecycle: rotate, re-encrypt stored keys, status, retire, destroy.",
+    no_args_is_help=True,
+)
+out = Console()
+err = Console(stderr=True)
+
+#: Stored keys moved per second by default: low enough that live traffic keeps its pace
+#: (bench/reencrypt.py measures what it costs).
+DEFAULT_RATE = 200.0
+DEFAULT_BATCH = 100
+DATA_KEY_KEKS = ("pan", "cvc")
+
+KeydUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="CARDVAULT_KEYSERVICE_URL", help="Key service URL.", show_default=False
+    ),
+]
+VaultUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vault-admin-url",
+        envvar="CARDVAULT_VAULT_ADMIN_URL",
+        help="The vault's admin API URL.",
+        show_default=False,
+    ),
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-bundle", envvar="CARDVAULT_CA_BUNDLE", help="CA bundle.", show_default=False
+    ),
+]
+CertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cert", envvar="CARDVAULT_ADMIN_CERT", help="Admin client cert.", show_default=False
+    ),
+]
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key", envvar="CARDVAULT_ADMIN_KEY", help="Admin client key.", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class _Targets:
+    """The key service and the vault's admin API, as the admin identity reaches them."""
+
+    def __init__(
+        self,
+        url: str | None,
+        vault_url: str | None,
+        ca: Path | None,
+        cert: Path | None,
+        key: Path | None,
+        stack_file: Path | None,
+    ) -> None:
+        stack = load_stack(stack_file)
+        admin = stack_value(stack, "identities", "admin") or {}
+        self.keyd_url = url or stack_value(stack, "keyservice", "url")
+        self.vault_url = vault_url or stack_value(stack, "vault", "admin_url")
+        self.ca = ca or _path(stack_value(stack, "ca_bundle"))
+        self.cert = cert or _path(admin.get("cert"))
+        self.key = key or _path(admin.get("key"))
+        if self.ca is None or self.cert is None or self.key is None:
+            err.print(
+                "[red]no admin identity[/]: give --ca-bundle, --cert and --key (or their "
+                "CARDVAULT_ variables), or run this beside a local stack (cardvault up)"
+            )
+            raise typer.Exit(2)
+
+    def _call(self, url: str | None, what: str, method: str, path: str, body: Any = None) -> Any:
+        if url is None:
+            option = "--url" if what == "key service" else "--vault-admin-url"
+            err.print(f"[red]no {what} to call[/]: give {option}, or run this beside a local stack")
+            raise typer.Exit(2)
+        assert self.ca is not None
+        assert self.cert is not None
+        assert self.key is not None
+        try:
+            with Client(
+                base_url=url, ca_bundle=self.ca, client_cert=(self.cert, self.key), max_retries=2
+            ) as client:
+                return client.request(method, path, json=body)
+        except CardVaultError as exc:
+            err.print(f"[red]{what}: {exc.code}:[/] {exc.message}")
+            raise typer.Exit(1) from None
+        except TransportError as exc:
+            err.print(f"[red]cannot reach the {what}:[/] {exc}")
+            raise typer.Exit(1) from None
+
+    def keyd(self, method: str, path: str, body: Any = None) -> Any:
+        return self._call(self.keyd_url, "key service", method, path, body)
+
+    def vault(self, method: str, path: str, body: Any = None) -> Any:
+        return self._call(self.vault_url, "vault", method, path, body)
+
+
+def _path(value: object) -> Path | None:
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def _key_info(targets: _Targets, name: str) -> dict[str, Any]:
+    status = targets.keyd("GET", "/v1/status")
+    if status.get("sealed"):
+        err.print("[red]the key service is sealed[/]: unseal it first")
+        raise typer.Exit(1)
+    info = status.get("keys", {}).get(name)
+    if info is None:
+        err.print(f"[red]no key named {name!r}[/] (pan, cvc, fingerprint)")
+        raise typer.Exit(2)
+    return dict(info)
+
+
+def _status(targets: _Targets) -> dict[str, Any]:
+    """Each KEK version with its state (the key service's) and how many stored data
+    keys still use it (the vault's)."""
+    keyd = targets.keyd("GET", "/v1/status")
+    usage = targets.vault("GET", "/v1/admin/keys")
+    keys: dict[str, Any] = {}
+    for name, info in sorted(keyd.get("keys", {}).items()):
+        counts = usage["data_keys"].get(name, {})
+        versions = []
+        for version, state in info.get("states", {}).items():
+            row: dict[str, Any] = {"version": int(version), "state": state}
+            if name in DATA_KEY_KEKS:
+                row["stored_keys"] = int(counts.get(version, 0))
+            elif name == "fingerprint":
+                row["fingerprints"] = (
+                    "in use" if usage.get("fingerprint_version") == int(version) else "none"
+                )
+            versions.append(row)
+        keys[name] = {
+            "latest_version": info["latest_version"],
+            "min_decryption_version": info["min_decryption_version"],
+            "versions": versions,
+            "job": usage.get("jobs", {}).get(name),
+        }
+    return {"object": "keys.status", "sealed": keyd.get("sealed"), "keys": keys}
+
+
+def _targets(
+    url: str | None,
+    vault_url: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    stack: Path | None,
+) -> _Targets:
+    return _Targets(url, vault_url, ca, cert, key, stack)
+
+
+@app.command("status")
+def status(
+    as_json: JsonOpt = False,
+    url: KeydUrlOpt = None,
+    vault_admin_url: VaultUrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
+    """Each KEK version, its state and how many stored keys still use it."""
+    result = _status(_targets(url, vault_admin_url, ca_bundle, cert, key, stack))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table("key", "version", "state", "stored keys")
+    for name, info in result["keys"].items():
+        for row in info["versions"]:
+            used = row.get("stored_keys", row.get("fingerprints", ""))
+            table.add_row(name, str(row["version"]), row["state"], str(used))
+    out.print(table)
+
+
+@app.command("rotate")
+def rotate(
+    name: str,
+    url: KeydUrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
+    """Add a new version of KEK NAME: new data keys are wrapped under it at once; the
+    older versions become decrypt-only."""
+    targets = _targets(url, None, ca_bundle, cert, key, stack)
+    result = targets.keyd("POST", f"/v1/keys/{name}/rotate")
+    typer.echo(json.dumps(result))
+    if name == "fingerprint":
+        err.print(
+            "[yellow]note[/]: the vault keeps deriving fingerprints under "
+            "datakeys.fingerprint_version, so fingerprints stay comparable (docs/keys.md)"
+        )
+
+
+@app.command("reencrypt")
+def reencrypt(
+    name: str,
+    rate: Annotated[
+        float, typer.Option("--rate", help="Most stored keys moved per second.")
+    ] = DEFAULT_RATE,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Keys per batch.")
+    ] = DEFAULT_BATCH,
+    url: KeydUrlOpt = None,
+    vault_admin_url: VaultUrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
+    """Move every stored data key of NAME (pan, cvc) to the newest KEK version.
+
+    Runs in the vault, one batch per call; resumable (a cursor in the vault's
+    database), idempotent, throttled. A progress bar on a terminal, JSON lines
+    otherwise.
+    """
+    if name not in DATA_KEY_KEKS:
+        err.print(
+            f"[red]{name!r} wraps no stored keys[/]: reencrypt applies to pan and cvc "
+            "(fingerprints: docs/keys.md, 'Fingerprint key rotation')"
+        )
+        raise typer.Exit(2)
+    if rate <= 0 or not 1 <= batch_size <= 1000:
+        err.print("[red]need --rate > 0 and 1 <= --batch-size <= 1000[/]")
+        raise typer.Exit(2)
+    targets = _targets(url, vault_admin_url, ca_bundle, cert, key, stack)
+    target = int(_key_info(targets, name)["latest_version"])
+    usage = targets.vault("GET", "/v1/admin/keys")
+    remaining = sum(n for v, n in usage["data_keys"].get(name, {}).items() if int(v) < target)
+    job = usage.get("jobs", {}).get(name) or {}
+    resumed = bool(job) and job.get("finished") is None and job.get("target_version") == target
+    done_before = int(job.get("moved", 0)) if resumed else 0
+    total = done_before + remaining
+    tty = sys.stdout.isatty()
+    started = time.monotonic()
+    moved_now = 0
+
+    def line(event: str, **fields: Any) -> None:
+        if not tty:
+            typer.echo(json.dumps({"event": event, "kek": name, **fields}), nl=True)
+            sys.stdout.flush()
+
+    line("start", target_version=target, total=total, done=done_before, resumed=resumed)
+    progress = Progress(
+        TextColumn(f"re-encrypting {name} → v{target}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7.0f} keys/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        disable=not tty,
+    )
+    try:
+        with progress:
+            task = progress.add_task("reencrypt", total=total, completed=done_before, rate=0.0)
+            while True:
+                t0 = time.monotonic()
+                result = targets.vault(
+                    "POST",
+                    f"/v1/admin/keys/{name}/reencrypt",
+                    {"target_version": target, "batch_size": batch_size},
+                )
+                moved_now += int(result["moved"])
+                elapsed = max(time.monotonic() - started, 1e-9)
+                done = int(result["run_moved"])
+                total = max(total, done + int(result["remaining"]))
+                progress.update(task, completed=done, total=total, rate=moved_now / elapsed)
+                line(
+                    "done" if result["done"] else "batch",
+                    run=result["run"],
+                    moved=result["moved"],
+                    done=done,
+                    total=total,
+                    remaining=result["remaining"],
+                    rate=round(moved_now / elapsed, 1),
+                )
+                if result["done"]:
+                    break
+                # Throttle: this batch's keys take at least batch/rate seconds.
+                pause = int(result["moved"]) / rate - (time.monotonic() - t0)
+                if pause > 0:
+                    time.sleep(pause)
+    except KeyboardInterrupt:
+        line("interrupted", done=moved_now + done_before)
+        err.print("[yellow]interrupted[/]: run the same command again to resume")
+        raise typer.Exit(130) from None
+    if tty:
+        out.print(f"[green]done[/]: every stored {name} key is under v{target}")
+
+
+@app.command("retire")
+def retire(
+    name: str,
+    version: int,
+    url: KeydUrlOpt = None,
+    vault_admin_url: VaultUrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
+    """Retire VERSION of NAME (and every older one): nothing unwraps under them any more.
+    Refused while any stored key still uses them, and for the newest version."""
+    targets = _targets(url, vault_admin_url, ca_bundle, cert, key, stack)
+    info = _key_info(targets, name)
+    if version >= int(info["latest_version"]):
+        err.print("[red]the newest version cannot be retired[/]: rotate first")
+        raise typer.Exit(1)
+    usage = targets.vault("GET", "/v1/admin/keys")
+    if name in DATA_KEY_KEKS:
+        counts = usage["data_keys"].get(name, {})
+        left = sum(n for v, n in counts.items() if int(v) <= version)
+        if left:
+            err.print(
+                f"[red]refused[/]: {left} stored {name} key(s) still use v{version} or older; "
+                f"run `cardvault keys reencrypt {name}` first"
+            )
+            raise typer.Exit(1)
+    elif name == "fingerprint" and (usage.get("fingerprint_version") or 0) <= version:
+        err.print(
+            f"[red]refused[/]: the vault derives fingerprints under v{usage['fingerprint_version']}"
+        )
+        raise typer.Exit(1)
+    minimum = max(int(info["min_decryption_version"]), version + 1)
+    result = targets.keyd("POST", f"/v1/keys/{name}/config", {"min_decryption_version": minimum})
+    typer.echo(json.dumps(result))
+
+
+@app.command("destroy")
+def destroy(
+    name: str,
+    version: int,
+    share_file: Annotated[
+        Path | None, typer.Option("--share-file", help="Read the custodian share from a file.")
+    ] = None,
+    url: KeydUrlOpt = None,
+    ca_bundle: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    stack: StackOpt = None,
+) -> None:
+    """Approve the destruction of retired VERSION of NAME with one custodian share; the
+    K-th approval deletes its key material for good (crypto-shredding). Irreversible."""
+    targets = _targets(url, None, ca_bundle, cert, key, stack)
+    status = targets.keyd("GET", "/v1/status")
+    body: dict[str, Any] = {"version": version}
+    if status.get("seal_type") == "shamir":
+        if share_file is not None:
+            body["share"] = share_file.read_text().strip()
+        elif sys.stdin.isatty():
+            body["share"] = getpass.getpass("custodian share: ").strip()
+        else:
+            body["share"] = sys.stdin.readline().strip()
+    result = targets.keyd("POST", f"/v1/keys/{name}/destroy", body)
+    typer.echo(json.dumps(result))
+    if not result.get("destroyed"):
+        err.print(
+            f"approval {result['progress']}/{result['threshold']}: "
+            "the next custodian runs the same command"
+        )
+
+
+__all__ = ["app"]
