@@ -1056,9 +1056,12 @@ def test_sqlite_checkpoints_run_off_the_writer_and_keep_the_wal_bounded(
             largest = max(largest, wal.stat().st_size)
         assert store.checkpoints >= 1  # on the checkpointer thread
         # The WAL is started over after checkpoints instead of growing with the writes:
-        # at worst the writer checkpoints itself at 4x the threshold.
+        # at worst the writer checkpoints itself at 4x the threshold. (Slack: when the
+        # checkpointer thread is mid-copy on a loaded machine the writer's own checkpoint
+        # finds it busy, and a few more commits land before it is done: 1.2 MB was seen
+        # against the 1 MB fallback; a WAL that grew with the writes would reach 3 MB.)
         limit = threshold * sqlite_store.CHECKPOINT_FALLBACK_FACTOR
-        assert largest < limit + 64 * 1024, largest
+        assert largest < limit + 256 * 1024, largest
         # ... and rarely: what triggers a checkpoint is the frames waiting (read from
         # the WAL index), not the size of a file that is reused.
         assert store.writer_checkpoints < 40, store.writer_checkpoints
