@@ -9,7 +9,7 @@ limit (``limits.secret_rate``/``secret_burst``), raised so that it does not thro
 Each service has its own directory, so each keeps its audit log next to its store (the
 default); the report counts the vault's audit records per forward.
 
-Three cases, measured in the same run against the same acquirer process:
+The cases, measured in the same run against the same processes:
 
 * DIRECT: ``POST /v1/authorizations`` to the acquirer, a JSON body with the published
   test card 4242424242424242 and no CVC;
@@ -23,18 +23,41 @@ Three cases, measured in the same run against the same acquirer process:
   aiohttp session out) with nothing of the vault in it: no framework, authentication,
   logging, crypto or storage. PASSTHROUGH − DIRECT is the floor: what any Python hop
   adds on this machine, which the vault's own work comes on top of.
+* TOKENIZE: ``POST /v1/payment_methods`` to the same vault (the same card, form-encoded,
+  the secret key): the vault's CPU per forward is compared with its CPU per
+  tokenization, measured here in the same run.
+* NOOP and BARE NOOP (the wrk client only): the vault's ``POST /v1/noop`` and the same
+  request to ``bench/_bare_noop.py``, stock uvicorn + Starlette over the vault's TLS
+  context with nothing else: the cost of the vault's request pipeline.
 
 The acquirer declines a card without a CVC (``402 incorrect_cvc``): that is the answer
 both cases get, counted; latency does not depend on it. Every forward must be a 200
 whose ``response_details.status`` is the acquirer's 200 or 402.
 
-The load is aiohttp over HTTPS keep-alive (one ``TCPConnector(limit=N)`` per case and
-concurrency level), each of N workers waiting for its previous answer. Per concurrency
-level: a 1 s warm-up of each case, then ``--rounds`` DIRECT/PASSTHROUGH/FORWARD rounds sharing
-``--seconds`` per case, so that drift on the shared machine hits both alike. The
-forward's added latency is FORWARD minus DIRECT at the same percentile.
+Two load generators, one after the other:
+
+* python: aiohttp over HTTPS keep-alive (one ``TCPConnector(limit=N)`` per case and
+  concurrency level), each of N workers waiting for its previous answer. Per concurrency
+  level: a 1 s warm-up of each case, then ``--rounds`` DIRECT/PASSTHROUGH/FORWARD/TOKENIZE
+  rounds sharing ``--seconds`` per case, so that drift on the shared machine hits all
+  alike.
+* wrk (``--clients``; Debian's ``wrk`` on PATH): ``wrk -t 1 -c N`` with a Lua script
+  that rotates the same bodies and counts the answers by status, so that the load
+  generator's own CPU (C, one thread) hides less of the servers'. Per concurrency level,
+  a 1 s warm-up of each case, then ``--rounds`` rounds of every case sharing
+  ``--wrk-seconds`` per case; p50 and p99 are the median of the rounds' (wrk's
+  percentiles cannot be merged). wrk does not verify certificates: acceptable for a
+  load generator against local listeners. Its answers are not parsed, only counted.
+
+The forward's added latency is FORWARD minus DIRECT at the same percentile; the report
+ends with the goals of issue 21, for each client. With ``--before-src DIR`` (the ``src``
+of another tree, e.g. a worktree of an earlier commit) a second vault, with its own key
+service, runs that tree's code beside this one's, and its FORWARD, TOKENIZE and NOOP
+cases run in the same rounds: a before/after comparison in one run.
 
     .venv/bin/python bench/forward.py --seconds 10
+    .venv/bin/python bench/forward.py --before-src /tmp/cv-before/src
+    .venv/bin/python bench/forward.py --clients wrk --wrk-seconds 10
     .venv/bin/python bench/forward.py --concurrency 32 --seconds 30 --keep
 """
 
@@ -43,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -58,6 +82,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -70,6 +95,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DIRECT = "DIRECT acquirer"
 PASSTHROUGH = "PASSTHROUGH bare hop"
 FORWARD = "FORWARD via vault"
+TOKENIZE = "TOKENIZE vault"
+NOOP = "NOOP vault"
+BARE_NOOP = "NOOP bare Starlette"
+#: The process whose CPU is each case's "hop CPU" (filled as the cases are made).
+HOPS = {PASSTHROUGH: "passthrough", BARE_NOOP: "bare"}
 WARMUP_S = 1.0
 #: Stripe's published Visa test card: the only card number this benchmark sends.
 TEST_CARD = "4242424242424242"
@@ -82,6 +112,14 @@ DIRECT_BODY = json.dumps(
     separators=(",", ":"),
 ).encode()
 FORWARD_TEMPLATE = '{"amount":1000,"currency":"usd","card":{}}'
+TOKENIZE_BODY = urlencode(
+    {
+        "type": "card",
+        "card[number]": TEST_CARD,
+        "card[exp_month]": "12",
+        "card[exp_year]": "2034",
+    }
+).encode()
 ACQUIRER_ANSWERS = (200, 402)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -97,6 +135,7 @@ class Deployment:
     acquirer_port: int
     vault_port: int
     passthrough_port: int
+    bare_port: int
     keyd_config: Path
     vault_config: Path
     acquirer_args: list[str]
@@ -112,6 +151,16 @@ class Deployment:
     @property
     def passthrough_url(self) -> str:
         return f"https://localhost:{self.passthrough_port}/v1/authorizations"
+
+    @property
+    def bare_args(self) -> list[str]:
+        pki = self.directory / "pki"
+        return [
+            str(ROOT / "bench" / "_bare_noop.py"),
+            "--port", str(self.bare_port),
+            "--cert", str(pki / "vault.pem"),
+            "--key", str(pki / "vault.key"),
+        ]  # fmt: skip
 
     @property
     def passthrough_args(self) -> list[str]:
@@ -133,7 +182,7 @@ def write_deployment(directory: Path) -> Deployment:
     vault = ca.issue("vault", dns=["localhost"], ips=["127.0.0.1"], client_identity="vault")
     acquirer = ca.issue("acquirer", dns=["localhost"], ips=["127.0.0.1"])
     keyd_port, acquirer_port, vault_port = free_port(), free_port(), free_port()
-    passthrough_port = free_port()
+    passthrough_port, bare_port = free_port(), free_port()
     # One directory per service: each keeps its audit log next to its SQLite store.
     keyd_dir, vault_dir = directory / "keyd", directory / "vault"
     keyd_dir.mkdir(mode=0o700)
@@ -192,6 +241,7 @@ def write_deployment(directory: Path) -> Deployment:
         acquirer_port,
         vault_port,
         passthrough_port,
+        bare_port,
         keyd_config,
         vault_config,
         acquirer_args,
@@ -301,6 +351,12 @@ def check_direct(status: int, body: bytes) -> int:
     return status
 
 
+def check_tokenize(status: int, body: bytes) -> int:
+    if status != 200:
+        raise ValueError(f"vault answered {status}: {body[:300].decode(errors='replace')}")
+    return status
+
+
 def check_forward(status: int, body: bytes) -> int:
     if status != 200:
         # The vault's error bodies never hold card data.
@@ -402,7 +458,11 @@ async def make_payment_methods(
 
 
 def forward_bodies(deployment: Deployment, payment_methods: list[str]) -> Iterator[bytes]:
-    bodies = [
+    return itertools.cycle(forward_body_list(deployment, payment_methods))
+
+
+def forward_body_list(deployment: Deployment, payment_methods: list[str]) -> list[bytes]:
+    return [
         urlencode(
             {
                 "payment_method": pm,
@@ -416,52 +476,84 @@ def forward_bodies(deployment: Deployment, payment_methods: list[str]) -> Iterat
         ).encode()
         for pm in payment_methods
     ]
-    return itertools.cycle(bodies)
+
+
+@dataclass
+class Vault:
+    """A vault the cases measure: this tree's (``vault``) or, with ``--before-src``,
+    another tree's (``before``), each with its own key service, store and account."""
+
+    name: str
+    deployment: Deployment
+    secret_key: str
+    pms: list[str] = field(default_factory=list)
+
+    def label(self, case: str) -> str:
+        """``FORWARD``, ``TOKENIZE`` or ``NOOP``: the case's label for this vault."""
+        own = {"FORWARD": FORWARD, "TOKENIZE": TOKENIZE, "NOOP": NOOP}[case]
+        label = own if self.name == "vault" else f"{case} {self.name}"
+        HOPS[label] = self.name
+        return label
+
+
+def python_cases(deployment: Deployment, vaults: list[Vault]) -> list[Case]:
+    cases = [
+        Case(
+            DIRECT,
+            deployment.acquirer_url,
+            {"content-type": "application/json"},
+            itertools.repeat(DIRECT_BODY),
+            check_direct,
+        ),
+        Case(
+            PASSTHROUGH,
+            deployment.passthrough_url,
+            {"content-type": "application/json"},
+            itertools.repeat(DIRECT_BODY),
+            check_direct,
+        ),
+    ]
+    for vault in vaults:
+        keyed = {
+            "authorization": f"Bearer {vault.secret_key}",
+            "content-type": "application/x-www-form-urlencoded",
+        }
+        url = vault.deployment.vault_url
+        cases += [
+            Case(
+                vault.label("FORWARD"),
+                f"{url}/v1/forwarding/requests",
+                keyed,
+                forward_bodies(vault.deployment, vault.pms),
+                check_forward,
+            ),
+            Case(
+                vault.label("TOKENIZE"),
+                f"{url}/v1/payment_methods",
+                keyed,
+                itertools.repeat(TOKENIZE_BODY),
+                check_tokenize,
+            ),
+        ]
+    return cases
 
 
 async def drive(
     deployment: Deployment,
-    secret_key: str,
+    vaults: list[Vault],
     *,
     pids: dict[str, int],
     seconds: float,
     rounds: int,
     levels: list[int],
-    payment_methods: int,
-) -> list[tuple[Totals, Totals, Totals]]:
-    ssl_context = client_context(deployment.ca)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=32, ssl=ssl_context)
-    ) as session:
-        pms = await make_payment_methods(session, deployment.vault_url, secret_key, payment_methods)
-    print(f"  {len(pms)} payment methods made", file=sys.stderr, flush=True)
-
-    direct = Case(
-        DIRECT,
-        deployment.acquirer_url,
-        {"content-type": "application/json"},
-        itertools.repeat(DIRECT_BODY),
-        check_direct,
-    )
-    passthrough = Case(
-        PASSTHROUGH,
-        deployment.passthrough_url,
-        {"content-type": "application/json"},
-        itertools.repeat(DIRECT_BODY),
-        check_direct,
-    )
-    forward = Case(
-        FORWARD,
-        f"{deployment.vault_url}/v1/forwarding/requests",
-        {
-            "authorization": f"Bearer {secret_key}",
-            "content-type": "application/x-www-form-urlencoded",
-        },
-        forward_bodies(deployment, pms),
-        check_forward,
-    )
-    cases = (direct, passthrough, forward)
-    results: list[tuple[Totals, Totals, Totals]] = []
+) -> list[dict[str, Totals]]:
+    # One bundle of every deployment's CA (a "before" vault has its own).
+    bundle = deployment.directory / "client-cas.pem"
+    cas = dict.fromkeys([deployment.ca, *(vault.deployment.ca for vault in vaults)])
+    bundle.write_bytes(b"".join(ca.read_bytes() for ca in cas))
+    ssl_context = client_context(bundle)
+    cases = python_cases(deployment, vaults)
+    results: list[dict[str, Totals]] = []
     for concurrency in levels:
         # One client session per case, so that neither shares the other's connections.
         sessions = {
@@ -493,15 +585,207 @@ async def drive(
                     )
                     t = totals[case.label]
                     print(
-                        f"  {case.label:<18} c={concurrency:<3} {t.per_second:>8,.0f} req/s, "
-                        f"p50 {t.percentile(50):.2f} ms so far",
+                        f"  python {case.label:<20} c={concurrency:<3} {t.per_second:>8,.0f} "
+                        f"req/s, p50 {t.percentile(50):.2f} ms so far",
                         file=sys.stderr,
                         flush=True,
                     )
         finally:
             for session in sessions.values():
                 await session.close()
-        results.append((totals[DIRECT], totals[PASSTHROUGH], totals[FORWARD]))
+        results.append(totals)
+    return results
+
+
+# --- the wrk client -----------------------------------------------------------------
+
+#: The Lua script of every wrk case. Arguments: a file of bodies (one per line, sent in
+#: turn; an empty line is an empty body), then "name: value" headers. Prints one line,
+#: ``WRK_RESULT {json}``: requests, duration, p50/p99 in µs, socket errors, statuses.
+WRK_SCRIPT = r"""
+local bodies, count, i = {}, 0, 0
+local headers = {}
+statuses = {}
+
+function init(args)
+  for line in io.lines(args[1]) do
+    count = count + 1
+    bodies[count] = line
+  end
+  for k = 2, #args do
+    local name, value = args[k]:match("^([^:]+):%s*(.*)$")
+    headers[name] = value
+  end
+end
+
+function request()
+  i = i % count + 1
+  return wrk.format("POST", nil, headers, bodies[i])
+end
+
+function response(status, hdrs, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function done(summary, latency, requests)
+  local counts = {}
+  for _, t in ipairs(threads) do
+    for s, c in pairs(t:get("statuses")) do
+      counts[tostring(s)] = (counts[tostring(s)] or 0) + c
+    end
+  end
+  local parts = {}
+  for s, c in pairs(counts) do
+    table.insert(parts, string.format('"%s":%d', s, c))
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
+    '"errors":%d,"statuses":{%s}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, table.concat(parts, ",")))
+end
+"""
+
+
+@dataclass
+class WrkCase:
+    label: str
+    url: str
+    bodies: Path
+    headers: list[str]
+    #: The process whose CPU is this case's "hop CPU".
+    hop: str | None
+    #: The statuses that count as answered.
+    ok: tuple[int, ...]
+
+
+@dataclass
+class WrkTotals:
+    """One wrk case's measured rounds at one concurrency level."""
+
+    label: str
+    concurrency: int
+    seconds: float = 0.0
+    requests: int = 0
+    p50s: list[float] = field(default_factory=list)
+    p99s: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: int = 0
+    cpu: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        """The median of the rounds' p50 (``q`` 50) or p99 (99), in ms."""
+        values = sorted(self.p50s if q == 50 else self.p99s)
+        return values[len(values) // 2] if values else float("nan")
+
+    def cpu_us_per_request(self, process: str) -> float:
+        return self.cpu[process] / self.requests * 1e6 if self.requests else float("nan")
+
+
+def write_bodies(path: Path, bodies: list[bytes]) -> Path:
+    path.write_bytes(b"".join(body + b"\n" for body in bodies))
+    return path
+
+
+def wrk_cases(deployment: Deployment, vaults: list[Vault]) -> list[WrkCase]:
+    d = deployment.directory
+    as_json = ["Content-Type: application/json"]
+    direct = write_bodies(d / "wrk-direct.txt", [DIRECT_BODY])
+    noop = write_bodies(d / "wrk-noop.txt", [b""])
+    cases = [
+        WrkCase(DIRECT, deployment.acquirer_url, direct, as_json, None, ACQUIRER_ANSWERS),
+        WrkCase(PASSTHROUGH, deployment.passthrough_url, direct, as_json, "passthrough",
+                ACQUIRER_ANSWERS),
+    ]  # fmt: skip
+    for vault in vaults:
+        keyed = [f"Authorization: Bearer {vault.secret_key}",
+                 "Content-Type: application/x-www-form-urlencoded"]  # fmt: skip
+        url = vault.deployment.vault_url
+        forwards = forward_body_list(vault.deployment, vault.pms)
+        cases += [
+            WrkCase(vault.label("FORWARD"), f"{url}/v1/forwarding/requests",
+                    write_bodies(d / f"wrk-forward-{vault.name}.txt", forwards), keyed,
+                    vault.name, (200,)),
+            WrkCase(vault.label("TOKENIZE"), f"{url}/v1/payment_methods",
+                    write_bodies(d / "wrk-tokenize.txt", [TOKENIZE_BODY]), keyed, vault.name,
+                    (200,)),
+            WrkCase(vault.label("NOOP"), f"{url}/v1/noop", noop, keyed, vault.name, (200,)),
+        ]  # fmt: skip
+    cases.append(
+        WrkCase(BARE_NOOP, f"https://localhost:{deployment.bare_port}/v1/noop", noop,
+                ["Content-Type: application/x-www-form-urlencoded"], "bare", (200,))
+    )  # fmt: skip
+    return cases
+
+
+def run_wrk(
+    case: WrkCase, script: Path, *, concurrency: int, seconds: float, pids: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, float], float]:
+    """One wrk run: its result, the CPU seconds each process used, the elapsed time."""
+    command = [
+        "wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "10s",
+        "-s", str(script), case.url, "--", str(case.bodies), *case.headers,
+    ]  # fmt: skip
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    began = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - began
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    found = re.search(r"^WRK_RESULT (\{.*\})$", result.stdout, re.M)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"wrk failed ({result.returncode}): {result.stdout}{result.stderr}")
+    return json.loads(found.group(1)), cpu, elapsed
+
+
+def drive_wrk(
+    deployment: Deployment,
+    vaults: list[Vault],
+    *,
+    pids: dict[str, int],
+    seconds: float,
+    rounds: int,
+    levels: list[int],
+) -> list[dict[str, WrkTotals]]:
+    script = deployment.directory / "bench.lua"
+    script.write_text(WRK_SCRIPT)
+    cases = wrk_cases(deployment, vaults)
+    results: list[dict[str, WrkTotals]] = []
+    for concurrency in levels:
+        for case in cases:
+            run_wrk(case, script, concurrency=concurrency, seconds=WARMUP_S, pids=pids)
+        totals = {case.label: WrkTotals(case.label, concurrency) for case in cases}
+        for _ in range(rounds):
+            for case in cases:
+                out, cpu, _ = run_wrk(
+                    case, script, concurrency=concurrency, seconds=seconds / rounds, pids=pids
+                )
+                t = totals[case.label]
+                t.seconds += out["duration_us"] / 1e6
+                statuses = {int(k): v for k, v in out["statuses"].items()}
+                t.statuses.update(statuses)
+                t.requests += sum(n for s, n in statuses.items() if s in case.ok)
+                t.errors += out["errors"] + sum(n for s, n in statuses.items() if s not in case.ok)
+                t.p50s.append(out["p50_us"] / 1000)
+                t.p99s.append(out["p99_us"] / 1000)
+                for name, used in cpu.items():
+                    t.cpu[name] += used
+                print(
+                    f"  wrk {case.label:<22} c={concurrency:<3} {t.per_second:>8,.0f} req/s, "
+                    f"p50 {t.p50s[-1]:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        results.append(totals)
     return results
 
 
@@ -522,52 +806,7 @@ def audit_actions(directory: Path) -> Counter[str]:
     return actions
 
 
-def print_report(
-    results: list[tuple[Totals, Totals, Totals]],
-    args: argparse.Namespace,
-    rows: int | None,
-    audit: Counter[str],
-) -> bool:
-    cpus = os.cpu_count()
-    print(
-        f"\nforwarding vs calling the acquirer directly; HTTPS keep-alive from the load "
-        f"generator to each server; {args.seconds:g} s per case and concurrency level, in "
-        f"{args.rounds} alternating DIRECT/PASSTHROUGH/FORWARD rounds after a {WARMUP_S:g} s warm-up "
-        f"of each; one run\n"
-        f"{platform.python_implementation()} {platform.python_version()}; the acquirer, "
-        f"the vault, the key service and the load generator share {cpus} CPUs\n"
-        f"FORWARD includes: TLS and HTTP into the vault, key check and rate limit, the "
-        f"payment method read and decrypted, the request built twice (real, redacted), "
-        f"TLS and HTTP to the acquirer on the vault's pooled connection, the response "
-        f"masked, a durable SQLite commit of the redacted forwarding record, and the "
-        f"vault's audit-log records (each fsynced before the vault goes on; counted "
-        f"below)\n"
-    )
-    header = ("case", "conc", "req/s", "p50 ms", "p99 ms", "answers", "hop CPU µs/req",
-              "acquirer CPU µs/req", "client CPU µs/req")  # fmt: skip
-    table: list[tuple[str, ...]] = []
-    for direct, passthrough, forward in results:
-        for t in (direct, passthrough, forward):
-            answers = " ".join(f"{s}:{n}" for s, n in sorted(t.acquirer_status.items()))
-            if t.failures:
-                answers += " FAILED " + " ".join(f"{k}:{v}" for k, v in t.failures.items())
-            table.append(
-                (
-                    t.label,
-                    str(t.concurrency),
-                    f"{t.per_second:,.0f}",
-                    f"{t.percentile(50):.2f}",
-                    f"{t.percentile(99):.2f}",
-                    answers,
-                    f"{t.cpu_us_per_request('vault'):,.0f}"
-                    if t is forward
-                    else f"{t.cpu_us_per_request('passthrough'):,.0f}"
-                    if t is passthrough
-                    else "-",
-                    f"{t.cpu_us_per_request('acquirer'):,.0f}",
-                    f"{t.cpu_us_per_request('client'):,.0f}",
-                )
-            )
+def print_table(header: tuple[str, ...], table: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
@@ -580,28 +819,137 @@ def print_report(
     for row in table:
         print(line(row))
 
-    print("\nadded by the vault (FORWARD − DIRECT, same run; goal ≤ 1 ms at p50):")
-    for direct, _, forward in results:
-        p50 = forward.percentile(50) - direct.percentile(50)
-        p99 = forward.percentile(99) - direct.percentile(99)
-        verdict = "within" if p50 <= 1.0 else "above"
-        print(
-            f"  concurrency {direct.concurrency:>3}: p50 {p50:+.2f} ms ({verdict} the goal), "
-            f"p99 {p99:+.2f} ms; throughput {forward.per_second / direct.per_second:.2f}× "
-            f"direct"
-        )
-    print("the floor: a bare Python HTTPS hop (PASSTHROUGH − DIRECT, same run):")
-    for direct, passthrough, forward in results:
+
+def results_table(results: list[dict[str, Totals]] | list[dict[str, WrkTotals]]) -> None:
+    header = ("case", "conc", "req/s", "p50 ms", "p99 ms", "answers", "hop CPU µs/req",
+              "acquirer CPU µs/req", "client CPU µs/req")  # fmt: skip
+    table: list[tuple[str, ...]] = []
+    for level in results:
+        for t in level.values():
+            if isinstance(t, Totals):
+                answers = " ".join(f"{s}:{n}" for s, n in sorted(t.acquirer_status.items()))
+                if t.failures:
+                    answers += " FAILED " + " ".join(f"{k}:{v}" for k, v in t.failures.items())
+                client = f"{t.cpu_us_per_request('client'):,.0f}"
+            else:
+                answers = " ".join(f"{s}:{n}" for s, n in sorted(t.statuses.items()))
+                if t.errors:
+                    answers += f" ERRORS {t.errors}"
+                client = "-"
+            hop = HOPS.get(t.label)
+            table.append(
+                (
+                    t.label,
+                    str(t.concurrency),
+                    f"{t.per_second:,.0f}",
+                    f"{t.percentile(50):.2f}",
+                    f"{t.percentile(99):.2f}",
+                    answers,
+                    f"{t.cpu_us_per_request(hop):,.0f}" if hop else "-",
+                    f"{t.cpu_us_per_request('acquirer'):,.0f}",
+                    client,
+                )
+            )
+    print_table(header, table)
+
+
+def print_goals(
+    name: str, results: list[dict[str, Totals]] | list[dict[str, WrkTotals]], vault: Vault
+) -> None:
+    """Issue 21's goals for ``vault``, from one client's figures; each line says met or
+    not."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(f"\ngoals, {vault.name} ({name} client; the floor is PASSTHROUGH − DIRECT, same run):")
+    forward_label, tokenize_label = vault.label("FORWARD"), vault.label("TOKENIZE")
+    noop_label = vault.label("NOOP")
+    for level in results:
+        direct, passthrough = level[DIRECT], level[PASSTHROUGH]
+        forward = level[forward_label]
+        c = direct.concurrency
+        added = forward.percentile(50) - direct.percentile(50)
         floor = passthrough.percentile(50) - direct.percentile(50)
-        own = forward.percentile(50) - passthrough.percentile(50)
-        print(
-            f"  concurrency {direct.concurrency:>3}: p50 {floor:+.2f} ms, "
-            f"p99 {passthrough.percentile(99) - direct.percentile(99):+.2f} ms; "
-            f"throughput {passthrough.per_second / direct.per_second:.2f}× direct; "
-            f"the vault's own work above it: p50 {own:+.2f} ms"
+        p99 = forward.percentile(99) - direct.percentile(99)
+        line = (
+            f"  c={c:<3} added p50 {added:+.2f} ms, floor {floor:+.2f} ms, the vault's own "
+            f"{added - floor:+.2f} ms (p99 added {p99:+.2f} ms)"
         )
-    forwards = sum(f.ok + sum(f.failures.values()) for _, _, f in results)
-    valid = all(not t.failures and t.ok for triple in results for t in triple)
+        if c == 1:
+            line += f": added p50 <= floor + 1.5 ms {verdict(added <= floor + 1.5)}"
+        print(line)
+        ratio = forward.per_second / direct.per_second
+        floor_ratio = passthrough.per_second / direct.per_second
+        line = (
+            f"  c={c:<3} forward throughput {ratio:.2f}× direct (the bare hop {floor_ratio:.2f}×)"
+        )
+        if c >= 32:
+            line += f": >= 0.5× direct {verdict(ratio >= 0.5)}"
+        print(line)
+        if tokenize_label in level:
+            tokenize = level[tokenize_label]
+            per_forward = forward.cpu_us_per_request(vault.name)
+            per_token = tokenize.cpu_us_per_request(vault.name)
+            cpu_ratio = per_forward / per_token
+            print(
+                f"  c={c:<3} vault CPU per forward {per_forward:,.0f} µs, per tokenization "
+                f"{per_token:,.0f} µs: {cpu_ratio:.2f}×, <= 2× {verdict(cpu_ratio <= 2)}"
+            )
+        if noop_label in level and BARE_NOOP in level:
+            noop, bare = level[noop_label], level[BARE_NOOP]
+            noop_ratio = noop.per_second / bare.per_second
+            print(
+                f"  c={c:<3} vault no-op {noop.per_second:,.0f} req/s "
+                f"({noop.cpu_us_per_request(vault.name):,.0f} µs CPU), bare no-op "
+                f"{bare.per_second:,.0f} req/s ({bare.cpu_us_per_request('bare'):,.0f} µs): "
+                f"{noop_ratio:.2f}×, >= 0.5× {verdict(noop_ratio >= 0.5)}"
+            )
+
+
+def print_report(
+    python: list[dict[str, Totals]],
+    wrk: list[dict[str, WrkTotals]],
+    vaults: list[Vault],
+    args: argparse.Namespace,
+    rows: int | None,
+    audit: Counter[str],
+) -> bool:
+    cpus = os.cpu_count()
+    print(
+        f"\nforwarding vs calling the acquirer directly; HTTPS keep-alive from the load "
+        f"generator to each server; one run\n"
+        f"{platform.python_implementation()} {platform.python_version()}; the acquirer, "
+        f"the vault, the key service, the bare servers and the load generator share {cpus} "
+        f"CPUs\n"
+        f"FORWARD includes: TLS and HTTP into the vault, key check and rate limit, the "
+        f"payment method read and decrypted, the request built (real, masked), "
+        f"TLS and HTTP to the acquirer on the vault's pooled connection, the response "
+        f"masked, the forwarding record and the vault's audit records (all durable before "
+        f"the card leaves and before the answer; counted below)"
+    )
+    if python:
+        print(
+            f"\npython client: {args.seconds:g} s per case and concurrency level, in "
+            f"{args.rounds} alternating rounds after a {WARMUP_S:g} s warm-up of each"
+        )
+        results_table(python)
+    if wrk:
+        print(
+            f"\nwrk client (-t 1): {args.wrk_seconds:g} s per case and concurrency level, in "
+            f"{args.rounds} alternating rounds after a {WARMUP_S:g} s warm-up of each; p50 and "
+            f"p99 are the median of the rounds'"
+        )
+        results_table(wrk)
+    for vault in vaults:
+        if python:
+            print_goals("python", python, vault)
+        if wrk:
+            print_goals("wrk", wrk, vault)
+    forwards = sum(level[FORWARD].ok + sum(level[FORWARD].failures.values()) for level in python)
+    forwards += sum(level[FORWARD].requests + level[FORWARD].errors for level in wrk)
+    valid = all(not t.failures and t.ok for level in python for t in level.values())
+    valid = valid and all(not t.errors and t.requests for level in wrk for t in level.values())
     if rows is not None:
         print(
             f"\nforwarding records stored: {rows:,} (measured forwards {forwards:,}, plus warm-ups)"
@@ -618,95 +966,198 @@ def print_report(
     )
     if not valid:
         print("\nINVALID RUN: some requests failed (see 'answers'):")
-        for triple in results:
-            for t in triple:
+        for level in python:
+            for t in level.values():
                 for example in t.examples:
                     print(f"  {t.label} c={t.concurrency}: {example}")
     return valid
 
 
+async def payment_methods_for(deployment: Deployment, secret_key: str, count: int) -> list[str]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=32, ssl=client_context(deployment.ca))
+    ) as session:
+        pms = await make_payment_methods(session, deployment.vault_url, secret_key, count)
+    print(f"  {len(pms)} payment methods made", file=sys.stderr, flush=True)
+    return pms
+
+
+@contextlib.contextmanager
+def python_path(src: Path | None) -> Iterator[None]:
+    """``PYTHONPATH`` set to ``src`` (the children started meanwhile inherit it)."""
+    if src is None:
+        yield
+        return
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(src.resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def before_deployment(directory: Path, main: Deployment) -> Deployment:
+    """A second deployment (its own CA, key service and vault) whose allowlist names the
+    main deployment's acquirer, trusted through the main CA: the forwards of both vaults
+    reach the same acquirer process with the same request."""
+    other = write_deployment(directory)
+    allowlist = directory / "allowlist.toml"
+    text = allowlist.read_text()
+    text = text.replace(f"localhost:{other.acquirer_port}/", f"localhost:{main.acquirer_port}/")
+    allowlist.write_text(text.replace(f'ca_file = "{other.ca}"', f'ca_file = "{main.ca}"'))
+    return dataclasses.replace(other, acquirer_port=main.acquirer_port)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per case")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured time per case, python client"
+    )
+    parser.add_argument(
+        "--wrk-seconds", type=float, default=5.0, help="measured time per case, wrk client (5)"
+    )
+    parser.add_argument(
+        "--clients",
+        default="python,wrk" if shutil.which("wrk") else "python",
+        help="load generators, comma-separated: python, wrk (default: both when wrk is on PATH)",
+    )
     parser.add_argument(
         "--concurrency",
         default="1,32",
         help="comma-separated numbers of keep-alive connections (default 1,32)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="rounds of the three cases per concurrency (5)"
+        "--rounds", type=int, default=5, help="rounds of the cases per concurrency (5)"
     )
     parser.add_argument(
         "--payment-methods", type=int, default=200, help="payment methods forwarded (200)"
     )
+    parser.add_argument(
+        "--before-src",
+        type=Path,
+        help="also measure the vault of another tree (its src directory, e.g. a worktree of "
+        "an earlier commit): its own key service, store and account, the same acquirer, "
+        "its cases labelled 'before', in the same rounds (with CARDVAULT_BENCH_PROFILE, "
+        "both vaults would write the one file: profile without it)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     levels = [int(part) for part in args.concurrency.split(",") if part.strip()]
+    clients = {part.strip() for part in args.clients.split(",") if part.strip()}
+    if clients - {"python", "wrk"}:
+        parser.error("--clients takes python and wrk")
+    if "wrk" in clients and shutil.which("wrk") is None:
+        parser.error("wrk is not on PATH (apt-get install wrk)")
 
     directory = Path(tempfile.mkdtemp(prefix="cardvault-bench-forward-"))
     deployment = write_deployment(directory)
     keyd_log, vault_log = directory / "keyd.log", directory / "vault.log"
     acquirer_log = directory / "acquirer.log"
     passthrough_log = directory / "passthrough.log"
+    bare_log = directory / "bare.log"
     run_cardvault(["keyservice", "init", "--config", str(deployment.keyd_config)], log=keyd_log)
-    secret_key = create_account(deployment.vault_config, vault_log)
+    vaults = [Vault("vault", deployment, create_account(deployment.vault_config, vault_log))]
+    if args.before_src is not None:
+        (directory / "before").mkdir()
+        other = before_deployment(directory / "before", deployment)
+        with python_path(args.before_src):
+            run_cardvault(
+                ["keyservice", "init", "--config", str(other.keyd_config)],
+                log=other.directory / "keyd.log",
+            )
+            key = create_account(other.vault_config, other.directory / "vault.log")
+        vaults.append(Vault("before", other, key))
 
     codes: dict[str, int | None] = {}
     rows: int | None = None
-    with (
-        python_process(deployment.acquirer_args, log=acquirer_log) as acquirer,
-        python_process(deployment.passthrough_args, log=passthrough_log) as passthrough,
-        cardvault_process(
-            ["keyservice", "serve", "--config", str(deployment.keyd_config)], log=keyd_log
-        ) as keyd,
-    ):
+    python: list[dict[str, Totals]] = []
+    wrk: list[dict[str, WrkTotals]] = []
+    with contextlib.ExitStack() as stack:
+        acquirer = stack.enter_context(python_process(deployment.acquirer_args, log=acquirer_log))
+        passthrough = stack.enter_context(
+            python_process(deployment.passthrough_args, log=passthrough_log)
+        )
+        bare = stack.enter_context(python_process(deployment.bare_args, log=bare_log))
         wait_for_port(deployment.acquirer_port, acquirer, log=acquirer_log)
         wait_for_port(deployment.passthrough_port, passthrough, log=passthrough_log)
-        wait_for_port(deployment.keyd_port, keyd, log=keyd_log)
-        with cardvault_process(
-            ["vault", "serve", "--config", str(deployment.vault_config)], log=vault_log
-        ) as vault:
-            wait_for_port(deployment.vault_port, vault, log=vault_log)
+        wait_for_port(deployment.bare_port, bare, log=bare_log)
+        servers: dict[str, tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]] = {}
+        for vault in vaults:
+            d = vault.deployment
+            with python_path(args.before_src if vault.name == "before" else None):
+                keyd = stack.enter_context(
+                    cardvault_process(
+                        ["keyservice", "serve", "--config", str(d.keyd_config)],
+                        log=d.directory / "keyd.log",
+                    )
+                )
+                wait_for_port(d.keyd_port, keyd, log=d.directory / "keyd.log")
+                server = stack.enter_context(
+                    cardvault_process(
+                        ["vault", "serve", "--config", str(d.vault_config)],
+                        log=d.directory / "vault.log",
+                    )
+                )
+                wait_for_port(d.vault_port, server, log=d.directory / "vault.log")
+            servers[vault.name] = (server, keyd)
             print(
-                f"vault pid {vault.pid}, acquirer pid {acquirer.pid}, key service pid "
-                f"{keyd.pid}; logs in {directory}",
+                f"{vault.name}: vault pid {server.pid}, key service pid {keyd.pid}; acquirer "
+                f"pid {acquirer.pid}; logs in {d.directory}",
                 file=sys.stderr,
                 flush=True,
             )
-            try:
-                import uvloop
+        pids = {
+            "acquirer": acquirer.pid,
+            "passthrough": passthrough.pid,
+            "bare": bare.pid,
+            **{name: server.pid for name, (server, _) in servers.items()},
+        }
+        try:
+            import uvloop
 
-                loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-            except ImportError:
-                loop_factory = None
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                results = runner.run(
+            loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            for vault in vaults:
+                vault.pms = runner.run(
+                    payment_methods_for(vault.deployment, vault.secret_key, args.payment_methods)
+                )
+            if "python" in clients:
+                python = runner.run(
                     drive(
                         deployment,
-                        secret_key,
-                        pids={
-                            "vault": vault.pid,
-                            "acquirer": acquirer.pid,
-                            "passthrough": passthrough.pid,
-                        },
+                        vaults,
+                        pids=pids,
                         seconds=args.seconds,
                         rounds=args.rounds,
                         levels=levels,
-                        payment_methods=args.payment_methods,
                     )
                 )
-            vault.terminate()
-            codes["vault"] = vault.wait(30)
-        keyd.terminate()
-        codes["key service"] = keyd.wait(15)
-        acquirer.terminate()
-        codes["acquirer"] = acquirer.wait(15)
-        passthrough.terminate()
-        codes["passthrough"] = passthrough.wait(15)
+        if "wrk" in clients:
+            wrk = drive_wrk(
+                deployment,
+                vaults,
+                pids=pids,
+                seconds=args.wrk_seconds,
+                rounds=args.rounds,
+                levels=levels,
+            )
+        for name, (server, keyd) in servers.items():
+            server.terminate()
+            codes[name] = server.wait(30)
+            keyd.terminate()
+            codes[f"key service ({name})"] = keyd.wait(15)
+        for name, proc in (("acquirer", acquirer), ("passthrough", passthrough), ("bare", bare)):
+            proc.terminate()
+            codes[name] = proc.wait(15)
 
     with contextlib.closing(sqlite3.connect(directory / "vault" / "vault.db")) as db:
         (rows,) = db.execute("SELECT count(*) FROM forwarding_requests").fetchone()
-    valid = print_report(results, args, int(rows), audit_actions(directory))
+    valid = print_report(python, wrk, vaults, args, int(rows), audit_actions(directory))
     print(
         "exit codes: " + ", ".join(f"{name} {code}" for name, code in codes.items())
         + (f"; kept: {directory}" if args.keep else "")

@@ -55,6 +55,7 @@ from cardvault.storage.base import (
     PENDING,
     UNKNOWN,
     KeyJob,
+    PreconditionFailed,
     TakenCvc,
     UnstorableValue,
 )
@@ -1617,6 +1618,59 @@ def test_take_cvc_for_forward_stores_the_forward_and_takes_the_cvc_together(
         two = await store.get_payment_method(ACCT, False, "pm_two")
         assert two is not None
         assert two.cvc_ct == sealed
+
+    backend.run(check)
+
+
+def test_a_forward_is_written_only_once_its_after_has_succeeded(backend: Backend) -> None:
+    """``after`` (a forward's audit record): the pending row, and the CVC taken with it,
+    are written only once it has succeeded; never when it fails (issue 21)."""
+    sealed = secrets.token_bytes(40)
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        await store.insert_payment_method(pm("pm_take", cvc=sealed, cvc_expires=NOW + 3600))
+        loop = asyncio.get_running_loop()
+
+        # Settled in the same pass (as the audit log's flush does) or later: written.
+        soon: asyncio.Future[None] = loop.create_future()
+        loop.call_soon(soon.set_result, None)
+        await store.insert_forwarding_request(pending_fwd("fwdreq_1"), after=soon)
+        late: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0.05, late.set_result, None)
+        taken = await store.take_cvc_for_forward(pending_fwd("fwdreq_2"), after=late)
+        assert taken == TakenCvc(sealed, DK_CVC, NOW + 3600)
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_2") is not None
+
+        # Failed, at once or later: nothing written, the CVC stays.
+        await store.insert_payment_method(pm("pm_two", cvc=sealed, cvc_expires=NOW + 60))
+        for delay in (0.0, 0.05):
+            failed: asyncio.Future[None] = loop.create_future()
+            loop.call_later(delay, failed.set_exception, OSError("the audit log failed"))
+            with pytest.raises(PreconditionFailed):
+                await store.take_cvc_for_forward(
+                    pending_fwd("fwdreq_3", pm_id="pm_two"), after=failed
+                )
+            with pytest.raises(PreconditionFailed):
+                await store.insert_forwarding_request(pending_fwd("fwdreq_4"), after=failed)
+            with pytest.raises(OSError):
+                await failed
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_3") is None
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_4") is None
+        two = await store.get_payment_method(ACCT, False, "pm_two")
+        assert two is not None
+        assert two.cvc_ct == sealed
+        # A write without after, queued beside one that waits, is not held back by it.
+        waiting: asyncio.Future[None] = loop.create_future()
+        held = asyncio.ensure_future(
+            store.insert_forwarding_request(pending_fwd("fwdreq_5"), after=waiting)
+        )
+        await store.insert_forwarding_request(pending_fwd("fwdreq_6"))
+        assert not held.done()
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_5") is None
+        waiting.set_result(None)
+        await held
+        assert await store.get_forwarding_request(ACCT, False, "fwdreq_5") is not None
 
     backend.run(check)
 

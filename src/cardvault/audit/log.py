@@ -318,6 +318,33 @@ class AuditLog:
         :class:`AuditUnavailable` when the record could not be made durable: the caller
         must then refuse the operation.
         """
+        return await self.append_soon(
+            action,
+            actor=actor,
+            origin=origin,
+            object_id=object_id,
+            result=result,
+            request_id=request_id,
+            detail=detail,
+        )
+
+    def append_soon(
+        self,
+        action: str,
+        *,
+        actor: str,
+        origin: str | None,
+        object_id: str | None,
+        result: str,
+        request_id: str | None,
+        detail: Mapping[str, DetailValue] = _EMPTY,
+    ) -> asyncio.Future[AuditRecord]:
+        """:meth:`append` without waiting: the record is made and chained now, in the
+        next flush, and the future answers it once it is durable (or fails with
+        :class:`AuditUnavailable`). Raises at once what :meth:`append` raises before
+        anything is written. For an operation that may be queued in the same flush pass
+        as long as it happens only once the record is durable (a forward's pending row:
+        ``VaultStore.insert_forwarding_request``'s ``after``)."""
         check_entry(
             action=action,
             actor=actor,
@@ -349,7 +376,7 @@ class AuditLog:
         if self._since_checkpoint + 1 >= self._every:
             made.append(self._checkpoint_record(record.seq, record.hash))
         self._write(loop, made, (future, record))
-        return await future
+        return future
 
     async def close(self) -> None:
         """Make what was written durable, sign the head (a final checkpoint), and close.

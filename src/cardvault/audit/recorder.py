@@ -24,7 +24,7 @@ import errno
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cardvault.audit.errors import AuditError, AuditUnavailable
 from cardvault.audit.log import AuditLog
@@ -82,6 +82,48 @@ class Recorder:
                 request_id=context.get("request_id"),
                 detail=detail or {},
             )
+        except AuditUnavailable as exc:
+            _log.error("audit log unavailable; refusing the operation", action=action)
+            raise AuditUnavailableError() from exc
+
+    def record_soon(
+        self,
+        action: str,
+        *,
+        actor: str,
+        object_id: str | None = None,
+        result: str = "ok",
+        detail: Mapping[str, DetailValue] | None = None,
+        origin: str | None = None,
+    ) -> asyncio.Future[Any] | None:
+        """:meth:`record` without waiting (:meth:`AuditLog.append_soon`): the record is
+        in the log's next flush, and the future answers once it is durable. Await it
+        with :meth:`durable`. None without a log (nothing to wait for). Raises
+        ServiceUnavailable (503) at once when the log refuses the record."""
+        if self.log is None:
+            return None
+        context = request_fields()
+        try:
+            return self.log.append_soon(
+                action,
+                actor=actor,
+                origin=origin if origin is not None else context.get("origin"),
+                object_id=object_id,
+                result=result,
+                request_id=context.get("request_id"),
+                detail=detail or {},
+            )
+        except AuditUnavailable as exc:
+            _log.error("audit log unavailable; refusing the operation", action=action)
+            raise AuditUnavailableError() from exc
+
+    async def durable(self, recorded: asyncio.Future[Any] | None, action: str) -> None:
+        """Wait for a :meth:`record_soon`; raise ServiceUnavailable (503) when the record
+        could not be made durable, as :meth:`record` does."""
+        if recorded is None:
+            return
+        try:
+            await recorded
         except AuditUnavailable as exc:
             _log.error("audit log unavailable; refusing the operation", action=action)
             raise AuditUnavailableError() from exc

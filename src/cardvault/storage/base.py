@@ -22,6 +22,7 @@ Methods are single operations; compositions live in the services that use them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple, Protocol
@@ -44,6 +45,7 @@ __all__ = [
     "KeyStore",
     "Mode",
     "PaymentMethodRecord",
+    "PreconditionFailed",
     "StoredKek",
     "TakenCvc",
     "UnstorableValue",
@@ -74,6 +76,22 @@ COMPLETED: Final = "completed"
 
 class DuplicateError(Exception):
     """A record with this primary key (or unique value) already exists."""
+
+
+class PreconditionFailed(Exception):
+    """A write given ``after`` (a forward's audit record, say) was not made, because
+    ``after`` failed: nothing of the operation was written. The caller awaits ``after``
+    for why."""
+
+
+def precondition_met(after: asyncio.Future[Any]) -> bool:
+    """Whether ``after`` (settled) succeeded; raises :class:`PreconditionFailed` when it
+    failed or was cancelled, and answers False while it is not settled."""
+    if not after.done():
+        return False
+    if after.cancelled() or after.exception() is not None:
+        raise PreconditionFailed()
+    return True
 
 
 class UnstorableValue(ValueError):
@@ -315,14 +333,25 @@ class VaultStore(Protocol):
 
     # -- forwarding requests -----------------------------------------------------------
 
-    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
-        """Durable when it returns. Raises DuplicateError if the id exists."""
+    async def insert_forwarding_request(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> None:
+        """Durable when it returns. Raises DuplicateError if the id exists.
 
-    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+        ``after`` (a forward's ``forward.requested``, being made durable): the row is
+        written only once ``after`` has succeeded, and never when it fails
+        (:class:`PreconditionFailed`, nothing written). A store may write it in the
+        same flush as ``after`` (SQLite: both flushes run in one pass of the event loop,
+        the audit log's first), or after awaiting it."""
+
+    async def take_cvc_for_forward(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> TakenCvc | None:
         """In one transaction: take the CVC of ``record.payment_method`` (as
         :meth:`take_cvc`) and insert ``record`` (a forward about to leave, outcome
         :data:`PENDING`). None, and nothing written, when there is no CVC to take.
-        Raises DuplicateError (nothing written) if the id exists."""
+        Raises DuplicateError (nothing written) if the id exists. ``after``: as for
+        :meth:`insert_forwarding_request`."""
 
     async def complete_forwarding_request(
         self,

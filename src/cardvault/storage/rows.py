@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
+import orjson
+
 from cardvault.storage._shared import column_list, insert_sql
 from cardvault.storage.base import (
     Account,
@@ -145,9 +147,16 @@ _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=Fal
 
 
 def _json(value: object) -> str:
+    """``value`` as compact JSON with sorted keys: what the standard library's encoder
+    above writes, by orjson (several times faster: a forward stores seven of these); by
+    the standard library for what orjson refuses (keys that are not strings, integers
+    past 64 bits, text that is not valid Unicode, which the store then refuses)."""
     if type(value) is dict and not value:
         return "{}"  # most rows' metadata and billing details
-    return _JSON.encode(value)
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return _JSON.encode(value)
 
 
 def _opt_bytes(value: Any) -> bytes | None:

@@ -81,6 +81,8 @@ _DEFAULTS: list[tuple[bytes, bytes]] = [
     (b"content-security-policy", API_CSP.encode()),
     (b"x-frame-options", b"DENY"),
 ]
+#: Response headers the application's own are dropped for: ours replace them.
+_REPLACED = frozenset({name for name, _ in _STATIC_HEADERS} | {b"server", b"request-id"})
 _log = get_logger("cardvault.http")
 _access = get_logger("cardvault.access")
 
@@ -184,8 +186,7 @@ class SecurityHeaders:
             return
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        clear_request_context()
-        bind_request_id(request_id)
+        bind_request_id(request_id)  # (the previous request's fields are forgotten)
         client = scope.get("client")
         if client:
             bind_request_fields(origin=client[0])
@@ -197,9 +198,13 @@ class SecurityHeaders:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                drop = {name for name, _ in _STATIC_HEADERS} | {b"server", b"request-id"}
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
-                have = {k.lower() for k, _ in headers}
+                headers = []
+                have = set()
+                for k, v in message.get("headers", ()):
+                    name = k.lower()
+                    if name not in _REPLACED:
+                        headers.append((k, v))
+                        have.add(name)
                 headers += _STATIC_HEADERS
                 # An app that sets its own policy has said who may frame it
                 # (frame-ancestors); X-Frame-Options DENY would contradict it.

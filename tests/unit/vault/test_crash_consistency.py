@@ -635,6 +635,42 @@ def test_a_destination_that_cannot_have_received_anything_consumes_nothing(
     run(main, tmp_path)
 
 
+def test_a_forward_whose_request_cannot_be_recorded_takes_nothing(tmp_path: Path) -> None:
+    # Issue 21: forward.requested and the pending row (with the CVC taken) are made
+    # durable in one pass of the loop, the record first; the row is written only once
+    # the record is durable. A record that fails: nothing stored, nothing taken, nothing
+    # sent, and the key may be used again.
+    async def main(w: World) -> None:
+        p = w.process()
+        pm_id = await new_card(w, p)
+        before = cvc_of(w, pm_id)
+        assert w.log is not None
+        file = w.log._file
+        real_write = file.write
+
+        def full_disk(data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        file.write = full_disk  # type: ignore[method-assign]
+        r = await p.forward(w.secret, pm_id, "fwd-audit")
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "audit_unavailable"
+        assert p.outbound.sent == []
+        assert w.sql("SELECT id FROM forwarding_requests") == []
+        assert cvc_of(w, pm_id) == before
+        file.write = real_write  # type: ignore[method-assign]
+        ok = await p.forward(w.secret, pm_id, "fwd-audit")
+        assert ok.status_code == 200, ok.text
+        assert "idempotent-replayed" not in ok.headers
+        assert len(p.outbound.sent) == 1
+        assert cvc_of(w, pm_id) == (None, None, None)
+        actions = [a for a, _, _ in w.actions()]
+        assert actions.count("forward.requested") == 1
+        assert "forward.completed" in actions
+
+    run(main, tmp_path)
+
+
 def test_a_destination_that_may_have_received_it_is_never_sent_again(tmp_path: Path) -> None:
     async def main(w: World) -> None:
         p = w.process()

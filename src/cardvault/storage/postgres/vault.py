@@ -45,6 +45,7 @@ from cardvault.storage.base import (
     Mode,
     PaymentMethodRecord,
     TakenCvc,
+    precondition_met,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
@@ -304,12 +305,18 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresDatabase):
 
     # -- forwarding requests -------------------------------------------------------------
 
-    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
+    async def insert_forwarding_request(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> None:
+        await _settled(after)
         await self._insert(_INSERT_FWD, rows.forwarding_params(record), "a forwarding request")
 
-    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+    async def take_cvc_for_forward(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> TakenCvc | None:
         import asyncpg
 
+        await _settled(after)
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
             # The row lock the take holds keeps a concurrent taker out until the commit.
@@ -517,3 +524,11 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresDatabase):
         if self._pm_tasks:
             await asyncio.gather(*self._pm_tasks, return_exceptions=True)
         await super().close()
+
+
+async def _settled(after: asyncio.Future[Any] | None) -> None:
+    """Wait for a write's ``after`` (see ``VaultStore.insert_forwarding_request``): a
+    write to the server is not part of the audit log's flush, so it waits for it."""
+    if after is not None:
+        await asyncio.wait([after])
+        precondition_met(after)

@@ -11,6 +11,7 @@ for the WAL to be scrubbed.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -27,6 +28,7 @@ from cardvault.storage.base import (
     Mode,
     PaymentMethodRecord,
     TakenCvc,
+    precondition_met,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
@@ -42,6 +44,12 @@ _INSERT_ACCOUNT = insert_sql("accounts", rows.ACCOUNT_COLUMNS)
 _INSERT_API_KEY = insert_sql("api_keys", rows.API_KEY_COLUMNS)
 _INSERT_DATA_KEY = insert_sql("data_keys", rows.DATA_KEY_COLUMNS)
 _INSERT_PM = insert_sql("payment_methods", rows.PAYMENT_METHOD_COLUMNS)
+
+
+class _NotYet(Exception):
+    """A write's ``after`` was not settled when its transaction ran: nothing written."""
+
+
 _INSERT_FWD = insert_sql("forwarding_requests", rows.FORWARDING_COLUMNS)
 _INSERT_IDEMPOTENCY = (
     insert_sql("idempotency_keys", rows.IDEMPOTENCY_COLUMNS)
@@ -208,11 +216,17 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteDatabase):
 
     # -- forwarding requests -------------------------------------------------------------
 
-    async def insert_forwarding_request(self, record: ForwardingRequestRecord) -> None:
+    async def insert_forwarding_request(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> None:
         params = rows.forwarding_params(record)
-        await self._write(lambda c: insert(c, _INSERT_FWD, params, "a forwarding request"))
+        await self._write_after(
+            after, lambda c: insert(c, _INSERT_FWD, params, "a forwarding request")
+        )
 
-    async def take_cvc_for_forward(self, record: ForwardingRequestRecord) -> TakenCvc | None:
+    async def take_cvc_for_forward(
+        self, record: ForwardingRequestRecord, *, after: asyncio.Future[Any] | None = None
+    ) -> TakenCvc | None:
         params = rows.forwarding_params(record)
         scope = (record.account_id, record.livemode, record.payment_method)
 
@@ -223,7 +237,39 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteDatabase):
                 insert(conn, _INSERT_FWD, params, "a forwarding request")
             return taken
 
-        return await self._write(op, erases=True, compound=True)
+        return await self._write_after(after, op, erases=True, compound=True)
+
+    async def _write_after(
+        self,
+        after: asyncio.Future[Any] | None,
+        fn: Callable[[sqlite3.Connection], R],
+        *,
+        erases: bool = False,
+        compound: bool = False,
+    ) -> R:
+        """``fn`` written once ``after`` has succeeded (see
+        :meth:`VaultStore.insert_forwarding_request`).
+
+        The operation is queued at once, to run in the first transaction after ``after``
+        is settled (:meth:`SQLiteDatabase._write`): the audit log's flush, queued in the
+        same loop iteration, runs before the store's in the same pass of the loop, so
+        both are made durable in that pass, the audit record first. The operation checks
+        how ``after`` settled and writes nothing when it failed."""
+        if after is None:
+            return await self._write(fn, erases=erases, compound=compound)
+
+        def gated(conn: sqlite3.Connection) -> R:
+            if not precondition_met(after):
+                raise _NotYet()  # never: the writer waits for it
+            return fn(conn)
+
+        try:
+            return await self._write(gated, erases=erases, compound=compound, after=after)
+        except _NotYet:
+            pass
+        await asyncio.wait([after])
+        precondition_met(after)
+        return await self._write(fn, erases=erases, compound=compound)
 
     async def complete_forwarding_request(
         self,

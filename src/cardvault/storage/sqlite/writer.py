@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
 import time
@@ -135,6 +136,9 @@ class _Write:
     compound: bool
     #: Set when the operation is one plain insert (``fn`` then does just that insert).
     insert: Insert | None = None
+    #: The operation runs only once this future is settled (:meth:`SQLiteDatabase.
+    #: _write`'s ``after``); ``fn`` checks how it settled.
+    after: asyncio.Future[Any] | None = None
 
 
 _Outcome = tuple[_Write, Any, BaseException | None]
@@ -178,6 +182,8 @@ class SQLiteDatabase:
         # The writing connection, used on the event loop only (see the module docstring).
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Write] = []
+        #: Operations waiting for their ``after`` (see _park).
+        self._parked: list[_Write] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._busy_since: float | None = None
@@ -275,16 +281,23 @@ class SQLiteDatabase:
         erases: bool = False,
         compound: bool = False,
         insert: Insert | None = None,
+        after: asyncio.Future[Any] | None = None,
     ) -> T:
         """Run ``fn`` in the writer's next transaction; its result once it is durable
-        (``erases``, ``compound``, ``insert``: see :class:`_Write`)."""
+        (``erases``, ``compound``, ``insert``: see :class:`_Write`).
+
+        With ``after``, in the first transaction that runs once ``after`` is settled:
+        queued now, so that it joins the flush of this loop pass when ``after`` (an
+        audit record of the same pass, whose log flushes first) is settled by then; a
+        flush that finds it unsettled leaves it for the flush that follows it. ``fn``
+        itself checks how ``after`` settled."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
             self._start()
         if self._conn is None:
             raise self._unavailable() from self._open_error
-        self._pending.append(_Write(fn, loop, future, erases, compound, insert))
+        self._pending.append(_Write(fn, loop, future, erases, compound, insert, after))
         if self._flush_handle is None or self._flush_loop is not loop:
             # (A flush scheduled on another event loop, one that has since stopped,
             # would never run: each loop gets its own.)
@@ -350,6 +363,8 @@ class SQLiteDatabase:
         self._flush_handle = None
         conn = self._conn
         assert conn is not None
+        if any(op.after is not None and not op.after.done() for op in self._pending):
+            self._park()
         while self._pending:
             batch = self._pending[: self._max_batch]
             try:
@@ -377,6 +392,30 @@ class SQLiteDatabase:
                     for op, v, e in outcomes
                 ]
             )
+
+    def _park(self) -> None:
+        """Take the operations whose ``after`` is not settled out of this flush; each
+        comes back, and a flush is scheduled, once it is."""
+        ready = []
+        for op in self._pending:
+            if op.after is not None and not op.after.done():
+                self._parked.append(op)
+                op.after.add_done_callback(functools.partial(self._unpark, op))
+            else:
+                ready.append(op)
+        self._pending = ready
+
+    def _unpark(self, op: _Write, _settled: asyncio.Future[Any]) -> None:
+        for i, parked in enumerate(self._parked):
+            if parked is op:
+                del self._parked[i]
+                break
+        else:
+            return
+        self._pending.append(op)
+        if not self._closed and (self._flush_handle is None or self._flush_loop is not op.loop):
+            self._flush_handle = op.loop.call_soon(self._flush)
+            self._flush_loop = op.loop
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[_Outcome]:
         if self._insert_alone(conn, batch):
@@ -539,6 +578,10 @@ class SQLiteDatabase:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        while self._parked:
+            # Their audit records are being flushed: they are written after them.
+            await asyncio.wait({op.after for op in self._parked if op.after is not None})
+            await asyncio.sleep(0)
         while self._pending:
             self._flush()
             if self._flush_handle is not None:  # another process holds the lock

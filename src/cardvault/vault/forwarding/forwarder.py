@@ -11,14 +11,18 @@ to put in (``replacements``), and a request body and headers. :meth:`Forwarder.c
 3. opens the card data: the data keys are unwrapped (the key service), the number is
    opened into its wipeable type and the CVC into a buffer (:class:`_OpenCard`), from
    the payment method as read; nothing is taken yet;
-4. builds the request twice from the same description
-   (:mod:`~cardvault.vault.forwarding.placement`): once with the real values, to send,
-   and once with masked values (``424242******4242``, ``***``), to store and return;
+4. builds the request to send, with the real values, and the copy to store and return,
+   with masked values (``424242******4242``, ``***``), from one reading of the same
+   description (:func:`~cardvault.vault.forwarding.placement.build_requests`);
    credentials the vault adds are ``[REDACTED]`` in the stored copy. Every check that
    can fail has run by now;
-5. records ``forward.requested``, then, in one transaction, stores the forwarding
-   request as ``pending`` (under the id its Idempotency-Key claim chose) and *takes*
-   the CVC (erases it: it can be sent once at most);
+5. records ``forward.requested`` and, in one transaction that is written only once the
+   record is durable, stores the forwarding request as ``pending`` (under the id its
+   Idempotency-Key claim chose) and *takes* the CVC (erases it: it can be sent once at
+   most). Both are queued at once, so that the audit log's flush and the store's run in
+   the same pass of the event loop, the record first (one durable write of the two, as
+   issue 21 allows); the store checks that the record is durable before it writes, and
+   writes nothing when it is not (:class:`~cardvault.storage.base.PreconditionFailed`);
 6. sends the request to the destination's own URL
    (:mod:`~cardvault.vault.forwarding.outbound`) and wipes the card values. When the
    destination cannot have received anything (no connection, a failed TLS handshake),
@@ -63,6 +67,7 @@ from cardvault.storage.base import (
     DuplicateError,
     ForwardingRequestRecord,
     PaymentMethodRecord,
+    PreconditionFailed,
     TakenCvc,
     VaultStore,
 )
@@ -78,7 +83,7 @@ from cardvault.vault.forwarding.outbound import (
 from cardvault.vault.forwarding.placement import (
     REDACTED,
     CardValues,
-    build_request,
+    build_requests,
     caller_headers,
     mask_card_numbers,
     safe_header_value,
@@ -181,7 +186,9 @@ class Forwarder:
 
     Receives what it uses and nothing more: the vault's store, its data keys (to open
     the card), the audit recorder, the allowlist (read once at start-up) and the
-    outbound HTTPS client. Who may call is decided by :func:`require_secret`.
+    outbound HTTPS client. Who may call is decided by :func:`require_secret`: the HTTP
+    handler checks it before the body is read (:mod:`cardvault.vault.http`), the only
+    way to :meth:`create`.
     """
 
     def __init__(
@@ -204,8 +211,8 @@ class Forwarder:
         self, caller: Caller, params: dict[str, Any], claim: Claim | None = None
     ) -> dict[str, Any]:
         """Send a card (module docstring). ``claim`` (from :class:`~cardvault.vault.
-        idempotency.Idempotency`) names the id the forwarding request is stored under."""
-        require_secret(caller)
+        idempotency.Idempotency`) names the id the forwarding request is stored under.
+        The caller's key is a secret key (checked by the HTTP handler)."""
         claim = claim or Claim(time_ordered_id("fwdreq_"))
         fwd = self._read(caller, params)
         record = await find_payment_method(self.store, caller, fwd.pm_id)
@@ -214,18 +221,11 @@ class Forwarder:
             raise _no_cvc()
         card = await self._open(caller, record, fwd.replacements)
         try:
-            headers, payload = self._outbound(fwd, card)
-            shown_body, shown_headers = build_request(
-                fwd.destination,
-                fwd.replacements,
-                fwd.body,
-                fwd.content_type,
-                fwd.headers,
-                card.masked(),
-            )
+            headers, payload, shown_body, shown_headers = self._outbound(fwd, card)
             pending = self._pending(caller, claim.effect_id, fwd, shown_body, shown_headers)
             # Recorded before anything is taken or leaves the vault: no record, no forward.
-            await self.audit.record(
+            # The pending row is written in the same pass, once the record is durable.
+            recorded = self.audit.record_soon(
                 "forward.requested",
                 actor=caller.key_id,
                 object_id=fwd.pm_id,
@@ -235,7 +235,7 @@ class Forwarder:
                     "forwarding_request": pending.id,
                 },
             )
-            taken = await self._start(caller, claim, pending, record, with_cvc)
+            taken = await self._start(caller, claim, pending, record, with_cvc, recorded)
             response = await self._send(caller, claim, fwd, pending, taken, headers, payload)
             del headers, payload  # sent: the card's text is not kept a moment longer
             response_body = card.mask_cvc(
@@ -402,19 +402,23 @@ class Forwarder:
             raise
         return _OpenCard(number, cvc, name, record)
 
-    def _outbound(self, fwd: _Forward, card: _OpenCard) -> tuple[list[tuple[str, str]], bytes]:
-        """The request to send: its headers (the vault's credentials last) and body.
+    def _outbound(
+        self, fwd: _Forward, card: _OpenCard
+    ) -> tuple[list[tuple[str, str]], bytes, str, list[tuple[str, str]]]:
+        """The request to send, its headers (the vault's credentials last) and body, and
+        the masked copy's body and headers.
 
         The only place the card's values are revealed as text (see
         :meth:`_OpenCard.revealed`)."""
         destination = fwd.destination
-        out_body, out_headers = build_request(
+        (out_body, out_headers), (shown_body, shown_headers) = build_requests(
             destination,
             fwd.replacements,
             fwd.body,
             fwd.content_type,
             fwd.headers,
             card.revealed(),
+            card.masked(),
         )
         for _name, value in out_headers:
             safe_header_value(value, "request[headers]")
@@ -426,7 +430,7 @@ class Forwarder:
             raise InvalidRequestError(
                 "request[body] is larger than this destination accepts.", param="request[body]"
             )
-        return out_headers + credentials, payload
+        return out_headers + credentials, payload, shown_body, shown_headers
 
     def _pending(
         self,
@@ -464,24 +468,35 @@ class Forwarder:
         pending: ForwardingRequestRecord,
         record: PaymentMethodRecord,
         with_cvc: bool,
+        recorded: asyncio.Future[Any] | None,
     ) -> TakenCvc | None:
         """Store the forwarding request as pending and, in the same transaction, take
-        the CVC: the last durable step before the request leaves. The CVC as taken (to
-        put back if nothing is sent), or None without one.
+        the CVC, once ``recorded`` (``forward.requested``) is durable: the last durable
+        step before the request leaves. The CVC as taken (to put back if nothing is
+        sent), or None without one.
 
-        A write that raised is not taken for "not written": the request is looked for,
-        and found, it was stored (and the CVC taken) and the forward goes on."""
+        A record that could not be made durable stops the forward with nothing written
+        (503). A write that raised is not taken for "not written": the request is looked
+        for, and found, it was stored (and the CVC taken) and the forward goes on."""
         claim.begin()
         try:
             if not with_cvc:
-                await self.store.insert_forwarding_request(pending)
-                return None
-            taken = await self.store.take_cvc_for_forward(pending)
+                await self.store.insert_forwarding_request(pending, after=recorded)
+                taken = None
+            else:
+                taken = await self.store.take_cvc_for_forward(pending, after=recorded)
+        except PreconditionFailed:
+            # The record failed, so nothing was written: nothing happened.
+            claim.undone()
+            await self.audit.durable(recorded, "forward.requested")
+            raise AssertionError("unreachable: the record failed") from None
         except DuplicateError as exc:
+            await self.audit.durable(recorded, "forward.requested")
             # Another attempt of this same request stored it first: it is that one's to
             # send. The claim is kept, and a retry reports what became of it.
             raise IdempotencyKeyInUse() from exc
         except Exception:
+            await self.audit.durable(recorded, "forward.requested")
             found = await self.store.get_forwarding_request(
                 caller.account_id, caller.livemode, pending.id
             )
@@ -490,6 +505,9 @@ class Forwarder:
             _log.warning("a forwarding request was stored although its write raised")
             taken = _as_read(record) if with_cvc else None
             return taken
+        await self.audit.durable(recorded, "forward.requested")
+        if not with_cvc:
+            return None
         if taken is None:
             # Taken by a concurrent forward since it was read: nothing was written.
             claim.undone()

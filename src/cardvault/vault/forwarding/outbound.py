@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
+from yarl import URL
 
 from cardvault.errors import ForwardingDestinationError
 from cardvault.logging import get_logger
@@ -138,6 +139,10 @@ class OutboundClient:
     def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._lock = asyncio.Lock()
+        #: Made once per destination rather than per request: its URL, parsed, and its
+        #: timeout.
+        self._urls: dict[str, URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def _session(
         self, name: str, ca_file: Path | None, pins: Sequence[str]
@@ -173,16 +178,22 @@ class OutboundClient:
         ca_file: Path | None = None,
         pins: Sequence[str] = (),
     ) -> OutboundResponse:
-        session = await self._session(destination, ca_file, pins)
+        session = self._sessions.get(destination) or await self._session(destination, ca_file, pins)
+        limit = self._timeouts.get(timeout)
+        if limit is None:
+            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        target = self._urls.get(url)
+        if target is None:
+            target = self._urls[url] = URL(url)
         started = time.perf_counter()
         try:
             async with session.request(
                 method,
-                url,
+                target,
                 headers=headers,
                 data=body,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=limit,
                 proxy=None,
             ) as response:
                 peer = _peer_ip(response)

@@ -5,11 +5,11 @@ field or a header; see :class:`~cardvault.vault.forwarding.allowlist.Placement`)
 Stripe's convention of leaving the card fields empty works, or where the caller wrote a
 placeholder (``{{card_number}}`` …), encoded for the body's content type.
 
-:func:`build_request` runs twice per forward from the same description: once with the
-real values, to send, and once with masked ones (:func:`mask_pan`, ``***``,
-:data:`REDACTED`), to store and return, so the stored copy has the shape of what was
-sent. :func:`mask_card_numbers` masks any card number in text the vault keeps (the
-provider's answer included).
+:func:`build_requests` builds both requests of a forward from one reading of the same
+description: one with the real values, to send, and one with masked ones
+(:func:`mask_pan`, ``***``, :data:`REDACTED`), to store and return, so the stored copy
+has the shape of what was sent. :func:`mask_card_numbers` masks any card number in text
+the vault keeps (the provider's answer included).
 
 The caller's own headers are checked here too (:func:`caller_headers`): none the vault
 sets itself, none with a control character (:func:`safe_header_value`, which also holds
@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, quote_plus, urlencode
 import orjson
 
 from cardvault.cards import find_card_numbers
-from cardvault.cards.luhn import digits_of
+from cardvault.cards.luhn import PAN_MIN_DIGITS, digits_of
 from cardvault.errors import InvalidRequestError
 from cardvault.vault.forwarding.allowlist import PLACEHOLDERS, Destination, format_expiry
 from cardvault.vault.forwarding.outbound import HOP_BY_HOP
@@ -36,6 +36,7 @@ __all__ = [
     "REDACTED",
     "CardValues",
     "build_request",
+    "build_requests",
     "caller_headers",
     "json_body",
     "mask_card_numbers",
@@ -54,6 +55,8 @@ def mask_pan(digits: str) -> str:
 
 def mask_card_numbers(text: str) -> str:
     """``text`` with every card number shown as BIN and last four at most."""
+    if len(text) < PAN_MIN_DIGITS:
+        return text  # too short to hold one (a content type, a status, a date)
     out, last = [], 0
     for match in find_card_numbers(text):
         digits = digits_of(match.group())
@@ -177,42 +180,72 @@ def build_request(
     values: CardValues,
 ) -> tuple[str, list[tuple[str, str]]]:
     """The outbound body and headers with ``values`` placed (see the module docstring)."""
+    return build_requests(destination, replacements, body, content_type, headers, values)[0]
+
+
+def build_requests(
+    destination: Destination,
+    replacements: list[str],
+    body: str,
+    content_type: str,
+    headers: list[tuple[str, str]],
+    *value_sets: CardValues,
+) -> list[tuple[str, list[tuple[str, str]]]]:
+    """:func:`build_request` for each of ``value_sets`` (the real values and the masked
+    ones) from one reading of the description: the content type, the placements and,
+    when the caller wrote no placeholder, the JSON body are read once."""
     media = content_type.split(";")[0].strip().lower()
-    out_headers = list(headers)
-    # Placeholders first: they are the caller's explicit choice of position.
-    body = _fill_placeholders(body, media, replacements, values)
-    placed = [r for r in replacements if r in destination.placements]
-    if not placed:
-        return body, out_headers
-    json_doc: Any = None
-    form: list[tuple[str, str]] | None = None
-    for replacement in placed:
-        placement = destination.placements[replacement]
-        if placement.month_target is not None and placement.year_target is not None:
-            pairs: list[tuple[str, Any]] = [
-                (placement.month_target, values.exp_month),
-                (placement.year_target, values.exp_year),
-            ]
-        else:
-            assert placement.target is not None
-            pairs = [(placement.target, values.single(replacement, placement.expiry_format))]
-        for target, value in pairs:
-            if placement.kind == "header":
-                out_headers = [(k, v) for k, v in out_headers if k.lower() != target.lower()]
-                out_headers.append((target, str(value)))
-            elif placement.kind == "json":
-                if json_doc is None:
-                    json_doc = json_body(body)
-                json_doc = _pointer_set(json_doc, target, value)
+    placed = [
+        (replacement, destination.placements[replacement])
+        for replacement in replacements
+        if replacement in destination.placements
+    ]
+    # Placeholders first: they are the caller's explicit choice of position. Without
+    # any, every build starts from the same text.
+    same_text = "{{" not in body
+    parsed: Any = None
+    builds: list[tuple[str, list[tuple[str, str]]]] = []
+    for values in value_sets:
+        text = body if same_text else _fill_placeholders(body, media, replacements, values)
+        out_headers = list(headers)
+        if not placed:
+            builds.append((text, out_headers))
+            continue
+        json_doc: Any = None
+        form: list[tuple[str, str]] | None = None
+        for replacement, placement in placed:
+            if placement.month_target is not None and placement.year_target is not None:
+                pairs: list[tuple[str, Any]] = [
+                    (placement.month_target, values.exp_month),
+                    (placement.year_target, values.exp_year),
+                ]
             else:
-                if form is None:
-                    form = parse_qsl(body, keep_blank_values=True)
-                form = [(k, v) for k, v in form if k != target] + [(target, str(value))]
-    if json_doc is not None:
-        body = json.dumps(json_doc, separators=(",", ":"), ensure_ascii=False)
-    if form is not None:
-        body = urlencode(form)
-    return body, out_headers
+                assert placement.target is not None
+                pairs = [(placement.target, values.single(replacement, placement.expiry_format))]
+            for target, value in pairs:
+                if placement.kind == "header":
+                    out_headers = [(k, v) for k, v in out_headers if k.lower() != target.lower()]
+                    out_headers.append((target, str(value)))
+                elif placement.kind == "json":
+                    if json_doc is None:
+                        if same_text and parsed is not None:
+                            # The same text, already checked: parsed again (orjson, in
+                            # C) rather than walked again.
+                            json_doc = orjson.loads(text) if text.strip() else {}
+                        else:
+                            json_doc = json_body(text)
+                            parsed = True
+                    json_doc = _pointer_set(json_doc, target, value)
+                else:
+                    if form is None:
+                        form = parse_qsl(text, keep_blank_values=True)
+                    form = [(k, v) for k, v in form if k != target] + [(target, str(value))]
+        if json_doc is not None:
+            text = json.dumps(json_doc, separators=(",", ":"), ensure_ascii=False)
+        if form is not None:
+            text = urlencode(form)
+        builds.append((text, out_headers))
+    return builds
 
 
 # -- the caller's headers -------------------------------------------------------------------
