@@ -27,6 +27,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cardvault.cli.keyservice import CaOpt, CertOpt, KeyOpt
+from cardvault.cli.keyservice import UrlOpt as KeydUrlOpt
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.client import Client, TransportError
 from cardvault.errors import CardVaultError
@@ -44,12 +46,6 @@ DEFAULT_RATE = 200.0
 DEFAULT_BATCH = 100
 DATA_KEY_KEKS = ("pan", "cvc")
 
-KeydUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="CARDVAULT_KEYSERVICE_URL", help="Key service URL.", show_default=False
-    ),
-]
 VaultUrlOpt = Annotated[
     str | None,
     typer.Option(
@@ -57,24 +53,6 @@ VaultUrlOpt = Annotated[
         envvar="CARDVAULT_VAULT_ADMIN_URL",
         help="The vault's admin API URL.",
         show_default=False,
-    ),
-]
-CaOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca-bundle", envvar="CARDVAULT_CA_BUNDLE", help="CA bundle.", show_default=False
-    ),
-]
-CertOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--cert", envvar="CARDVAULT_ADMIN_CERT", help="Admin client cert.", show_default=False
-    ),
-]
-KeyOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key", envvar="CARDVAULT_ADMIN_KEY", help="Admin client key.", show_default=False
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
