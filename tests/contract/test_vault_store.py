@@ -502,6 +502,59 @@ def test_data_keys_are_counted_walked_and_moved_one_row_each(backend: Backend) -
     backend.run(check)
 
 
+def test_cards_sealed_under_old_data_keys_are_walked_and_resealed_one_row_each(
+    backend: Backend,
+) -> None:
+    """The card-data re-encryption's queries (``reencrypt --data``): the walk in id
+    order over cards whose data key was made before a time, the count, and the re-seal
+    that changes a row's data key and ciphertexts together, only where the row is still
+    under the key it was read under (and, for a CVC, still holds it)."""
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)  # DK and DK_CVC, made at NOW
+        await store.insert_data_key(DataKeyRecord("dk_new", "pan", 3, b"w", NOW + 100))
+        await store.insert_data_key(DataKeyRecord("dk_newc", "cvc", 3, b"w", NOW + 100))
+        for i in range(4):
+            await store.insert_payment_method(
+                pm(f"pm_o{i}", name_ct=b"n%d" % i if i % 2 else None, cvc=b"c%d" % i)
+            )
+        await store.insert_payment_method(pm("pm_young", data_key_id="dk_new"))
+        assert await store.count_cards_sealed_before("pan", NOW) == 0
+        assert await store.count_cards_sealed_before("pan", NOW + 1) == 4
+        first = await store.cards_sealed_before("pan", NOW + 1, "", 3)
+        assert [r.id for r in first] == ["pm_o0", "pm_o1", "pm_o2"]
+        rest = await store.cards_sealed_before("pan", NOW + 1, first[-1].id, 3)
+        assert [r.id for r in rest] == ["pm_o3"]
+        reseals = [(r.id, DK, "dk_new", b"ct" + r.id.encode(), r.name_ct) for r in first]
+        assert await store.reseal_cards("pan", reseals) == 3
+        # Again (a resumed batch): no row is under DK any more, nothing changes.
+        assert await store.reseal_cards("pan", reseals) == 0
+        assert await store.count_cards_sealed_before("pan", NOW + 1) == 1
+        moved = await store.get_payment_method(ACCT, False, "pm_o1")
+        assert moved is not None
+        assert (moved.data_key_id, moved.number_ct, moved.name_ct) == ("dk_new", b"ctpm_o1", b"n1")
+        assert moved.cvc_ct == b"c1"  # the CVC is another KEK's: untouched
+        # CVCs: one taken meanwhile is not put back by a re-seal read before the take.
+        cvcs = await store.cards_sealed_before("cvc", NOW + 1, "", 10)
+        assert [r.id for r in cvcs] == ["pm_o0", "pm_o1", "pm_o2", "pm_o3"]
+        assert await store.take_cvc(ACCT, False, "pm_o0") is not None
+        cvc_reseals = [(r.id, DK_CVC, "dk_newc", b"new" + r.id.encode(), None) for r in cvcs]
+        assert await store.reseal_cards("cvc", cvc_reseals) == 3
+        taken = await store.get_payment_method(ACCT, False, "pm_o0")
+        assert taken is not None
+        assert (taken.cvc_ct, taken.cvc_data_key_id) == (None, None)
+        kept = await store.get_payment_method(ACCT, False, "pm_o2")
+        assert kept is not None
+        assert (kept.cvc_ct, kept.cvc_data_key_id) == (b"newpm_o2", "dk_newc")
+        assert await store.count_cards_sealed_before("cvc", NOW + 1) == 0
+        job = KeyJob("pan:data", "rr_2", 0, "pm_o2", 3, NOW, NOW, data_before=NOW + 1)
+        await store.put_key_job(job)
+        assert await store.get_key_job("pan:data") == job
+        assert await store.get_key_job("pan") is None
+
+    backend.run(check)
+
+
 # -- payment methods: insert and get -------------------------------------------------------
 
 

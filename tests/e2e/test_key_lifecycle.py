@@ -180,6 +180,62 @@ def forward(http: httpx.Client, life: Lifecycle, pm: str) -> httpx.Response:
     )  # fmt: skip
 
 
+def killed_midway(life: Lifecycle, done: int, *args: str) -> list[dict[str, Any]]:
+    """``cardvault keys reencrypt ARGS`` at a slow pace, killed with SIGKILL once it has
+    moved ``done`` items; the JSON lines it printed."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "cardvault", "keys", "reencrypt", *args,
+         "--rate", "150", "--batch-size", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment(life), cwd=life.dir,
+    )  # fmt: skip
+    assert job.stdout is not None
+    lines = []
+    for raw in job.stdout:
+        lines.append(json.loads(raw))
+        if lines[-1]["event"] == "batch" and lines[-1]["done"] >= done:
+            break
+    job.send_signal(signal.SIGKILL)
+    job.wait(10)
+    return lines
+
+
+class Traffic:
+    """Live traffic in a thread while a job runs: tokenize a card, then forward it or
+    (every other time) one of ``olds``; every error is counted."""
+
+    def __init__(self, life: Lifecycle, pki: Pki, olds: list[str]) -> None:
+        self.life, self.pki, self.olds = life, pki, olds
+        self.made: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with client(self.pki) as http:
+            i = 0
+            while not self._stop.is_set():
+                try:
+                    pm = tokenize(http, self.life, NUMBERS[i % 4])["id"]
+                    self.made.append(pm)
+                    old = self.olds[(i * 7) % len(self.olds)]
+                    fwd = forward(http, self.life, old if i % 2 else pm)
+                    if fwd.status_code != 200:
+                        self.errors.append(fwd.text)
+                except Exception as exc:
+                    self.errors.append(repr(exc))
+                i += 1
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        time.sleep(1.0)  # requests in flight as the job ended
+        self._stop.set()
+        self._thread.join(30)
+
+
 def status(life: Lifecycle) -> dict[str, Any]:
     r = keys_cli(life, "status", "--json")
     assert r.returncode == 0, r.stderr
@@ -212,42 +268,9 @@ def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle,
     assert "still use" in r.stderr
 
     # Live traffic through the whole job: tokenize and forward, count every error.
-    stop = threading.Event()
-    made: list[str] = []
-    errors: list[str] = []
-
-    def traffic() -> None:
-        with client(pki) as http:
-            i = 0
-            while not stop.is_set():
-                try:
-                    pm = tokenize(http, life, NUMBERS[i % 4])["id"]
-                    made.append(pm)
-                    fwd = forward(http, life, cards[(i * 7) % CARDS] if i % 2 else pm)
-                    if fwd.status_code != 200:
-                        errors.append(fwd.text)
-                except Exception as exc:
-                    errors.append(repr(exc))
-                i += 1
-
-    runner = threading.Thread(target=traffic)
-    runner.start()
-    try:
+    with Traffic(life, pki, cards) as traffic:
         # The job, killed with SIGKILL once it has moved some keys.
-        job = subprocess.Popen(
-            [sys.executable, "-m", "cardvault", "keys", "reencrypt", "pan",
-             "--rate", "150", "--batch-size", "20"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=environment(life), cwd=life.dir,
-        )  # fmt: skip
-        assert job.stdout is not None
-        lines = []
-        for raw in job.stdout:
-            lines.append(json.loads(raw))
-            if lines[-1]["event"] == "batch" and lines[-1]["done"] >= CARDS // 3:
-                break
-        job.send_signal(signal.SIGKILL)
-        job.wait(10)
+        lines = killed_midway(life, CARDS // 3, "pan")
         assert lines[0]["event"] == "start"
         assert lines[0]["total"] >= CARDS
         assert lines[0]["resumed"] is False
@@ -264,12 +287,9 @@ def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle,
         assert events[0]["done"] >= job_state["moved"]
         assert events[-1]["event"] == "done"
         assert {e["run"] for e in events[1:]} == {job_state["run"]}
-        time.sleep(1.0)
-    finally:
-        stop.set()
-        runner.join(30)
-    assert errors == []
-    assert len(made) > 0
+    assert traffic.errors == []
+    assert len(traffic.made) > 0
+    made = traffic.made
 
     # Idempotent: a second run finds nothing to move.
     r = keys_cli(life, "reencrypt", "pan")
@@ -369,3 +389,127 @@ def test_fingerprints_stay_comparable_across_a_fingerprint_rotation(
     assert r.returncode == 1
     assert "derives fingerprints under v1" in r.stderr
     assert keys_cli(life, "reencrypt", "fingerprint").returncode == 2
+
+
+def test_reencrypt_data_moves_every_card_to_fresh_data_keys_under_load(
+    life: Lifecycle, pki: Pki
+) -> None:
+    """``reencrypt pan --data``: every card sealed under a data key made before the date
+    is sealed again under a fresh one while a client tokenizes and forwards; killed
+    midway and resumed; the card left under the destroyed version (by the test above) is
+    reported as unreadable and does not stop the run."""
+    with ThreadPoolExecutor(8) as pool, client(pki) as http:
+        extra = list(pool.map(lambda i: tokenize(http, life, NUMBERS[i % 4])["id"], range(60)))
+    time.sleep(1.1)  # every data key so far was made strictly before ``before``
+    before = int(time.time())
+
+    def old_cards() -> int:
+        with sqlite3.connect(life.vault_db) as db:
+            (n,) = db.execute(
+                "SELECT count(*) FROM payment_methods p JOIN data_keys d"
+                " ON d.id = p.data_key_id WHERE d.created < ?", (before,)
+            ).fetchone()  # fmt: skip
+        return int(n)
+
+    total = old_cards()
+    assert total >= CARDS + len(extra)
+
+    with Traffic(life, pki, extra) as traffic:
+        lines = killed_midway(life, total // 3, "pan", "--data", "--before", str(before))
+        assert lines[0]["event"] == "start"
+        assert lines[0]["data_before"] == before
+        assert 0 < old_cards() < total
+        run = lines[-1]["run"]
+
+        r = keys_cli(life, "reencrypt", "pan", "--data", "--before", str(before),
+                     "--rate", "5000", "--batch-size", "50")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        assert events[0]["resumed"] is True
+        data_events = [e for e in events if e.get("path", "").endswith("reencrypt_data")]
+        assert data_events == [events[0]]
+        ends = [i for i, e in enumerate(events) if e["event"] == "done"]
+        assert len(ends) == 2  # the card data, then the stored keys
+        assert {e["run"] for e in events[1 : ends[0] + 1]} == {run}
+    assert traffic.errors == []
+    assert len(traffic.made) > 0
+    made = traffic.made
+    # Only the card forced under the destroyed version is left: it cannot be opened.
+    assert old_cards() == 1
+    usage = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "cardvault", "keys", "status", "--json"],
+            capture_output=True, text=True, timeout=60, env=environment(life), cwd=life.dir,
+        ).stdout
+    )  # fmt: skip
+    assert usage["keys"]["pan"]["data_job"]["finished"] is not None
+    assert usage["keys"]["pan"]["data_job"]["data_before"] == before
+    assert usage["keys"]["pan"]["data_job"]["unreadable"] == 1
+    # The stored-key walk after it skips that card's key too (under the destroyed v1).
+    assert usage["keys"]["pan"]["job"]["finished"] is not None
+    assert usage["keys"]["pan"]["job"]["unreadable"] == 1
+    with client(pki) as http, ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda pm: forward(http, life, pm).status_code, [*extra, *made]))
+    assert codes == [200] * (len(extra) + len(made))
+    audit = "".join(
+        p.read_text(errors="replace") for p in (life.dir / "audit").rglob("*") if p.is_file()
+    )
+    assert "keys.reencrypt_data.batch" in audit
+    completed = [
+        json.loads(line) for line in audit.splitlines() if '"keys.reencrypt_data.completed"' in line
+    ]
+    assert completed
+    assert completed[-1]["detail"]["unreadable"] == 1
+    # Again: nothing left to re-seal but the unreadable card.
+    r = keys_cli(life, "reencrypt", "pan", "--data", "--before", str(before))
+    assert r.returncode == 0, r.stderr
+    assert old_cards() == 1
+
+
+def test_the_admin_key_endpoints_refuse_hostile_bodies_and_change_nothing(
+    life: Lifecycle, pki: Pki
+) -> None:
+    """The re-encryption endpoints are on mutual TLS for the admin identity only, read a
+    small JSON object of integers, bound every number, and never echo a card number."""
+    admin = client_context(pki.ca_file, client_cert=pki.cert("admin"))
+    other = client_context(pki.ca_file, client_cert=pki.cert("vault"))
+    base = life.env["CARDVAULT_VAULT_ADMIN_URL"]
+    with httpx.Client(verify=admin, timeout=30) as http:
+        state = http.get(f"{base}/v1/admin/keys").json()
+        future = int(time.time()) + 3600
+        cases: list[tuple[str, bytes, int]] = [
+            ("pan/reencrypt_data", b"not json", 400),
+            ("pan/reencrypt_data", b"[1, 2]", 400),
+            ("pan/reencrypt_data", b'{"4242424242424242": 1, "before": 1}', 400),
+            ("pan/reencrypt_data", b'{"before": true}', 400),
+            ("pan/reencrypt_data", b'{"before": "4242424242424242"}', 400),
+            ("pan/reencrypt_data", b"{}", 400),
+            ("pan/reencrypt_data", b'{"before": %d}' % future, 400),
+            ("pan/reencrypt_data", b'{"before": -1}', 400),
+            ("pan/reencrypt_data", b'{"before": 1, "batch_size": 0}', 400),
+            ("pan/reencrypt_data", b'{"before": 1, "batch_size": 1000000000}', 400),
+            ("pan/reencrypt_data", b'{"before": 1e400}', 400),
+            ("pan/reencrypt_data", b'{"before": 1, "pad": "' + b"x" * 8000 + b'"}', 413),
+            ("fingerprint/reencrypt_data", b'{"before": 1}', 404),
+            ("4242424242424242/reencrypt_data", b'{"before": 1}', 404),
+            ("pan/reencrypt", b'{"target_version": 0}', 400),
+            ("pan/reencrypt", b'{"target_version": 2, "batch_size": -5}', 400),
+            ("pan/reencrypt", b"[" * 4000, 400),
+            ("pan/reencrypt", b"[" * 5000, 413),
+        ]
+        for path, body, code in cases:
+            r = http.post(f"{base}/v1/admin/keys/{path}", content=body,
+                          headers={"content-type": "application/json"})  # fmt: skip
+            assert r.status_code == code, (path, body[:60], r.text)
+            assert "4242424242424242" not in r.text
+            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert r.headers["strict-transport-security"].startswith("max-age=")
+        assert http.get(f"{base}/v1/admin/keys").json() == state
+    # Another identity of the same CA: refused, and nothing runs.
+    with httpx.Client(verify=other, timeout=30) as http:
+        r = http.post(f"{base}/v1/admin/keys/pan/reencrypt_data", json={"before": 1})
+        assert r.status_code == 403, r.text
+    # No client certificate at all: no TLS session.
+    with httpx.Client(verify=client_context(pki.ca_file), timeout=30) as http:
+        with pytest.raises(httpx.TransportError):
+            http.post(f"{base}/v1/admin/keys/pan/reencrypt_data", json={"before": 1})

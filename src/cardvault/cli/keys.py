@@ -12,6 +12,7 @@ import getpass
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,6 +151,7 @@ def _status(targets: _Targets) -> dict[str, Any]:
             "min_decryption_version": info["min_decryption_version"],
             "versions": versions,
             "job": usage.get("jobs", {}).get(name),
+            **({"data_job": usage.get("data_jobs", {}).get(name)} if name in DATA_KEY_KEKS else {}),
         }
     return {"object": "keys.status", "sealed": keyd.get("sealed"), "keys": keys}
 
@@ -209,15 +211,49 @@ def rotate(
         )
 
 
+def _when(value: str | None) -> int:
+    """``--before``: Unix seconds, an ISO date (midnight UTC) or an ISO date and time
+    (UTC unless it names its zone); None: now."""
+    if value is None:
+        return int(time.time())
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        err.print("[red]--before[/]: give Unix seconds or an ISO date such as 2026-12-01")
+        raise typer.Exit(2) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
 @app.command("reencrypt")
 def reencrypt(
     name: str,
     rate: Annotated[
-        float, typer.Option("--rate", help="Most stored keys moved per second.")
+        float, typer.Option("--rate", help="Most stored keys (or cards) moved per second.")
     ] = DEFAULT_RATE,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Keys per batch.")
+        int, typer.Option("--batch-size", help="Keys (or cards) per batch.")
     ] = DEFAULT_BATCH,
+    data: Annotated[
+        bool,
+        typer.Option(
+            "--data",
+            help="First re-seal the card data under data keys made before --before "
+            "with fresh data keys, then move the stored keys.",
+        ),
+    ] = False,
+    before: Annotated[
+        str | None,
+        typer.Option(
+            "--before",
+            help="With --data: the data keys to move away from were made before this "
+            "(Unix seconds or an ISO date, UTC). Default: now.",
+            show_default=False,
+        ),
+    ] = None,
     url: KeydUrlOpt = None,
     vault_admin_url: VaultUrlOpt = None,
     ca_bundle: CaOpt = None,
@@ -225,7 +261,8 @@ def reencrypt(
     key: KeyOpt = None,
     stack: StackOpt = None,
 ) -> None:
-    """Move every stored data key of NAME (pan, cvc) to the newest KEK version.
+    """Move every stored data key of NAME (pan, cvc) to the newest KEK version; with
+    --data, first move the card data itself to fresh data keys.
 
     Runs in the vault, one batch per call; resumable (a cursor in the vault's
     database), idempotent, throttled. A progress bar on a terminal, JSON lines
@@ -240,70 +277,120 @@ def reencrypt(
     if rate <= 0 or not 1 <= batch_size <= 1000:
         err.print("[red]need --rate > 0 and 1 <= --batch-size <= 1000[/]")
         raise typer.Exit(2)
+    if before is not None and not data:
+        err.print("[red]--before applies only with --data[/]")
+        raise typer.Exit(2)
+    when = _when(before)
+    if when > time.time():
+        err.print("[red]--before is in the future[/]")
+        raise typer.Exit(2)
     targets = _targets(url, vault_admin_url, ca_bundle, cert, key, stack)
     target = int(_key_info(targets, name)["latest_version"])
+    runner = _Batches(name, rate=rate, batch_size=batch_size)
+    if data:
+        usage = targets.vault("GET", "/v1/admin/keys")
+        job = usage.get("data_jobs", {}).get(name) or {}
+        resumed = bool(job) and job.get("finished") is None and job.get("data_before") == when
+        runner.run(
+            targets,
+            f"/v1/admin/keys/{name}/reencrypt_data",
+            {"before": when},
+            label=f"re-sealing {name} data made before {when}",
+            done_before=int(job.get("moved", 0)) if resumed else 0,
+            start={"data_before": when, "resumed": resumed},
+        )
+        if sys.stdout.isatty():
+            out.print(
+                f"[green]done[/]: no {name} data is sealed under a data key made before {when}"
+            )
     usage = targets.vault("GET", "/v1/admin/keys")
-    remaining = sum(n for v, n in usage["data_keys"].get(name, {}).items() if int(v) < target)
     job = usage.get("jobs", {}).get(name) or {}
     resumed = bool(job) and job.get("finished") is None and job.get("target_version") == target
-    done_before = int(job.get("moved", 0)) if resumed else 0
-    total = done_before + remaining
-    tty = sys.stdout.isatty()
-    started = time.monotonic()
-    moved_now = 0
+    runner.run(
+        targets,
+        f"/v1/admin/keys/{name}/reencrypt",
+        {"target_version": target},
+        label=f"re-encrypting {name} → v{target}",
+        done_before=int(job.get("moved", 0)) if resumed else 0,
+        start={"target_version": target, "resumed": resumed},
+        remaining=sum(n for v, n in usage["data_keys"].get(name, {}).items() if int(v) < target),
+    )
+    if sys.stdout.isatty():
+        out.print(f"[green]done[/]: every stored {name} key is under v{target}")
 
-    def line(event: str, **fields: Any) -> None:
-        if not tty:
-            typer.echo(json.dumps({"event": event, "kek": name, **fields}), nl=True)
+
+class _Batches:
+    """Drives one re-encryption run of the vault batch by batch: paced to ``rate``, a
+    progress bar on a terminal and JSON lines otherwise, Ctrl-C stops it (the run
+    resumes where it stopped)."""
+
+    def __init__(self, name: str, *, rate: float, batch_size: int) -> None:
+        self.name, self.rate, self.batch_size = name, rate, batch_size
+        self.tty = sys.stdout.isatty()
+
+    def line(self, event: str, **fields: Any) -> None:
+        if not self.tty:
+            typer.echo(json.dumps({"event": event, "kek": self.name, **fields}), nl=True)
             sys.stdout.flush()
 
-    line("start", target_version=target, total=total, done=done_before, resumed=resumed)
-    progress = Progress(
-        TextColumn(f"re-encrypting {name} → v{target}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7.0f} keys/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=out,
-        disable=not tty,
-    )
-    try:
-        with progress:
-            task = progress.add_task("reencrypt", total=total, completed=done_before, rate=0.0)
-            while True:
-                t0 = time.monotonic()
-                result = targets.vault(
-                    "POST",
-                    f"/v1/admin/keys/{name}/reencrypt",
-                    {"target_version": target, "batch_size": batch_size},
+    def run(
+        self,
+        targets: _Targets,
+        path: str,
+        body: dict[str, Any],
+        *,
+        label: str,
+        done_before: int,
+        start: dict[str, Any],
+        remaining: int | None = None,
+    ) -> None:
+        total = done_before + (remaining or 0)
+        self.line("start", path=path, total=total if remaining is not None else None,
+                  done=done_before, **start)  # fmt: skip
+        started = time.monotonic()
+        moved_now = 0
+        progress = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>7.0f}/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=out,
+            disable=not self.tty,
+        )
+        try:
+            with progress:
+                task = progress.add_task(
+                    "reencrypt", total=total or None, completed=done_before, rate=0.0
                 )
-                moved_now += int(result["moved"])
-                elapsed = max(time.monotonic() - started, 1e-9)
-                done = int(result["run_moved"])
-                total = max(total, done + int(result["remaining"]))
-                progress.update(task, completed=done, total=total, rate=moved_now / elapsed)
-                line(
-                    "done" if result["done"] else "batch",
-                    run=result["run"],
-                    moved=result["moved"],
-                    done=done,
-                    total=total,
-                    remaining=result["remaining"],
-                    rate=round(moved_now / elapsed, 1),
-                )
-                if result["done"]:
-                    break
-                # Throttle: this batch's keys take at least batch/rate seconds.
-                pause = int(result["moved"]) / rate - (time.monotonic() - t0)
-                if pause > 0:
-                    time.sleep(pause)
-    except KeyboardInterrupt:
-        line("interrupted", done=moved_now + done_before)
-        err.print("[yellow]interrupted[/]: run the same command again to resume")
-        raise typer.Exit(130) from None
-    if tty:
-        out.print(f"[green]done[/]: every stored {name} key is under v{target}")
+                while True:
+                    t0 = time.monotonic()
+                    result = targets.vault("POST", path, {**body, "batch_size": self.batch_size})
+                    moved_now += int(result["moved"])
+                    elapsed = max(time.monotonic() - started, 1e-9)
+                    done = int(result["run_moved"])
+                    total = max(total, done + int(result["remaining"]))
+                    progress.update(task, completed=done, total=total, rate=moved_now / elapsed)
+                    self.line(
+                        "done" if result["done"] else "batch",
+                        run=result["run"],
+                        moved=result["moved"],
+                        done=done,
+                        total=total,
+                        remaining=result["remaining"],
+                        rate=round(moved_now / elapsed, 1),
+                    )
+                    if result["done"]:
+                        return
+                    # Throttle: this batch's items take at least batch/rate seconds.
+                    pause = int(result["moved"]) / self.rate - (time.monotonic() - t0)
+                    if pause > 0:
+                        time.sleep(pause)
+        except KeyboardInterrupt:
+            self.line("interrupted", done=moved_now + done_before)
+            err.print("[yellow]interrupted[/]: run the same command again to resume")
+            raise typer.Exit(130) from None
 
 
 @app.command("retire")

@@ -35,6 +35,7 @@ __all__ = [
     "UNKNOWN",
     "Account",
     "ApiKey",
+    "CardReseal",
     "DataKeyMove",
     "DataKeyRecord",
     "DuplicateError",
@@ -136,7 +137,13 @@ class DataKeyRecord:
 class KeyJob:
     """A re-encryption run over one KEK's stored data keys: every key under a version
     below ``target_version`` is moved to it. ``cursor``: the last data key id reached
-    (the walk is in id order); ``finished``: when the run ended, None while it runs."""
+    (the walk is in id order); ``finished``: when the run ended, None while it runs.
+
+    A run over card data (``kek`` is ``"pan:data"`` or ``"cvc:data"``) re-seals every
+    ciphertext under a data key made before ``data_before`` with a fresh data key; its
+    cursor is the last payment method id reached and ``target_version`` is 0;
+    ``skipped`` counts the cards of the current pass that cannot be opened (their data
+    key's version is destroyed, or their stored data fails authentication)."""
 
     kek: str
     run_id: str
@@ -146,7 +153,15 @@ class KeyJob:
     started: int
     updated: int
     finished: int | None = None
+    data_before: int | None = None
+    skipped: int = 0
 
+
+#: One payment method's card data sealed anew: ``(payment method id, the data key it was
+#: read under, the data key it is now sealed with, the first ciphertext, the second)``:
+#: for ``pan`` the number and the name (None when it has none), for ``cvc`` the CVC and
+#: None.
+CardReseal = tuple[str, str, str, bytes, bytes | None]
 
 #: One data key to move: ``(id, the version it is under, wrapped anew, the new version)``.
 DataKeyMove = tuple[str, int, bytes, int]
@@ -281,6 +296,22 @@ class VaultStore(Protocol):
         """Store each data key wrapped anew, one row write each (its wrapped key and
         version together), only where it is still under the version it was read
         under; how many were moved. One transaction."""
+
+    async def cards_sealed_before(
+        self, kek: str, before: int, after: str, limit: int
+    ) -> list[PaymentMethodRecord]:
+        """Up to ``limit`` payment methods, in id order after ``after``, whose ``kek``
+        data (``pan``: number and name; ``cvc``: a CVC still held) is sealed under a data
+        key made before ``before``."""
+
+    async def count_cards_sealed_before(self, kek: str, before: int) -> int:
+        """How many payment methods :meth:`cards_sealed_before` would walk."""
+
+    async def reseal_cards(self, kek: str, reseals: Sequence[CardReseal]) -> int:
+        """Store each payment method's ``kek`` data sealed anew, one row write each (the
+        data key and the ciphertexts together), only where the row is still under the
+        data key it was read under (and, for ``cvc``, still holds its CVC); how many
+        were stored. One transaction."""
 
     async def get_key_job(self, kek: str) -> KeyJob | None:
         """The re-encryption run of ``kek``, running or last finished."""

@@ -292,8 +292,25 @@ _VAULT_5 = Migration(
     ),
 )
 
+_VAULT_6 = Migration(
+    6,
+    "re-encryption of card data: a run's date bound",
+    (
+        # A run that re-seals card data (``cardvault keys reencrypt --data``) moves every
+        # ciphertext under a data key made before this time to a fresh data key; its
+        # row is the KEK's name with ":data" (the cursor is then a payment method id).
+        "ALTER TABLE key_jobs ADD COLUMN data_before BIGINT",
+        # Cards of the current pass that can never be opened again (their data key's
+        # version was destroyed, or the stored data fails authentication): counted, so
+        # that the run ends instead of walking them again and again.
+        "ALTER TABLE key_jobs ADD COLUMN skipped BIGINT NOT NULL DEFAULT 0",
+    ),
+)
+
 #: The vault's schema, in the vault's database.
-VAULT_SCHEMA = Schema("vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5), lock=7302)
+VAULT_SCHEMA = Schema(
+    "vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5, _VAULT_6), lock=7302
+)
 
 
 # -- the key service's database -------------------------------------------------------------

@@ -132,7 +132,7 @@ def build_vault(settings: VaultSettings) -> Vault | None:
         ),
         forwarder=Forwarder(store, keys, audit, _allowlist(settings), OutboundClient()),
         maintenance=KeyMaintenance(
-            store, client, audit, fingerprint_version=dk.fingerprint_version
+            store, client, audit, fingerprint_version=dk.fingerprint_version, datakeys=keys
         ),
     )
 

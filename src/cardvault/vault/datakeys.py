@@ -51,12 +51,13 @@ class DataKeyPolicy:
 
 
 class _Current:
-    __slots__ = ("born", "key", "record_id", "uses")
+    __slots__ = ("born", "key", "made", "record_id", "uses")
 
-    def __init__(self, record_id: str, key: crypto.Key, born: float) -> None:
+    def __init__(self, record_id: str, key: crypto.Key, born: float, made: int) -> None:
         self.record_id = record_id
         self.key = key
-        self.born = born
+        self.born = born  # the manager's clock, for max_age
+        self.made = made  # the stored record's ``created`` (Unix seconds)
         self.uses = 0
 
 
@@ -146,14 +147,25 @@ class DataKeyManager:
         # digits often enough (about 1 in 400) for log scrubbers and at-rest scanners
         # to take it for a card number.
         record_id = new_id("dk_", 24)
+        made = int(time.time())
         await self.store.insert_data_key(
-            DataKeyRecord(record_id, kek, fetched.kek_version, fetched.wrapped, int(time.time()))
+            DataKeyRecord(record_id, kek, fetched.kek_version, fetched.wrapped, made)
         )
         key = crypto.Key(record_id, 1, fetched.plaintext)
-        current = _Current(record_id, key, self._clock())
+        current = _Current(record_id, key, self._clock(), made)
         self._current[kek] = current
         self._cache.put(record_id, key)
         return current
+
+    async def renew_if_made_before(self, kek: str, before: int) -> None:
+        """Start a new current data key for ``kek`` if this one was made before
+        ``before`` (Unix seconds): re-sealed card data must not land under a key that
+        its re-encryption run is moving away from."""
+        lock = self._locks.setdefault(kek, asyncio.Lock())
+        async with lock:
+            current = self._current.get(kek)
+            if current is not None and current.made < before:
+                await self._new_key(kek)
 
     async def for_decryption(self, data_key_id: str, kek: str) -> crypto.Key:
         """The key named ``data_key_id``, from the cache or unwrapped by the key service."""

@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -157,6 +157,11 @@ def routes(
                 [
                     Route("/v1/admin/keys", admin.key_usage, methods=["GET"]),
                     Route("/v1/admin/keys/{kek}/reencrypt", admin.reencrypt, methods=["POST"]),
+                    Route(
+                        "/v1/admin/keys/{kek}/reencrypt_data",
+                        admin.reencrypt_data,
+                        methods=["POST"],
+                    ),
                 ]
                 if maintenance is not None
                 else []
@@ -233,32 +238,54 @@ class _Admin:
         ``{"target_version", "batch_size"}``."""
         identity = require_identity(request.scope, self.allowed)
         assert self.maintenance is not None
-        kek = request.path_params["kek"]
-        try:
-            body = json.loads(await read_body(request, 4096) or b"{}")
-        except ValueError as exc:
-            raise InvalidRequestError("The body is not valid JSON.") from exc
-        if not isinstance(body, dict):
-            raise InvalidRequestError("The body must be a JSON object.")
-        for name in body:
-            if name not in ("target_version", "batch_size"):
-                raise ParameterUnknown(param=str(name)[:64])
-        values: dict[str, int] = {}
-        for name, default in (("target_version", None), ("batch_size", 100)):
-            value = body.get(name, default)
-            if value is None:
-                raise ParameterMissing(param=name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise InvalidRequestError("Expected an integer.", param=name)
-            values[name] = value
+        values = await _int_fields(request, target_version=None, batch_size=100)
         return json_response(
             await self.maintenance.reencrypt_batch(
-                str(kek),
+                str(request.path_params["kek"]),
                 target_version=values["target_version"],
                 batch_size=values["batch_size"],
                 actor=identity,
             )
         )
+
+    async def reencrypt_data(self, request: Request) -> Response:
+        """One batch of the card-data re-encryption job (``cardvault keys reencrypt
+        --data``): ``{"before", "batch_size"}``."""
+        identity = require_identity(request.scope, self.allowed)
+        assert self.maintenance is not None
+        values = await _int_fields(request, before=None, batch_size=100)
+        return json_response(
+            await self.maintenance.reencrypt_data_batch(
+                str(request.path_params["kek"]),
+                before=values["before"],
+                batch_size=values["batch_size"],
+                actor=identity,
+            )
+        )
+
+
+async def _int_fields(request: Request, **defaults: int | None) -> dict[str, int]:
+    """A small JSON object body of integer fields (at most 4 KiB): each of ``defaults``,
+    required where its default is None; any other name is refused. orjson bounds the
+    depth (the standard library's parser recurses until the interpreter gives up)."""
+    try:
+        body = orjson.loads(await read_body(request, 4096) or b"{}")
+    except ValueError as exc:
+        raise InvalidRequestError("The body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The body must be a JSON object.")
+    for name in body:
+        if name not in defaults:
+            raise ParameterUnknown(param=str(name)[:64])
+    values: dict[str, int] = {}
+    for name, default in defaults.items():
+        value = body.get(name, default)
+        if value is None:
+            raise ParameterMissing(param=name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequestError("Expected an integer.", param=name)
+        values[name] = value
+    return values
 
 
 # -- the API that takes a key -----------------------------------------------------------------

@@ -20,21 +20,56 @@ A run ends when a pass of the walk finds nothing left below the target; keys sto
 behind the cursor while the run went (a data key fetched just before the rotation) are
 picked up by a further pass. One audit record per batch (``keys.reencrypt.batch``) and
 one for the run (``keys.reencrypt.completed``).
+
+**Card data** (``cardvault keys reencrypt pan --data --before DATE``): the same walk over
+payment methods instead of data keys, for when a data key itself must go (a suspected
+leak of an unwrapped key, or a cryptoperiod for data keys). Every card whose number and
+name (``pan``) or held CVC (``cvc``) is sealed under a data key made before ``before`` is
+opened and sealed again under the vault's current data key, which is first renewed if it
+too was made before ``before``. Each card's data key and ciphertexts change in one row
+write, only if the row is still under the key it was read under, so a reader sees the
+card whole under the old key or whole under the new one; the old data key stays stored
+(a reader that fetched the row before the write still opens it). The run's row in
+``key_jobs`` is ``pan:data`` (or ``cvc:data``), its cursor a payment method id. Audit:
+``keys.reencrypt_data.batch`` and ``keys.reencrypt_data.completed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
 
+from cardvault import crypto
 from cardvault.audit.recorder import Recorder
-from cardvault.errors import InvalidRequestError, ResourceMissing
-from cardvault.storage.base import DataKeyMove, KeyJob, VaultStore
+from cardvault.errors import InvalidRequestError, KeyVersionUnavailable, ResourceMissing
+from cardvault.logging import get_logger
+from cardvault.storage.base import (
+    CardReseal,
+    DataKeyMove,
+    DataKeyRecord,
+    KeyJob,
+    PaymentMethodRecord,
+    VaultStore,
+)
+from cardvault.vault.datakeys import DataKeyManager
 from cardvault.vault.ids import new_id
 from cardvault.vault.keyclient import KeyServiceClient
+from cardvault.vault.payment_methods import card_context
 
 __all__ = ["DATA_KEY_KEKS", "MAX_BATCH", "KeyMaintenance"]
+
+_log = get_logger(__name__)
+
+
+class _Walked(Protocol):
+    """What a re-encryption walk goes through in id order: data keys or cards."""
+
+    @property
+    def id(self) -> str: ...
+
 
 #: The KEKs whose data keys the vault stores.
 DATA_KEY_KEKS = ("pan", "cvc")
@@ -55,6 +90,8 @@ def _job_dict(job: KeyJob | None) -> dict[str, Any] | None:
         "started": job.started,
         "updated": job.updated,
         "finished": job.finished,
+        "unreadable": job.skipped,
+        **({} if job.data_before is None else {"data_before": job.data_before}),
     }
 
 
@@ -68,12 +105,15 @@ class KeyMaintenance:
         audit: Recorder,
         *,
         fingerprint_version: int | None = None,
+        datakeys: DataKeyManager | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
         self.audit = audit
         self.fingerprint_version = fingerprint_version
+        self.datakeys = datakeys
         self._locks = {kek: asyncio.Lock() for kek in DATA_KEY_KEKS}
+        self._data_locks = {kek: asyncio.Lock() for kek in DATA_KEY_KEKS}
 
     async def usage(self) -> dict[str, Any]:
         """How many stored data keys each KEK version wraps, the fingerprint version
@@ -87,6 +127,9 @@ class KeyMaintenance:
             },
             "fingerprint_version": self.fingerprint_version,
             "jobs": {kek: _job_dict(await self.store.get_key_job(kek)) for kek in DATA_KEY_KEKS},
+            "data_jobs": {
+                kek: _job_dict(await self.store.get_key_job(f"{kek}:data")) for kek in DATA_KEY_KEKS
+            },
         }
 
     async def _remaining(self, kek: str, target: int) -> int:
@@ -114,54 +157,219 @@ class KeyMaintenance:
         job = await self.store.get_key_job(kek)
         if job is None or job.finished is not None or job.target_version != target:
             job = KeyJob(kek, new_id("rr_", 16), target, "", 0, now, now)
-        records = await self.store.data_keys_below(kek, target, job.cursor, size)
-        # The end of one pass: anything stored behind the cursor meanwhile is below
-        # the target still, and the next pass takes it.
-        if not records and job.cursor and await self._remaining(kek, target):
-            job = KeyJob(kek, job.run_id, target, "", job.moved, job.started, now)
-            records = await self.store.data_keys_below(kek, target, "", size)
-        if not records:
-            done = KeyJob(kek, job.run_id, target, "", job.moved, job.started, now, now)
-            await self.store.put_key_job(done)
-            await self.audit.record(
-                "keys.reencrypt.completed",
-                actor=actor,
-                object_id=kek,
-                detail={"run": job.run_id, "target_version": target, "moved": job.moved},
-            )
-            return self._answer(done, moved=0, remaining=0)
+
+        async def fetch(after: str) -> list[DataKeyRecord]:
+            return await self.store.data_keys_below(kek, target, after, size)
+
+        async def move(records: list[DataKeyRecord]) -> tuple[int, list[str], dict[str, str]]:
+            moves, unreadable = await self._rewrapped(kek, records)
+            versions = ",".join(str(v) for v in sorted({r.kek_version for r in records}))
+            return await self.store.move_data_keys(moves), unreadable, {"from_versions": versions}
+
+        return await self._walk(
+            job,
+            fetch=fetch,
+            left=lambda: self._remaining(kek, target),
+            move=move,
+            event="keys.reencrypt",
+            what="data keys",
+            detail={"target_version": target},
+            actor=actor,
+        )
+
+    async def _rewrapped(
+        self, kek: str, records: list[DataKeyRecord]
+    ) -> tuple[list[DataKeyMove], list[str]]:
+        """``records`` re-wrapped by keyd under its newest version (50 per call, a few
+        calls at once), and the ids of those under a destroyed version (they can never
+        move). All or nothing otherwise: any other failure stores none of the batch."""
         gate = asyncio.Semaphore(_CONCURRENCY)
 
-        async def rewrap(chunk: list[bytes]) -> list[tuple[bytes, int]]:
+        async def rewrap(chunk: list[DataKeyRecord]) -> list[tuple[bytes, int] | None]:
             async with gate:
-                wrapped, version = await self.keys.rewrap_many(kek, chunk)
-                return [(w, version) for w in wrapped]
+                try:
+                    wrapped, version = await self.keys.rewrap_many(kek, [r.wrapped for r in chunk])
+                except KeyVersionUnavailable:
+                    if len(chunk) == 1:
+                        return [None]
+                else:
+                    return [(w, version) for w in wrapped]
+            # One of the chunk is under a destroyed version: find which, one by one.
+            return [pair for one in chunk for pair in await rewrap([one])]
 
-        # All or nothing per batch: a failure stores none of it (the next call redoes it).
-        chunks = [
-            [r.wrapped for r in records[i : i + _PER_CALL]]
-            for i in range(0, len(records), _PER_CALL)
-        ]
+        chunks = [records[i : i + _PER_CALL] for i in range(0, len(records), _PER_CALL)]
         results = [pair for part in await asyncio.gather(*map(rewrap, chunks)) for pair in part]
-        moves: list[DataKeyMove] = [
-            (record.id, record.kek_version, wrapped, version)
-            for record, (wrapped, version) in zip(records, results, strict=True)
-        ]
-        moved = await self.store.move_data_keys(moves)
-        job = KeyJob(kek, job.run_id, target, records[-1].id, job.moved + moved, job.started, now)
+        moves: list[DataKeyMove] = []
+        unreadable: list[str] = []
+        for record, result in zip(records, results, strict=True):
+            if result is None:
+                unreadable.append(record.id)
+            else:
+                moves.append((record.id, record.kek_version, *result))
+        return moves, unreadable
+
+    async def _walk(
+        self,
+        job: KeyJob,
+        *,
+        fetch: Callable[[str], Awaitable[Sequence[_Walked]]],
+        left: Callable[[], Awaitable[int]],
+        move: Callable[[Any], Awaitable[tuple[int, list[str], dict[str, str]]]],
+        event: str,
+        what: str,
+        detail: dict[str, Any],
+        actor: str,
+    ) -> dict[str, Any]:
+        """One batch of a run (``job``): the next items after the cursor (``fetch``),
+        moved (``move``: how many, the ids of those that can never move, and what the
+        audit record adds), the cursor stored, one audit record. The end of a pass: items stored behind the cursor
+        meanwhile are taken by another pass (``left`` counts what is still to move);
+        the unmovable ones of this pass are not walked again, and the run ends."""
+        now = int(time.time())
+        records = await fetch(job.cursor)
+        if not records and job.cursor and await left() > job.skipped:
+            job = replace(job, cursor="", skipped=0, updated=now)
+            records = await fetch("")
+        if not records:
+            done = replace(job, cursor="", updated=now, finished=now)
+            await self.store.put_key_job(done)
+            await self.audit.record(
+                f"{event}.completed",
+                actor=actor,
+                object_id=job.kek.split(":")[0],
+                detail={"run": job.run_id, **detail, "moved": job.moved, "unreadable": job.skipped},
+            )
+            return self._answer(done, moved=0, remaining=0)
+        moved, unreadable, extra = await move(list(records))
+        if unreadable:
+            _log.error(
+                f"{what} skipped by the re-encryption: they cannot be opened",
+                run=job.run_id,
+                ids=",".join(unreadable),
+            )
+        job = replace(
+            job,
+            cursor=records[-1].id,
+            moved=job.moved + moved,
+            skipped=job.skipped + len(unreadable),
+            updated=now,
+        )
         await self.store.put_key_job(job)
         await self.audit.record(
-            "keys.reencrypt.batch",
+            f"{event}.batch",
             actor=actor,
-            object_id=kek,
+            object_id=job.kek.split(":")[0],
             detail={
                 "run": job.run_id,
-                "target_version": target,
+                **detail,
+                **extra,
                 "moved": moved,
-                "from_versions": ",".join(str(v) for v in sorted({r.kek_version for r in records})),
+                "unreadable": ",".join(unreadable),
             },
         )
-        return self._answer(job, moved=moved, remaining=await self._remaining(kek, target))
+        return self._answer(job, moved=moved, remaining=max(await left() - job.skipped, 0))
+
+    # -- card data -----------------------------------------------------------------------
+
+    async def reencrypt_data_batch(
+        self, kek: str, *, before: int, batch_size: int, actor: str
+    ) -> dict[str, Any]:
+        """Re-seal one batch of the cards whose ``kek`` data is under a data key made
+        before ``before`` (Unix seconds) with a fresh data key, starting or resuming the
+        run."""
+        if kek not in DATA_KEY_KEKS:
+            raise ResourceMissing("No stored data keys under this key name.")
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise InvalidRequestError(
+                f"batch_size must be between 1 and {MAX_BATCH}.", param="batch_size"
+            )
+        if not 0 < before <= int(time.time()):
+            raise InvalidRequestError(
+                "before must be a Unix time in the past (or now).", param="before"
+            )
+        if self.datakeys is None:
+            raise ResourceMissing("This vault does not re-encrypt card data.")
+        async with self._data_locks[kek]:
+            return await self._data_batch(kek, before, batch_size, actor)
+
+    async def _data_batch(self, kek: str, before: int, size: int, actor: str) -> dict[str, Any]:
+        assert self.datakeys is not None
+        now = int(time.time())
+        name = f"{kek}:data"
+        job = await self.store.get_key_job(name)
+        if job is None or job.finished is not None or job.data_before != before:
+            job = KeyJob(name, new_id("rr_", 16), 0, "", 0, now, now, data_before=before)
+        # Nothing is sealed anew under a key the run moves away from.
+        await self.datakeys.renew_if_made_before(kek, before)
+
+        async def fetch(after: str) -> list[PaymentMethodRecord]:
+            return await self.store.cards_sealed_before(kek, before, after, size)
+
+        async def move(
+            records: list[PaymentMethodRecord],
+        ) -> tuple[int, list[str], dict[str, str]]:
+            reseals: list[CardReseal] = []
+            unreadable: list[str] = []
+            for record in records:
+                try:
+                    reseals.append(await self._reseal(kek, record))
+                except (KeyVersionUnavailable, crypto.InvalidCiphertext):
+                    unreadable.append(record.id)
+            return await self.store.reseal_cards(kek, reseals), unreadable, {}
+
+        return await self._walk(
+            job,
+            fetch=fetch,
+            left=lambda: self.store.count_cards_sealed_before(kek, before),
+            move=move,
+            event="keys.reencrypt_data",
+            what="cards",
+            detail={"before": before},
+            actor=actor,
+        )
+
+    async def _reseal(self, kek: str, record: PaymentMethodRecord) -> CardReseal:
+        """``record``'s ``kek`` data opened and sealed again under the current data key.
+        The plaintext is held in a buffer that is zeroed as soon as it is sealed again
+        (``crypto.open_`` answers ``bytes``: that copy goes with the garbage collector,
+        as on the forwarding path). Raises :class:`KeyVersionUnavailable` or
+        :class:`crypto.InvalidCiphertext` for data that cannot be opened."""
+        assert self.datakeys is not None
+        mode = "live" if record.livemode else "test"
+        if kek == "pan":
+            old_id = record.data_key_id
+            fields = [("number", record.number_ct), ("name", record.name_ct)]
+        else:
+            assert record.cvc_ct is not None
+            assert record.cvc_data_key_id is not None
+            old_id = record.cvc_data_key_id
+            fields = [("cvc", record.cvc_ct)]
+        old = await self.datakeys.for_decryption(old_id, kek)
+        plains: list[bytearray | None] = []
+        try:
+            for field, ciphertext in fields:
+                context = card_context(record.account_id, mode, record.id, field)
+                plains.append(
+                    None
+                    if ciphertext is None
+                    else bytearray(crypto.open_(old, ciphertext, context))
+                )
+            new_key_id, new = await self.datakeys.for_encryption(kek)
+            sealed = [
+                None
+                if plain is None
+                else crypto.seal(
+                    new, plain, card_context(record.account_id, mode, record.id, field)
+                )
+                for (field, _), plain in zip(fields, plains, strict=True)
+            ]
+        finally:
+            for plain in plains:
+                if plain is not None:
+                    plain[:] = bytes(len(plain))
+        first = sealed[0]
+        assert first is not None
+        return (record.id, old_id, new_key_id, first, sealed[1] if len(sealed) > 1 else None)
 
     @staticmethod
     def _answer(job: KeyJob, *, moved: int, remaining: int) -> dict[str, Any]:

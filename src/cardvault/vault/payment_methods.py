@@ -62,10 +62,15 @@ _ADDRESS_FIELDS = tuple(sorted(_ADDRESS_PARAMS))
 _BILLING_MAX = 500
 
 
-def sealing_context(caller: Caller, pm_id: str, field: str) -> dict[str, str]:
+def card_context(account_id: str, mode: str, pm_id: str, field: str) -> dict[str, str]:
     """The associated data a payment method's ``field`` (``number``, ``name``, ``cvc``)
     is sealed under: its account, mode and id."""
-    return {"account": caller.account_id, "mode": caller.mode, "object": pm_id, "field": field}
+    return {"account": account_id, "mode": mode, "object": pm_id, "field": field}
+
+
+def sealing_context(caller: Caller, pm_id: str, field: str) -> dict[str, str]:
+    """:func:`card_context` for the caller's account and mode."""
+    return card_context(caller.account_id, caller.mode, pm_id, field)
 
 
 def _no_such_payment_method(pm_id: str) -> ResourceMissing:
