@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import sqlite3
@@ -255,6 +256,42 @@ def test_add_kek_keeps_sealed_bytes_and_created_exactly(backend: Backend) -> Non
         assert type(back.sealed) is bytes
 
     backend.run(check)
+
+
+def test_replace_seal_moves_every_kek_and_the_meta_in_one_transaction(backend: Backend) -> None:
+    """A reseal (``keyservice reseal``) replaces the sealed form of every stored KEK
+    version and the seal's metadata together, or nothing: a list that leaves a stored
+    version out, or names one not stored, changes nothing."""
+    first = [kek("pan", 1), kek("pan", 2), kek("cvc", 1)]
+
+    async def check(store: KeyStore) -> None:
+        for k in first:
+            await store.add_kek(k)
+        await store.set_meta("seal", "old")
+        await store.set_meta("root_kcv", "kcv-old")
+        await store.set_meta("other", "kept")
+        before = await store.list_keks()
+        resealed = [dataclasses.replace(k, sealed=b"new-" + k.sealed) for k in first]
+        for wrong in (resealed[:2], [*resealed, kek("fingerprint", 1)]):
+            with pytest.raises(ValueError, match="every stored KEK"):
+                await store.replace_seal(wrong, {"seal": "new", "root_kcv": "kcv-new"})
+            assert await store.list_keks() == before
+            assert await store.get_meta("seal") == "old"
+            assert await store.get_meta("root_kcv") == "kcv-old"
+        await store.replace_seal(resealed, {"seal": "new", "root_kcv": "kcv-new"})
+        after = {(k.name, k.version): k for k in await store.list_keks()}
+        assert after == {(k.name, k.version): k for k in resealed}
+        assert await store.get_meta("seal") == "new"
+        assert await store.get_meta("root_kcv") == "kcv-new"
+        assert await store.get_meta("other") == "kept"
+
+    backend.run(check)
+
+    async def reopened(store: KeyStore) -> None:  # a new store on the same database
+        assert await store.get_meta("seal") == "new"
+        assert {k.sealed[:4] for k in await store.list_keks()} == {b"new-"}
+
+    backend.run(reopened)
 
 
 def test_add_kek_refuses_a_duplicate_name_and_version(backend: Backend) -> None:
