@@ -104,9 +104,13 @@ def test_pkcs11_seal_unseals_at_start_and_the_root_key_never_leaves_the_token(
     from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
     config, port = setup(tmp_path, keyd_pki, hsm, seal="pkcs11")
-    r = run_cli("keyservice", "init", "--config", str(config))
+    r = run_cli("keyservice", "init", "--config", str(config), "--out-dir", str(tmp_path / "ap"))
     assert r.returncode == 0, r.stderr
-    assert "cvshare" not in r.stdout  # no shares: the root key is in the token
+    # The shares are approval shares: the root key is in the token, in no share.
+    assert "approve a key version's destruction" in " ".join(r.stdout.split())
+    seal = json.loads(meta(tmp_path, "seal"))
+    assert seal["approval"]["split_id"] != seal.get("split_id")
+    assert "wrapped_root" not in seal
     url = f"https://localhost:{port}"
     with running(config, port, tmp_path / "keyd.log"):
         st = status(url, keyd_pki)
@@ -157,6 +161,72 @@ def test_a_wrong_pin_leaves_the_key_service_sealed_with_a_clear_error(
     config.write_text(text)
     with running(config, port, log):
         assert status(url, keyd_pki)["sealed"] is False
+
+
+def test_destroy_under_the_hsm_seal_needs_k_approval_shares_and_rekey_replaces_them(
+    tmp_path: Path, keyd_pki: Pki, hsm: SoftHsm
+) -> None:
+    """Under the HSM seal no share rebuilds the root key, yet a key version is destroyed
+    only with K custodians' approval: the approval shares ``init`` hands out. A bad
+    share wipes the approvals; a re-key replaces the shares (the old ones are refused)."""
+    config, port = setup(tmp_path, keyd_pki, hsm, seal="pkcs11")
+    first, second = tmp_path / "first", tmp_path / "second"
+    r = run_cli("keyservice", "init", "--config", str(config), "--shares", "3",
+                "--threshold", "2", "--out-dir", str(first))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert len(share_files(first)) == 3
+    url, log = f"https://localhost:{port}", tmp_path / "keyd.log"
+
+    def destroy(admin: httpx.Client, share: Path | None) -> httpx.Response:
+        body = {"version": 1} | ({"share": share.read_text().strip()} if share else {})
+        return admin.post(f"{url}/v1/keys/pan/destroy", json=body)
+
+    with running(config, port, log), client(keyd_pki, "admin") as admin:
+        assert status(url, keyd_pki)["sealed"] is False
+        assert admin.post(f"{url}/v1/keys/pan/rotate").status_code == 200
+        r = admin.post(f"{url}/v1/keys/pan/config", json={"min_decryption_version": 2})
+        assert r.status_code == 200, r.text
+        # No share: refused, named.
+        r = destroy(admin, None)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "share")
+        # One approval, then a share of no split of this service: every approval wiped.
+        assert destroy(admin, share_files(first)[0]).json()["progress"] == 1
+        foreign = tmp_path / "foreign.share"
+        from cardvault import crypto
+
+        (bogus,) = crypto.shamir_split(bytes(32), 2, 2)[:1]
+        foreign.write_text(bogus.to_text())
+        r = destroy(admin, foreign)
+        assert r.json()["error"]["code"] == "unseal_share_invalid"
+        assert destroy(admin, share_files(first)[1]).json()["progress"] == 1
+    # Re-key: K current approval shares (from stdin) make new ones.
+    stdin = "\n".join(p.read_text().strip() for p in share_files(first)[1:3]) + "\n"
+    r = run_cli("keyservice", "rekey", "--config", str(config), "--shares", "3",
+                "--threshold", "2", "--out-dir", str(second), stdin=stdin)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run_cli("keyservice", "rekey", "--config", str(config),
+                *[a for p in share_files(first)[:2] for a in ("--share-file", str(p))])  # fmt: skip
+    assert r.returncode == 1
+    assert "another split" in r.stderr
+    with running(config, port, log), client(keyd_pki, "admin") as admin:
+        # The old shares approve nothing any more.
+        r = destroy(admin, share_files(first)[0])
+        assert r.json()["error"]["code"] == "unseal_share_invalid"
+        assert destroy(admin, share_files(second)[2]).json()["progress"] == 1
+        done = destroy(admin, share_files(second)[0]).json()
+        assert (done["destroyed"], done["threshold"]) == (True, 2)
+        assert status(url, keyd_pki)["keys"]["pan"]["states"]["1"] == "destroyed"  # type: ignore[index]
+    with sqlite3.connect(tmp_path / "keyd.db") as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM keks WHERE name = 'pan' AND version = 1"
+        ).fetchone() == (0,)
+    actions = [(r["action"], r["result"]) for r in audit(tmp_path)]
+    assert ("keyservice.destroy_approval", "rejected") in actions
+    assert ("keyservice.rekey", "ok") in actions
+    assert actions.count(("keyservice.destroy", "ok")) == 1
+    everything = (tmp_path / "audit" / "audit.jsonl").read_text() + log.read_text()
+    for path in share_files(first) + share_files(second):
+        assert path.read_text().strip() not in everything
 
 
 # --- reseal: Shamir → PKCS#11 → Shamir ----------------------------------------------------

@@ -78,6 +78,8 @@ def init(
     """Create the root key and first KEKs, and hand out the root key as N shares, once.
 
     The root key is never written anywhere; only the shares exist afterwards. With the
+    PKCS#11 seal the root key is made inside the token and the N shares are approval
+    shares (K of them approve a key version's destruction). With the
     development seal (seal.type = "dev", development profile only) the root key goes to
     seal.dev_key_file instead and no shares are made.
     """
@@ -95,25 +97,18 @@ def init(
             f"[bold yellow]DEVELOPMENT SEAL[/]: root key written to {dev}. Never use this for real cards."
         )
         return
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for share in result:
-            path = out_dir / f"custodian-{share.index}.share"
-            write_private(path, (share.to_text() + "\n").encode())
-            out.print(
-                f"share {share.index}/{shares} → {path} (mode 0600): give it to one custodian"
-            )
-    else:
-        out.print(
-            f"[bold]{shares} shares; any {threshold} unseal.[/] Each is shown once. Give one to each custodian."
-        )
-        for share in result:
-            out.print(
-                f"  custodian {share.index}: {share.to_text()}", highlight=False, soft_wrap=True
-            )
-    for share in result:
-        share.wipe()
-    out.print("The key service is initialized and will start sealed.")
+    token = settings.seal.type == "pkcs11"
+    _hand_out(
+        result, shares, threshold, out_dir,
+        "approve a key version's destruction (the root key stays in the token)"
+        if token
+        else "unseal",
+    )  # fmt: skip
+    out.print(
+        "The key service is initialized; it unseals itself at start from the token."
+        if token
+        else "The key service is initialized and will start sealed."
+    )
 
 
 def _client(url: str, ca: Path, cert: Path, key: Path) -> Client:
@@ -286,7 +281,13 @@ def _current_shares(files: list[Path] | None) -> list[str]:
     return found
 
 
-def _hand_out(result: list[Any], shares: int, threshold: int, out_dir: Path | None) -> None:
+def _hand_out(
+    result: list[Any], shares: int, threshold: int, out_dir: Path | None, what: str = "unseal"
+) -> None:
+    out.print(
+        f"[bold]{shares} shares; any {threshold} {what}.[/] Each is shown once. "
+        "Give one to each custodian."
+    )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for share in result:
@@ -296,7 +297,6 @@ def _hand_out(result: list[Any], shares: int, threshold: int, out_dir: Path | No
                 f"share {share.index}/{shares} → {path} (mode 0600): give it to one custodian"
             )
     else:
-        out.print(f"[bold]{shares} new shares; any {threshold} unseal.[/] Each is shown once.")
         for share in result:
             out.print(
                 f"  custodian {share.index}: {share.to_text()}", highlight=False, soft_wrap=True
@@ -318,8 +318,12 @@ def reseal(
     to: Annotated[str, typer.Option("--to", help="The new seal: shamir or pkcs11.")],
     config: ConfigOpt = None,
     share_file: ShareFileOpt = None,
-    shares: Annotated[int, typer.Option(help="--to shamir: how many new shares (N).")] = 5,
-    threshold: Annotated[int, typer.Option(help="--to shamir: how many unseal (K).")] = 3,
+    shares: Annotated[
+        int, typer.Option(help="How many new shares (N): unseal shares, or approval shares.")
+    ] = 5,
+    threshold: Annotated[
+        int, typer.Option(help="How many unseal (K), or approve a destruction (pkcs11).")
+    ] = 3,
     out_dir: OutDirOpt = None,
 ) -> None:
     """Move a STOPPED key service to another seal under a new root key.
@@ -335,7 +339,7 @@ def reseal(
     if to not in ("shamir", "pkcs11"):
         err.print("[red]--to must be shamir or pkcs11[/]")
         raise typer.Exit(2)
-    if to == "shamir" and not 2 <= threshold <= shares <= 255:
+    if not 2 <= threshold <= shares <= 255:
         err.print("[red]need 2 <= --threshold <= --shares <= 255[/]")
         raise typer.Exit(2)
     settings = load_settings(KeyServiceSettings, config)
@@ -349,8 +353,10 @@ def reseal(
             new_threshold=threshold,
         )
     )
-    if to == "shamir":
-        _hand_out(result, shares, threshold, out_dir)
+    _hand_out(
+        result, shares, threshold, out_dir,
+        "unseal" if to == "shamir" else "approve a key version's destruction",
+    )  # fmt: skip
     out.print(f'Resealed under a new root key. Set [seal] type = "{to}" and start the service.')
 
 

@@ -150,9 +150,16 @@ def rekey_key_service(
 ) -> list[Any]:
     """``cardvault keyservice rekey``: the door to :func:`ceremony.rekey`."""
 
+    token = token_config(settings)
+
     async def work(store: Any, recorder: Recorder) -> list[Any]:
         return await ceremony.rekey(
-            store, recorder, shares=shares, new_shares=new_shares, new_threshold=new_threshold
+            store,
+            recorder,
+            shares=shares,
+            new_shares=new_shares,
+            new_threshold=new_threshold,
+            token=token,
         )
 
     return _stopped_service_ceremony(settings, work)  # type: ignore[no-any-return]

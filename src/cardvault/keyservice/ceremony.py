@@ -37,7 +37,9 @@ from cardvault.keyservice.seals import (
     TokenConfig,
     TokenRoot,
     TokenUnavailable,
+    check_approval,
     root_from_shares,
+    split_approval,
     split_root,
 )
 from cardvault.storage import KeyStore, StoredKek
@@ -87,6 +89,28 @@ def _shares_root(meta: dict[str, Any], kcv: str, texts: list[str]) -> crypto.Key
         root.wipe()
         raise CeremonyError("the shares rebuild the wrong root key") from None
     return root
+
+
+def _approval_from_shares(approval: dict[str, Any], texts: list[str]) -> None:
+    """K current approval shares, checked: they rebuild the approval key of the seal."""
+    threshold = int(approval["threshold"])
+    if len(texts) < threshold:
+        raise CeremonyError(f"{threshold} current approval shares are needed, got {len(texts)}")
+    parsed: list[crypto.Share] = []
+    try:
+        for text in texts:
+            share = crypto.Share.from_text(text)
+            parsed.append(share)
+            if share.split_id.hex() != approval["split_id"]:
+                raise CeremonyError(
+                    f"share {share.index} belongs to another split: an old approval share?"
+                )
+        check_approval(approval, crypto.shamir_combine(parsed))
+    except crypto.InvalidShare as exc:
+        raise CeremonyError(f"the approval shares do not match this key service: {exc}") from exc
+    finally:
+        for share in parsed:
+            share.wipe()
 
 
 def _open_current(
@@ -148,7 +172,8 @@ async def reseal(
     dev_key_file: Path | None = None,
 ) -> list[crypto.Share]:
     """Move the key service to the ``to`` seal under a new root key (see the module's
-    docstring). Returns the new custodian shares (Shamir), or none (PKCS#11)."""
+    docstring). Returns the new custodian shares: of the root key (Shamir) or of the
+    approval key (PKCS#11)."""
     meta, kcv = await _load(store)
     source = meta.get("type")
     current = _open_current(meta, kcv, shares=shares, token=token, dev_key_file=dev_key_file)
@@ -172,7 +197,9 @@ async def reseal(
                 created = target = TokenRoot.create(token)
             except TokenUnavailable as exc:
                 raise CeremonyError(f"cannot create the root key in the token: {exc}") from exc
-            new_meta = created.meta(token)
+            # Custodians still approve a destruction: K of new approval shares.
+            approval, out = split_approval(new_shares, new_threshold)
+            new_meta = {**created.meta(token), "approval": approval}
             new_kcv = f"token:{created.key_id.hex()}"
         else:
             new_root = crypto.Key.generate(ROOT_KEY_NAME, 1)
@@ -191,10 +218,11 @@ async def reseal(
                 created = target = None
             raise
         detail: dict[str, str | int] = {"from": str(source), "to": to, "keks": len(resealed)}
+        detail |= {"shares": new_shares, "threshold": new_threshold}
         if to == "shamir":
-            detail |= {"shares": new_shares, "threshold": new_threshold}
             detail["split_id"] = str(new_meta["split_id"])
         else:
+            detail["approval_split_id"] = str(new_meta["approval"]["split_id"])
             detail["hsm_key_id"] = str(new_meta["key_id"])
         await _record(store, audit, "reseal", detail)
         return out
@@ -217,19 +245,36 @@ async def rekey(
     shares: list[str],
     new_shares: int,
     new_threshold: int,
+    token: TokenConfig | None = None,
 ) -> list[crypto.Share]:
-    """New custodian shares for the same root key; the old shares stop working."""
+    """New custodian shares for the same root key (Shamir seal) or the same approval
+    key (PKCS#11 seal); the old shares stop working."""
     meta, kcv = await _load(store)
-    if meta.get("type") != "shamir":
+    if meta.get("type") == "shamir":
+        root = _shares_root(meta, kcv, shares)
+        try:
+            new_meta, out = split_root(root, new_shares, new_threshold)
+        finally:
+            root.wipe()
+        old = meta
+        split = new_meta
+    elif meta.get("type") == "pkcs11":
+        # The root key stays in the token; the custodians' approval shares are
+        # replaced: K current ones are needed, or, for a seal made before approval
+        # shares existed, the token itself (its PIN file) opened and checked.
+        old = meta.get("approval") or {}
+        if old:
+            _approval_from_shares(old, shares)
+        else:
+            _open_current(meta, kcv, shares=[], token=token, dev_key_file=None).wipe()
+        approval, out = split_approval(new_shares, new_threshold)
+        new_meta = {**meta, "approval": approval}
+        split = approval
+    else:
         raise CeremonyError(
             f"this key service uses the {meta.get('type')} seal, which has no custodian "
             "shares: `cardvault keyservice reseal --to shamir` makes some"
         )
-    root = _shares_root(meta, kcv, shares)
-    try:
-        new_meta, out = split_root(root, new_shares, new_threshold)
-    finally:
-        root.wipe()
     try:
         # One statement: the new split replaces the old one whole.
         await store.set_meta("seal", json.dumps(new_meta))
@@ -238,10 +283,11 @@ async def rekey(
             audit,
             "rekey",
             {
-                "old_split_id": str(meta["split_id"]),
-                "old_shares": int(meta["shares"]),
-                "old_threshold": int(meta["threshold"]),
-                "split_id": str(new_meta["split_id"]),
+                "seal": str(meta.get("type")),
+                "old_split_id": str(old.get("split_id", "")),
+                "old_shares": int(old.get("shares", 0)),
+                "old_threshold": int(old.get("threshold", 0)),
+                "split_id": str(split["split_id"]),
                 "shares": new_shares,
                 "threshold": new_threshold,
                 "at": int(time.time()),

@@ -53,8 +53,10 @@ __all__ = [
     "TokenConfig",
     "TokenRoot",
     "TokenUnavailable",
+    "check_approval",
     "kek_context",
     "root_from_shares",
+    "split_approval",
     "split_root",
 ]
 
@@ -150,6 +152,52 @@ def root_from_shares(meta: dict[str, Any], material: bytearray) -> crypto.Key:
         except crypto.InvalidCiphertext:
             raise crypto.InvalidShare("the shares rebuild the wrong key") from None
     return crypto.Key(ROOT_KEY_NAME, 1, bytearray(root))
+
+
+# -- custodian approval without root shares (the PKCS#11 seal) ---------------------------
+
+#: The key custodians' approval shares rebuild under a seal whose root key is not split
+#: (it never leaves the token): a random key of its own, kept only as its check value.
+APPROVAL_KEY_NAME = "approval"
+_APPROVAL_CHECK = b"cardvault custodian approval v1"
+
+
+def _approval_context(split_id: str) -> dict[str, str]:
+    return {"seal": "approval", "split": split_id}
+
+
+def split_approval(shares: int, threshold: int) -> tuple[dict[str, Any], list[crypto.Share]]:
+    """Custodian approval shares for a seal without Shamir shares of its root key: a
+    fresh random approval key split into ``shares`` (any ``threshold`` rebuild it),
+    of which only a check is kept: a constant sealed under it (AES-GCM, so a key that
+    merely shares a short check value is no match). Returns the ``approval`` entry of the seal's
+    metadata and the shares to hand out once. K of them approve what K unseal shares
+    approve under the Shamir seal (a key version's destruction)."""
+    with crypto.Key.generate(APPROVAL_KEY_NAME, 1) as key:
+        out = crypto.shamir_split(key.expose_secret(), shares, threshold)
+        meta = {
+            "shares": shares,
+            "threshold": threshold,
+            "split_id": out[0].split_id.hex(),
+            "check": base64.b64encode(
+                crypto.seal(key, _APPROVAL_CHECK, _approval_context(out[0].split_id.hex()))
+            ).decode("ascii"),
+        }
+    return meta, out
+
+
+def check_approval(meta: dict[str, Any], material: bytearray) -> None:
+    """Raises :class:`crypto.InvalidShare` unless what K approval shares rebuilt is the
+    approval key of ``meta`` (the seal's ``approval`` entry). Wipes ``material``."""
+    with crypto.Key(APPROVAL_KEY_NAME, 1, material) as key:
+        try:
+            check = crypto.open_(
+                key, base64.b64decode(meta["check"]), _approval_context(meta["split_id"])
+            )
+        except crypto.InvalidCiphertext:
+            raise crypto.InvalidShare("the shares rebuild the wrong key") from None
+    if check != _APPROVAL_CHECK:
+        raise crypto.InvalidShare("the shares rebuild the wrong key")
 
 
 # -- the PKCS#11 seal -------------------------------------------------------------------

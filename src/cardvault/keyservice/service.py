@@ -46,7 +46,9 @@ from cardvault.keyservice.seals import (
     TokenConfig,
     TokenRoot,
     TokenUnavailable,
+    check_approval,
     root_from_shares,
+    split_approval,
 )
 from cardvault.logging import get_logger
 from cardvault.storage import KeyStore, StoredKek
@@ -120,10 +122,11 @@ async def initialize(
 ) -> list[crypto.Share]:
     """Create the root key and the first version of every KEK in an empty store.
 
-    Returns the custodian shares (empty for the development seal, whose root key is
-    written to ``dev_key_file`` instead, and for the PKCS#11 seal, whose root key is
-    generated inside the token and never leaves it). The root key itself is never
-    written anywhere else: after this returns it exists only in the shares.
+    Returns the custodian shares: of the root key (Shamir seal), or of an approval key
+    (PKCS#11 seal, whose root key is generated inside the token and never leaves it: K
+    approval shares approve a key version's destruction); none for the development
+    seal, whose root key is written to ``dev_key_file``. The root key itself is never
+    written anywhere else.
     """
     await store.migrate()
     if await store.get_meta(_META_ROOT_KCV) is not None:
@@ -131,7 +134,7 @@ async def initialize(
             "the key service is already initialized; refusing to replace its keys"
         )
     if token is not None:
-        return await _initialize_in_token(store, token)
+        return await _initialize_in_token(store, token, shares=shares, threshold=threshold)
     root = crypto.Key.generate(ROOT_KEY_NAME, 1)
     try:
         out: list[crypto.Share] = []
@@ -159,13 +162,17 @@ async def initialize(
         root.wipe()
 
 
-async def _initialize_in_token(store: KeyStore, token: TokenConfig) -> list[crypto.Share]:
+async def _initialize_in_token(
+    store: KeyStore, token: TokenConfig, *, shares: int, threshold: int
+) -> list[crypto.Share]:
     try:
         root = TokenRoot.create(token)
     except TokenUnavailable as exc:
         raise ConfigurationError(f"cannot initialize the PKCS#11 seal: {exc}") from exc
+    out: list[crypto.Share] = []
     try:
-        seal_meta = root.meta(token)
+        approval, out = split_approval(shares, threshold)
+        seal_meta = {**root.meta(token), "approval": approval}
         now = int(time.time())
         for name in KEK_KINDS:
             with crypto.Key.generate(name, 1) as kek:
@@ -173,8 +180,15 @@ async def _initialize_in_token(store: KeyStore, token: TokenConfig) -> list[cryp
             await store.add_kek(StoredKek(name, 1, sealed, now))
         await store.set_meta(_META_SEAL, json.dumps(seal_meta))
         await store.set_meta(_META_ROOT_KCV, f"token:{root.key_id.hex()}")
-        await store.append_event("cli", "init", "ok", json.dumps({"type": "pkcs11"}))
-        return []
+        await store.append_event(
+            "cli", "init", "ok",
+            json.dumps({"type": "pkcs11", "approval": {"shares": shares, "threshold": threshold}}),
+        )  # fmt: skip
+        return out
+    except BaseException:
+        for share in out:
+            share.wipe()
+        raise
     finally:
         root.wipe()
 
@@ -524,7 +538,9 @@ class KeyService:
             )
         seal_type = self._seal_meta.get("type")
         approvals: list[int] = []
-        if seal_type == "shamir":
+        split = self._approval_split()
+        if split is not None:
+            split_id, threshold = split
             pending = self._destroy_approvals.setdefault(target, [])
             if pending and self._clock() - self._destroy_since > self.unseal_timeout:
                 self._wipe_destroy_approvals()
@@ -533,10 +549,7 @@ class KeyService:
                 raise ParameterMissing(param="share")
             try:
                 parsed = crypto.Share.from_text(share)
-                if (
-                    parsed.split_id.hex() != self._seal_meta["split_id"]
-                    or parsed.threshold != self.threshold
-                ):
+                if parsed.split_id.hex() != split_id or parsed.threshold != threshold:
                     raise crypto.InvalidShare("the share belongs to another split")
                 if any(p.index == parsed.index for p in pending):
                     raise crypto.InvalidShare("this share was already submitted")
@@ -550,28 +563,22 @@ class KeyService:
             await self._event(
                 actor, "destroy_approval", "accepted", f"{name} v{version} index={parsed.index}"
             )
-            if len(pending) < self.threshold:
+            if len(pending) < threshold:
                 return {"object": "keyservice.destroy", "name": name, "version": version,
                         "destroyed": False, "progress": len(pending),
-                        "threshold": self.threshold}  # fmt: skip
+                        "threshold": threshold}  # fmt: skip
             approvals = sorted(p.index for p in pending)
             try:
-                # Direct or wrapped Shamir seal (keyservice/seals.py): the root key either way.
-                material = root_from_shares(self._seal_meta, crypto.shamir_combine(pending))
-            except crypto.InvalidShare as exc:
-                await self._event(actor, "destroy", "rejected", f"{name} v{version}")
+                self._check_approval(crypto.shamir_combine(pending))
+            except (crypto.InvalidShare, crypto.KeyCheckMismatch) as exc:
+                await self._event(actor, "destroy", "wrong_key", f"{name} v{version}")
                 raise UnsealShareInvalid() from exc
             finally:
                 self._wipe_destroy_approvals()
-            with material as rebuilt:
-                try:
-                    crypto.verify_key_check_value(rebuilt, self._kcv)
-                except crypto.KeyCheckMismatch as exc:
-                    await self._event(actor, "destroy", "wrong_key", f"{name} v{version}")
-                    raise UnsealShareInvalid() from exc
         elif seal_type != "dev":
             raise InvalidRequestError(
-                "This seal has no custodian shares to approve a destruction with."
+                "This seal has no custodian shares to approve a destruction with: "
+                "`cardvault keyservice rekey` gives it approval shares."
             )
         async with self._rotating:
             ring = self._ring(name, KEK_KINDS[name])
@@ -595,7 +602,30 @@ class KeyService:
         )
         _log.warning("key version destroyed", name=name, version=version, actor=actor)
         return {"object": "keyservice.destroy", "name": name, "version": version,
-                "destroyed": True, "progress": 0, "threshold": self.threshold}  # fmt: skip
+                "destroyed": True, "progress": 0,
+                "threshold": split[1] if split else 1}  # fmt: skip
+
+    def _approval_split(self) -> tuple[str, int] | None:
+        """``(split id, threshold)`` of the custodian shares that approve a destruction:
+        the unseal shares (Shamir seal) or the approval shares (PKCS#11 seal); None for
+        the development seal (no custodians) and for a seal without either."""
+        meta = self._seal_meta
+        if meta.get("type") == "shamir":
+            return str(meta["split_id"]), int(meta["threshold"])
+        approval = meta.get("approval")
+        if meta.get("type") == "pkcs11" and isinstance(approval, dict):
+            return str(approval["split_id"]), int(approval["threshold"])
+        return None
+
+    def _check_approval(self, material: bytearray) -> None:
+        """What K approving shares rebuilt is the right key: the root key, matching its
+        check value (Shamir seal; wiped at once), or the approval key (PKCS#11)."""
+        if self._seal_meta.get("type") == "shamir":
+            # Direct or wrapped Shamir seal (keyservice/seals.py): the root key either way.
+            with root_from_shares(self._seal_meta, material) as rebuilt:
+                crypto.verify_key_check_value(rebuilt, self._kcv)
+        else:
+            check_approval(self._seal_meta["approval"], material)
 
     def _wipe_destroy_approvals(self) -> None:
         for shares in self._destroy_approvals.values():
