@@ -2,8 +2,8 @@
 client tokenizes and forwards, kill -9 the job and resume it, retire, destroy with
 custodian approval (crypto-shredding), and fingerprints across a fingerprint rotation.
 
-The sizes here are small so that the test stays short; bench/reencrypt.py runs the
-same job over 10,000 stored keys."""
+A vault with 10,000 cards, each under its own data key (so that each is a stored key to
+move); bench/reencrypt.py measures the same job's rate and its cost to live traffic."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ import pytest
 from cardvault.transport.tls import client_context
 from helpers import ROOT, Pki, cli, free_ports, keyservice_and_vault, wait_for_port
 
-CARDS = 240
+CARDS = 10_000
+#: Where the paced job (150 a second) is killed: far enough in for several batches.
+MIDWAY = 600
 NUMBERS = ["4242424242424242", "5555555555554444", "4000056655665556", "5200828282828210"]
 
 
@@ -247,7 +249,6 @@ def versions(st: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
 
 
 def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle, pki: Pki) -> None:
-    started = time.monotonic()
     with ThreadPoolExecutor(8) as pool, client(pki) as http:
         cards = list(pool.map(lambda i: tokenize(http, life, NUMBERS[i % 4])["id"], range(CARDS)))
     # The card to be left under v1 by force, after the destroy: its data key as stored now.
@@ -270,7 +271,7 @@ def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle,
     # Live traffic through the whole job: tokenize and forward, count every error.
     with Traffic(life, pki, cards) as traffic:
         # The job, killed with SIGKILL once it has moved some keys.
-        lines = killed_midway(life, CARDS // 3, "pan")
+        lines = killed_midway(life, MIDWAY, "pan")
         assert lines[0]["event"] == "start"
         assert lines[0]["total"] >= CARDS
         assert lines[0]["resumed"] is False
@@ -360,6 +361,14 @@ def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle,
             codes = list(pool.map(lambda pm: forward(http, life, pm).status_code, others))
     assert codes == [200] * len(others)
     assert versions(status(life), "pan")[1]["stored_keys"] == 1  # the one forced there
+    # A walk meets that key: it can never move, so it is skipped and counted, and the
+    # run still ends (a new run: the rotation below makes v3 the target).
+    assert keys_cli(life, "rotate", "pan").returncode == 0
+    r = keys_cli(life, "reencrypt", "pan", "--rate", "100000", "--batch-size", "1000")
+    assert r.returncode == 0, r.stderr
+    job = status(life)["keys"]["pan"]["job"]
+    assert (job["finished"] is not None, job["unreadable"]) == (True, 1)
+    assert versions(status(life), "pan")[2]["stored_keys"] == 0
 
     # Audit: one record per batch and one per run.
     audit = "".join(
@@ -367,7 +376,6 @@ def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle,
     )
     assert "keys.reencrypt.batch" in audit
     assert "keys.reencrypt.completed" in audit
-    assert time.monotonic() - started < 120
 
 
 def test_fingerprints_stay_comparable_across_a_fingerprint_rotation(
@@ -389,81 +397,6 @@ def test_fingerprints_stay_comparable_across_a_fingerprint_rotation(
     assert r.returncode == 1
     assert "derives fingerprints under v1" in r.stderr
     assert keys_cli(life, "reencrypt", "fingerprint").returncode == 2
-
-
-def test_reencrypt_data_moves_every_card_to_fresh_data_keys_under_load(
-    life: Lifecycle, pki: Pki
-) -> None:
-    """``reencrypt pan --data``: every card sealed under a data key made before the date
-    is sealed again under a fresh one while a client tokenizes and forwards; killed
-    midway and resumed; the card left under the destroyed version (by the test above) is
-    reported as unreadable and does not stop the run."""
-    with ThreadPoolExecutor(8) as pool, client(pki) as http:
-        extra = list(pool.map(lambda i: tokenize(http, life, NUMBERS[i % 4])["id"], range(60)))
-    time.sleep(1.1)  # every data key so far was made strictly before ``before``
-    before = int(time.time())
-
-    def old_cards() -> int:
-        with sqlite3.connect(life.vault_db) as db:
-            (n,) = db.execute(
-                "SELECT count(*) FROM payment_methods p JOIN data_keys d"
-                " ON d.id = p.data_key_id WHERE d.created < ?", (before,)
-            ).fetchone()  # fmt: skip
-        return int(n)
-
-    total = old_cards()
-    assert total >= CARDS + len(extra)
-
-    with Traffic(life, pki, extra) as traffic:
-        lines = killed_midway(life, total // 3, "pan", "--data", "--before", str(before))
-        assert lines[0]["event"] == "start"
-        assert lines[0]["data_before"] == before
-        assert 0 < old_cards() < total
-        run = lines[-1]["run"]
-
-        r = keys_cli(life, "reencrypt", "pan", "--data", "--before", str(before),
-                     "--rate", "5000", "--batch-size", "50")  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        events = [json.loads(line) for line in r.stdout.splitlines()]
-        assert events[0]["resumed"] is True
-        data_events = [e for e in events if e.get("path", "").endswith("reencrypt_data")]
-        assert data_events == [events[0]]
-        ends = [i for i, e in enumerate(events) if e["event"] == "done"]
-        assert len(ends) == 2  # the card data, then the stored keys
-        assert {e["run"] for e in events[1 : ends[0] + 1]} == {run}
-    assert traffic.errors == []
-    assert len(traffic.made) > 0
-    made = traffic.made
-    # Only the card forced under the destroyed version is left: it cannot be opened.
-    assert old_cards() == 1
-    usage = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "cardvault", "keys", "status", "--json"],
-            capture_output=True, text=True, timeout=60, env=environment(life), cwd=life.dir,
-        ).stdout
-    )  # fmt: skip
-    assert usage["keys"]["pan"]["data_job"]["finished"] is not None
-    assert usage["keys"]["pan"]["data_job"]["data_before"] == before
-    assert usage["keys"]["pan"]["data_job"]["unreadable"] == 1
-    # The stored-key walk after it skips that card's key too (under the destroyed v1).
-    assert usage["keys"]["pan"]["job"]["finished"] is not None
-    assert usage["keys"]["pan"]["job"]["unreadable"] == 1
-    with client(pki) as http, ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda pm: forward(http, life, pm).status_code, [*extra, *made]))
-    assert codes == [200] * (len(extra) + len(made))
-    audit = "".join(
-        p.read_text(errors="replace") for p in (life.dir / "audit").rglob("*") if p.is_file()
-    )
-    assert "keys.reencrypt_data.batch" in audit
-    completed = [
-        json.loads(line) for line in audit.splitlines() if '"keys.reencrypt_data.completed"' in line
-    ]
-    assert completed
-    assert completed[-1]["detail"]["unreadable"] == 1
-    # Again: nothing left to re-seal but the unreadable card.
-    r = keys_cli(life, "reencrypt", "pan", "--data", "--before", str(before))
-    assert r.returncode == 0, r.stderr
-    assert old_cards() == 1
 
 
 def test_the_admin_key_endpoints_refuse_hostile_bodies_and_change_nothing(

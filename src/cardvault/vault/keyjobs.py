@@ -308,6 +308,7 @@ class KeyMaintenance:
         async def move(
             records: list[PaymentMethodRecord],
         ) -> tuple[int, list[str], dict[str, str]]:
+            await self._unwrap_ahead(kek, records)
             reseals: list[CardReseal] = []
             unreadable: list[str] = []
             for record in records:
@@ -327,6 +328,21 @@ class KeyMaintenance:
             detail={"before": before},
             actor=actor,
         )
+
+    async def _unwrap_ahead(self, kek: str, records: list[PaymentMethodRecord]) -> None:
+        """The batch's distinct data keys unwrapped a few at a time into the data-key
+        cache, instead of one round trip to keyd per card in turn. A key that cannot
+        be unwrapped is left for :meth:`_reseal` to meet (and report)."""
+        assert self.datakeys is not None
+        datakeys = self.datakeys
+        ids = {r.data_key_id if kek == "pan" else r.cvc_data_key_id for r in records}
+        gate = asyncio.Semaphore(_CONCURRENCY * 2)
+
+        async def unwrap(key_id: str) -> None:
+            async with gate:
+                await datakeys.for_decryption(key_id, kek)
+
+        await asyncio.gather(*(unwrap(i) for i in ids if i), return_exceptions=True)
 
     async def _reseal(self, kek: str, record: PaymentMethodRecord) -> CardReseal:
         """``record``'s ``kek`` data opened and sealed again under the current data key.
