@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from cardvault.client import Client
+from cardvault.transport.certs import load_ca
 from cardvault.transport.tls import client_context
 from helpers import free_ports
 
@@ -121,12 +122,33 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path) -> None:
             proc.kill()
         log.close()
 
+    # The vault's certificate five days from its end: the next start renews it.
+    ca = load_ca(state / "ca")
+    vault_pem = state / "vault" / "vault.pem"
+    assert ca.renew_if_due(vault_pem, within_days=10_000, days=5) is not None
+    old_vault_key = (state / "vault" / "vault.key").read_bytes()
+
     # A second run reuses the state: same CA, same demo keys.
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(state / "stack.json", proc)
         again = json.loads((state / "stack.json").read_text())
         assert again["keys"] == stack["keys"]
+        assert (state / "vault" / "vault.key").read_bytes() != old_vault_key
+        # Every listener of the stack, audited from outside: compliant, the renewed
+        # certificate with its full lifetime ahead.
+        r = subprocess.run(
+            [sys.executable, "-m", "cardvault", "doctor", "tls", "--json",
+             "--stack", str(state / "stack.json")],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        audit = json.loads(r.stdout)
+        assert audit["compliant"] is True
+        by_name = {e["endpoint"]["name"]: e for e in audit["endpoints"]}
+        assert set(by_name) >= {"vault", "vault admin", "key service", "shop", "acquirer"}
+        assert by_name["vault"]["certificate"]["days_left"] > 80
+        assert all(e["certificate"]["accepted_ca"] for e in audit["endpoints"])
         # The shop's origin is still allowed to frame the card element.
         with httpx.Client(verify=client_context(again["ca_bundle"]), trust_env=False) as c:
             frame = c.get(

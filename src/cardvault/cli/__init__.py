@@ -23,13 +23,25 @@ err = Console(stderr=True)
 
 
 def _register() -> None:
-    from cardvault.cli import accounts, api, audit, certs, keys, keyservice, scan, up, vault
+    from cardvault.cli import (
+        accounts,
+        api,
+        audit,
+        certs,
+        doctor,
+        keys,
+        keyservice,
+        scan,
+        up,
+        vault,
+    )
 
     app.add_typer(accounts.accounts_app, name="accounts")
     app.add_typer(accounts.keys_app, name="api-keys")
     app.add_typer(audit.app, name="audit")
     app.command("scan")(scan.scan)
     app.add_typer(certs.app, name="certs")
+    app.add_typer(doctor.app, name="doctor")
     app.add_typer(keyservice.app, name="keyservice")
     app.add_typer(keys.app, name="keys")
     app.add_typer(vault.app, name="vault")

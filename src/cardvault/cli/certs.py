@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cardvault.transport.certs import DEFAULT_LEAF_DAYS, init_ca, load_ca
+from cardvault.transport.certs import (
+    DEFAULT_LEAF_DAYS,
+    MAX_LEAF_DAYS,
+    RENEW_WITHIN_DAYS,
+    init_ca,
+    load_ca,
+)
 
 app = typer.Typer(
     help="Make a deployment CA and issue server and client certificates.", no_args_is_help=True
@@ -74,3 +80,44 @@ def issue(
         f"issued [bold]{issued.cert_path}[/] (key {issued.key_path}, mode 0600), "
         f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
     )
+
+
+@app.command("renew")
+def renew(
+    directory: DirOption,
+    certs: Annotated[list[Path], typer.Argument(help="NAME.pem files (beside NAME.key).")],
+    within: Annotated[
+        int, typer.Option("--within", help="Renew what has fewer days left than this.")
+    ] = RENEW_WITHIN_DAYS,
+    days: Annotated[
+        int, typer.Option(help="Lifetime of a renewed certificate.")
+    ] = DEFAULT_LEAF_DAYS,
+) -> None:
+    """Reissue each certificate that expires within --within days, or that the CA in DIR
+    did not issue: same names and identity, a new key. Restart the service that uses it
+    afterwards. What is current is left alone."""
+    try:
+        ca = load_ca(directory)
+    except FileNotFoundError:
+        err.print(f"[red]No CA in {directory}.[/]")
+        raise typer.Exit(1) from None
+    if not 1 <= days <= MAX_LEAF_DAYS or within < 0:
+        err.print(f"[red]need 1 <= --days <= {MAX_LEAF_DAYS} and --within >= 0[/]")
+        raise typer.Exit(2)
+    failed = False
+    for path in certs:
+        try:
+            issued = ca.renew_if_due(path, within_days=within, days=days)
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]{path}: cannot renew[/] ({exc})")
+            failed = True
+            continue
+        if issued is None:
+            out.print(f"{path}: current (more than {within} days left)")
+        else:
+            out.print(
+                f"{path}: [bold]renewed[/], valid until "
+                f"{issued.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (new key)"
+            )
+    if failed:
+        raise typer.Exit(1)

@@ -25,8 +25,14 @@ def _zone_dir(state: Path, zone: str) -> Path:
 
 
 def _issue_once(ca: Any, name: str, out_dir: Path, **kwargs: Any) -> None:
-    if not (out_dir / f"{name}.pem").exists():
+    """Issue ``name`` if it is not there yet, and reissue it (same names, a new key)
+    when it has fewer than 30 days left or another CA issued it: every start of the
+    stack renews what is due."""
+    path = out_dir / f"{name}.pem"
+    if not path.exists():
         ca.issue(name, out_dir=out_dir, **kwargs)
+    else:
+        ca.renew_if_due(path)
 
 
 def _example_entry(name: str) -> Path | None:

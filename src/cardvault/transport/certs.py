@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_LEAF_DAYS",
     "IDENTITY_PREFIX",
     "MAX_LEAF_DAYS",
+    "RENEW_WITHIN_DAYS",
     "CertificateAuthority",
     "IssuedCertificate",
     "identity_uri",
@@ -57,6 +59,9 @@ DEFAULT_LEAF_DAYS = 90
 # Browsers and CA/B Forum rules cap public leaf lifetimes at 398 days; a deployment CA
 # has no reason to exceed that either.
 MAX_LEAF_DAYS = 397
+#: A certificate is reissued (``cardvault up`` at every start, ``cardvault certs renew``)
+#: once it has fewer days left than this; ``cardvault doctor tls`` reports it too.
+RENEW_WITHIN_DAYS = 30
 CA_DAYS = 3650
 # Backdating absorbs small clock differences between hosts without making a
 # certificate valid long before it was made.
@@ -176,6 +181,46 @@ class CertificateAuthority:
         write_private(key_path, _key_pem(key))
         write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return IssuedCertificate(cert_path, key_path, cert)
+
+    def renew_if_due(
+        self,
+        cert_path: Path,
+        *,
+        within_days: int = RENEW_WITHIN_DAYS,
+        days: int = DEFAULT_LEAF_DAYS,
+        now: dt.datetime | None = None,
+    ) -> IssuedCertificate | None:
+        """Reissue the certificate at ``cert_path`` (``NAME.pem`` beside ``NAME.key``)
+        with the same names and identity and a new key, when it expires within
+        ``within_days`` or was not issued by this CA; None when it is current."""
+        now = now or dt.datetime.now(dt.UTC)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        left = cert.not_valid_after_utc - now
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+            ours = True
+        except (ValueError, TypeError, InvalidSignature):
+            ours = False
+        if ours and left > dt.timedelta(days=within_days):
+            return None
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            sans = x509.SubjectAlternativeName([])
+        identities = [
+            u.removeprefix(IDENTITY_PREFIX)
+            for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith(IDENTITY_PREFIX)
+        ]
+        return self.issue(
+            cert_path.stem,
+            dns=sans.get_values_for_type(x509.DNSName),
+            ips=[str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+            client_identity=identities[0] if identities else None,
+            days=days,
+            out_dir=cert_path.parent,
+            now=now,
+        )
 
 
 def init_ca(
