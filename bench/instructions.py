@@ -14,6 +14,14 @@ gain with ``tokenization.py``; but they tell whether a change did anything at al
 
     .venv/bin/python bench/instructions.py                    # tokenize and noop
     .venv/bin/python bench/instructions.py --endpoint tokenize --small 100 --large 300
+    .venv/bin/python bench/instructions.py --endpoint forward   # and the acquirer
+
+``--endpoint forward`` runs the deployment of ``forward.py`` instead (its allowlist and
+the simulated acquirer, ``examples/acquirer``, over HTTPS, in a process of its own that
+callgrind does not count): 20 payment methods of the published test card (no CVC) are
+made first, then each request is ``POST /v1/forwarding/requests`` with ``card_number``
+and ``card_expiry``, as ``forward.py`` sends it. The forward's count includes the
+vault's side of the outbound request (aiohttp, TLS both ways), not the acquirer's.
 
 Without valgrind on the machine, ``--no-valgrind`` prints CPU time per request instead
 (noisy, as above). The work is done by the same script run as ``--child``.
@@ -38,7 +46,13 @@ from _deploy import create_account, keyd_config, make_pki, vault_config
 from tokenization import card_bodies
 
 HERE = Path(__file__).resolve().parent
-ENDPOINTS = {"tokenize": "/v1/payment_methods", "noop": "/v1/noop"}
+ENDPOINTS = {
+    "tokenize": "/v1/payment_methods",
+    "noop": "/v1/noop",
+    "forward": "/v1/forwarding/requests",
+}
+#: What ``--endpoint both`` runs (the forward needs the acquirer: asked for by name).
+BOTH = ("tokenize", "noop")
 WARMUP = 300
 
 
@@ -106,14 +120,11 @@ def child(args: argparse.Namespace) -> None:
     """Set up the deployment, warm up, then run ``--count`` requests and exit."""
     from _common import cardvault_process, free_port, run_cardvault, wait_for_port
 
-    from cardvault.audit.recorder import open_audit_log
-    from cardvault.config import load_settings
-    from cardvault.logging import configure_logging
-    from cardvault.vault import app as vault_app
-    from cardvault.vault.settings import VaultSettings
-
     work = Path(tempfile.mkdtemp(prefix="cardvault-instructions-"))
     try:
+        if args.endpoint == "forward":
+            _forward_child(args, work)
+            return
         pki = make_pki(work)
         keyd_port = free_port()
         kconf = keyd_config(work, pki, keyd_port)
@@ -128,34 +139,86 @@ def child(args: argparse.Namespace) -> None:
                 work / "vault", pki, free_port(), keyd_port, f"sqlite:///{work / 'vault' / 'v.db'}"
             )
             key = create_account(config, work / "accounts.log")["secret"]
-            settings = load_settings(VaultSettings, config)
-            # The production configuration: JSON lines at info, to a file.
-            with open(work / "vault.log", "w") as log:
-                configure_logging(profile="production", level="info", fmt="json", stream=log)
-                service = vault_app.build_vault(settings)
-                assert service is not None
-                app = vault_app.build_listeners(settings, service)[0].app
-                bodies = card_bodies() if args.endpoint == "tokenize" else [b""]
-                path = ENDPOINTS[args.endpoint]
-
-                async def run() -> None:
-                    directory, _ = settings.audit.resolved(settings.store.url)
-                    service.audit.log = await open_audit_log(directory, settings.audit)
-                    await service.store.migrate()
-                    await _drive(app, path, bodies, key, WARMUP, args.concurrency)
-                    started = time.process_time()
-                    await _drive(app, path, bodies, key, args.count, args.concurrency)
-                    cpu = time.process_time() - started
-                    print(f"cpu_us_per_request {1e6 * cpu / args.count:.1f}", flush=True)
-                    await service.audit.close()
-                    await service.keys.keys.close()
-                    await service.store.close()
-
-                import uvloop
-
-                uvloop.run(run())
+            _measure(args, work, config, key)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _forward_child(args: argparse.Namespace, work: Path) -> None:
+    """The forward case: ``forward.py``'s deployment, its acquirer and key service."""
+    from _common import cardvault_process, run_cardvault, wait_for_port
+    from forward import create_account as create_secret_key
+    from forward import python_process, write_deployment
+
+    deployment = write_deployment(work)
+    keyd_log = work / "keyd.log"
+    run_cardvault(["keyservice", "init", "--config", str(deployment.keyd_config)], log=keyd_log)
+    key = create_secret_key(deployment.vault_config, work / "accounts.log")
+    with (
+        python_process(deployment.acquirer_args, log=work / "acquirer.log") as acquirer,
+        cardvault_process(
+            ["keyservice", "serve", "--config", str(deployment.keyd_config)], log=keyd_log
+        ) as keyd,
+    ):
+        wait_for_port(deployment.keyd_port, keyd, log=keyd_log)
+        wait_for_port(deployment.acquirer_port, acquirer, log=work / "acquirer.log")
+        _measure(args, work, deployment.vault_config, key, deployment=deployment)
+
+
+def _measure(
+    args: argparse.Namespace, work: Path, config: Path, key: str, deployment: Any = None
+) -> None:
+    """Build the vault's app from ``config`` in this process, warm up, then time
+    ``--count`` requests to ``--endpoint``."""
+    from cardvault.audit.recorder import open_audit_log
+    from cardvault.config import load_settings
+    from cardvault.logging import configure_logging
+    from cardvault.vault import app as vault_app
+    from cardvault.vault.settings import VaultSettings
+
+    settings = load_settings(VaultSettings, config)
+    # The production configuration: JSON lines at info, to a file.
+    with open(work / "vault.log", "w") as log:
+        configure_logging(profile="production", level="info", fmt="json", stream=log)
+        service = vault_app.build_vault(settings)
+        assert service is not None
+        app = vault_app.build_listeners(settings, service)[0].app
+        bodies = card_bodies() if args.endpoint == "tokenize" else [b""]
+        path = ENDPOINTS[args.endpoint]
+
+        async def run() -> None:
+            nonlocal bodies
+            directory, _ = settings.audit.resolved(settings.store.url)
+            service.audit.log = await open_audit_log(directory, settings.audit)
+            await service.store.migrate()
+            if deployment is not None:
+                bodies = await _forward_bodies(app, key, deployment, settings.store.url)
+            await _drive(app, path, bodies, key, WARMUP, args.concurrency)
+            started = time.process_time()
+            await _drive(app, path, bodies, key, args.count, args.concurrency)
+            cpu = time.process_time() - started
+            print(f"cpu_us_per_request {1e6 * cpu / args.count:.1f}", flush=True)
+            await service.audit.close()
+            await service.keys.keys.close()
+            await service.forwarder.outbound.close()
+            await service.store.close()
+
+        import uvloop
+
+        uvloop.run(run())
+
+
+async def _forward_bodies(app: Any, key: str, deployment: Any, store_url: str) -> list[bytes]:
+    """20 payment methods of ``forward.py``'s test card, made through the app, and a
+    forward's body for each."""
+    import sqlite3
+
+    from forward import TOKENIZE_BODY, forward_body_list
+
+    await _drive(app, ENDPOINTS["tokenize"], [TOKENIZE_BODY], key, 20, 1)
+    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+        pms = [str(row[0]) for row in db.execute("SELECT id FROM payment_methods")]
+    return forward_body_list(deployment, pms)
 
 
 def _count(endpoint: str, n: int, concurrency: int, valgrind: bool) -> float:
@@ -187,7 +250,7 @@ def _count(endpoint: str, n: int, concurrency: int, valgrind: bool) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--endpoint", choices=[*ENDPOINTS, "both"], default="both")
+    parser.add_argument("--endpoint", choices=[*ENDPOINTS, "both", "all"], default="both")
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--large", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -203,7 +266,7 @@ def main() -> int:
         parser.error("valgrind is not installed (or use --no-valgrind)")
     if args.large <= args.small:
         parser.error("--large must be more than --small")
-    endpoints = list(ENDPOINTS) if args.endpoint == "both" else [args.endpoint]
+    endpoints = {"both": list(BOTH), "all": list(ENDPOINTS)}.get(args.endpoint, [args.endpoint])
     figures: dict[str, float] = {}
     for endpoint in endpoints:
         if valgrind:
@@ -215,8 +278,10 @@ def main() -> int:
             figures[endpoint] = _count(endpoint, args.large, args.concurrency, False)
             unit = "µs of CPU"
         print(f"{endpoint:>8}: {figures[endpoint]:>12,.0f} {unit} per request", flush=True)
-    if len(figures) == 2:
+    if "noop" in figures and "tokenize" in figures:
         print(f"   ratio: {figures['noop'] / figures['tokenize']:.3f} (noop / tokenize)")
+    if "forward" in figures and "tokenize" in figures:
+        print(f"   ratio: {figures['forward'] / figures['tokenize']:.3f} (forward / tokenize)")
     return 0
 
 

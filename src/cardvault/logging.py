@@ -34,9 +34,11 @@ whole context on every line: several times the cost, on every request's access l
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -118,8 +120,12 @@ _SHORT_INT = 10 ** (PAN_MIN_DIGITS - 2)
 
 def scrub_card_data(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     """structlog processor: remove card numbers and CVCs from every field."""
+    verdicts = _NAME_VERDICTS
     for key, value in event_dict.items():  # values replaced in place: no key added
-        if _is_sensitive_name(key):
+        sensitive = verdicts.get(key)
+        if sensitive is None:
+            sensitive = _is_sensitive_name(key)
+        if sensitive:
             event_dict[key] = REDACTED
             continue
         # What _scrub_value does, without its call for the common short values.
@@ -208,18 +214,52 @@ def _line_processors(fields: Mapping[str, Any] | None = None) -> list[Processor]
         _extras,
         scrub_card_data,
         structlog.stdlib.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _utc_timestamp,
     ]
+
+
+#: The second :func:`_utc_timestamp` last wrote, and its text: one tuple, replaced whole,
+#: so that a thread never reads one second's number with another's text.
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _utc_timestamp(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``: ``timestamp`` as
+    ``2026-12-07T11:26:19.123456Z``, with the date and time of the second formatted
+    once per second rather than by a ``datetime`` on every line. (The microseconds are
+    always written, where ``datetime.isoformat`` leaves them out when they are 0.)"""
+    global _last_second
+    second, nanos = divmod(time.time_ns(), 1_000_000_000)
+    cached, text = _last_second
+    if second != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    event_dict["timestamp"] = f"{text}.{nanos // 1000:06d}Z"
+    return event_dict
 
 
 #: What structlog's JSONRenderer writes (``json.dumps`` with its defaults), with one
 #: encoder made once instead of one per line. The scrubber before it has turned every
 #: value it does not know into text, so the fallback is repr() alone.
 _LINE_JSON = json.JSONEncoder(default=repr)
+#: The C encoder ``_LINE_JSON.encode`` makes anew for every call, made once (with the
+#: same settings: ASCII only, ", " and ": ", repr for what JSON has no type for). It
+#: keeps no record of the containers it is in (``check_circular``): a line's values
+#: are the scrubber's copies, nested at most 13 deep, so none contains itself.
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # (not in typeshed)
+_LINE_ENCODER = (
+    _C_ENCODER(
+        None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    if _C_ENCODER is not None
+    else None
+)
 
 
 def _render_json(event_dict: Any, **_kw: Any) -> str:
-    return _LINE_JSON.encode(event_dict)
+    if _LINE_ENCODER is None or type(event_dict) is not dict:
+        return _LINE_JSON.encode(event_dict)
+    return "".join(_LINE_ENCODER(event_dict, 0))
 
 
 #: The level of each method name of a structlog logger.
@@ -354,10 +394,14 @@ def get_logger(name: str | None = None) -> Any:
     return structlog.get_logger(name)
 
 
-def bind_request_id(request_id: str) -> None:
-    """Start a request's fields with ``request_id``: it is on every line logged in the
-    current context (and the tasks it starts) from now on."""
-    _REQUEST_FIELDS.set({"request_id": request_id})
+def bind_request_id(request_id: str, *, origin: str | None = None) -> None:
+    """Start a request's fields with ``request_id`` (and ``origin``, the client's
+    address, when given): they are on every line logged in the current context (and
+    the tasks it starts) from now on."""
+    if origin is None:
+        _REQUEST_FIELDS.set({"request_id": request_id})
+    else:
+        _REQUEST_FIELDS.set({"request_id": request_id, "origin": origin})
 
 
 def bind_request_fields(**fields: Any) -> None:

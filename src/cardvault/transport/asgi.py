@@ -19,20 +19,22 @@ refuses a connection or a request before any application has it (see
 
 from __future__ import annotations
 
+import binascii
+import functools
+import inspect
 import json
+import os
 import re
-import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 
 import orjson
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Match, Route, Router
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cardvault.errors import (
@@ -44,7 +46,6 @@ from cardvault.errors import (
     UrlNotFound,
 )
 from cardvault.logging import (
-    bind_request_fields,
     bind_request_id,
     clear_request_context,
     get_logger,
@@ -54,6 +55,7 @@ from cardvault.transport.securitytxt import PATH as SECURITY_TXT_PATH
 
 __all__ = [
     "HSTS",
+    "Application",
     "SecurityHeaders",
     "build_app",
     "error_body",
@@ -83,12 +85,23 @@ _DEFAULTS: list[tuple[bytes, bytes]] = [
 ]
 #: Response headers the application's own are dropped for: ours replace them.
 _REPLACED = frozenset({name for name, _ in _STATIC_HEADERS} | {b"server", b"request-id"})
+#: The headers of _DEFAULTS an application may set itself: a response that sets one
+#: has the defaults merged with its own, the longer way.
+_DEFAULT_NAMES = frozenset(name for name, _ in _DEFAULTS)
+#: What a response that sets none of _DEFAULT_NAMES gets after its own headers.
+_ADDED = (*_STATIC_HEADERS, *_DEFAULTS)
 _log = get_logger("cardvault.http")
 _access = get_logger("cardvault.access")
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_urlsafe(16)
+    """``req_`` and 16 random bytes in URL-safe base64: what ``"req_" +
+    secrets.token_urlsafe(16)`` makes, without its three calls."""
+    text = binascii.b2a_base64(os.urandom(16), newline=False).translate(_URLSAFE)
+    return "req_" + text.rstrip(b"=").decode("ascii")
 
 
 #: The fallback for what orjson will not encode (see json_response).
@@ -106,12 +119,31 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
         # orjson refuses what the standard library writes: integers beyond 64 bits,
         # nesting deeper than 255. Such an answer is still an answer.
         content = _STDLIB_JSON.encode(body).encode("utf-8")
+    if headers is None and status >= 200 and status not in (204, 304):
+        return _JSONResponse(content, status)
     return Response(
         content,
         status_code=status,
         media_type="application/json",
         headers=headers,
     )
+
+
+class _JSONResponse(Response):
+    """A JSON body without headers of its own: what ``Response(content,
+    media_type="application/json")`` makes (``Content-Length`` then ``Content-Type``),
+    without its general rendering of content and headers."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: bytes, status: int) -> None:
+        self.status_code = status
+        self.background = None
+        self.body = content
+        self.raw_headers = [
+            (b"content-length", str(len(content)).encode("latin-1")),
+            (b"content-type", b"application/json"),
+        ]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -186,10 +218,9 @@ class SecurityHeaders:
             return
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        bind_request_id(request_id)  # (the previous request's fields are forgotten)
         client = scope.get("client")
-        if client:
-            bind_request_fields(origin=client[0])
+        # (The previous request's fields are forgotten.)
+        bind_request_id(request_id, origin=client[0] if client else None)
         started = time.perf_counter()
         status = 0
         rid_header = (b"request-id", request_id.encode())
@@ -198,29 +229,16 @@ class SecurityHeaders:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = []
-                have = set()
-                for k, v in message.get("headers", ()):
-                    name = k.lower()
-                    if name not in _REPLACED:
-                        headers.append((k, v))
-                        have.add(name)
-                headers += _STATIC_HEADERS
-                # An app that sets its own policy has said who may frame it
-                # (frame-ancestors); X-Frame-Options DENY would contradict it.
-                if b"content-security-policy" in have:
-                    have.add(b"x-frame-options")
-                headers += [(k, v) for k, v in _DEFAULTS if k not in have]
-                headers.append(rid_header)
-                message["headers"] = headers
+                message["headers"] = _with_security_headers(message.get("headers", ()), rid_header)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception as exc:
-            # Starlette re-raises after its handler has answered; log only what no
-            # handler saw. An error of the tree (a 503 raised outside the routes, say)
-            # is answered as itself; anything else is a bug, a 500.
+            # The application answers and logs what its routes raise, and raises only
+            # what came too late for an answer (logged there); log only what no one
+            # answered. An error of the tree (a 503 raised outside the routes, say) is
+            # answered as itself; anything else is a bug, a 500.
             if status == 0:
                 leaf = exc if isinstance(exc, CardVaultError) else APIError()
                 _log.exception("unhandled error", service=self.service, code=leaf.code)
@@ -236,6 +254,34 @@ class SecurityHeaders:
                 client=(scope.get("client") or ("", 0))[0],
             )
             clear_request_context()
+
+
+def _with_security_headers(
+    own: Iterable[tuple[bytes, bytes]], rid_header: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """A response's headers: the application's own, less those ``_STATIC_HEADERS``
+    replace, then ``_STATIC_HEADERS``, the ``_DEFAULTS`` the application did not set,
+    and ``Request-Id``."""
+    headers = []
+    custom = False
+    for k, v in own:
+        name = k.lower()
+        if name not in _REPLACED:
+            headers.append((k, v))
+            if name in _DEFAULT_NAMES:
+                custom = True
+    if not custom:
+        headers += _ADDED
+    else:
+        have = {k.lower() for k, _ in headers}
+        headers += _STATIC_HEADERS
+        # An app that sets its own policy has said who may frame it
+        # (frame-ancestors); X-Frame-Options DENY would contradict it.
+        if b"content-security-policy" in have:
+            have.add(b"x-frame-options")
+        headers += [(k, v) for k, v in _DEFAULTS if k not in have]
+    headers.append(rid_header)
+    return headers
 
 
 async def _cardvault_error(_request: Request, exc: Exception) -> Response:
@@ -276,55 +322,152 @@ async def _crash(_request: Request, exc: Exception) -> Response:
     return error_response(APIError())
 
 
-class IndexedRouter(Router):
-    """Starlette's router, which tries every route in turn, with an index by path.
+#: How an exception that a route raised is answered, by the first of its classes (in
+#: its method resolution order) found here; anything else is a bug (_crash, 500).
+_HANDLERS: dict[type[BaseException], Callable[[Request, Exception], Awaitable[Response]]] = {
+    CardVaultError: _cardvault_error,
+    HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
+}
 
-    For each path that a route names without parameters, the index keeps the routes
-    that could match it at all: those whose pattern matches the path, and every route
-    that is not a plain :class:`Route` (a mount could match anything). A request for
-    an indexed path tries only those, in their original order, with Starlette's own
-    rules (the first full match wins, else the first partial one, which answers 405);
-    anything else takes the whole list. The answer is the same; the vault's payment
-    API is just not the ninth route tried on every request.
+
+async def _answer(request: Request, exc: Exception) -> Response:
+    for cls in type(exc).__mro__:
+        handler = _HANDLERS.get(cls)
+        if handler is not None:
+            response = await handler(request, exc)
+            # An exception instance raised again later must not carry this traceback.
+            exc.__traceback__ = None
+            return response
+    return await _crash(request, exc)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _plain_endpoint(route: BaseRoute) -> Endpoint | None:
+    """The endpoint of a route that Starlette runs as ``response = await
+    endpoint(Request(scope, receive, send)); await response(...)`` (a plain
+    :class:`Route` of an ``async`` function or method, without middleware), or None."""
+    if type(route) is not Route or route.param_convertors:
+        return None
+    # Route wraps a function or method endpoint in request_response(), and anything
+    # else (middleware, a body limit, an ASGI class) around or instead of it.
+    if getattr(route.app, "__qualname__", "") != "request_response.<locals>.app":
+        return None
+    endpoint = route.endpoint
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    if not inspect.iscoroutinefunction(endpoint):
+        return None
+    return route.endpoint
+
+
+def _direct_routes(routes: Sequence[BaseRoute]) -> dict[str, dict[str, tuple[Route, Endpoint]]]:
+    """For each path that a route names without parameters, the route and endpoint
+    Starlette's router would run for each method, where that is known without a
+    request: the first route in order that matches the path and the method fully, when
+    no route before it that could match the path is another kind (a mount of a prefix
+    of the path, a host), and it is a plain endpoint (:func:`_plain_endpoint`). Methods not listed here, 405s
+    and 404s included, go through Starlette's router."""
+    table: dict[str, dict[str, tuple[Route, Endpoint]]] = {}
+    for route in routes:
+        if not isinstance(route, Route) or route.param_convertors or route.path in table:
+            continue
+        path = route.path
+        # A mount whose prefix the path does not start with cannot match it; any other
+        # kind of route (a host) might.
+        candidates = [
+            r
+            for r in routes
+            if not isinstance(r, Route | Mount) or r.path_regex.match(path) is not None
+        ]
+        methods = set().union(*(r.methods or () for r in candidates if isinstance(r, Route)))
+        by_method: dict[str, tuple[Route, Endpoint]] = {}
+        for method in methods:
+            for candidate in candidates:
+                if not isinstance(candidate, Route):
+                    break
+                if candidate.methods is None or method in candidate.methods:
+                    endpoint = _plain_endpoint(candidate)
+                    if endpoint is not None:
+                        by_method[method] = (candidate, endpoint)
+                    break
+        table[path] = by_method
+    return table
+
+
+class Application:
+    """The application inside :class:`SecurityHeaders`: the routes, with every error
+    answered in Stripe's format.
+
+    What Starlette's application does for cardvault, in one layer: Starlette puts
+    three around each request (its ServerErrorMiddleware, its ExceptionMiddleware, and
+    per route a request wrapper with an exception handler of its own), two of which
+    wrap ``send`` and one makes a second request object, and its router tries the
+    routes in turn. Here a request for a path a route names without parameters finds
+    its endpoint by two dictionary lookups (path, then method: :func:`_direct_routes`),
+    the endpoint is called with one request object, and what it raises is answered
+    here: an error of the tree as itself (:class:`~cardvault.errors.CardVaultError`),
+    Starlette's 404/405/413 as ours, a client gone mid-body as a bare 400, anything
+    else as a logged 500. Every other request (a path with parameters, a method no
+    route has for the path, an unknown path, the lifespan) goes to Starlette's router,
+    whose answer is the same as before, and its errors are answered the same way.
     """
 
-    def __init__(self, routes: Sequence[BaseRoute], **kwargs: Any) -> None:
-        super().__init__(routes, **kwargs)
-        self._index: dict[str, list[BaseRoute]] = {}
-        for route in self.routes:
-            if isinstance(route, Route) and not route.param_convertors:
-                self._index[route.path] = [
-                    r
-                    for r in self.routes
-                    if not isinstance(r, Route) or r.path_regex.match(route.path)
-                ]
+    def __init__(self, routes: Sequence[BaseRoute], *, lifespan: Any = None) -> None:
+        self.router = Router(list(routes), redirect_slashes=False, lifespan=lifespan)
+        self._direct = _direct_routes(self.router.routes)
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        candidates = (
-            self._index.get(scope["path"])
-            if scope["type"] == "http" and not scope.get("root_path")
-            else None
-        )
-        if candidates is None:
-            await super().app(scope, receive, send)
+    @property
+    def routes(self) -> list[BaseRoute]:
+        return self.router.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        if scope["type"] != "http":
+            await self.router(scope, receive, send)
             return
-        scope.setdefault("router", self)
-        partial: tuple[BaseRoute, Scope] | None = None
-        for route in candidates:
-            match, child_scope = route.matches(scope)
-            if match is Match.FULL:
-                scope["route"] = route
-                scope.update(child_scope)
-                await route.handle(scope, receive, send)
-                return
-            if match is Match.PARTIAL and partial is None:
-                partial = (route, child_scope)
-        if partial is not None:
-            scope["route"] = partial[0]
-            scope.update(partial[1])
-            await partial[0].handle(scope, receive, send)
+        by_method = None if scope.get("root_path") else self._direct.get(scope["path"])
+        target = by_method.get(scope["method"]) if by_method else None
+        if target is None:
+            await self._routed(scope, receive, send)
             return
-        await super().app(scope, receive, send)
+        route, endpoint = target
+        scope["router"] = self.router
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {}
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            response = await _answer(request, exc)
+        try:
+            await response(scope, receive, send)
+        except Exception as exc:
+            _log.error("unhandled error", exc_info=exc)
+            raise
+
+    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request through Starlette's router, its errors answered as above."""
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.router.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                # Too late for an answer: logged, and the connection is cut.
+                _log.error("unhandled error", exc_info=exc)
+                raise
+            response = await _answer(Request(scope, receive, send), exc)
+            await response(scope, receive, tracked)
 
 
 def build_app(
@@ -355,18 +498,7 @@ def build_app(
             Route(SECURITY_TXT_PATH, security_txt_endpoint, methods=["GET"]),
             Route("/security.txt", legacy_security_txt, methods=["GET"]),
         ]
-    app = Starlette(
-        routes=[*routes, *extra],
-        exception_handlers={
-            CardVaultError: _cardvault_error,
-            HTTPException: _http_error,
-            ClientDisconnect: _client_gone,
-            Exception: _crash,
-        },
-        lifespan=lifespan,
-    )
-    app.router = IndexedRouter(app.router.routes, redirect_slashes=False, lifespan=lifespan)
-    return SecurityHeaders(app, service=service)
+    return SecurityHeaders(Application([*routes, *extra], lifespan=lifespan), service=service)
 
 
 #: RFC 9110's reason phrases where Python's are the older ones.

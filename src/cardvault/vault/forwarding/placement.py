@@ -57,12 +57,15 @@ def mask_card_numbers(text: str) -> str:
     """``text`` with every card number shown as BIN and last four at most."""
     if len(text) < PAN_MIN_DIGITS:
         return text  # too short to hold one (a content type, a status, a date)
-    out, last = [], 0
+    out: list[str] = []
+    last = 0
     for match in find_card_numbers(text):
         digits = digits_of(match.group())
         out.append(text[last : match.start()])
         out.append(mask_pan(digits) if len(digits) <= 19 else REDACTED)
         last = match.end()
+    if not out:
+        return text  # the common case: nothing to mask, no copy made
     out.append(text[last:])
     return "".join(out)
 
