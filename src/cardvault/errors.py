@@ -27,6 +27,7 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ParameterMissing                                    400  parameter_missing
     │   ├── ParameterUnknown                                    400  parameter_unknown
     │   ├── ResourceMissing                                     404  resource_missing
+    │   ├── ImportRefused                                       400  import_refused (+ reason)
     │   ├── UrlNotFound                                         404  url_invalid
     │   ├── CiphertextInvalid                                   400  ciphertext_invalid
     │   │   └── KeyVersionUnavailable                           410  key_version_unavailable
@@ -86,6 +87,7 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyInUse",
     "IdentityNotAllowed",
+    "ImportRefused",
     "IncorrectNumber",
     "InvalidCVC",
     "InvalidExpiryMonth",
@@ -287,6 +289,26 @@ class ResourceMissing(InvalidRequestError):
     code = "resource_missing"
     http_status = 404
     default_message = "No such object."
+
+
+class ImportRefused(InvalidRequestError):
+    """A bulk import's file refused whole, nothing of it imported; ``reason`` says why
+    (``corrupt``, ``wrong_key``, ``line_too_long``, ``duplicate_external_id`` …,
+    docs/migration.md) and goes out in the error object beside the code."""
+
+    code = "import_refused"
+    default_message = "The file was refused whole; nothing of it was imported."
+
+    def __init__(
+        self, reason: str = "refused", message: str | None = None, *, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.reason = reason
+
+    def to_dict(self, request_log_url: str | None = None) -> dict[str, Any]:
+        body = super().to_dict(request_log_url)
+        body["error"]["reason"] = self.reason
+        return body
 
 
 class UrlNotFound(InvalidRequestError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "open_private_append",
     "read_last_lines",
     "write_private",
+    "write_private_stream",
 ]
 
 PRIVATE_MODE = 0o600
@@ -92,6 +93,33 @@ def write_private(path: Path, data: bytes | bytearray) -> None:
     """Write ``data`` to ``path`` (mode 0600), replacing any file there, atomically and
     durably. Missing parent directories are made (with the default mode)."""
     _put(path, data, os.replace)
+
+
+def write_private_stream(path: Path, chunks: Iterable[bytes]) -> None:
+    """Like :func:`write_private`, for data made a piece at a time (a mapping file of a
+    million rows): the pieces go to the fsynced 0600 temporary file as they come, which
+    is then renamed into place; memory holds one piece at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    fsync_dir(path.parent)
 
 
 def create_private(path: Path, data: bytes | bytearray) -> bool:

@@ -29,6 +29,7 @@ def _register() -> None:
         audit,
         certs,
         doctor,
+        imports,
         keys,
         keyservice,
         scan,
@@ -44,6 +45,8 @@ def _register() -> None:
     app.add_typer(doctor.app, name="doctor")
     app.add_typer(keyservice.app, name="keyservice")
     app.add_typer(keys.app, name="keys")
+    app.command("import")(imports.import_)
+    app.add_typer(imports.key_app, name="import-key")
     app.add_typer(vault.app, name="vault")
     app.command("up")(up.up)
     api.register(app)

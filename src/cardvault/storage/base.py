@@ -41,6 +41,11 @@ __all__ = [
     "DuplicateError",
     "ForwardingRequestRecord",
     "IdempotencyRecord",
+    "ImportBatch",
+    "ImportJob",
+    "ImportKeyRecord",
+    "ImportLink",
+    "ImportRow",
     "KekExists",
     "KeyJob",
     "KeyStore",
@@ -240,6 +245,80 @@ class ForwardingRequestRecord:
     outcome: str = COMPLETED
 
 
+@dataclass(frozen=True)
+class ImportKeyRecord:
+    """The vault's OpenPGP import key: ``secret_key`` is gpg's armored export, protected
+    by a passphrase; the passphrase is stored only sealed under the data key
+    ``data_key_id`` (the vault opens it with keyd's help)."""
+
+    fingerprint: str
+    public_key: str
+    secret_key: str
+    data_key_id: str
+    sealed_passphrase: bytes
+    created: int
+
+
+@dataclass(frozen=True)
+class ImportJob:
+    """The import of one file into one account and mode. ``cursor``: the last row
+    number (from 1) committed; ``total_rows``: the file's rows, once checked;
+    ``reasons``: invalid rows counted by reason."""
+
+    id: str  # imp_…
+    account_id: str
+    livemode: bool
+    file_sha256: str
+    format: str
+    total_rows: int
+    cursor: int
+    imported: int
+    duplicates: int
+    already: int
+    invalid: int
+    reasons: dict[str, int]
+    started: int
+    updated: int
+    finished: int | None = None
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    """What became of one row of an import job: ``pm_id`` (imported, or imported
+    before) or ``reason`` and ``detail`` (refused; no card number in either)."""
+
+    job_id: str
+    row_number: int
+    line: int
+    external_id: str
+    pm_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class ImportLink:
+    """An external id of an account and mode, and the card it names."""
+
+    account_id: str
+    livemode: bool
+    external_id: str
+    pm_id: str
+    fingerprint: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class ImportBatch:
+    """One batch of an import, written in one transaction: the new payment methods,
+    their links, every row's outcome, and the job with its cursor moved past them."""
+
+    payment_methods: Sequence[PaymentMethodRecord]
+    links: Sequence[ImportLink]
+    rows: Sequence[ImportRow]
+    job: ImportJob
+
+
 class TakenCvc(NamedTuple):
     """A payment method's sealed CVC as :meth:`VaultStore.take_cvc` erased it: what
     :meth:`VaultStore.restore_cvc` puts back."""
@@ -318,6 +397,37 @@ class VaultStore(Protocol):
 
     async def put_key_job(self, job: KeyJob) -> None:
         """Store (insert or replace) the re-encryption run of ``job.kek``."""
+
+    # -- bulk import -------------------------------------------------------------------
+
+    async def put_import_key(self, record: ImportKeyRecord) -> None:
+        """Store a new import key. Raises DuplicateError if its fingerprint exists."""
+
+    async def get_import_key(self) -> ImportKeyRecord | None:
+        """The newest import key (by ``created``, then fingerprint), or None."""
+
+    async def get_import_job(self, job_id: str) -> ImportJob | None: ...
+
+    async def put_import_job(self, job: ImportJob) -> None:
+        """Store (insert or replace) ``job``."""
+
+    async def import_links(
+        self, account_id: str, livemode: bool, external_ids: Sequence[str]
+    ) -> list[ImportLink]:
+        """The links of those of ``external_ids`` already taken in this account and mode."""
+
+    async def present_fingerprints(
+        self, account_id: str, livemode: bool, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """Those of ``fingerprints`` that a payment method of this account and mode has."""
+
+    async def write_import_batch(self, batch: ImportBatch) -> None:
+        """Write the whole batch in one transaction, or nothing of it: DuplicateError
+        when a payment method id, an external id (a link) or a row is taken,
+        UnstorableValue when a value cannot be stored. Durable when it returns."""
+
+    async def import_rows(self, job_id: str, after: int, limit: int) -> list[ImportRow]:
+        """Up to ``limit`` of the job's rows numbered after ``after``, in order."""
 
     # -- payment methods ---------------------------------------------------------------
 

@@ -307,9 +307,72 @@ _VAULT_6 = Migration(
     ),
 )
 
+_VAULT_7 = Migration(
+    7,
+    "bulk import: the import key, import jobs, their rows, external ids",
+    (
+        # The vault's OpenPGP import keys (``cardvault import-key create``): the secret
+        # key as gpg exports it, protected by a passphrase that is itself sealed under a
+        # ``pan`` data key (so the key opens only while keyd serves the vault).
+        """CREATE TABLE import_keys (
+            fingerprint {key} PRIMARY KEY,
+            public_key TEXT NOT NULL,
+            secret_key TEXT NOT NULL,
+            data_key_id {key} NOT NULL REFERENCES data_keys (id),
+            sealed_passphrase {blob} NOT NULL,
+            created BIGINT NOT NULL
+        )""",
+        # One row per file imported into an account and mode (the id is derived from
+        # both and the file's SHA-256): the cursor is the last row committed.
+        """CREATE TABLE import_jobs (
+            id {key} PRIMARY KEY,
+            account_id {key} NOT NULL REFERENCES accounts (id),
+            livemode BOOLEAN NOT NULL,
+            file_sha256 TEXT NOT NULL,
+            format TEXT NOT NULL,
+            total_rows BIGINT NOT NULL,
+            cursor BIGINT NOT NULL,
+            imported BIGINT NOT NULL,
+            duplicates BIGINT NOT NULL,
+            already BIGINT NOT NULL,
+            invalid BIGINT NOT NULL,
+            reasons TEXT NOT NULL,
+            started BIGINT NOT NULL,
+            updated BIGINT NOT NULL,
+            finished BIGINT
+        )""",
+        # What became of each row of a job: its payment method, or why it was refused
+        # (the external id and detail hold no card number: the vault masks them).
+        """CREATE TABLE import_rows (
+            job_id {key} NOT NULL,
+            row_number BIGINT NOT NULL,
+            line BIGINT NOT NULL,
+            external_id TEXT NOT NULL,
+            pm_id {key},
+            reason TEXT,
+            detail TEXT,
+            PRIMARY KEY (job_id, row_number)
+        )""",
+        # An external id names one card per account and mode, whichever file brought
+        # it: the same file imported twice creates nothing twice.
+        """CREATE TABLE import_links (
+            account_id {key} NOT NULL,
+            livemode BOOLEAN NOT NULL,
+            external_id {key} NOT NULL,
+            pm_id {key} NOT NULL,
+            fingerprint TEXT NOT NULL,
+            job_id {key} NOT NULL,
+            PRIMARY KEY (account_id, livemode, external_id)
+        )""",
+        # Duplicates by fingerprint: is this card already in the account?
+        """CREATE INDEX payment_methods_fingerprint
+            ON payment_methods (account_id, livemode, fingerprint)""",
+    ),
+)
+
 #: The vault's schema, in the vault's database.
 VAULT_SCHEMA = Schema(
-    "vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5, _VAULT_6), lock=7302
+    "vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5, _VAULT_6, _VAULT_7), lock=7302
 )
 
 

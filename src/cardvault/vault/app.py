@@ -49,6 +49,7 @@ from cardvault.vault.forwarding.loader import load_allowlist
 from cardvault.vault.forwarding.outbound import OutboundClient
 from cardvault.vault.http import PublicAPI, routes
 from cardvault.vault.idempotency import Idempotency
+from cardvault.vault.imports import Imports
 from cardvault.vault.keyclient import KeyServiceClient
 from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import ParseLimits
@@ -83,6 +84,8 @@ class Vault:
     forwarder: Forwarder
     #: The key lifecycle's side in the vault (usage counts, re-encryption job).
     maintenance: KeyMaintenance | None = None
+    #: Bulk import (docs/migration.md).
+    imports: Imports | None = None
 
 
 def build_vault(settings: VaultSettings) -> Vault | None:
@@ -116,12 +119,16 @@ def build_vault(settings: VaultSettings) -> Vault | None:
     )
     keys = DataKeyManager(store, client, policy)
     audit = Recorder(None)
+    payment_methods = PaymentMethods(store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit)
+    spool = settings.imports.spool_directory or (
+        settings.audit.resolved(settings.store.url)[0].parent / "import-spool"
+    )
     return Vault(
         store=store,
         keys=keys,
         audit=audit,
         accounts=Accounts(store, audit=audit),
-        payment_methods=PaymentMethods(store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit),
+        payment_methods=payment_methods,
         idempotency=Idempotency(
             store,
             keys,
@@ -133,6 +140,14 @@ def build_vault(settings: VaultSettings) -> Vault | None:
         forwarder=Forwarder(store, keys, audit, _allowlist(settings), OutboundClient()),
         maintenance=KeyMaintenance(
             store, client, audit, fingerprint_version=dk.fingerprint_version, datakeys=keys
+        ),
+        imports=Imports(
+            store,
+            payment_methods,
+            keys,
+            audit,
+            spool=spool,
+            max_upload_bytes=settings.imports.max_upload_bytes,
         ),
     )
 
@@ -283,6 +298,7 @@ def build_listeners(
         admin_identities=adm.allowed_identities,
         readiness=readiness,
         maintenance=vault.maintenance if vault is not None else None,
+        imports=vault.imports if vault is not None else None,
     )
     public_app = build_app(table.public, service="vault", security_txt=security_txt)
     listeners = [Listener("public", public_app, srv.host, srv.port, public_ctx, limits=srv.limits)]

@@ -47,6 +47,8 @@ from cardvault.vault.element import (
 )
 from cardvault.vault.forwarding.forwarder import Forwarder
 from cardvault.vault.idempotency import Claim, Idempotency
+from cardvault.vault.imports import Imports
+from cardvault.vault.imports.http import import_routes
 from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.payment_methods import PaymentMethods
@@ -96,6 +98,7 @@ def routes(
     admin_identities: Collection[str] = ("admin",),
     readiness: Readiness | None = None,
     maintenance: KeyMaintenance | None = None,
+    imports: Imports | None = None,
 ) -> VaultRoutes:
     """Every route of the vault. Without ``api`` (no store and key service configured)
     the public listener serves only its transport endpoints. ``readiness`` answers
@@ -166,6 +169,7 @@ def routes(
                 if maintenance is not None
                 else []
             ),
+            *import_routes(imports, admin_identities),
         ],
     )
 

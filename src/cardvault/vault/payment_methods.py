@@ -217,22 +217,7 @@ class PaymentMethods:
         failed, else by the settler, docs/audit.md)."""
         claim = claim or Claim(time_ordered_id("pm_"))
         new = _create_params(params)
-        card = new.card
-        with card_data_as_api_errors():
-            number = CardNumber.parse(card.get("number"))
-        cvc = None
-        try:
-            with card_data_as_api_errors():
-                expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
-                check_card_allowed(number, livemode=caller.livemode)
-                if card.get("cvc") not in (None, ""):
-                    cvc = validate_cvc(card.get("cvc"), number.brand)
-            record = await self._sealed(caller, claim.effect_id, new, number, expiry, cvc)
-            display_brand = number.display_brand
-        finally:
-            number.wipe()
-            if cvc is not None:
-                cvc.wipe()
+        record, display_brand = await self._prepared(caller, claim.effect_id, new)
         # Fail closed: a card whose creation cannot be recorded is never stored.
         await self.audit.record(
             "payment_method.created",
@@ -245,6 +230,40 @@ class PaymentMethods:
         # request is a measurable share of a tokenization's cost.
         bind_request_fields(payment_method=record.id, key=caller.key_id, livemode=caller.livemode)
         return self._render(record, name=new.name, display_brand=display_brand)
+
+    async def _prepared(
+        self, caller: Caller, pm_id: str, new: _Create
+    ) -> tuple[PaymentMethodRecord, str]:
+        """The card's own fields checked (number, expiry, the mode's cards, CVC) and the
+        record to store as ``pm_id`` sealed; with the card's display brand. The number
+        and CVC are wiped before this returns, whatever happens."""
+        card = new.card
+        with card_data_as_api_errors():
+            number = CardNumber.parse(card.get("number"))
+        cvc = None
+        try:
+            with card_data_as_api_errors():
+                expiry = validate_expiry(card.get("exp_month"), card.get("exp_year"))
+                check_card_allowed(number, livemode=caller.livemode)
+                if card.get("cvc") not in (None, ""):
+                    cvc = validate_cvc(card.get("cvc"), number.brand)
+            record = await self._sealed(caller, pm_id, new, number, expiry, cvc)
+            return record, number.display_brand
+        finally:
+            number.wipe()
+            if cvc is not None:
+                cvc.wipe()
+
+    async def prepare_import(
+        self, caller: Caller, params: dict[str, Any], pm_id: str
+    ) -> PaymentMethodRecord:
+        """For bulk import (:mod:`cardvault.vault.imports`): the record a create with
+        ``params`` would store as ``pm_id`` (the same checks, fingerprint and sealing),
+        neither recorded nor stored: the importer records one audit record per batch
+        and stores the batch in one transaction. Raises the create's errors."""
+        new = _create_params(params)
+        record, _display_brand = await self._prepared(caller, pm_id, new)
+        return record
 
     async def _store(
         self, caller: Caller, record: PaymentMethodRecord, claim: Claim

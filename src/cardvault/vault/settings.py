@@ -19,6 +19,7 @@ __all__ = [
     "AdminSettings",
     "AuditSettings",
     "DataKeySettings",
+    "ImportSettings",
     "JobSettings",
     "KeyServiceClientSettings",
     "LimitSettings",
@@ -143,6 +144,18 @@ class ForwardingSettings:
 
 
 @dataclasses.dataclass
+class ImportSettings:
+    """Bulk import ([imports], docs/migration.md)."""
+
+    #: Where uploaded files wait for their run (OpenPGP ciphertext only; each is removed
+    #: when its run ends, or a day after its last part). Default: ``import-spool``
+    #: beside the audit directory.
+    spool_directory: Path | None = None
+    #: The largest file an upload may grow to.
+    max_upload_bytes: int = 64 * 1024**3
+
+
+@dataclasses.dataclass
 class JobSettings:
     """The vault's periodic jobs: the CVC sweep, settling and purging idempotency keys,
     purging old forwarding requests. One process of those sharing the database runs
@@ -168,6 +181,7 @@ class VaultSettings:
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     forwarding: ForwardingSettings = dataclasses.field(default_factory=ForwardingSettings)
     jobs: JobSettings = dataclasses.field(default_factory=JobSettings)
+    imports: ImportSettings = dataclasses.field(default_factory=ImportSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""

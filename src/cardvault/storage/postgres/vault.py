@@ -49,6 +49,7 @@ from cardvault.storage.base import (
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
+from cardvault.storage.postgres.imports import PostgresImports
 from cardvault.storage.postgres.keyjobs import PostgresKeyJobs
 from cardvault.storage.postgres.pool import (
     CONNECT_TIMEOUT_S,
@@ -126,7 +127,7 @@ class _OneByOne(Exception):  # a signal, not an error
     """Insert the rows one by one."""
 
 
-class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresDatabase):
+class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresDatabase):
     """The vault's store in PostgreSQL. ``min_size``/``max_size`` size the pool, which
     is opened on first use (in the running event loop) and closed by :meth:`close`."""
 

@@ -33,6 +33,7 @@ from cardvault.storage.base import (
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
 from cardvault.storage.sqlite.connection import insert
+from cardvault.storage.sqlite.imports import SQLiteImports
 from cardvault.storage.sqlite.keyjobs import SQLiteKeyJobs
 from cardvault.storage.sqlite.writer import Insert, SQLiteDatabase
 
@@ -57,7 +58,7 @@ _INSERT_IDEMPOTENCY = (
 )
 
 
-class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteDatabase):
+class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase):
     """The vault's store in one SQLite file (the embedded default).
 
     ``group_commit`` (default on) lets concurrent writes share a transaction, at most
