@@ -31,6 +31,7 @@ from cardvault.logging import configure_logging, get_logger
 from cardvault.storage import open_key_store
 from cardvault.transport.asgi import build_app
 from cardvault.transport.securitytxt import render_security_txt
+from cardvault.transport.selfaudit import OwnListener, self_audit_loop
 from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import server_context
 
@@ -210,6 +211,28 @@ def build_listener(settings: KeyServiceSettings, service: KeyService) -> Listene
     return Listener("keyservice", app, srv.host, srv.port, ctx, limits=srv.limits)
 
 
+async def _tls_audit(service: KeyService, settings: KeyServiceSettings) -> None:
+    """keyd's audit of its own TLS, every ``[tls_audit] interval`` (a day), into its
+    audit log as ``tls.audit`` (:mod:`cardvault.transport.selfaudit`). Its listener asks
+    for a client certificate: the scan runs when ``[tls_audit] client_cert_file`` and
+    ``client_key_file`` are set; the certificate file is checked either way."""
+    srv = settings.server
+
+    async def record(detail: dict[str, Any]) -> None:
+        await service.audit.record(
+            "tls.audit",
+            actor="keyservice",
+            origin="local",
+            result="ok" if detail["compliant"] == "yes" else "drift",
+            detail=detail,
+        )
+
+    own = OwnListener(
+        "keyservice", srv.host, srv.port, srv.cert_file, ca_file=srv.client_ca_file, mutual=True
+    )
+    await self_audit_loop("keyservice", [own], settings.tls_audit, record, profile=srv.tls_profile)
+
+
 def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None) -> None:
     configure_logging(
         profile=settings.profile, level=settings.logging.level, fmt=settings.logging.format
@@ -255,6 +278,7 @@ def run(settings: KeyServiceSettings, *, ready: Callable[[], Any] | None = None)
         token = token_config(settings) if settings.seal.type == "pkcs11" else None
         await service.start(dev_key_file=dev, token=token)
         tasks.append(asyncio.create_task(watch_audit_log(service.audit, audit_failed)))
+        tasks.append(asyncio.create_task(_tls_audit(service, settings)))
         _log.info("key service ready", sealed=service.sealed)
 
     async def shutdown() -> None:

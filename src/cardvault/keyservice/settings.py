@@ -14,6 +14,7 @@ from cardvault.config import (
     SecurityTxtSettings,
     required,
 )
+from cardvault.transport.selfaudit import TlsAuditSettings
 
 __all__ = ["KeyServiceSettings", "SealSettings", "StoreSettings"]
 
@@ -60,4 +61,6 @@ class KeyServiceSettings:
     security_txt: SecurityTxtSettings = dataclasses.field(default_factory=SecurityTxtSettings)
     logging: LoggingSettings = dataclasses.field(default_factory=LoggingSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
+    #: The service's audit of its own TLS, into its audit log (docs/deploy.md).
+    tls_audit: TlsAuditSettings = dataclasses.field(default_factory=TlsAuditSettings)
     public_url: str = ""

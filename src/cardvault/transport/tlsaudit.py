@@ -87,6 +87,9 @@ class Endpoint:
     ca_file: Path | None = None
     own: bool = True
     client_cert: tuple[Path, Path] | None = None
+    #: The address to connect to, when it is not what ``host`` resolves to (a service
+    #: auditing itself connects to its own address under its certificate's name).
+    ip: str | None = None
 
     @classmethod
     def from_url(cls, name: str, url: str, **kwargs: Any) -> Endpoint:
@@ -98,6 +101,11 @@ class Endpoint:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def target(self) -> str:
+        """sslyze's form: ``host:port``, or ``host:port{ip}`` to connect to ``ip``."""
+        return self.address + (f"{{{self.ip}}}" if self.ip else "")
 
 
 @dataclass
@@ -195,7 +203,7 @@ def _scan(
             command.append(f"--certinfo_ca_file={ca_file}")
         if client_cert is not None:
             command += ["--cert", str(client_cert[0]), "--key", str(client_cert[1])]
-        command += [f"--json_out={out}", *(e.address for e in endpoints)]
+        command += [f"--json_out={out}", *(e.target for e in endpoints)]
         proc = subprocess.run(
             command, capture_output=True, text=True, timeout=_TIMEOUT, check=False
         )

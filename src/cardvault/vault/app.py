@@ -39,6 +39,7 @@ from cardvault.logging import configure_logging, get_logger
 from cardvault.storage.base import VaultStore
 from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
+from cardvault.transport.selfaudit import OwnListener, self_audit_loop
 from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import client_context, server_context
 from cardvault.vault.accounts import Accounts
@@ -412,6 +413,8 @@ def run(
             await _start(vault, settings, worker)
             tasks.append(asyncio.create_task(_sweeper(vault, settings)))
             tasks.append(asyncio.create_task(watch_audit_log(vault.audit, audit_failed)))
+            if worker is None or worker.index == 0:  # one audit of the listeners they share
+                tasks.append(asyncio.create_task(_tls_audit(vault, settings)))
 
     async def shutdown() -> None:
         if worker is not None:
@@ -511,6 +514,48 @@ async def _stop(vault: Vault) -> None:
     vault.keys.wipe()
     await vault.keys.keys.close()
     await vault.store.close()
+
+
+def own_listeners(settings: VaultSettings) -> list[OwnListener]:
+    """The vault's TLS listeners, as its own TLS audit sees them: the public one (its
+    certificate chained to ``[tls_audit] ca_file``, or to the public trust stores) and
+    the admin API (mutual TLS, its certificate from the deployment CA)."""
+    srv, adm = settings.server, settings.admin
+    found = [OwnListener("public", srv.host, srv.port, srv.cert_file, settings.tls_audit.ca_file)]
+    if adm.port:
+        found.append(
+            OwnListener(
+                "admin",
+                adm.host,
+                adm.port,
+                srv.cert_file,
+                ca_file=adm.client_ca_file,
+                mutual=True,
+            )
+        )
+    return found
+
+
+async def _tls_audit(vault: Vault, settings: VaultSettings) -> None:
+    """The vault's audit of its own TLS, every ``[tls_audit] interval`` (a day), into
+    its audit log as ``tls.audit`` (:mod:`cardvault.transport.selfaudit`)."""
+
+    async def record(detail: dict[str, Any]) -> None:
+        await vault.audit.record(
+            "tls.audit",
+            actor="vault",
+            origin="local",
+            result="ok" if detail["compliant"] == "yes" else "drift",
+            detail=detail,
+        )
+
+    await self_audit_loop(
+        "vault",
+        own_listeners(settings),
+        settings.tls_audit,
+        record,
+        profile=settings.server.tls_profile,
+    )
 
 
 async def _sweeper(vault: Vault, settings: VaultSettings) -> None:

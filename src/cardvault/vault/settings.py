@@ -14,6 +14,7 @@ from cardvault.config import (
     Secret,
     SecurityTxtSettings,
 )
+from cardvault.transport.selfaudit import TlsAuditSettings
 
 __all__ = [
     "AdminSettings",
@@ -183,5 +184,7 @@ class VaultSettings:
     jobs: JobSettings = dataclasses.field(default_factory=JobSettings)
     imports: ImportSettings = dataclasses.field(default_factory=ImportSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
+    #: The service's audit of its own TLS, into its audit log (docs/deploy.md).
+    tls_audit: TlsAuditSettings = dataclasses.field(default_factory=TlsAuditSettings)
     #: The public base URL (https://vault.example.com); used for security.txt's Canonical.
     public_url: str = ""
