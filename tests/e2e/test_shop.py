@@ -623,6 +623,40 @@ def test_the_cli_stores_a_card_read_from_stdin_and_forwards_it_with_the_stacks_k
     assert "resource_missing" in gone.stderr
 
 
+def test_the_generic_verbs_call_any_api_path_like_the_stripe_cli(stack: Stack) -> None:
+    """``cardvault get|post|delete PATH -d key=value``: the number read from stdin
+    (``-d card[number]=-``), answers printed as JSON, only relative API paths."""
+    made = cli(
+        stack, "post", "/v1/payment_methods", "-d", "type=card", "-d", "card[number]=-",
+        "-d", "card[exp_month]=12", "-d", "card[exp_year]=2031", stdin=f"{VISA}\n",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "warning" not in made.stderr
+    pm = json.loads(made.stdout)
+    assert pm["card"]["last4"] == "4242"
+    got = cli(stack, "get", f"/v1/payment_methods/{pm['id']}")
+    assert json.loads(got.stdout)["id"] == pm["id"]
+    page = json.loads(cli(stack, "get", "/v1/payment_methods", "-d", "limit=1").stdout)
+    assert page["object"] == "list" and len(page["data"]) == 1
+    # A card number typed on the command line works, with the shell-history warning.
+    typed = cli(
+        stack, "post", "/v1/payment_methods", "-d", "type=card", "-d", f"card[number]={VISA}",
+        "-d", "card[exp_month]=12", "-d", "card[exp_year]=2031",
+    )  # fmt: skip
+    assert typed.returncode == 0, typed.stderr
+    assert "shell history" in typed.stderr
+    gone = json.loads(cli(stack, "delete", f"/v1/payment_methods/{pm['id']}").stdout)
+    assert gone["deleted"] is True
+    missing = cli(stack, "get", f"/v1/payment_methods/{pm['id']}")
+    assert missing.returncode == 1
+    assert "resource_missing" in missing.stderr
+    # Never a URL (the API key would go with it), never outside /v1/.
+    for path in ("https://example.com/v1/payment_methods", "/healthz", "v1/payment_methods"):
+        refused = cli(stack, "get", path)
+        assert refused.returncode == 2, path
+        assert "API path" in refused.stderr
+
+
 def in_stack_dir(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """``cardvault ARGS`` run where ``cardvault up`` was (the stack file at
     ``.cardvault/stack.json``), with no option naming a stack, a config or a URL."""

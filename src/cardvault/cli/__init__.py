@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 
 from cardvault import __version__
@@ -16,7 +20,8 @@ app = typer.Typer(
     name="cardvault",
     help="cardvault: a self-hosted card-data environment.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion SHELL (bash, zsh, fish, powershell).
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
@@ -58,10 +63,71 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cardvault {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """cardvault: a self-hosted card-data environment."""
+
+
+#: How a parameter's value is shown in the help, by its annotation.
+_METAVARS: dict[object, str] = {int: "INTEGER", float: "NUMBER", Path: "PATH", str: "TEXT"}
+
+
+def _plain_metavars(command: Any) -> None:
+    """Help that shows what to type: a flag shows nothing after its name (not
+    ``<bool>``, which reads as a value to give), an option its value's kind in
+    capitals (``PATH``, ``INTEGER``, ``TEXT``; a list's element kind), a choice its
+    choices."""
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+            continue
+        desc = param.type_descriptor
+        if desc.is_choice:
+            param.metavar = "|".join(str(c) for c in desc.choices or ())
+        else:
+            kind = desc.annotation
+            if desc.is_list and typing.get_args(kind):
+                kind = typing.get_args(kind)[0]
+            param.metavar = _METAVARS.get(kind, "TEXT")
+        if param.nargs != 1 and not getattr(param, "multiple", False):
+            param.metavar += "..."
+        if not param.opts or not param.opts[0].startswith("-"):
+            # An argument's kind is in its name column already (the metavar).
+            param.display_type_rich = lambda ctx: None
+    make_help = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
 def main() -> None:
     _register()
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
     try:
-        app()
+        command(prog_name="cardvault")
     except ConfigurationError as exc:
         err.print(f"[bold red]configuration error:[/] {exc.message}", highlight=False)
         sys.exit(2)

@@ -412,7 +412,80 @@ def _page(
         raise typer.Exit(2) from None
 
 
+# --- the generic verbs, as the Stripe CLI's ------------------------------------------
+
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-d",
+        "--data",
+        help="A parameter KEY=VALUE, Stripe's form names (card[exp_month]=12); repeatable. "
+        "VALUE - reads it from the terminal without echo (or standard input).",
+        show_default=False,
+    ),
+]
+PathArg = Annotated[str, typer.Argument(help="The API path, e.g. /v1/payment_methods/pm_…")]
+
+
+def _params(pairs: list[str] | None) -> dict[str, str]:
+    """``-d`` pairs as form parameters; a value that holds a card number gets the
+    command-line warning (a card number belongs on stdin: ``-d card[number]=-``)."""
+    from cardvault.cards.luhn import find_card_numbers
+
+    found: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            err.print("[red]-d takes KEY=VALUE[/]")
+            raise typer.Exit(2)
+        if value == "-" or next(find_card_numbers(value), None) is not None:
+            value = _secret_input(key, value, f"-d {key}=") or ""
+        found[key] = value
+    return found
+
+
+def _api_path(path: str) -> str:
+    """Only the vault's own API, by a relative path: never a URL, which would take the
+    API key elsewhere."""
+    if not path.startswith("/v1/") or "://" in path or any(c in path for c in "\r\n\x00 "):
+        err.print("[red]PATH must be an API path such as /v1/payment_methods[/]")
+        raise typer.Exit(2)
+    return path
+
+
+def _verb(method: str) -> Callable[..., None]:
+    def command(
+        path: PathArg,
+        data: DataOpt = None,
+        stack: StackOpt = None,
+        url: UrlOpt = None,
+        ca_bundle: CaOpt = None,
+        api_key: ApiKeyOpt = None,
+    ) -> None:
+        target = _target(stack, url, ca_bundle, api_key)
+        params = _params(data)
+        api = _api_path(path)
+        if method == "GET":
+            _print(_call(target, lambda c: c.get(api, **params)))
+        elif method == "POST":
+            _print(_call(target, lambda c: c.post(api, params)))
+        else:
+            if params:
+                err.print("[red]delete takes no -d parameters[/]")
+                raise typer.Exit(2)
+            _print(_call(target, lambda c: c.delete(api)))
+
+    command.__doc__ = (
+        f"{method} an API path of the vault, as `stripe {method.lower()}` does; the answer "
+        "is printed as JSON. The local stack's secret key by default."
+    )
+    return command
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``payment-methods`` and ``forwarding`` to the ``cardvault`` command."""
+    """Add ``payment-methods``, ``forwarding`` and the generic ``get``, ``post`` and
+    ``delete`` to the ``cardvault`` command."""
     app.add_typer(payment_methods_app, name="payment-methods")
     app.add_typer(forwarding_app, name="forwarding")
+    for method in ("GET", "POST", "DELETE"):
+        app.command(method.lower())(_verb(method))
