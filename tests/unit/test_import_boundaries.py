@@ -231,7 +231,7 @@ VAULT = SRC / "vault"
 #: and the package's own face (open_vault_store, in app.py): never an implementation.
 VAULT_MAY_IMPORT_OF_STORAGE = ("cardvault.storage", "cardvault.storage.base")
 #: The vault's services know nothing of the HTTP server: only http.py, element.py and
-#: app.py do. (forwarding/outbound.py is an HTTP *client*, aiohttp.)
+#: app.py do. (forwarding/outbound.py is an HTTP *client*: asyncio and httptools.)
 VAULT_SERVICES = [
     "accounts.py",
     "payment_methods.py",
@@ -300,8 +300,7 @@ def private_imports(path: Path) -> list[str]:
         found += [
             name
             for name in names
-            if name.startswith("cardvault.")
-            and any(_private(part) for part in name.split(".")[1:])
+            if name.startswith("cardvault.") and any(_private(part) for part in name.split(".")[1:])
         ]
     return found
 

@@ -14,8 +14,9 @@ that no API changes. docs/forwarding.md has the API, the file and the threat mod
   ``checks.py``: the checks of each ``[[destination]]`` table.
 - ``placement.py``: the placement engine: the outbound body and headers with the card
   values in (or masked, for the stored copy), and the caller's headers.
-- ``outbound.py``: the outbound HTTPS client (aiohttp): verified, pinned, no redirects,
-  no proxies, bounded.
+- ``outbound.py``: the outbound HTTPS client: verified, pinned, no redirects, no
+  proxies, bounded, pooled, each request sent once; ``http1.py``: its HTTP/1.1
+  connection (the request written, the answer parsed by httptools).
 
 What it may import: what the vault may (see :mod:`cardvault.vault`), and of the vault's
 other rooms only public names: :class:`~cardvault.vault.accounts.Caller` and

@@ -1,18 +1,33 @@
-"""The vault's outbound HTTPS client for forwarding: aiohttp, pooled, locked down.
+"""The vault's outbound HTTPS client for forwarding: HTTP/1.1 on asyncio, pooled,
+locked down.
 
-Why aiohttp: on this hardware httpx's AsyncClient managed ~600 requests/s at 32
-concurrent connections (httpx issue #3215) where aiohttp did ~13k; a forward must add
-well under a millisecond.
+Why not aiohttp any more: a forward's request through aiohttp's client cost the vault
+about three times what the same request costs written directly on an asyncio
+connection with httptools parsing the answer (``bench/outbound_clients.py``; figures
+in docs/forwarding.md, "The outbound client"), and httpcore on its anyio backend cost
+more still. The vault sends one kind of request (a POST with a body of known length to
+an allowlisted URL) and reads one answer; what aiohttp adds for the general case
+(cookies, redirects, proxies, decompression, streaming uploads, retries) is exactly
+what a forward must not do. The answer is never parsed by hand: httptools does it
+(:mod:`~cardvault.vault.forwarding.http1`).
 
 Every request:
 
 * goes to the allowlisted destination's own URL (never the caller's string);
-* verifies the certificate and host name (the system store, or the destination's CA
-  bundle), and the destination's public-key pins when it has any — checked right after
-  the handshake, before a byte of the request (which holds the card) is written;
-* follows no redirect, takes no proxy from the environment (``trust_env=False``), sends
-  no cookies back (a dummy cookie jar);
-* is bounded in time (the destination's timeout) and in response size;
+* verifies the certificate and host name with the project's client context (the system
+  store, or the destination's CA bundle), and the destination's public-key pins when it
+  has any — checked right after the handshake, before a byte of the request (which
+  holds the card) is written;
+* follows no redirect (a 3xx is an answer like any other), takes no proxy (it connects
+  to the destination itself, whatever the environment says), sends no cookie and asks
+  for no compression;
+* is bounded in time (the destination's timeout, over the whole attempt: connection,
+  handshake, request and answer) and in response size (an answer over the limit is
+  refused on its ``Content-Length``, or as soon as its body passes the limit);
+* is sent once: never again on another connection, whatever happens (a forward is not
+  idempotent). A pooled connection is reused only when its last answer ended cleanly
+  with keep-alive, it has been idle less than :data:`_IDLE_SECONDS` and the peer has
+  neither closed it nor written to it since;
 * reports the address actually connected to and the duration.
 """
 
@@ -24,15 +39,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import aiohttp
-from yarl import URL
+from typing import ClassVar
 
 from cardvault.errors import ForwardingDestinationError
 from cardvault.logging import get_logger
 from cardvault.transport.pins import PinMismatch, check_peer_pins
 from cardvault.transport.tls import client_context
+from cardvault.vault.forwarding.allowlist import UrlRefused, parse_url
+from cardvault.vault.forwarding.http1 import (
+    HOP_BY_HOP,
+    Connection,
+    ProtocolError,
+    ResponseTooLarge,
+    request_head,
+)
 
 __all__ = [
     "HOP_BY_HOP",
@@ -44,24 +64,6 @@ __all__ = [
 ]
 
 _log = get_logger("cardvault.vault.outbound")
-
-#: Headers that describe one hop, never forwarded in either direction.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-
 
 DestinationError = ForwardingDestinationError
 
@@ -86,42 +88,19 @@ class DestinationUnreachable(ForwardingDestinationError):
 #: Seconds a caller is told to wait before retrying a forward that was not sent.
 _UNREACHABLE_RETRY_AFTER = 5
 
-#: What aiohttp raises when the connection was never made or its TLS handshake failed:
-#: the request was not written. A timeout, a reset or a closed connection (a reused one
-#: included) may come after the request was written, and count as "may have received".
-_NOT_CONNECTED = (aiohttp.ClientConnectorError, PinMismatch)
+#: Connections per destination at most; a request beyond waits for one (within its
+#: timeout).
+_CONNECTIONS = 100
+
+#: Seconds a pooled connection may stay idle and still carry a request. Below the 5 s
+#: keep-alive of common servers (uvicorn, Node.js): a server closing an idle connection
+#: at the moment the vault writes a card into it would make the forward's outcome
+#: unknown (it may have been read), and the CVC would be lost with it.
+_IDLE_SECONDS = 4.0
 
 
-class _PinningConnector(aiohttp.TCPConnector):
-    """A connector that checks public-key pins on every new TLS connection before use."""
-
-    def __init__(self, *, pins: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._pins = tuple(pins)
-
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        if self._pins:
-            try:
-                check_peer_pins(transport.get_extra_info("ssl_object"), self._pins)
-            except PinMismatch:
-                transport.close()
-                raise
-        return transport, protocol
-
-
-def _peer_ip(response: aiohttp.ClientResponse) -> str | None:
-    """The address the request was sent to. A small response may be read to its end,
-    and its connection handed back to the pool, before this runs; the protocol object
-    still knows its transport then."""
-    transport = None
-    if response.connection is not None:
-        transport = response.connection.transport
-    if transport is None:
-        protocol = getattr(response, "_protocol", None)
-        transport = getattr(protocol, "transport", None)
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    return str(peername[0]) if peername else None
+class _NotConnected(Exception):
+    """No connection was made (the cause says why): nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -133,37 +112,110 @@ class OutboundResponse:
     duration_ms: int
 
 
+@dataclass(frozen=True)
+class _Target:
+    """An allowlisted URL, parsed once: where to connect and what to write."""
+
+    host: str
+    port: int
+    path: str
+    host_header: str
+
+
+class _Pool:
+    """One destination's connections: its TLS context and pins, its idle connections
+    (the most recent first out), and at most :data:`_CONNECTIONS` in use."""
+
+    def __init__(self, ctx: ssl.SSLContext, pins: Sequence[str]) -> None:
+        self.ctx = ctx
+        self.pins = tuple(pins)
+        self.idle: list[Connection] = []
+        self.slots = asyncio.Semaphore(_CONNECTIONS)
+
+    def reuse(self, now: float) -> Connection | None:
+        """An idle connection that may carry a request, or None; the others closed."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and now - conn.idle_since < _IDLE_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    def keep(self, conn: Connection, now: float) -> None:
+        """Put ``conn`` back; drop connections at the bottom that can no longer serve."""
+        idle = self.idle
+        while idle and not (idle[0].reusable and now - idle[0].idle_since < _IDLE_SECONDS):
+            idle.pop(0).close()
+        idle.append(conn)
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
 class OutboundClient:
-    """One pooled session per destination (its own trust settings and pins)."""
+    """One pool of connections per destination (its own trust settings and pins)."""
 
     def __init__(self) -> None:
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._lock = asyncio.Lock()
-        #: Made once per destination rather than per request: its URL, parsed, and its
-        #: timeout.
-        self._urls: dict[str, URL] = {}
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._pools: dict[str, _Pool] = {}
+        self._targets: dict[str, _Target] = {}
 
-    async def _session(
-        self, name: str, ca_file: Path | None, pins: Sequence[str]
-    ) -> aiohttp.ClientSession:
-        session = self._sessions.get(name)
-        if session is not None:
-            return session
-        async with self._lock:
-            session = self._sessions.get(name)
-            if session is None:
-                ctx = client_context(ca_file)
-                connector = _PinningConnector(pins=pins, ssl=ctx, limit=100, ttl_dns_cache=60)
-                session = aiohttp.ClientSession(
-                    connector=connector,
-                    trust_env=False,
-                    cookie_jar=aiohttp.DummyCookieJar(),
-                    auto_decompress=False,
-                    skip_auto_headers=("User-Agent",),
-                )
-                self._sessions[name] = session
-            return session
+    def _pool(self, name: str, ca_file: Path | None, pins: Sequence[str]) -> _Pool:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = _Pool(client_context(ca_file), pins)
+        return pool
+
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
+        if target is None:
+            # The destination's URL was checked when the allowlist was read; parsed
+            # again by the same strict parser, it gives a host and a path that are safe
+            # to write as they are (a DNS name; no space, no query, no percent).
+            try:
+                parsed = parse_url(url)
+            except UrlRefused as exc:
+                raise ValueError("the destination's URL cannot be sent to") from exc
+            host = parsed.host if parsed.port == 443 else f"{parsed.host}:{parsed.port}"
+            target = _Target(parsed.host, parsed.port, parsed.path, host)
+            self._targets[url] = target
+        return target
+
+    async def _connect(self, pool: _Pool, target: _Target) -> Connection:
+        """A new connection, verified and pinned, before anything is written on it."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, conn = await loop.create_connection(
+                Connection, target.host, target.port, ssl=pool.ctx, server_hostname=target.host
+            )
+        except OSError as exc:  # refused, unreachable, not resolved, TLS failed
+            raise _NotConnected() from exc
+        if pool.pins:
+            try:
+                check_peer_pins(transport.get_extra_info("ssl_object"), pool.pins)
+            except PinMismatch:
+                conn.close()
+                raise
+        return conn
+
+    async def _exchange(
+        self, pool: _Pool, target: _Target, head: bytes, body: bytes, limit: int
+    ) -> tuple[Connection, tuple[int, list[tuple[bytes, bytes]], bytes]]:
+        async with pool.slots:
+            loop = asyncio.get_running_loop()
+            conn = pool.reuse(loop.time()) or await self._connect(pool, target)
+            try:
+                answer = await conn.exchange(head, body, limit)
+            except BaseException:
+                conn.close()
+                raise
+            if conn.reusable:
+                pool.keep(conn, loop.time())
+            else:
+                conn.close()
+            return conn, answer
 
     async def send(
         self,
@@ -178,65 +230,50 @@ class OutboundClient:
         ca_file: Path | None = None,
         pins: Sequence[str] = (),
     ) -> OutboundResponse:
-        session = self._sessions.get(destination) or await self._session(destination, ca_file, pins)
-        limit = self._timeouts.get(timeout)
-        if limit is None:
-            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
-        target = self._urls.get(url)
-        if target is None:
-            target = self._urls[url] = URL(url)
         started = time.perf_counter()
         try:
-            async with session.request(
-                method,
-                target,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=limit,
-                proxy=None,
-            ) as response:
-                peer = _peer_ip(response)
-                if (
-                    response.content_length is not None
-                    and response.content_length > max_response_bytes
-                ):
-                    raise DestinationError()
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(65536):
-                    size += len(chunk)
-                    if size > max_response_bytes:
-                        raise DestinationError()
-                    chunks.append(chunk)
-                return OutboundResponse(
-                    status=response.status,
-                    headers=[(k.lower(), v) for k, v in response.headers.items()],
-                    body=b"".join(chunks),
-                    peer_ip=peer,
-                    duration_ms=round((time.perf_counter() - started) * 1000),
+            pool = self._pools.get(destination) or self._pool(destination, ca_file, pins)
+            target = self._targets.get(url) or self._target(url)
+            head = request_head(method, target.path, target.host_header, headers, len(body))
+            async with asyncio.timeout(timeout):
+                conn, (status, raw_headers, content) = await self._exchange(
+                    pool, target, head, body, max_response_bytes
                 )
-        except DestinationError:
+        except ResponseTooLarge as exc:
             _log.warning("forward refused: response too large", destination=destination)
-            raise
+            raise DestinationError() from exc
         except PinMismatch as exc:
             _log.error("forward refused: destination key pin mismatch", destination=destination)
             raise DestinationUnreachable() from exc
-        except _NOT_CONNECTED as exc:
+        except _NotConnected as exc:
             _log.warning(
-                "forward not sent: no connection", destination=destination, error=type(exc).__name__
+                "forward not sent: no connection",
+                destination=destination,
+                error=type(exc.__cause__).__name__,
             )
             raise DestinationUnreachable() from exc
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except (TimeoutError, OSError, ProtocolError) as exc:
+            # Once connected, anything may have been read: a timeout (of the handshake
+            # too, as before), a reset, a closed connection, a broken answer.
             _log.warning("forward failed", destination=destination, error=type(exc).__name__)
             raise DestinationError() from exc
         except ValueError as exc:
-            # The HTTP client refused to write the request (a header it will not send):
-            # the caller's values are checked before this, so this is the net under them.
+            # The request could not be written (a header the client will not send): the
+            # caller's values are checked before this, so this is the net under them.
             _log.error("forward refused: the request could not be written", destination=destination)
             raise DestinationError() from exc
+        return OutboundResponse(
+            status=status,
+            headers=[
+                (name.decode("latin-1").lower(), value.decode("utf-8", errors="replace"))
+                for name, value in raw_headers
+            ],
+            body=content,
+            peer_ip=conn.peer_ip,
+            duration_ms=round((time.perf_counter() - started) * 1000),
+        )
 
     async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
