@@ -16,7 +16,11 @@ Routes:
 ``POST /checkout/new``
     "Start a new order" on the receipt: a new attempt in the cookie, and back to ``/``.
 ``GET /orders``
-    The orders: what was bought, the card's brand and last four, the acquirer's answer.
+    The orders: what was bought, the card's brand and last four, the acquirer's answer;
+    and the events the vault sent (its webhooks).
+``POST /webhooks/cardvault``
+    The vault's webhooks, verified with the official ``stripe`` library
+    (:mod:`.webhooks`); 404 when the shop has no webhook secret.
 ``GET /static/…``, ``GET /healthz``
 
 Every response carries HSTS and the usual security headers; each page has its own
@@ -44,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .orders import ATTEMPT_ID, Order, OrderStore, PaymentMethodUsed, new_attempt
 from .payments import CART, Cart, PaymentError, Payments
+from .webhooks import ReceivedEvent, WebhookInbox, WebhookRefused
 
 __all__ = ["HSTS", "SecurityHeaders", "ShopApp", "build_shop_app"]
 
@@ -65,6 +70,8 @@ _STATIC_HEADERS: list[tuple[bytes, bytes]] = [
 #: Anything that does not set its own policy (JSON, errors) may load nothing at all.
 _DEFAULT_CSP = b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 _MAX_BODY = 4096
+#: An event holds a forwarding request's answer, which may be up to a megabyte.
+_MAX_WEBHOOK_BODY = 2 * 1024 * 1024
 #: The checkout's order attempt, kept across reloads. ``__Host-``: HTTPS, this host
 #: only, path ``/``. HttpOnly: the page reads the attempt from its own markup.
 ATTEMPT_COOKIE = "__Host-attempt"
@@ -149,6 +156,7 @@ class ShopApp:
         orders: OrderStore,
         payments: Payments,
         cart: Cart = CART,
+        inbox: WebhookInbox | None = None,
     ) -> None:
         self.origin = origin
         self.vault_url = vault_url
@@ -157,6 +165,7 @@ class ShopApp:
         self.orders = orders
         self.payments = payments
         self.cart = cart
+        self.inbox = inbox
         self._checkout = _template("checkout.html")
         self._receipt = _template("receipt.html")
         self._orders = _template("orders.html")
@@ -228,7 +237,29 @@ class ShopApp:
 
     async def list_orders(self, _request: Request) -> Response:
         orders = await run_in_threadpool(self.orders.recent)
-        return self._page(self._orders.substitute(rows=_order_rows(orders)))
+        events = [] if self.inbox is None else await run_in_threadpool(self.inbox.recent)
+        return self._page(
+            self._orders.substitute(rows=_order_rows(orders), events=_event_rows(events))
+        )
+
+    async def receive_webhook(self, request: Request) -> Response:
+        """One delivery of the vault's webhooks: verified, kept once, then 200. A
+        signature that does not verify is 400 (the vault retries, and gives up after
+        three days)."""
+        if self.inbox is None:
+            return PlainTextResponse("Not found.", status_code=404)
+        body = await request.body()
+        if len(body) > _MAX_WEBHOOK_BODY:
+            return _error(413, "request_too_large", "The request is too large.")
+        try:
+            event = await run_in_threadpool(
+                self.inbox.receive, body, request.headers.get("stripe-signature")
+            )
+        except WebhookRefused:
+            _log.warning("webhook refused: its signature does not verify")
+            return _error(400, "signature_invalid", "The signature does not verify.")
+        _log.info("webhook received", extra={"event": event.id, "type": event.type})
+        return JSONResponse({"received": True})
 
     async def static(self, request: Request) -> Response:
         found = self._static.get(request.path_params["name"])
@@ -298,6 +329,7 @@ class ShopApp:
             Route("/orders", self.create_order, methods=["POST"]),
             Route("/checkout/new", self.new_checkout, methods=["POST"]),
             Route("/orders", self.list_orders, methods=["GET"]),
+            Route("/webhooks/cardvault", self.receive_webhook, methods=["POST"]),
             Route("/static/{name}", self.static, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
         ]
@@ -384,6 +416,23 @@ def _order_rows(orders: list[Order]) -> str:
             f'<td data-label="Card">{e(card)}<br><small>{e(o.payment_method)}</small></td>'
             f'<td data-label="Answer" class="status {e(o.status)}">{e(answer)}</td>'
             f'<td data-label="Authorization"><small>{e(o.authorization_id or "—")}</small></td>'
+            "</tr>"
+        )
+    return "\n".join(rows)
+
+
+def _event_rows(events: list[ReceivedEvent]) -> str:
+    if not events:
+        return '      <tr><td colspan="3" class="empty">No events yet.</td></tr>'
+    e = html.escape
+    rows = []
+    for ev in events:
+        when = datetime.fromtimestamp(ev.created, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        rows.append(
+            f'      <tr id="{e(ev.id)}" data-type="{e(ev.type)}">'
+            f'<td data-label="Event">{e(ev.id)}<br><small>{e(when)}</small></td>'
+            f'<td data-label="Type">{e(ev.type)}</td>'
+            f'<td data-label="Object"><small>{e(ev.object_id)}</small></td>'
             "</tr>"
         )
     return "\n".join(rows)

@@ -28,6 +28,7 @@ from .app import ShopApp, build_shop_app
 from .orders import OrderStore
 from .payments import Payments
 from .settings import SettingsError, ShopSettings, load_settings
+from .webhooks import WebhookInbox
 
 __all__ = ["main", "parser"]
 
@@ -144,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The shared transport's context: Mozilla intermediate, as every listener.
         ctx = server_context(settings.cert_file, settings.key_file)
         orders = OrderStore(settings.db_file)
+        inbox = None
+        if settings.webhook_secret is not None:
+            inbox = WebhookInbox(settings.db_file, settings.webhook_secret)
     except (OSError, ValueError) as exc:
         # Names the failing step, never file contents.
         detail = getattr(exc, "strerror", None)
@@ -159,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             publishable_key=settings.publishable_key,
             orders=orders,
             payments=Payments(vault, orders, settings.forward_url),
+            inbox=inbox,
         )
         listener = Listener("shop", build_shop_app(shop), settings.host, settings.port, ctx)
         _log.info(
@@ -169,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "forward_url": settings.forward_url,
                 "db": str(settings.db_file),
                 "integrity": integrity,
+                "webhooks": inbox is not None,
             },
         )
         run_until_stopped([listener])

@@ -19,6 +19,9 @@
     [store]
     db_file = "shop.db"                     # SQLite, created 0600 in a 0700 directory
 
+    [webhooks]
+    secret_file = "webhook.json"            # {"secret": "whsec_…"}, 0600; optional
+
 Relative paths are relative to the file's directory. The secret key is read from
 ``keys_file`` only: a key on a command line is visible to every user of the machine
 (``ps``) and lands in shell history, so there is no option for it.
@@ -58,6 +61,8 @@ class ShopSettings:
     port: int = 8446
     public_url: str = ""
     element_integrity: str | None = None
+    #: The vault's webhook signing secret (``whsec_…``); None: no webhooks received.
+    webhook_secret: str | None = None
 
     @property
     def origin(self) -> str:
@@ -66,6 +71,22 @@ class ShopSettings:
     def __repr__(self) -> str:
         # The secret key never reaches a repr, a log line or a traceback.
         return f"ShopSettings(vault_url={self.vault_url!r}, origin={self.origin!r})"
+
+
+def _read_webhook_secret(path: Path) -> str | None:
+    """The signing secret of ``[webhooks] secret_file``, or None while there is no such
+    file (``cardvault up`` writes it once the vault answers)."""
+    if not path.exists():
+        return None
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise SettingsError(f"webhooks.secret_file {path} is readable by other users: chmod 600 it")
+    try:
+        secret = json.loads(path.read_text()).get("secret")
+    except (OSError, ValueError, AttributeError):
+        raise SettingsError('webhooks.secret_file must be JSON with a "secret"') from None
+    if not isinstance(secret, str) or not secret.startswith("whsec_"):
+        raise SettingsError('webhooks.secret_file needs "secret": a whsec_ secret')
+    return secret
 
 
 def _read_keys(path: Path) -> tuple[str, str]:
@@ -139,6 +160,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> ShopSetting
     except (TypeError, ValueError):
         raise SettingsError("server.port must be a number") from None
     pk, sk = _read_keys(path("vault", "keys_file"))
+    webhook_secret = None
+    if get("webhooks", "secret_file") not in (None, ""):
+        webhook_secret = _read_webhook_secret(path("webhooks", "secret_file"))
     return ShopSettings(
         host=str(get("server", "host", "127.0.0.1")),
         port=port,
@@ -152,6 +176,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> ShopSetting
         element_integrity=str(integrity) if integrity is not None else None,
         forward_url=forward_url,
         db_file=path("store", "db_file"),
+        webhook_secret=webhook_secret,
     )
 
 

@@ -28,6 +28,7 @@ messages are written here, from constants, and ``param`` names a parameter, neve
     │   ├── ParameterUnknown                                    400  parameter_unknown
     │   ├── ResourceMissing                                     404  resource_missing
     │   ├── ImportRefused                                       400  import_refused (+ reason)
+    │   ├── ExportRefused                                       403  export_refused (+ reason)
     │   ├── UrlNotFound                                         404  url_invalid
     │   ├── CiphertextInvalid                                   400  ciphertext_invalid
     │   │   └── KeyVersionUnavailable                           410  key_version_unavailable
@@ -83,6 +84,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseUnavailable",
     "ExpiredCard",
+    "ExportRefused",
     "ForwardingDestinationError",
     "IdempotencyError",
     "IdempotencyKeyInUse",
@@ -303,6 +305,25 @@ class ImportRefused(InvalidRequestError):
         self, reason: str = "refused", message: str | None = None, *, param: str | None = None
     ) -> None:
         super().__init__(message, param=param)
+        self.reason = reason
+
+    def to_dict(self, request_log_url: str | None = None) -> dict[str, Any]:
+        body = super().to_dict(request_log_url)
+        body["error"]["reason"] = self.reason
+        return body
+
+
+class ExportRefused(InvalidRequestError):
+    """A card export refused: ``reason`` says why (``recipient_not_allowed``,
+    ``fingerprint_mismatch``, ``key_refused``, ``not_approved``,
+    ``approval_share_invalid`` …, docs/migration.md) and goes out beside the code."""
+
+    code = "export_refused"
+    http_status = 403
+    default_message = "The export was refused."
+
+    def __init__(self, reason: str = "refused", message: str | None = None) -> None:
+        super().__init__(message)
         self.reason = reason
 
     def to_dict(self, request_log_url: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import secrets
 import shutil
 import subprocess
@@ -32,15 +33,33 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import gnupg
 
-__all__ = ["GPG_BINARY", "NewKey", "PgpError", "decrypt", "encrypt", "new_key"]
+__all__ = [
+    "GPG_BINARY",
+    "MIN_RSA_BITS",
+    "NewKey",
+    "PgpError",
+    "PublicKeyInfo",
+    "decrypt",
+    "encrypt",
+    "encrypt_stream",
+    "inspect_public_key",
+    "new_key",
+    "sweep_stale_homes",
+]
 
 GPG_BINARY = "gpg"
 #: Bytes read from gpg's output at a time. Larger reads cost fewer hand-overs between
 #: gpg's reader thread and the event loop.
 _READ = 64 * 1024
+#: The smallest RSA key a card export may be encrypted to: what Stripe's and processors'
+#: migration teams require of a key that card data is sent to.
+MIN_RSA_BITS = 4096
+#: OpenPGP public-key algorithm ids of RSA (RFC 4880 9.1: encrypt-or-sign, encrypt-only).
+_RSA_ALGOS = {"1", "2"}
 
 
 class PgpError(Exception):
@@ -62,23 +81,63 @@ class NewKey:
     passphrase: str
 
 
+_HOME_PREFIX = "cv-gpg-"
+_OWNER = "owner.pid"
+
+
+def _kill_agent(home: str) -> None:
+    subprocess.run(
+        ["gpgconf", "--homedir", home, "--kill", "gpg-agent"],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    )
+
+
 @contextlib.contextmanager
 def _home() -> Iterator[gnupg.GPG]:
-    home = tempfile.mkdtemp(prefix="cv-gpg-")  # mode 0700
+    home = tempfile.mkdtemp(prefix=_HOME_PREFIX)  # mode 0700
     try:
+        # Whose home this is, for sweep_stale_homes: a process killed outright
+        # (SIGKILL, a crash) leaves its home behind, with the import key's secret half
+        # (passphrase-protected) and a gpg-agent that may hold it unlocked.
+        Path(home, _OWNER).write_text(str(os.getpid()))
         gpg = gnupg.GPG(gpgbinary=GPG_BINARY, gnupghome=home)
         gpg.encoding = "utf-8"
         gpg.buffer_size = _READ
         yield gpg
     finally:
         # The agent gpg started for this home holds the unlocked key in memory.
-        subprocess.run(
-            ["gpgconf", "--homedir", home, "--kill", "gpg-agent"],
-            capture_output=True,
-            check=False,
-            timeout=10,
-        )
+        _kill_agent(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def sweep_stale_homes(directory: Path | None = None) -> int:
+    """Remove the home directories of processes that no longer run (killed while they
+    used gpg), stopping their agents first; the count removed. Homes of live
+    processes (another worker's run in progress) are left alone. The vault calls it at
+    start."""
+    removed = 0
+    for home in Path(directory or tempfile.gettempdir()).glob(f"{_HOME_PREFIX}*"):
+        try:
+            if not home.is_dir() or home.is_symlink() or home.stat().st_uid != os.getuid():
+                continue
+            owner = int(home.joinpath(_OWNER).read_text().strip() or "0")
+        except (OSError, ValueError):
+            continue  # not ours, or being made right now
+        if owner <= 0 or owner == os.getpid():
+            continue
+        try:
+            os.kill(owner, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _kill_agent(str(home))
+        shutil.rmtree(home, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def new_key(name: str, *, key_length: int = 4096) -> NewKey:
@@ -163,6 +222,57 @@ def encrypt(
     """Encrypt the file ``source`` to ``public_key`` (whose fingerprint must be
     ``fingerprint``), handing the ciphertext to ``on_chunk`` as it comes. For the
     command line's plain test files and for tests."""
+    with source.open("rb") as fh:
+        encrypt_stream(public_key, fingerprint, fh, on_chunk)
+
+
+@dataclass(frozen=True)
+class PublicKeyInfo:
+    """What :func:`inspect_public_key` found: the primary key's fingerprint, and each
+    problem that makes the key unfit for a card export (empty when it is fit)."""
+
+    fingerprint: str
+    problems: tuple[str, ...]
+
+
+def inspect_public_key(public_key: str) -> PublicKeyInfo:
+    """The fingerprint of the one public key in ``public_key`` (armored or binary
+    text), and why it may not receive a card export: not exactly one key, a primary key
+    or an encryption subkey that is not RSA of at least :data:`MIN_RSA_BITS` bits, no
+    usable encryption subkey, a revoked or expired key."""
+    with _home() as gpg:
+        imported = gpg.import_keys(public_key)
+        keys = gpg.list_keys()
+    fingerprints = list(dict.fromkeys(imported.fingerprints or []))
+    if len(fingerprints) != 1 or len(keys) != 1:
+        return PublicKeyInfo("", ("the file must hold exactly one public key",))
+    key = keys[0]
+    problems: list[str] = []
+    if key.get("trust") in ("r", "e", "i", "d"):
+        problems.append("the key is revoked, expired or invalid")
+    if key.get("algo") not in _RSA_ALGOS or int(key.get("length") or 0) < MIN_RSA_BITS:
+        problems.append(f"the primary key is not RSA of at least {MIN_RSA_BITS} bits")
+    usable = 0
+    for sub in (key.get("subkey_info") or {}).values():
+        if "e" not in str(sub.get("cap", "")).lower():
+            continue
+        if sub.get("trust") in ("r", "e", "i", "d"):
+            continue
+        if sub.get("algo") not in _RSA_ALGOS or int(sub.get("length") or 0) < MIN_RSA_BITS:
+            problems.append(f"an encryption subkey is not RSA of at least {MIN_RSA_BITS} bits")
+        usable += 1
+    if usable == 0 and "e" not in str(key.get("cap", "")):
+        problems.append("the key has no usable encryption key")
+    return PublicKeyInfo(str(key["fingerprint"]), tuple(problems))
+
+
+def encrypt_stream(
+    public_key: str, fingerprint: str, source: BinaryIO, on_chunk: Callable[[bytes], object]
+) -> None:
+    """Encrypt what is read from ``source`` (a file, or the read end of a pipe: the
+    vault's card export never has its plaintext on a disk) to ``public_key``, whose
+    fingerprint must be ``fingerprint``, handing the ciphertext to ``on_chunk`` as it
+    comes. Runs until ``source`` ends."""
     with _home() as gpg:
         imported = gpg.import_keys(public_key)
         if fingerprint not in (imported.fingerprints or []):
@@ -175,7 +285,7 @@ def encrypt(
 
         gpg.on_data = take
         result = gpg.encrypt_file(
-            str(source), [fingerprint], armor=False, always_trust=True, extra_args=["--force-mdc"]
+            source, [fingerprint], armor=False, always_trust=True, extra_args=["--force-mdc"]
         )
     if not result.ok:
         raise PgpError("gpg_failed", "gpg could not encrypt the file")

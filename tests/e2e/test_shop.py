@@ -197,6 +197,38 @@ def test_buying_something_approves_it_and_the_orders_page_shows_brand_last4_and_
     assert (sent[0]["amount"], sent[0]["currency"]) == (6000, "usd")
 
 
+def test_the_shop_receives_the_vaults_webhooks_verified_and_shows_them_on_its_orders_page(
+    stack: Stack,
+) -> None:
+    # `up` made the demo account's endpoint for the shop and gave the shop its secret.
+    secret = json.loads((Path(stack.info["shop"]["dir"]) / "webhook.json").read_text())
+    assert secret["secret"].startswith("whsec_")
+    pm = stack.pm(VISA)
+    r = stack.order(pm["id"], origin=stack.shop_url)
+    assert r.status_code == 200, r.text
+    fwd = r.json()["order"]["forwarding_request"]
+    deadline = time.monotonic() + 20
+    while True:
+        with stack.http() as http:
+            page = http.get(stack.shop_url + "/orders").text
+        events = page[page.index("Events from the vault") :]
+        if pm["id"] in events and fwd in events:
+            break
+        assert time.monotonic() < deadline, events[:2000]
+        time.sleep(0.2)
+    row = events[: events.index(pm["id"])].rsplit("<tr", 1)[1]
+    assert 'data-type="payment_method.created"' in row
+    assert "forwarding.request.created" in events
+    # A delivery whose signature does not verify is refused.
+    with stack.http() as http:
+        forged = http.post(
+            stack.shop_url + "/webhooks/cardvault",
+            content=b'{"id": "evt_forged", "object": "event"}',
+            headers={"stripe-signature": "t=1,v1=00", "content-type": "application/json"},
+        )
+    assert forged.status_code == 400
+
+
 def test_a_declined_card_is_recorded_with_the_acquirers_decline_code(stack: Stack) -> None:
     pm = stack.pm(DECLINED)
     r = stack.order(pm["id"])

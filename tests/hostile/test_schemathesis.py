@@ -164,10 +164,16 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "402",
 include-operation-id = "createForwardingRequest"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]
 
+# Where a webhook URL may point is the deployment's too: a well-formed https URL whose
+# host does not resolve, or resolves to an address that is not public, is 400.
+[[operations]]
+include-operation-id = "createWebhookEndpoint"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]
+
 # starting_after and ending_before are each valid; together they are 400, which a list
 # of query parameters cannot say.
 [[operations]]
-include-operation-id = ["listPaymentMethods", "listForwardingRequests"]
+include-operation-id = ["listPaymentMethods", "listForwardingRequests", "listEvents", "listWebhookEndpoints"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]
 
 [dictionaries]

@@ -97,6 +97,8 @@ def served_routes(directory: Path) -> tuple[set[Operation], set[Operation]]:
         payment_method_limits=limits,
         forwarder=vault.forwarder,
         forwarding_limits=limits,
+        events=vault.events,
+        webhooks=vault.webhooks,
     )
     with_key = vault_routes(api).with_api_key
 
@@ -300,6 +302,9 @@ def test_the_route_table_is_the_whole_public_api(
         ("/v1/forwarding/requests", "POST"),
         ("/v1/forwarding/requests", "GET"),
         ("/v1/forwarding/requests/{}", "GET"),
+        ("/v1/events", "GET"),
+        ("/v1/webhook_endpoints", "POST"),
+        ("/v1/webhook_endpoints/{}/deliveries", "GET"),
         ("/js/v1/cardvault.js", "GET"),
         ("/js/v1/cardvault.js.sri", "GET"),
         ("/element/v1/card.html", "GET"),
@@ -311,7 +316,7 @@ def test_the_route_table_is_the_whole_public_api(
         ("/healthz", "GET"),
     } <= served
     assert with_key <= served
-    assert len(with_key) == 7
+    assert len(with_key) == 14
 
 
 def test_the_route_check_notices_an_undocumented_route(

@@ -34,6 +34,7 @@ def _register() -> None:
         audit,
         certs,
         doctor,
+        exports,
         imports,
         keys,
         keyservice,
@@ -52,6 +53,8 @@ def _register() -> None:
     app.add_typer(keys.app, name="keys")
     app.command("import")(imports.import_)
     app.add_typer(imports.key_app, name="import-key")
+    app.command("export")(exports.export)
+    app.add_typer(exports.approval_app, name="export-approval")
     app.add_typer(vault.app, name="vault")
     app.command("up")(up.up)
     api.register(app)

@@ -413,6 +413,45 @@ def _start_services(
         _wait_healthy(acq["url"], info["ca_bundle"], acq_proc, deadline)
 
 
+def _shop_webhook(state: Path, info: dict[str, Any]) -> None:
+    """The demo account's webhook endpoint for the example shop (every event, to
+    ``<shop>/webhooks/cardvault``), made through the vault's API once it answers, and
+    again when the store no longer has it; its ``whsec_`` secret is kept in the shop's
+    zone (``webhook.json``, 0600), where the shop reads it at start."""
+    import httpx
+
+    from cardvault.transport.tls import client_context
+
+    path = state / "shop" / "webhook.json"
+    known: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    keys = info["keys"]
+    with httpx.Client(
+        base_url=info["vault"]["url"],
+        verify=client_context(info["ca_bundle"]),
+        auth=(keys["secret"], ""),
+        timeout=10,
+        trust_env=False,
+    ) as http:
+        endpoint = known.get("endpoint")
+        if endpoint and known.get("secret"):
+            # Kept while the store still has it (a new store needs a new endpoint).
+            found = http.get(f"/v1/webhook_endpoints/{endpoint}")
+            if found.status_code == 200:
+                return
+        answer = http.post(
+            "/v1/webhook_endpoints",
+            data={
+                "url": info["shop"]["url"] + "/webhooks/cardvault",
+                "enabled_events[]": "*",
+                "description": "the example shop",
+            },
+        )
+    if answer.status_code != 200:
+        raise RuntimeError(f"cannot create the shop's webhook endpoint ({answer.status_code})")
+    made = answer.json()
+    write_private(path, json.dumps({"endpoint": made["id"], "secret": made["secret"]}).encode())
+
+
 def _start_shop(stack: _Stack, info: dict[str, Any], shop: Path) -> None:
     """Start the example shop and wait until it answers. Started once the vault answers:
     it asks the vault for cardvault.js's hash."""
@@ -536,6 +575,7 @@ def up(
     try:
         _start_services(stack, info, acquirer=acquirer, acquirer_port=acquirer_port)
         if shop is not None:
+            _shop_webhook(state, info)
             _start_shop(stack, info, shop)
         else:
             err.print("[yellow]examples/shop not found: running without the example shop[/]")

@@ -160,7 +160,9 @@ def _prepare_vault(
             f'[keyservice]\nurl = "https://localhost:{keyservice_port}"\n'
             f'ca_file = "{vdir / CA_CERT_FILE}"\ncert_file = "{vdir / "vault.pem"}"\n'
             f'key_file = "{vdir / "vault.key"}"\n\n'
-            f'[forwarding]\nallowlist_file = "{vdir / "allowlist.toml"}"\n'
+            f'[forwarding]\nallowlist_file = "{vdir / "allowlist.toml"}"\n\n'
+            "# The example shop receives the demo account's events on localhost.\n"
+            f'[webhooks]\nallowed_hosts = ["localhost"]\nca_file = "{vdir / CA_CERT_FILE}"\n'
         ).encode(),
     )
     return {
@@ -224,7 +226,9 @@ def _prepare_shop(
             f'[vault]\nurl = "https://localhost:{vault_port}"\nca_file = "{sdir / CA_CERT_FILE}"\n'
             f'keys_file = "{sdir / "keys.json"}"\n\n'
             f'[acquirer]\nforward_url = "{forward_url}"\n\n'
-            f'[store]\ndb_file = "{sdir / "shop.db"}"\n'
+            f'[store]\ndb_file = "{sdir / "shop.db"}"\n\n'
+            # Written by `cardvault up` once the vault answers (the endpoint's secret).
+            f'[webhooks]\nsecret_file = "{sdir / "webhook.json"}"\n'
         ).encode(),
     )
     return {

@@ -38,7 +38,9 @@ __all__ = [
     "CardReseal",
     "DataKeyMove",
     "DataKeyRecord",
+    "DeliveryRecord",
     "DuplicateError",
+    "EventRecord",
     "ForwardingRequestRecord",
     "IdempotencyRecord",
     "ImportBatch",
@@ -56,6 +58,7 @@ __all__ = [
     "TakenCvc",
     "UnstorableValue",
     "VaultStore",
+    "WebhookEndpointRecord",
 ]
 
 Mode = Literal["test", "live"]
@@ -319,6 +322,61 @@ class ImportBatch:
     job: ImportJob
 
 
+@dataclass(frozen=True)
+class EventRecord:
+    """One event of the outbox (docs/reliability.md, "Events and webhooks"): written in
+    the transaction of the change it describes. ``data_ct`` is the event's ``data``
+    (the object as the API renders it) sealed under the data key ``data_key_id``.
+    ``dispatched``: its deliveries have been made (one per subscribed endpoint)."""
+
+    id: str  # evt_…
+    account_id: str
+    livemode: bool
+    created: int
+    type: str
+    object_id: str
+    data_key_id: str
+    data_ct: bytes
+    dispatched: bool = False
+
+
+@dataclass(frozen=True)
+class WebhookEndpointRecord:
+    """A webhook endpoint: its signing secret only sealed (``secret_ct`` under the data
+    key ``data_key_id``)."""
+
+    id: str  # we_…
+    account_id: str
+    livemode: bool
+    created: int
+    url: str
+    enabled_events: list[str]
+    data_key_id: str
+    secret_ct: bytes
+    description: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One event to deliver to one endpoint: ``state`` is ``pending`` (``next_attempt``
+    says when, unix milliseconds), ``succeeded`` or ``dead`` (given up: the
+    dead-letter state). ``last_error`` is a constant, never the receiver's text."""
+
+    id: str  # whdel_…
+    account_id: str
+    livemode: bool
+    endpoint_id: str
+    event_id: str
+    created: int
+    state: str = "pending"
+    attempts: int = 0
+    next_attempt: int | None = None
+    last_attempt: int | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+
+
 class TakenCvc(NamedTuple):
     """A payment method's sealed CVC as :meth:`VaultStore.take_cvc` erased it: what
     :meth:`VaultStore.restore_cvc` puts back."""
@@ -431,8 +489,11 @@ class VaultStore(Protocol):
 
     # -- payment methods ---------------------------------------------------------------
 
-    async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
-        """Durable when it returns. Raises DuplicateError if the id exists."""
+    async def insert_payment_method(
+        self, record: PaymentMethodRecord, *, event: EventRecord | None = None
+    ) -> None:
+        """Durable when it returns. Raises DuplicateError if the id exists. ``event``:
+        written in the same transaction (both or neither)."""
 
     async def get_payment_method(
         self, account_id: str, livemode: bool, pm_id: str
@@ -452,8 +513,11 @@ class VaultStore(Protocol):
         ``starting_after`` gives the page after that object, ``ending_before`` the page
         before it (still newest first). At most ``limit`` records."""
 
-    async def delete_payment_method(self, account_id: str, livemode: bool, pm_id: str) -> bool:
-        """Remove the record and its ciphertext for good. False if not found."""
+    async def delete_payment_method(
+        self, account_id: str, livemode: bool, pm_id: str, *, event: EventRecord | None = None
+    ) -> bool:
+        """Remove the record and its ciphertext for good. False if not found. ``event``:
+        written in the same transaction, only when the record was removed."""
 
     async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
         """Erase the sealed CVC of one payment method. False if none was stored."""
@@ -502,10 +566,13 @@ class VaultStore(Protocol):
         outcome: str,
         request_context: dict[str, object] | None = None,
         response_details: dict[str, object] | None = None,
+        *,
+        event: EventRecord | None = None,
     ) -> bool:
         """Set a :data:`PENDING` forward's outcome (:data:`COMPLETED` with what the
         destination answered, or :data:`UNKNOWN`). False if it is not pending (settled
-        already) or not there."""
+        already) or not there. ``event``: written in the same transaction, only when the
+        outcome was set."""
 
     async def cancel_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str, restore: TakenCvc | None
@@ -584,6 +651,81 @@ class VaultStore(Protocol):
 
     async def purge_idempotency_keys(self, before: int) -> int:
         """Delete records created before ``before``; the number deleted."""
+
+    # -- events and webhooks (the outbox) --------------------------------------------
+
+    async def get_event(self, account_id: str, livemode: bool, event_id: str) -> EventRecord | None:
+        """Only an event of this account *and* mode."""
+
+    async def list_events(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        type: str | None = None,
+    ) -> list[EventRecord]:
+        """As :meth:`list_payment_methods`; ``type``: only events of that type, or of
+        every type under a prefix when it ends with ``.*`` (``payment_method.*``)."""
+
+    async def undispatched_events(self, *, limit: int) -> list[EventRecord]:
+        """Events whose deliveries are not made yet, oldest first: every account and
+        mode."""
+
+    async def dispatch_events(
+        self, event_ids: Sequence[str], deliveries: Sequence[DeliveryRecord]
+    ) -> None:
+        """In one transaction: insert ``deliveries`` and mark ``event_ids`` dispatched."""
+
+    async def purge_events(self, before: int) -> int:
+        """Delete events and deliveries created before ``before``; the events deleted."""
+
+    async def create_webhook_endpoint(self, record: WebhookEndpointRecord) -> None:
+        """Raises DuplicateError if the id exists."""
+
+    async def get_webhook_endpoint(
+        self, account_id: str, livemode: bool, endpoint_id: str
+    ) -> WebhookEndpointRecord | None:
+        """Only an endpoint of this account *and* mode."""
+
+    async def list_webhook_endpoints(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[WebhookEndpointRecord]:
+        """As :meth:`list_payment_methods`."""
+
+    async def webhook_endpoints_for(
+        self, account_id: str, livemode: bool
+    ) -> list[WebhookEndpointRecord]:
+        """Every endpoint of this account and mode (what an event is delivered to)."""
+
+    async def delete_webhook_endpoint(
+        self, account_id: str, livemode: bool, endpoint_id: str
+    ) -> bool:
+        """In one transaction: delete the endpoint and its deliveries. False if not
+        found."""
+
+    async def claim_deliveries(self, now: int, until: int, *, limit: int) -> list[DeliveryRecord]:
+        """Pending deliveries due (``next_attempt`` <= ``now``, unix ms), oldest first, at
+        most ``limit``, each moved to ``next_attempt = until`` before it is returned (a
+        lease: one attempt at a time, and a crash mid-attempt retries after ``until``)."""
+
+    async def record_delivery_attempt(self, record: DeliveryRecord) -> bool:
+        """Store a pending delivery's ``state``, ``attempts``, ``next_attempt``,
+        ``last_attempt``, ``last_status`` and ``last_error``. False if it is not pending
+        (or not there)."""
+
+    async def list_deliveries(
+        self, account_id: str, livemode: bool, endpoint_id: str, *, limit: int
+    ) -> list[DeliveryRecord]:
+        """The endpoint's deliveries, newest first, at most ``limit``."""
 
     # -- periodic jobs -----------------------------------------------------------------
 

@@ -370,9 +370,71 @@ _VAULT_7 = Migration(
     ),
 )
 
+_VAULT_8 = Migration(
+    8,
+    "events (the outbox), webhook endpoints and their deliveries",
+    (
+        # An event is written in the transaction of the change it describes; its data
+        # (the object as the API renders it, the cardholder's name included) is sealed
+        # under a ``pan`` data key, like the card it describes.
+        """CREATE TABLE events (
+            id {key} PRIMARY KEY,
+            account_id {key} NOT NULL,
+            livemode BOOLEAN NOT NULL,
+            created BIGINT NOT NULL,
+            type TEXT NOT NULL,
+            object_id TEXT NOT NULL,
+            data_key_id {key} NOT NULL,
+            data_ct {blob} NOT NULL,
+            dispatched BOOLEAN NOT NULL
+        )""",
+        """CREATE INDEX events_list ON events (account_id, livemode, created DESC, id DESC)""",
+        "CREATE INDEX events_created ON events (created)",
+        # The delivery loop reads the few events whose deliveries are not made yet.
+        "CREATE INDEX events_undispatched ON events (created) WHERE dispatched = FALSE",
+        # The signing secret is stored only sealed under a ``pan`` data key.
+        """CREATE TABLE webhook_endpoints (
+            id {key} PRIMARY KEY,
+            account_id {key} NOT NULL REFERENCES accounts (id),
+            livemode BOOLEAN NOT NULL,
+            created BIGINT NOT NULL,
+            url TEXT NOT NULL,
+            enabled_events TEXT NOT NULL,
+            description TEXT,
+            metadata TEXT NOT NULL,
+            data_key_id {key} NOT NULL REFERENCES data_keys (id),
+            secret_ct {blob} NOT NULL
+        )""",
+        """CREATE INDEX webhook_endpoints_list
+            ON webhook_endpoints (account_id, livemode, created DESC, id DESC)""",
+        # One row per event and endpoint; next_attempt and last_attempt are unix ms.
+        """CREATE TABLE webhook_deliveries (
+            id {key} PRIMARY KEY,
+            account_id {key} NOT NULL,
+            livemode BOOLEAN NOT NULL,
+            endpoint_id {key} NOT NULL,
+            event_id {key} NOT NULL,
+            created BIGINT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'succeeded', 'dead')),
+            attempts INTEGER NOT NULL,
+            next_attempt BIGINT,
+            last_attempt BIGINT,
+            last_status INTEGER,
+            last_error TEXT
+        )""",
+        """CREATE INDEX webhook_deliveries_due
+            ON webhook_deliveries (next_attempt) WHERE state = 'pending'""",
+        """CREATE INDEX webhook_deliveries_endpoint
+            ON webhook_deliveries (endpoint_id, created DESC, id DESC)""",
+        "CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created)",
+    ),
+)
+
 #: The vault's schema, in the vault's database.
 VAULT_SCHEMA = Schema(
-    "vault", (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5, _VAULT_6, _VAULT_7), lock=7302
+    "vault",
+    (_VAULT_1, _VAULT_2, _VAULT_3, _VAULT_4, _VAULT_5, _VAULT_6, _VAULT_7, _VAULT_8),
+    lock=7302,
 )
 
 

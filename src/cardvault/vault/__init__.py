@@ -16,7 +16,9 @@ Its rooms, from the outside in:
 - ``accounts.py``: accounts, API keys, authentication and the :class:`Caller`.
   ``payment_methods.py``: the PaymentMethods API (sealing, reading, deleting, the CVC
   sweep). ``idempotency.py``: Idempotency-Key. ``forwarding/``: the only way out for a
-  card (its own docstring says more).
+  card (its own docstring says more). ``events.py``: Stripe's Event objects, written
+  with the change they describe (the outbox); ``webhooks/``: webhook endpoints and the
+  delivery of events to them.
 - ``params.py``: request parameters and pagination; ``ids.py``: object ids;
   ``ratelimit.py``: per-key buckets; ``settings.py``: the vault's settings.
 - ``datakeys.py``: data keys (few key-service calls, bounded exposure) over

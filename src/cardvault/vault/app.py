@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 from starlette.routing import BaseRoute
 
+from cardvault import pgp
 from cardvault.audit.recorder import (
     AUDIT_FAILED_EXIT,
     Recorder,
@@ -44,6 +46,10 @@ from cardvault.transport.server import Listener, run_until_stopped
 from cardvault.transport.tls import client_context, server_context
 from cardvault.vault.accounts import Accounts
 from cardvault.vault.datakeys import DataKeyManager, DataKeyPolicy
+from cardvault.vault.events import Events
+from cardvault.vault.exports import Exports
+from cardvault.vault.exports.approval import Approvals, load_check
+from cardvault.vault.exports.recipients import load_recipients
 from cardvault.vault.forwarding.allowlist import Allowlist
 from cardvault.vault.forwarding.forwarder import Forwarder
 from cardvault.vault.forwarding.loader import load_allowlist
@@ -57,6 +63,7 @@ from cardvault.vault.params import ParseLimits
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import key_limits
 from cardvault.vault.settings import VaultSettings
+from cardvault.vault.webhooks import WebhookDelivery, WebhookEndpoints
 from cardvault.vault.workers import WorkerSpec
 
 __all__ = ["Readiness", "Vault", "build_listeners", "build_vault", "run"]
@@ -87,6 +94,12 @@ class Vault:
     maintenance: KeyMaintenance | None = None
     #: Bulk import (docs/migration.md).
     imports: Imports | None = None
+    #: Events, webhook endpoints and their delivery (docs/api.md, "Events").
+    events: Events | None = None
+    webhooks: WebhookEndpoints | None = None
+    delivery: WebhookDelivery | None = None
+    #: Card export (docs/migration.md); None without [exports] recipients_file.
+    exports: Exports | None = None
 
 
 def build_vault(settings: VaultSettings) -> Vault | None:
@@ -120,7 +133,13 @@ def build_vault(settings: VaultSettings) -> Vault | None:
     )
     keys = DataKeyManager(store, client, policy)
     audit = Recorder(None)
-    payment_methods = PaymentMethods(store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit)
+    events = Events(store, keys)
+    payment_methods = PaymentMethods(
+        store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit, events=events
+    )
+    # gpg homes left by a vault killed during an import hold the import key's secret
+    # half (and maybe an agent holding it unlocked): removed before anything else.
+    pgp.sweep_stale_homes()
     spool = settings.imports.spool_directory or (
         settings.audit.resolved(settings.store.url)[0].parent / "import-spool"
     )
@@ -138,7 +157,9 @@ def build_vault(settings: VaultSettings) -> Vault | None:
             audit=audit,
             replica=settings.store.replica or None,
         ),
-        forwarder=Forwarder(store, keys, audit, _allowlist(settings), OutboundClient()),
+        forwarder=Forwarder(
+            store, keys, audit, _allowlist(settings), OutboundClient(), events=events
+        ),
         maintenance=KeyMaintenance(
             store, client, audit, fingerprint_version=dk.fingerprint_version, datakeys=keys
         ),
@@ -150,6 +171,39 @@ def build_vault(settings: VaultSettings) -> Vault | None:
             spool=spool,
             max_upload_bytes=settings.imports.max_upload_bytes,
         ),
+        exports=_exports(settings, store, keys, audit),
+        events=events,
+        webhooks=WebhookEndpoints(
+            store, keys, audit, allowed_hosts=settings.webhooks.allowed_hosts
+        ),
+        delivery=_delivery(settings, store, keys, events),
+    )
+
+
+def _delivery(
+    settings: VaultSettings, store: VaultStore, keys: DataKeyManager, events: Events
+) -> WebhookDelivery:
+    """The delivery of events to webhook endpoints ([webhooks])."""
+    wh = settings.webhooks
+    if not (wh.timeout > 0 and wh.retry_base_seconds > 0 and wh.poll_interval > 0):
+        raise ConfigurationError(
+            "webhooks.timeout, retry_base_seconds and poll_interval must be more than 0"
+        )
+    try:
+        context = client_context(wh.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError("cannot load webhooks.ca_file") from exc
+    return WebhookDelivery(
+        store,
+        keys,
+        events,
+        allowed_hosts=wh.allowed_hosts,
+        timeout=wh.timeout,
+        retry_base=wh.retry_base_seconds,
+        retry_max=wh.retry_max_seconds,
+        give_up=wh.give_up_seconds,
+        poll_interval=wh.poll_interval,
+        ssl_context=context,
     )
 
 
@@ -225,6 +279,24 @@ class Readiness:
             await self._http.aclose()
 
 
+def _exports(
+    settings: VaultSettings, store: VaultStore, keys: DataKeyManager, audit: Recorder
+) -> Exports | None:
+    """Card export, when [exports] names a recipients file: the recipients and the
+    approval check read once, now (docs/migration.md, "Exporting")."""
+    ex = settings.exports
+    if ex.recipients_file is None:
+        return None
+    if not ex.approval_timeout > 0:
+        raise ConfigurationError("exports.approval_timeout must be more than 0 seconds")
+    approvals = None
+    if ex.approval_file is not None:
+        approvals = Approvals(load_check(ex.approval_file), timeout=ex.approval_timeout)
+    else:
+        _log.warning("exports: no approval_file configured; every export will be refused")
+    return Exports(store, keys, audit, load_recipients(ex.recipients_file), approvals)
+
+
 def _allowlist(settings: VaultSettings) -> Allowlist:
     """The forwarding allowlist, read once, now. An invalid file stops start-up; no file
     means an empty allowlist (every URL refused)."""
@@ -268,6 +340,8 @@ def _public_api(settings: VaultSettings, vault: Vault) -> PublicAPI:
         payment_method_limits=key_limits(lim),
         forwarder=vault.forwarder,
         parse_limits=parse_limits,
+        events=vault.events,
+        webhooks=vault.webhooks,
     )
 
 
@@ -300,6 +374,7 @@ def build_listeners(
         readiness=readiness,
         maintenance=vault.maintenance if vault is not None else None,
         imports=vault.imports if vault is not None else None,
+        exports=vault.exports if vault is not None else None,
     )
     public_app = build_app(table.public, service="vault", security_txt=security_txt)
     listeners = [Listener("public", public_app, srv.host, srv.port, public_ctx, limits=srv.limits)]
@@ -412,6 +487,8 @@ def run(
         if vault is not None:
             await _start(vault, settings, worker)
             tasks.append(asyncio.create_task(_sweeper(vault, settings)))
+            if vault.delivery is not None:
+                tasks.append(asyncio.create_task(vault.delivery.run()))
             tasks.append(asyncio.create_task(watch_audit_log(vault.audit, audit_failed)))
             if worker is None or worker.index == 0:  # one audit of the listeners they share
                 tasks.append(asyncio.create_task(_tls_audit(vault, settings)))
@@ -506,6 +583,8 @@ async def _start(vault: Vault, settings: VaultSettings, worker: WorkerSpec | Non
 async def _stop(vault: Vault) -> None:
     """Close the outbound sessions, record the stop, wipe the keys, close the store."""
     await vault.forwarder.outbound.close()
+    if vault.delivery is not None:
+        await vault.delivery.close()
     try:
         await vault.audit.record("service.stop", actor="vault", origin="local")
     except CardVaultError:
@@ -578,6 +657,9 @@ async def _sweeper(vault: Vault, settings: VaultSettings) -> None:
                 error=type(exc).__name__,
             )
             lead = False
+        if vault.delivery is not None:
+            # Webhooks are delivered by the leader alone (docs/reliability.md).
+            vault.delivery.leading = lead
         if lead != leading:
             leading = lead
             if lead:
@@ -605,5 +687,8 @@ async def _jobs(vault: Vault, settings: VaultSettings, *, lead: bool) -> None:
     await vault.store.purge_idempotency_keys(int(time.time()) - settings.limits.idempotency_ttl)
     await vault.store.purge_forwarding_requests(
         int(time.time()) - settings.forwarding.retention_days * 86_400
+    )
+    await vault.store.purge_events(
+        int(time.time()) - settings.webhooks.event_retention_days * 86_400
     )
     _log.debug("periodic jobs ran")

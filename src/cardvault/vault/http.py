@@ -45,6 +45,9 @@ from cardvault.vault.element import (
     CARDVAULT_JS_PATH,
     CardElement,
 )
+from cardvault.vault.events import Events
+from cardvault.vault.exports import Exports
+from cardvault.vault.exports.http import export_routes
 from cardvault.vault.forwarding.forwarder import Forwarder
 from cardvault.vault.idempotency import Claim, Idempotency
 from cardvault.vault.imports import Imports
@@ -53,6 +56,8 @@ from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import KeyLimits
+from cardvault.vault.webhooks import WebhookEndpoints
+from cardvault.vault.webhooks.http import event_routes
 
 __all__ = ["PublicAPI", "VaultRoutes", "routes"]
 
@@ -75,6 +80,9 @@ class PublicAPI:
     #: None: the forwarding API shares the payment-methods API's buckets.
     forwarding_limits: KeyLimits | None = None
     parse_limits: ParseLimits = DEFAULT_LIMITS
+    #: None (either): the vault serves no events or webhook endpoints API.
+    events: Events | None = None
+    webhooks: WebhookEndpoints | None = None
 
 
 class VaultRoutes(NamedTuple):
@@ -99,6 +107,7 @@ def routes(
     readiness: Readiness | None = None,
     maintenance: KeyMaintenance | None = None,
     imports: Imports | None = None,
+    exports: Exports | None = None,
 ) -> VaultRoutes:
     """Every route of the vault. Without ``api`` (no store and key service configured)
     the public listener serves only its transport endpoints. ``readiness`` answers
@@ -132,6 +141,9 @@ def routes(
                 ),
                 Route("/v1/forwarding/requests/{id}", fwd.retrieve, methods=["GET"]),
             ]
+        if api.events is not None and api.webhooks is not None:
+            keyed = _KeyedHandlers(api, api.payment_method_limits)
+            with_key += event_routes(keyed, api.events, api.webhooks, by_method)
         # The card element (cardvault.js and its frame) needs the accounts' keys and
         # allowed origins, so it exists only where the payment API does.
         card = CardElement(api.accounts)
@@ -170,6 +182,7 @@ def routes(
                 else []
             ),
             *import_routes(imports, admin_identities),
+            *export_routes(exports, admin_identities),
         ],
     )
 

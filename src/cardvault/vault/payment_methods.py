@@ -39,9 +39,16 @@ from cardvault.errors import (
     error_class_for,
 )
 from cardvault.logging import bind_request_fields, get_logger
-from cardvault.storage.base import DuplicateError, PaymentMethodRecord, UnstorableValue, VaultStore
+from cardvault.storage.base import (
+    DuplicateError,
+    EventRecord,
+    PaymentMethodRecord,
+    UnstorableValue,
+    VaultStore,
+)
 from cardvault.vault.accounts import Caller, require_secret
 from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.events import Events
 from cardvault.vault.idempotency import Claim
 from cardvault.vault.ids import looks_like_id, time_ordered_id
 from cardvault.vault.params import check_keys, list_object, parse_metadata, read_page
@@ -199,11 +206,14 @@ class PaymentMethods:
         *,
         cvc_ttl: int = 3600,
         audit: Recorder | None = None,
+        events: Events | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
         self.cvc_ttl = cvc_ttl
         self.audit = audit or Recorder(None)
+        #: None: no events are written (docs/reliability.md, "Events and webhooks").
+        self.events = events
 
     async def create_payment_method(
         self, caller: Caller, params: dict[str, Any], claim: Claim | None = None
@@ -218,6 +228,9 @@ class PaymentMethods:
         claim = claim or Claim(time_ordered_id("pm_"))
         new = _create_params(params)
         record, display_brand = await self._prepared(caller, claim.effect_id, new)
+        # Made before the audit record: what can fail (a data key) fails with nothing done.
+        rendered = self._render(record, name=new.name, display_brand=display_brand)
+        event = await self._event(caller, "payment_method.created", rendered)
         # Fail closed: a card whose creation cannot be recorded is never stored.
         await self.audit.record(
             "payment_method.created",
@@ -225,11 +238,17 @@ class PaymentMethods:
             object_id=record.id,
             detail={"livemode": caller.livemode, "brand": record.brand},
         )
-        record = await self._store(caller, record, claim)
+        record = await self._store(caller, record, claim, event)
         # On the request's access line rather than a line of its own: one line per
         # request is a measurable share of a tokenization's cost.
         bind_request_fields(payment_method=record.id, key=caller.key_id, livemode=caller.livemode)
         return self._render(record, name=new.name, display_brand=display_brand)
+
+    async def _event(self, caller: Caller, type: str, obj: dict[str, Any]) -> EventRecord | None:
+        """The event to write with the change (the outbox), or None without events."""
+        if self.events is None:
+            return None
+        return await self.events.make(caller.account_id, caller.livemode, type, obj)
 
     async def _prepared(
         self, caller: Caller, pm_id: str, new: _Create
@@ -266,14 +285,18 @@ class PaymentMethods:
         return record
 
     async def _store(
-        self, caller: Caller, record: PaymentMethodRecord, claim: Claim
+        self,
+        caller: Caller,
+        record: PaymentMethodRecord,
+        claim: Claim,
+        event: EventRecord | None = None,
     ) -> PaymentMethodRecord:
         """Insert the row; the row as stored. A write that raised is not taken for "not
         written" (on PostgreSQL a commit whose acknowledgement was lost raises): the row
         is looked for, and the error stands only when it is not there."""
         claim.begin()
         try:
-            await self.store.insert_payment_method(record)
+            await self.store.insert_payment_method(record, event=event)
         except UnstorableValue as exc:
             # Nothing ran. (The parser refuses such text first; this is the net under it.)
             claim.undone()
@@ -379,10 +402,17 @@ class PaymentMethods:
 
     async def delete_payment_method(self, caller: Caller, pm_id: str) -> dict[str, Any]:
         require_secret(caller)
-        await find_payment_method(self.store, caller, pm_id)
+        record = await find_payment_method(self.store, caller, pm_id)
+        event = None
+        if self.events is not None:
+            # The event carries the card as it was, as Stripe's payment_method.detached.
+            rendered = self._render(record, name=await self._open_name(caller, record))
+            event = await self._event(caller, "payment_method.deleted", rendered)
         # Recorded first: if the record cannot be written, nothing is deleted.
         await self.audit.record("payment_method.deleted", actor=caller.key_id, object_id=pm_id)
-        if not await self.store.delete_payment_method(caller.account_id, caller.livemode, pm_id):
+        if not await self.store.delete_payment_method(
+            caller.account_id, caller.livemode, pm_id, event=event
+        ):
             raise _no_such_payment_method(pm_id)
         return {"id": pm_id, "object": "payment_method", "deleted": True}
 

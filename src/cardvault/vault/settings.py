@@ -20,6 +20,7 @@ __all__ = [
     "AdminSettings",
     "AuditSettings",
     "DataKeySettings",
+    "ExportSettings",
     "ImportSettings",
     "JobSettings",
     "KeyServiceClientSettings",
@@ -27,6 +28,7 @@ __all__ = [
     "StoreSettings",
     "VaultServerSettings",
     "VaultSettings",
+    "WebhookSettings",
 ]
 
 
@@ -157,6 +159,44 @@ class ImportSettings:
 
 
 @dataclasses.dataclass
+class ExportSettings:
+    """Card export ([exports], docs/migration.md, "Exporting"). Without both files
+    there is no export."""
+
+    #: The static export allowlist (TOML: name, fingerprint, public_key_file per
+    #: recipient), read and checked once at start-up.
+    recipients_file: Path | None = None
+    #: The export-approval ceremony's check (`cardvault export-approval create`).
+    approval_file: Path | None = None
+    #: Seconds custodian approvals are held, pending or granted.
+    approval_timeout: float = 600.0
+
+
+@dataclasses.dataclass
+class WebhookSettings:
+    """Events and their delivery to webhook endpoints ([webhooks], docs/api.md,
+    "Webhook endpoints"; docs/reliability.md, "Events and webhooks")."""
+
+    #: Host names a webhook URL may name although they resolve to a loopback, private,
+    #: link-local or otherwise non-public address (a test receiver on ``localhost``).
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+    #: The CAs webhook receivers' certificates are verified against (the system's when
+    #: empty). Verification is never off.
+    ca_file: Path | None = None
+    #: Seconds one delivery attempt may take, connection and answer included.
+    timeout: float = 10.0
+    #: The first retry's delay; each next one doubles, up to ``retry_max_seconds``.
+    retry_base_seconds: float = 60.0
+    retry_max_seconds: float = 3600.0
+    #: Seconds after its event a delivery is given up (dead): Stripe's three days.
+    give_up_seconds: float = 3 * 86_400.0
+    #: Seconds between two looks for events to dispatch and deliveries due.
+    poll_interval: float = 1.0
+    #: Days an event is kept (and listed) before the periodic jobs purge it.
+    event_retention_days: int = 30
+
+
+@dataclasses.dataclass
 class JobSettings:
     """The vault's periodic jobs: the CVC sweep, settling and purging idempotency keys,
     purging old forwarding requests. One process of those sharing the database runs
@@ -183,6 +223,8 @@ class VaultSettings:
     forwarding: ForwardingSettings = dataclasses.field(default_factory=ForwardingSettings)
     jobs: JobSettings = dataclasses.field(default_factory=JobSettings)
     imports: ImportSettings = dataclasses.field(default_factory=ImportSettings)
+    webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
+    exports: ExportSettings = dataclasses.field(default_factory=ExportSettings)
     audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     #: The service's audit of its own TLS, into its audit log (docs/deploy.md).
     tls_audit: TlsAuditSettings = dataclasses.field(default_factory=TlsAuditSettings)

@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from cardvault.storage import rows
+from cardvault.storage import outboxrows, rows
 from cardvault.storage._shared import column_list, copy_error, insert_sql, settle
 from cardvault.storage.base import (
     DONE,
@@ -40,6 +40,7 @@ from cardvault.storage.base import (
     ApiKey,
     DataKeyRecord,
     DuplicateError,
+    EventRecord,
     ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
@@ -51,6 +52,7 @@ from cardvault.storage.migrations import VAULT_SCHEMA, Schema
 from cardvault.storage.pages import Page, VaultLists
 from cardvault.storage.postgres.imports import PostgresImports
 from cardvault.storage.postgres.keyjobs import PostgresKeyJobs
+from cardvault.storage.postgres.outbox import PostgresOutbox
 from cardvault.storage.postgres.pool import (
     CONNECT_TIMEOUT_S,
     PostgresDatabase,
@@ -106,6 +108,9 @@ def _taken(row: Any) -> TakenCvc | None:
     return TakenCvc(bytes(row[0]), str(row[1]), None if row[2] is None else int(row[2]))
 
 
+#: A payment method's row waiting for its multi-row insert, its event, and its caller.
+_PendingPm = tuple[tuple[Any, ...], EventRecord | None, asyncio.Future[None]]
+
 #: The most rows one multi-row insert carries (PostgreSQL binds at most 32767 values).
 PM_BATCH = 512
 
@@ -127,7 +132,9 @@ class _OneByOne(Exception):  # a signal, not an error
     """Insert the rows one by one."""
 
 
-class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresDatabase):
+class PostgresVaultStore(
+    VaultLists, PostgresKeyJobs, PostgresImports, PostgresOutbox, PostgresDatabase
+):
     """The vault's store in PostgreSQL. ``min_size``/``max_size`` size the pool, which
     is opened on first use (in the running event loop) and closed by :meth:`close`."""
 
@@ -136,7 +143,7 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 16) -> None:
         super().__init__(dsn, min_size=min_size, max_size=max_size)
         # Payment-method rows waiting for their multi-row insert (module docstring).
-        self._pm_pending: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._pm_pending: list[_PendingPm] = []
         self._pm_flush: asyncio.Handle | None = None
         self._pm_flush_loop: asyncio.AbstractEventLoop | None = None
         self._pm_tasks: set[asyncio.Task[None]] = set()
@@ -197,10 +204,12 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
 
     # -- payment methods -----------------------------------------------------------------
 
-    async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
+    async def insert_payment_method(
+        self, record: PaymentMethodRecord, *, event: EventRecord | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._pm_pending.append((rows.payment_method_params(record), future))
+        self._pm_pending.append((rows.payment_method_params(record), event, future))
         if self._pm_flush is None or self._pm_flush_loop is not loop:
             # Two loop iterations later, so that requests already under way join in.
             self._pm_flush = loop.call_soon(self._pm_flush_next, loop)
@@ -218,7 +227,7 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
             self._pm_tasks.add(task)
             task.add_done_callback(self._pm_tasks.discard)
 
-    async def _insert_pms(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]]) -> None:
+    async def _insert_pms(self, batch: list[_PendingPm]) -> None:
         import asyncpg
 
         outcomes: list[BaseException | None]
@@ -227,20 +236,33 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
                 raise _OneByOne
             pool = await self._get_pool()
             sql = _multi_insert_sql("payment_methods", rows.PAYMENT_METHOD_COLUMNS, len(batch))
-            await pool.execute(sql, *(value for params, _ in batch for value in params))
+            events = [outboxrows.event_params(e) for _, e, _ in batch if e is not None]
+            # The rows and their events (the outbox) in one transaction.
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(sql, *(value for params, _, _ in batch for value in params))
+                if events:
+                    events_sql = _multi_insert_sql("events", outboxrows.EVENT_COLUMNS, len(events))
+                    await conn.execute(events_sql, *(v for params in events for v in params))
             outcomes = [None] * len(batch)
         except (_OneByOne, asyncpg.UniqueViolationError, asyncpg.DataError):
             # Nothing of the statement was written (a duplicate, or a value that cannot
             # be stored); each row on its own, for its outcome: the bad row fails alone.
             results = await asyncio.gather(
-                *(self._insert(_INSERT_PM, params, "a payment method") for params, _ in batch),
+                *(self._insert_pm(params, event) for params, event, _ in batch),
                 return_exceptions=True,
             )
             outcomes = [r if isinstance(r, BaseException) else None for r in results]
         except Exception as exc:
             outcomes = [copy_error(exc) for _ in batch]
-        for (_, future), error in zip(batch, outcomes, strict=True):
+        for (_, _, future), error in zip(batch, outcomes, strict=True):
             settle(future, None, error)
+
+    async def _insert_pm(self, params: tuple[Any, ...], event: EventRecord | None) -> None:
+        """One payment method's row, with its event in the same transaction."""
+        if event is None:
+            await self._insert(_INSERT_PM, params, "a payment method")
+        else:
+            await self._with_event(_INSERT_PM, params, event, when_changed=False)
 
     async def get_payment_method(
         self, account_id: str, livemode: bool, pm_id: str
@@ -261,15 +283,15 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
             records.reverse()
         return records
 
-    async def delete_payment_method(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+    async def delete_payment_method(
+        self, account_id: str, livemode: bool, pm_id: str, *, event: EventRecord | None = None
+    ) -> bool:
+        sql = "DELETE FROM payment_methods WHERE id = $1 AND account_id = $2 AND livemode = $3"
+        params = (pm_id, account_id, bool(livemode))
+        if event is not None:
+            return await self._with_event(sql, params, event, when_changed=True) == 1
         pool = await self._get_pool()
-        status = await pool.execute(
-            "DELETE FROM payment_methods WHERE id = $1 AND account_id = $2 AND livemode = $3",
-            pm_id,
-            account_id,
-            bool(livemode),
-        )
-        return count(status) == 1
+        return count(await pool.execute(sql, *params)) == 1
 
     async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
         pool = await self._get_pool()
@@ -343,11 +365,15 @@ class PostgresVaultStore(VaultLists, PostgresKeyJobs, PostgresImports, PostgresD
         outcome: str,
         request_context: dict[str, object] | None = None,
         response_details: dict[str, object] | None = None,
+        *,
+        event: EventRecord | None = None,
     ) -> bool:
-        pool = await self._get_pool()
         params = rows.forward_outcome_params(
             account_id, livemode, fwd_id, outcome, request_context, response_details
         )
+        if event is not None:
+            return await self._with_event(_COMPLETE_FORWARD, params, event, when_changed=True) == 1
+        pool = await self._get_pool()
         return count(await pool.execute(_COMPLETE_FORWARD, *params)) == 1
 
     async def cancel_forwarding_request(

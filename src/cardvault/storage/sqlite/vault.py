@@ -23,6 +23,7 @@ from cardvault.storage.base import (
     Account,
     ApiKey,
     DataKeyRecord,
+    EventRecord,
     ForwardingRequestRecord,
     IdempotencyRecord,
     Mode,
@@ -35,6 +36,7 @@ from cardvault.storage.pages import Page, VaultLists
 from cardvault.storage.sqlite.connection import insert
 from cardvault.storage.sqlite.imports import SQLiteImports
 from cardvault.storage.sqlite.keyjobs import SQLiteKeyJobs
+from cardvault.storage.sqlite.outbox import SQLiteOutbox, with_event
 from cardvault.storage.sqlite.writer import Insert, SQLiteDatabase
 
 __all__ = ["SQLiteVaultStore"]
@@ -58,7 +60,7 @@ _INSERT_IDEMPOTENCY = (
 )
 
 
-class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase):
+class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteOutbox, SQLiteDatabase):
     """The vault's store in one SQLite file (the embedded default).
 
     ``group_commit`` (default on) lets concurrent writes share a transaction, at most
@@ -138,8 +140,15 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase)
 
     # -- payment methods -----------------------------------------------------------------
 
-    async def insert_payment_method(self, record: PaymentMethodRecord) -> None:
+    async def insert_payment_method(
+        self, record: PaymentMethodRecord, *, event: EventRecord | None = None
+    ) -> None:
         params = rows.payment_method_params(record)
+        if event is not None:
+            # With its event: one compound operation (a savepoint), not a mergeable insert.
+            op = with_event(lambda c: insert(c, _INSERT_PM, params, "a payment method"), event)
+            await self._write(op, compound=True)
+            return
         await self._write(
             lambda c: insert(c, _INSERT_PM, params, "a payment method"),
             insert=Insert(
@@ -168,7 +177,9 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase)
             records.reverse()
         return records
 
-    async def delete_payment_method(self, account_id: str, livemode: bool, pm_id: str) -> bool:
+    async def delete_payment_method(
+        self, account_id: str, livemode: bool, pm_id: str, *, event: EventRecord | None = None
+    ) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "DELETE FROM payment_methods WHERE id = ? AND account_id = ? AND livemode = ?",
@@ -176,6 +187,8 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase)
             )
             return cur.rowcount == 1
 
+        if event is not None:
+            return await self._write(with_event(op, event, bool), erases=True, compound=True)
         return await self._write(op, erases=True)
 
     async def destroy_cvc(self, account_id: str, livemode: bool, pm_id: str) -> bool:
@@ -280,11 +293,19 @@ class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteDatabase)
         outcome: str,
         request_context: dict[str, object] | None = None,
         response_details: dict[str, object] | None = None,
+        *,
+        event: EventRecord | None = None,
     ) -> bool:
         params = rows.forward_outcome_params(
             account_id, livemode, fwd_id, outcome, request_context, response_details
         )
-        return await self._write(lambda c: c.execute(rows.COMPLETE_FORWARD, params).rowcount == 1)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute(rows.COMPLETE_FORWARD, params).rowcount == 1
+
+        if event is not None:
+            return await self._write(with_event(op, event, bool), compound=True)
+        return await self._write(op)
 
     async def cancel_forwarding_request(
         self, account_id: str, livemode: bool, fwd_id: str, restore: TakenCvc | None

@@ -65,6 +65,7 @@ from cardvault.storage.base import (
     PENDING,
     UNKNOWN,
     DuplicateError,
+    EventRecord,
     ForwardingRequestRecord,
     PaymentMethodRecord,
     PreconditionFailed,
@@ -73,6 +74,7 @@ from cardvault.storage.base import (
 )
 from cardvault.vault.accounts import Caller, require_secret
 from cardvault.vault.datakeys import DataKeyManager
+from cardvault.vault.events import Events
 from cardvault.vault.forwarding.allowlist import REPLACEMENTS, Allowlist, Destination, match_url
 from cardvault.vault.forwarding.outbound import (
     HOP_BY_HOP,
@@ -198,12 +200,16 @@ class Forwarder:
         audit: Recorder,
         allowlist: Allowlist,
         outbound: OutboundClient,
+        *,
+        events: Events | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
         self.audit = audit
         self.allowlist = allowlist
         self.outbound = outbound
+        #: None: no events are written (docs/reliability.md, "Events and webhooks").
+        self.events = events
 
     # -- the API -------------------------------------------------------------------------
 
@@ -549,9 +555,15 @@ class Forwarder:
             raise
         except CardVaultError:
             # It may have reached the destination: never sent again.
+            unknown = dataclasses.replace(pending, outcome=UNKNOWN)
+            try:
+                event = await self._event(unknown, "forwarding.request.failed")
+            except CardVaultError:
+                _log.error("a forward's event could not be made", forwarding_request=pending.id)
+                event = None  # the destination's error is the answer
             await asyncio.gather(
                 self.store.complete_forwarding_request(
-                    caller.account_id, caller.livemode, pending.id, UNKNOWN
+                    caller.account_id, caller.livemode, pending.id, UNKNOWN, event=event
                 ),
                 self.audit.record(
                     "forward.completed",
@@ -594,12 +606,25 @@ class Forwarder:
             )
         ]
 
+    async def _event(self, record: ForwardingRequestRecord, type: str) -> EventRecord | None:
+        """The event written with the forward's outcome (the outbox), or None."""
+        if self.events is None:
+            return None
+        return await self.events.make(record.account_id, record.livemode, type, self.render(record))
+
     async def _keep(
         self, caller: Caller, stored: ForwardingRequestRecord, status: int, *, cvc_used: bool
     ) -> None:
         """The forward has happened: its record and its audit records are all true
         whatever becomes of the others, so they are made durable together (one flush of
         each in the same loop iteration), and the answer waits for all."""
+        try:
+            event = await self._event(stored, "forwarding.request.created")
+        except CardVaultError:
+            # The forward happened: its outcome is stored even without its event (a data
+            # key for the event could not be had: docs/reliability.md says so).
+            _log.error("a forward's event could not be made", forwarding_request=stored.id)
+            event = None
         outcomes = await asyncio.gather(
             self.store.complete_forwarding_request(
                 stored.account_id,
@@ -608,6 +633,7 @@ class Forwarder:
                 COMPLETED,
                 stored.request_context,
                 stored.response_details,
+                event=event,
             ),
             self.audit.record(
                 "forward.completed",
