@@ -3,7 +3,8 @@
 ``doctor tls`` audits every TLS endpoint of a deployment: the served protocols and
 cipher suites against the Mozilla profile, each certificate (key, names, expiry, the CA
 it chains to) and HSTS (cardvault.transport.tlsaudit). Beside a local stack it finds
-every listener by itself, with the vault's allowlisted forwarding destinations.
+every listener by itself, with the vault's allowlisted forwarding destinations and the
+demo account's webhook receivers.
 """
 
 from __future__ import annotations
@@ -42,8 +43,39 @@ def _stack_endpoints(stack: dict[str, Any]) -> list[Endpoint]:
         if url:
             found.append(Endpoint.from_url(name, url, ca_file=ca, client_cert=cert))
     config = stack_value(stack, "vault", "config")
+    known = {e.address for e in found}
     if config:
-        found += _destinations(Path(config), {e.address for e in found})
+        found += _destinations(Path(config), known)
+    found += _webhook_destinations(stack, ca, known)
+    return found
+
+
+def _webhook_destinations(stack: dict[str, Any], ca: Path, known: set[str]) -> list[Endpoint]:
+    """The demo account's webhook endpoints (through the vault's API with the stack's
+    secret key): each receiver not already in the list, checked against the stack's CA."""
+    from cardvault.client import Client, TransportError
+    from cardvault.errors import CardVaultError
+
+    url, key = stack_value(stack, "vault", "url"), stack_value(stack, "keys", "secret")
+    if not url or not key:
+        return []
+    try:
+        with Client(key, base_url=url, ca_bundle=ca, max_retries=1) as client:
+            listed = client.get("/v1/webhook_endpoints", limit=100)
+    except (CardVaultError, TransportError) as exc:
+        err.print(f"[yellow]the webhook endpoints could not be listed[/] ({exc}): skipped")
+        return []
+    found = []
+    for item in listed.get("data", []):
+        try:
+            endpoint = Endpoint.from_url(
+                f"webhook {item.get('id', '?')}", str(item["url"]), ca_file=ca, own=False
+            )
+        except (KeyError, ValueError):
+            continue
+        if endpoint.address not in known:
+            known.add(endpoint.address)
+            found.append(endpoint)
     return found
 
 
