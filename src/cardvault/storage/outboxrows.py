@@ -5,12 +5,15 @@ numbers them). Table and column names are constants; SQL is built from them only
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from cardvault.storage._shared import insert_sql
 from cardvault.storage.base import DeliveryRecord, EventRecord, WebhookEndpointRecord
 from cardvault.storage.pages import Page, page_query
 from cardvault.storage.rows import select
+
+R = TypeVar("R")
 
 EVENT_COLUMNS = (
     "id",
@@ -221,3 +224,41 @@ def events_page(
         ending_before,
     )
     return Page(page.sql.replace(" AND WHERE ", " AND ", 1), (value, *page.params), page.reverse)
+
+
+class OutboxLists:
+    """``list_events`` and ``list_webhook_endpoints`` of
+    :class:`~cardvault.storage.base.VaultStore`, for a backend that runs a page (as
+    :class:`~cardvault.storage.pages.VaultLists` does for its lists)."""
+
+    async def _list(self, page: Page, from_row: Callable[[Any], R]) -> list[R]:
+        """The records of ``page``, in its order (reversed when it says so)."""
+        raise NotImplementedError
+
+    async def list_events(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        type: str | None = None,
+    ) -> list[EventRecord]:
+        page = events_page(account_id, livemode, limit, starting_after, ending_before, type)
+        return await self._list(page, event_from_row)
+
+    async def list_webhook_endpoints(
+        self,
+        account_id: str,
+        livemode: bool,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+    ) -> list[WebhookEndpointRecord]:
+        page = page_query(
+            "webhook_endpoints", SELECT_ENDPOINT,
+            account_id, livemode, limit, starting_after, ending_before,
+        )  # fmt: skip
+        return await self._list(page, endpoint_from_row)

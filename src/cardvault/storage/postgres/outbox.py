@@ -4,7 +4,7 @@ change is in the change's transaction (:meth:`PostgresOutbox._with_event`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from cardvault.storage import outboxrows as rows
@@ -15,7 +15,6 @@ from cardvault.storage.base import (
     UnstorableValue,
     WebhookEndpointRecord,
 )
-from cardvault.storage.pages import Page, page_query
 from cardvault.storage.postgres.pool import PostgresDatabase, count, numbered
 
 __all__ = ["PostgresOutbox"]
@@ -47,13 +46,6 @@ _CLAIM_DELIVERIES = (
 
 
 class PostgresOutbox(PostgresDatabase):
-    async def _page(self, page: Page, from_row: Callable[[Any], R]) -> list[R]:
-        pool = await self._get_pool()
-        records = [from_row(r) for r in await pool.fetch(numbered(page.sql), *page.params)]
-        if page.reverse:
-            records.reverse()
-        return records
-
     async def _with_event(
         self, sql: str, params: Sequence[Any], event: EventRecord, *, when_changed: bool
     ) -> int:
@@ -81,19 +73,6 @@ class PostgresOutbox(PostgresDatabase):
         pool = await self._get_pool()
         row = await pool.fetchrow(_GET_EVENT, event_id, account_id, bool(livemode))
         return None if row is None else rows.event_from_row(row)
-
-    async def list_events(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-        type: str | None = None,
-    ) -> list[EventRecord]:
-        page = rows.events_page(account_id, livemode, limit, starting_after, ending_before, type)
-        return await self._page(page, rows.event_from_row)
 
     async def undispatched_events(self, *, limit: int) -> list[EventRecord]:
         pool = await self._get_pool()
@@ -127,21 +106,6 @@ class PostgresOutbox(PostgresDatabase):
         pool = await self._get_pool()
         row = await pool.fetchrow(_GET_ENDPOINT, endpoint_id, account_id, bool(livemode))
         return None if row is None else rows.endpoint_from_row(row)
-
-    async def list_webhook_endpoints(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-    ) -> list[WebhookEndpointRecord]:
-        page = page_query(
-            "webhook_endpoints", rows.SELECT_ENDPOINT,
-            account_id, livemode, limit, starting_after, ending_before,
-        )  # fmt: skip
-        return await self._page(page, rows.endpoint_from_row)
 
     async def webhook_endpoints_for(
         self, account_id: str, livemode: bool

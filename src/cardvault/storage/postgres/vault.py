@@ -49,6 +49,7 @@ from cardvault.storage.base import (
     precondition_met,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
+from cardvault.storage.outboxrows import OutboxLists
 from cardvault.storage.pages import Page, VaultLists
 from cardvault.storage.postgres.imports import PostgresImports
 from cardvault.storage.postgres.keyjobs import PostgresKeyJobs
@@ -133,7 +134,12 @@ class _OneByOne(Exception):  # a signal, not an error
 
 
 class PostgresVaultStore(
-    VaultLists, PostgresKeyJobs, PostgresImports, PostgresOutbox, PostgresDatabase
+    VaultLists,
+    OutboxLists,
+    PostgresKeyJobs,
+    PostgresImports,
+    PostgresOutbox,
+    PostgresDatabase,
 ):
     """The vault's store in PostgreSQL. ``min_size``/``max_size`` size the pool, which
     is opened on first use (in the running event loop) and closed by :meth:`close`."""

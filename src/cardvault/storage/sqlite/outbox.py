@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from cardvault.storage import outboxrows as rows
 from cardvault.storage.base import DeliveryRecord, EventRecord, WebhookEndpointRecord
-from cardvault.storage.pages import Page, page_query
 from cardvault.storage.sqlite.connection import insert
 from cardvault.storage.sqlite.writer import SQLiteDatabase
 
@@ -40,15 +39,6 @@ def with_event(
 
 
 class SQLiteOutbox(SQLiteDatabase):
-    async def _page(self, page: Page, from_row: Callable[[Any], R]) -> list[R]:
-        def op(conn: sqlite3.Connection) -> list[R]:
-            return [from_row(r) for r in conn.execute(page.sql, page.params).fetchall()]
-
-        records = await self._read(op)
-        if page.reverse:
-            records.reverse()
-        return records
-
     # -- events ----------------------------------------------------------------------------
 
     async def get_event(self, account_id: str, livemode: bool, event_id: str) -> EventRecord | None:
@@ -57,19 +47,6 @@ class SQLiteOutbox(SQLiteDatabase):
             return None if row is None else rows.event_from_row(row)
 
         return await self._lookup(op)
-
-    async def list_events(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-        type: str | None = None,
-    ) -> list[EventRecord]:
-        page = rows.events_page(account_id, livemode, limit, starting_after, ending_before, type)
-        return await self._page(page, rows.event_from_row)
 
     async def undispatched_events(self, *, limit: int) -> list[EventRecord]:
         def op(conn: sqlite3.Connection) -> list[EventRecord]:
@@ -113,21 +90,6 @@ class SQLiteOutbox(SQLiteDatabase):
             return None if row is None else rows.endpoint_from_row(row)
 
         return await self._lookup(op)
-
-    async def list_webhook_endpoints(
-        self,
-        account_id: str,
-        livemode: bool,
-        *,
-        limit: int,
-        starting_after: str | None = None,
-        ending_before: str | None = None,
-    ) -> list[WebhookEndpointRecord]:
-        page = page_query(
-            "webhook_endpoints", rows.SELECT_ENDPOINT,
-            account_id, livemode, limit, starting_after, ending_before,
-        )  # fmt: skip
-        return await self._page(page, rows.endpoint_from_row)
 
     async def webhook_endpoints_for(
         self, account_id: str, livemode: bool

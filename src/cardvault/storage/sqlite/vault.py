@@ -32,6 +32,7 @@ from cardvault.storage.base import (
     precondition_met,
 )
 from cardvault.storage.migrations import VAULT_SCHEMA, Schema
+from cardvault.storage.outboxrows import OutboxLists
 from cardvault.storage.pages import Page, VaultLists
 from cardvault.storage.sqlite.connection import insert
 from cardvault.storage.sqlite.imports import SQLiteImports
@@ -60,7 +61,9 @@ _INSERT_IDEMPOTENCY = (
 )
 
 
-class SQLiteVaultStore(VaultLists, SQLiteKeyJobs, SQLiteImports, SQLiteOutbox, SQLiteDatabase):
+class SQLiteVaultStore(
+    VaultLists, OutboxLists, SQLiteKeyJobs, SQLiteImports, SQLiteOutbox, SQLiteDatabase
+):
     """The vault's store in one SQLite file (the embedded default).
 
     ``group_commit`` (default on) lets concurrent writes share a transaction, at most
