@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from cardvault import pgp
-from cardvault.cards import holds_card_number
 from e2e.test_key_lifecycle import NUMBERS
 from helpers import Pki, cardvault_process, cli, free_ports, wait_for_port
+from hostile.hostile_support import card_numbers_in
 
 ROWS = 2000
 #: The kill-and-resume import: enough rows that the vault is killed well inside it.
@@ -221,7 +221,7 @@ def test_cards_imported_then_exported_round_trip_unchanged(
 
     r = run(e, "export", "--account", acct, "--to", "acme", "--out", str(target))
     assert r.returncode == 0, r.stderr
-    assert not holds_card_number(r.stdout + r.stderr)
+    assert card_numbers_in(r.stdout + r.stderr) == []
     assert target.read_bytes()[:1] != b"{"  # an OpenPGP message, not the JSON lines
     exported = {card["id"]: card for card in decrypt(e.recipient, target)}
     assert len(exported) == ROWS
@@ -278,7 +278,7 @@ def test_an_export_to_a_recipient_not_allowed_is_refused_and_audited(
     assert a.returncode == 1 and reason in a.stderr
     audit = audit_text(e)
     assert audit.count(f'"reason":"{reason}"') == before + 2
-    assert not holds_card_number(audit + r.stderr + a.stderr)
+    assert card_numbers_in(audit + r.stderr + a.stderr) == []
 
 
 def test_too_few_approvals_and_a_bad_share_wipe_all_approvals(e: Env, tmp_path: Path) -> None:
@@ -307,7 +307,7 @@ def test_too_few_approvals_and_a_bad_share_wipe_all_approvals(e: Env, tmp_path: 
     ]  # fmt: skip
     assert len(rejected) >= 2
     log = (e.dir / "vault.log").read_text(errors="replace")
-    assert not holds_card_number(audit + log + bad.stderr + twice.stderr)
+    assert card_numbers_in(audit + log + bad.stderr + twice.stderr) == []
 
 
 def count_pms(e: Env, prefix: str) -> tuple[int, int]:

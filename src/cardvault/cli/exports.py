@@ -24,9 +24,9 @@ import httpx
 import typer
 from rich.console import Console
 
-from cardvault.cli.imports import _Admin
-from cardvault.cli.keys import VaultUrlOpt, _Targets
-from cardvault.cli.keyservice import CaOpt, CertOpt, KeyOpt, _hand_out
+from cardvault.cli.imports import AdminSession
+from cardvault.cli.keys import AdminTargets, VaultUrlOpt
+from cardvault.cli.keyservice import CaOpt, CertOpt, KeyOpt, hand_out
 from cardvault.cli.stack import StackOpt
 from cardvault.files import write_private, write_private_stream
 from cardvault.vault.exports import approval
@@ -60,7 +60,7 @@ def export(
 ) -> None:
     """Export the cards of an account, PGP-encrypted to an allowlisted recipient, once
     custodians have approved it (docs/migration.md)."""
-    admin = _Admin(_Targets(None, vault_admin_url, ca_bundle, cert, key, stack))
+    admin = AdminSession(AdminTargets(None, vault_admin_url, ca_bundle, cert, key, stack))
     target = out_file or Path(f"{account}-{to}.jsonl.gpg")
     body = {"account": account, "mode": "live" if live else "test", "recipient": to}
     written = 0
@@ -112,7 +112,7 @@ def create(
         raise typer.Exit(2) from None
     write_private(approval_file, check.to_json().encode())
     out.print(f"approval check → {approval_file}: name it in [exports] approval_file")
-    _hand_out(made, shares, threshold, out_dir, what="approve an export")
+    hand_out(made, shares, threshold, out_dir, what="approve an export")
 
 
 @approval_app.command("submit")
@@ -138,7 +138,7 @@ def submit(
         share = getpass.getpass("export-approval share: ").strip()
     else:
         share = sys.stdin.readline().strip()
-    admin = _Admin(_Targets(None, vault_admin_url, ca_bundle, cert, key, stack))
+    admin = AdminSession(AdminTargets(None, vault_admin_url, ca_bundle, cert, key, stack))
     body: dict[str, Any] = {"account": account, "mode": "live" if live else "test",
                             "recipient": to, "share": share}  # fmt: skip
     result = admin.check(admin.http.post("/v1/admin/export_approvals", json=body))

@@ -31,13 +31,13 @@ from rich.progress import (
 )
 
 from cardvault import pgp
-from cardvault.cli.keys import VaultUrlOpt, _Targets
+from cardvault.cli.keys import AdminTargets, VaultUrlOpt
 from cardvault.cli.keyservice import CaOpt, CertOpt, KeyOpt
 from cardvault.cli.stack import StackOpt
 from cardvault.files import write_private_stream
 from cardvault.transport.tls import client_context
 
-__all__ = ["import_", "key_app"]
+__all__ = ["AdminSession", "import_", "key_app"]
 
 key_app = typer.Typer(help="The vault's OpenPGP import key.", no_args_is_help=True)
 out = Console()
@@ -63,11 +63,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Admin:
+class AdminSession:
     """Raw calls to the vault's admin API (uploads and the streamed run), on a
     certificate-verifying mutual-TLS client."""
 
-    def __init__(self, targets: _Targets) -> None:
+    def __init__(self, targets: AdminTargets) -> None:
         if targets.vault_url is None:
             err.print(
                 "[red]no vault to call[/]: give --vault-admin-url, or run this beside a stack"
@@ -208,8 +208,8 @@ def import_(
         )
         raise typer.Exit(2)
     tty = sys.stdout.isatty()
-    targets = _Targets(None, vault_admin_url, ca_bundle, cert, key, stack)
-    admin = _Admin(targets)
+    targets = AdminTargets(None, vault_admin_url, ca_bundle, cert, key, stack)
+    admin = AdminSession(targets)
     sha256 = _sha256(file)
     size = file.stat().st_size
 
@@ -299,7 +299,7 @@ def import_(
         )
 
 
-def _mapping(admin: _Admin, job_id: str) -> Iterator[bytes]:
+def _mapping(admin: AdminSession, job_id: str) -> Iterator[bytes]:
     """The mapping file's lines (CSV: external id, payment method), page by page."""
     yield b"external_id,payment_method\n"
     after = 0
@@ -332,7 +332,7 @@ def key_create(
 ) -> None:
     """Make the vault's import key (RSA 4096; its passphrase sealed under a data key).
     Prints its fingerprint and public key, for the sender to encrypt to."""
-    targets = _Targets(None, vault_admin_url, ca_bundle, cert, key, stack)
+    targets = AdminTargets(None, vault_admin_url, ca_bundle, cert, key, stack)
     typer.echo(json.dumps(targets.vault("POST", "/v1/admin/import_key", {})))
 
 
@@ -345,5 +345,5 @@ def key_show(
     stack: StackOpt = None,
 ) -> None:
     """The import key's fingerprint and public key (armored)."""
-    targets = _Targets(None, vault_admin_url, ca_bundle, cert, key, stack)
+    targets = AdminTargets(None, vault_admin_url, ca_bundle, cert, key, stack)
     typer.echo(json.dumps(targets.vault("GET", "/v1/admin/import_key")))

@@ -59,7 +59,7 @@ VaultUrlOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-class _Targets:
+class AdminTargets:
     """The key service and the vault's admin API, as the admin identity reaches them."""
 
     def __init__(
@@ -116,7 +116,7 @@ def _path(value: object) -> Path | None:
     return Path(value) if isinstance(value, str) and value else None
 
 
-def _key_info(targets: _Targets, name: str) -> dict[str, Any]:
+def _key_info(targets: AdminTargets, name: str) -> dict[str, Any]:
     status = targets.keyd("GET", "/v1/status")
     if status.get("sealed"):
         err.print("[red]the key service is sealed[/]: unseal it first")
@@ -128,7 +128,7 @@ def _key_info(targets: _Targets, name: str) -> dict[str, Any]:
     return dict(info)
 
 
-def _status(targets: _Targets) -> dict[str, Any]:
+def _status(targets: AdminTargets) -> dict[str, Any]:
     """Each KEK version with its state (the key service's) and how many stored data
     keys still use it (the vault's)."""
     keyd = targets.keyd("GET", "/v1/status")
@@ -156,17 +156,6 @@ def _status(targets: _Targets) -> dict[str, Any]:
     return {"object": "keys.status", "sealed": keyd.get("sealed"), "keys": keys}
 
 
-def _targets(
-    url: str | None,
-    vault_url: str | None,
-    ca: Path | None,
-    cert: Path | None,
-    key: Path | None,
-    stack: Path | None,
-) -> _Targets:
-    return _Targets(url, vault_url, ca, cert, key, stack)
-
-
 @app.command("status")
 def status(
     as_json: JsonOpt = False,
@@ -178,7 +167,7 @@ def status(
     stack: StackOpt = None,
 ) -> None:
     """Each KEK version, its state and how many stored keys still use it."""
-    result = _status(_targets(url, vault_admin_url, ca_bundle, cert, key, stack))
+    result = _status(AdminTargets(url, vault_admin_url, ca_bundle, cert, key, stack))
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -201,7 +190,7 @@ def rotate(
 ) -> None:
     """Add a new version of KEK NAME: new data keys are wrapped under it at once; the
     older versions become decrypt-only."""
-    targets = _targets(url, None, ca_bundle, cert, key, stack)
+    targets = AdminTargets(url, None, ca_bundle, cert, key, stack)
     result = targets.keyd("POST", f"/v1/keys/{name}/rotate")
     typer.echo(json.dumps(result))
     if name == "fingerprint":
@@ -284,7 +273,7 @@ def reencrypt(
     if when > time.time():
         err.print("[red]--before is in the future[/]")
         raise typer.Exit(2)
-    targets = _targets(url, vault_admin_url, ca_bundle, cert, key, stack)
+    targets = AdminTargets(url, vault_admin_url, ca_bundle, cert, key, stack)
     target = int(_key_info(targets, name)["latest_version"])
     runner = _Batches(name, rate=rate, batch_size=batch_size)
     if data:
@@ -335,7 +324,7 @@ class _Batches:
 
     def run(
         self,
-        targets: _Targets,
+        targets: AdminTargets,
         path: str,
         body: dict[str, Any],
         *,
@@ -406,7 +395,7 @@ def retire(
 ) -> None:
     """Retire VERSION of NAME (and every older one): nothing unwraps under them any more.
     Refused while any stored key still uses them, and for the newest version."""
-    targets = _targets(url, vault_admin_url, ca_bundle, cert, key, stack)
+    targets = AdminTargets(url, vault_admin_url, ca_bundle, cert, key, stack)
     info = _key_info(targets, name)
     if version >= int(info["latest_version"]):
         err.print("[red]the newest version cannot be retired[/]: rotate first")
@@ -446,7 +435,7 @@ def destroy(
 ) -> None:
     """Approve the destruction of retired VERSION of NAME with one custodian share; the
     K-th approval deletes its key material for good (crypto-shredding). Irreversible."""
-    targets = _targets(url, None, ca_bundle, cert, key, stack)
+    targets = AdminTargets(url, None, ca_bundle, cert, key, stack)
     status = targets.keyd("GET", "/v1/status")
     body: dict[str, Any] = {"version": version}
     if status.get("seal_type") == "shamir":
@@ -465,4 +454,4 @@ def destroy(
         )
 
 
-__all__ = ["app"]
+__all__ = ["AdminTargets", "VaultUrlOpt", "app"]

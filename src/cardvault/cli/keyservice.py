@@ -98,7 +98,7 @@ def init(
         )
         return
     token = settings.seal.type == "pkcs11"
-    _hand_out(
+    hand_out(
         result, shares, threshold, out_dir,
         "approve a key version's destruction (the root key stays in the token)"
         if token
@@ -281,7 +281,7 @@ def _current_shares(files: list[Path] | None) -> list[str]:
     return found
 
 
-def _hand_out(
+def hand_out(
     result: list[Any], shares: int, threshold: int, out_dir: Path | None, what: str = "unseal"
 ) -> None:
     out.print(
@@ -353,7 +353,7 @@ def reseal(
             new_threshold=threshold,
         )
     )
-    _hand_out(
+    hand_out(
         result, shares, threshold, out_dir,
         "unseal" if to == "shamir" else "approve a key version's destruction",
     )  # fmt: skip
@@ -385,8 +385,8 @@ def rekey(
             settings, shares=current, new_shares=shares, new_threshold=threshold
         )
     )
-    _hand_out(result, shares, threshold, out_dir)
+    hand_out(result, shares, threshold, out_dir)
     out.print("Custodian shares replaced: the old shares no longer unseal this key service.")
 
 
-__all__ = ["app"]
+__all__ = ["app", "hand_out"]
