@@ -24,13 +24,17 @@ and ``card_expiry``, as ``forward.py`` sends it. The forward's count includes th
 vault's side of the outbound request (aiohttp, TLS both ways), not the acquirer's.
 
 Without valgrind on the machine, ``--no-valgrind`` prints CPU time per request instead
-(noisy, as above). The work is done by the same script run as ``--child``.
+(noisy, as above). ``--profile FILE`` runs one endpoint's ``--large`` requests without
+valgrind under cProfile and writes its statistics to FILE, for ``pstats`` (where the
+instructions go, by Python function; cProfile's own cost inflates small functions).
+The work is done by the same script run as ``--child``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import itertools
 import os
 import re
@@ -194,8 +198,14 @@ def _measure(
             if deployment is not None:
                 bodies = await _forward_bodies(app, key, deployment, settings.store.url)
             await _drive(app, path, bodies, key, WARMUP, args.concurrency)
+            profiler = cProfile.Profile() if args.profile else None
             started = time.process_time()
+            if profiler is not None:
+                profiler.enable()
             await _drive(app, path, bodies, key, args.count, args.concurrency)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
             cpu = time.process_time() - started
             print(f"cpu_us_per_request {1e6 * cpu / args.count:.1f}", flush=True)
             await service.audit.close()
@@ -221,7 +231,9 @@ async def _forward_bodies(app: Any, key: str, deployment: Any, store_url: str) -
     return forward_body_list(deployment, pms)
 
 
-def _count(endpoint: str, n: int, concurrency: int, valgrind: bool) -> float:
+def _count(
+    endpoint: str, n: int, concurrency: int, valgrind: bool, profile: str | None = None
+) -> float:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -232,6 +244,7 @@ def _count(endpoint: str, n: int, concurrency: int, valgrind: bool) -> float:
         str(n),
         "--concurrency",
         str(concurrency),
+        *(["--profile", str(Path(profile).resolve())] if profile else []),
     ]
     if valgrind:
         command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command]
@@ -255,13 +268,16 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-valgrind", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile one endpoint into FILE")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return 0
-    valgrind = not args.no_valgrind
+    valgrind = not args.no_valgrind and not args.profile
+    if args.profile and args.endpoint not in ENDPOINTS:
+        parser.error("--profile takes one endpoint")
     if valgrind and shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (or use --no-valgrind)")
     if args.large <= args.small:
@@ -275,7 +291,7 @@ def main() -> int:
             figures[endpoint] = (large - small) / (args.large - args.small)
             unit = "instructions"
         else:
-            figures[endpoint] = _count(endpoint, args.large, args.concurrency, False)
+            figures[endpoint] = _count(endpoint, args.large, args.concurrency, False, args.profile)
             unit = "µs of CPU"
         print(f"{endpoint:>8}: {figures[endpoint]:>12,.0f} {unit} per request", flush=True)
     if "noop" in figures and "tokenize" in figures:
