@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import fnmatch
 import os
 import re
@@ -365,15 +366,21 @@ def scan_bytes(
     return _resolve(scanner.scan_buffer(data, 0), Path(name))
 
 
-def _scan_file(path: Path, scanner: _Scanner, chunk_size: int) -> list[Finding]:
+def _scan_file(
+    path: Path, scanner: _Scanner, chunk_size: int, on_bytes: Callable[[int], None] | None = None
+) -> list[Finding]:
     overlap = scanner.overlap
     chunk_size = max(chunk_size, 2 * overlap)
     hits: list[_Hit] = []
     with open(path, "rb") as fh:
         base = 0  # file offset of buf[0]
         buf = fh.read(chunk_size)
+        if on_bytes is not None:
+            on_bytes(len(buf))
         while True:
             more = fh.read(chunk_size - overlap) if len(buf) >= chunk_size else b""
+            if on_bytes is not None and more:
+                on_bytes(len(more))
             at_end = not more
             end = base + len(buf)
             # The overlap is wide enough that everything near one cut lies well inside
@@ -437,13 +444,16 @@ def scan_paths(
     cvcs: Iterable[str] = (),
     ignore: Iterable[str] = (),
     chunk_size: int = CHUNK_SIZE,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> list[Finding]:
     """Scan files (directories recursively) and return every finding, in path order.
 
     ``canaries``: strings to find (at least 8 printable ASCII characters each).
     ``cvcs``: CVC values to find in a shaped context. ``ignore``: glob patterns matched
-    against each path and each file name. Raises ``FileNotFoundError`` for a path that
-    does not exist and ``ValueError`` for a bad canary or CVC.
+    against each path and each file name. ``on_bytes`` is called with the size of each
+    piece of a file as it is read (a progress bar's feed; :func:`scan_size` is the
+    total). Raises ``FileNotFoundError`` for a path that does not exist and
+    ``ValueError`` for a bad canary or CVC.
     """
     scanner = _Scanner(canaries, cvcs)
     ignore_list = list(ignore)
@@ -451,7 +461,7 @@ def scan_paths(
     for path, error in _files((Path(p) for p in paths), ignore_list):
         if error is None:
             try:
-                findings += _scan_file(path, scanner, chunk_size)
+                findings += _scan_file(path, scanner, chunk_size, on_bytes)
                 continue
             except OSError as exc:
                 error = exc
@@ -460,3 +470,14 @@ def scan_paths(
             Finding(path, 0, FindingKind.UNREADABLE, Encoding.NONE, f"not read: {reason}")
         )
     return findings
+
+
+def scan_size(paths: Iterable[Path | str], *, ignore: Iterable[str] = ()) -> int:
+    """The bytes :func:`scan_paths` would read for the same arguments (files as they are
+    now). Raises ``FileNotFoundError`` as it does."""
+    total = 0
+    for path, error in _files((Path(p) for p in paths), list(ignore)):
+        if error is None:
+            with contextlib.suppress(OSError):
+                total += path.lstat().st_size
+    return total

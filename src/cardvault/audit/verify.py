@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -134,16 +134,19 @@ class VerifyResult:
 class _Lines:
     """Numbered lines of a file, with look-ahead."""
 
-    def __init__(self, fh: IO[bytes]) -> None:
+    def __init__(self, fh: IO[bytes], on_bytes: Callable[[int], None] | None = None) -> None:
         self._fh = fh
         self._ahead: deque[tuple[int, bytes]] = deque()
         self._count = 0
+        self._on_bytes = on_bytes
 
     def _read(self) -> tuple[int, bytes] | None:
         raw = self._fh.readline(_MAX_LINE)
         if not raw:
             return None
         self._count += 1
+        if self._on_bytes is not None:
+            self._on_bytes(len(raw))
         return self._count, raw
 
     def next(self) -> tuple[int, bytes] | None:
@@ -426,19 +429,32 @@ class _Walk:
         return Problem(kind, line, expected_seq, f"{exc} (record {expected_seq} belongs here)")
 
 
-def verify_log(path: Path, public_key_path: Path, *, head_path: Path | None = None) -> VerifyResult:
+def verify_log(
+    path: Path,
+    public_key_path: Path,
+    *,
+    head_path: Path | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> VerifyResult:
     """Verify the log at ``path`` with the Ed25519 public key (PEM) at ``public_key_path``.
 
-    ``head_path`` defaults to ``audit.head`` beside the log. Returns a
+    ``head_path`` defaults to ``audit.head`` beside the log; ``on_bytes`` is called with
+    the size of each line as it is read (a progress bar's feed). Returns a
     :class:`VerifyResult` whose ``problem`` is the first problem found (``None`` when the
     log verifies). Raises ``OSError`` if the log or key cannot be read and ``ValueError``
     if the key is not an Ed25519 public key.
     """
-    return verify_with_key(Path(path), load_public_key(Path(public_key_path)), head_path=head_path)
+    return verify_with_key(
+        Path(path), load_public_key(Path(public_key_path)), head_path=head_path, on_bytes=on_bytes
+    )
 
 
 def verify_with_key(
-    path: Path, public_key: VerifyKey, *, head_path: Path | None = None
+    path: Path,
+    public_key: VerifyKey,
+    *,
+    head_path: Path | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> VerifyResult:
     """:func:`verify_log` with the public key already loaded."""
     path = Path(path)
@@ -448,7 +464,7 @@ def verify_with_key(
 
     walk = _Walk(public_key, kid, head, head_file.name)
     with open(path, "rb") as fh:
-        problem = walk.run(_Lines(fh))
+        problem = walk.run(_Lines(fh, on_bytes))
 
     last_seq = walk.prev.seq if walk.prev is not None else 0
     if problem is None:

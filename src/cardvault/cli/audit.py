@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -25,6 +26,7 @@ from cardvault.audit import (
 from cardvault.audit import (
     export as export_records,
 )
+from cardvault.cli.progress import byte_progress
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
 
 if TYPE_CHECKING:
@@ -117,10 +119,15 @@ def _logs_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob(LOG_FILE) if p.is_file())
 
 
-def _verify_one(log: Path, public_key: Path | None, head: Path | None) -> VerifyResult | str:
+def _verify_one(
+    log: Path,
+    public_key: Path | None,
+    head: Path | None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> VerifyResult | str:
     key = public_key if public_key is not None else log.with_name(PUBLIC_KEY_FILE)
     try:
-        return verify_log(log, key, head_path=head)
+        return verify_log(log, key, head_path=head, on_bytes=on_bytes)
     except FileNotFoundError as exc:
         return f"cannot read {exc.filename}"
     except (OSError, ValueError) as exc:
@@ -154,11 +161,17 @@ class _Chain:
         return self.problem is None
 
 
-def _check_chain(name: str, log: Path, public_key: Path | None, head: Path | None) -> _Chain:
+def _check_chain(
+    name: str,
+    log: Path,
+    public_key: Path | None,
+    head: Path | None,
+    on_bytes: Callable[[int], None],
+) -> _Chain:
     chain = _Chain(name, _signer(log, public_key))
     if log.exists():
         record_access(log, "audit.verified", required=False)
-    result = _verify_one(log, public_key, head)
+    result = _verify_one(log, public_key, head, on_bytes)
     if isinstance(result, str):
         chain.problem, chain.kind = result, "unreadable"
         return chain
@@ -243,7 +256,7 @@ def verify(
     Reports, per chain, the first record where an edit, deletion, insertion, reordering or
     truncation happened. A set (several logs, or directories) also fails when two chains
     are signed by one key. With neither a PATH nor --state, every log of the local stack
-    (cardvault up) is verified.
+    (cardvault up) is verified. On a terminal, a progress bar runs on stderr meanwhile.
     """
     paths = list(paths or [])
     if not paths and state is None:
@@ -264,7 +277,9 @@ def verify(
         where = ", ".join(str(p) for p in [*paths, *([state] if state else [])])
         err.print(f"[red]No audit logs under {escape(where)} (looked for {LOG_FILE}).[/]")
         raise typer.Exit(1)
-    chains = [_check_chain(name, log, public_key, head) for name, log in logs]
+    total = sum(_size(log) for _, log in logs)
+    with byte_progress(err, "verifying", total, enabled=not as_json) as advance:
+        chains = [_check_chain(name, log, public_key, head, advance) for name, log in logs]
     _shared_keys(chains)
     ok = all(chain.ok for chain in chains)
     if as_json:
@@ -273,6 +288,13 @@ def verify(
         _print_chains(chains)
     if not ok:
         raise typer.Exit(1)
+
+
+def _size(log: Path) -> int:
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0  # reported as unreadable by the check
 
 
 def _print_chains(chains: list[_Chain]) -> None:

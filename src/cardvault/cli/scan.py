@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,8 +10,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cardvault.cli.progress import byte_progress
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
-from cardvault.scan import scan_paths
+from cardvault.scan import Finding, scan_paths, scan_size
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True)
@@ -46,12 +48,17 @@ def scan(
         list[str] | None,
         typer.Option("--ignore", help="Leave out paths matching this glob (repeatable)."),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object: the verdict and every finding."),
+    ] = False,
     stack: StackOpt = None,
 ) -> None:
     """Search files for card numbers, CVCs and canaries (ASCII, UTF-16, hex, base64).
 
     Prints one line per finding (never the value itself) and exits 1 when anything is
-    found or a file cannot be read, 0 when everything is clean.
+    found or a file cannot be read, 0 when everything is clean. On a terminal, a
+    progress bar (bytes, rate, time left) runs on stderr while it searches.
     """
     if not paths:
         found = stack_value(load_stack(stack), "state")
@@ -65,19 +72,39 @@ def scan(
     try:
         if canary_file is not None:
             canaries += _read_canaries(canary_file)
-        findings = scan_paths(paths, canaries=canaries, cvcs=cvc or [], ignore=ignore or [])
+        total = scan_size(paths, ignore=ignore or [])
+        with byte_progress(err, "scanning", total, enabled=not as_json) as advance:
+            findings = scan_paths(
+                paths, canaries=canaries, cvcs=cvc or [], ignore=ignore or [], on_bytes=advance
+            )
     except FileNotFoundError as exc:
         err.print(f"[red]No such file or directory: {escape(str(exc.filename))}[/]")
         raise typer.Exit(2) from None
     except ValueError as exc:
         err.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"clean": not findings, "findings": [_as_dict(f) for f in findings]}))
+        if findings:
+            raise typer.Exit(1)
+        return
     for finding in findings:
         out.print(str(finding), markup=False)
     if findings:
         err.print(f"[red]{len(findings)} finding(s).[/]")
         raise typer.Exit(1)
     err.print("[green]clean[/]: nothing found.")
+
+
+def _as_dict(finding: Finding) -> dict[str, object]:
+    """A finding as JSON: where, what and how encoded; the value only masked."""
+    return {
+        "path": str(finding.path),
+        "offset": finding.offset,
+        "kind": str(finding.kind),
+        "encoding": str(finding.encoding),
+        "masked": finding.masked,
+    }
 
 
 #: ``scan`` on its own, for tests and for running this module without the main CLI.
