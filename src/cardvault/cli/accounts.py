@@ -16,6 +16,7 @@ from typing import Annotated, Literal, TypeVar
 import typer
 from rich.console import Console
 
+from cardvault.cli.output import JsonOpt, print_json
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.config import load_settings
 from cardvault.errors import CardVaultError, ConfigurationError
@@ -99,12 +100,22 @@ def create_account(
     name: Annotated[str, typer.Option(help="A name for people.")] = "",
     live: Annotated[bool, typer.Option("--live", help="Also create live-mode keys.")] = False,
     allowed_origin: OriginOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create an account with test-mode keys (and live-mode keys with --live)."""
     origins = _origins(allowed_origin)
     made = _administer(
         config, stack, lambda admin: admin.create_account(name, origins=origins, live=live)
     )
+    if as_json:
+        print_json(
+            {
+                "account": made.id,
+                "allowed_origins": list(made.origins),
+                "keys": [{"kind": k, "mode": m, "key": key} for k, m, key in made.keys],
+            }
+        )
+        return
     shown = [("account", made.id)]
     if made.origins:
         shown.append(("allowed origins", " ".join(made.origins)))
@@ -120,6 +131,7 @@ def set_origins(
     config: ConfigOpt = None,
     stack: StackOpt = None,
     origin: OriginOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Replace the origins whose pages may frame the account's card element.
 
@@ -129,7 +141,9 @@ def set_origins(
     if not _administer(config, stack, lambda admin: admin.set_allowed_origins(account, origins)):
         err.print("[red]no such account[/]")
         raise typer.Exit(1)
-    if origins:
+    if as_json:
+        print_json({"account": account, "allowed_origins": origins})
+    elif origins:
         out.print(f"{account} allowed origins: {' '.join(origins)}", highlight=False)
     else:
         out.print(f"{account} allowed origins: none (no page may frame its card element)")
@@ -142,6 +156,7 @@ def create_key(
     stack: StackOpt = None,
     kind: Annotated[str, typer.Option(help="publishable or secret.")] = "secret",
     mode: Annotated[str, typer.Option(help="test or live.")] = "test",
+    as_json: JsonOpt = False,
 ) -> None:
     """Create one API key for an account; printed once."""
     if kind not in ("publishable", "secret") or mode not in ("test", "live"):
@@ -154,17 +169,25 @@ def create_key(
     record, secret = _administer(
         config, stack, lambda admin: admin.create_api_key(account, chosen_kind, chosen_mode)
     )
+    if as_json:
+        print_json({"id": record.id, "account": account, "kind": kind, "mode": mode, "key": secret})
+        return
     out.print(f"{record.id}  {secret}", highlight=False)
     out.print("[bold]Shown once; stored only as a hash.[/]")
 
 
 @keys_app.command("revoke")
-def revoke_key(key_id: str, config: ConfigOpt = None, stack: StackOpt = None) -> None:
+def revoke_key(
+    key_id: str, config: ConfigOpt = None, stack: StackOpt = None, as_json: JsonOpt = False
+) -> None:
     """Revoke an API key by its id (key_…). Takes effect within two seconds."""
     if not _administer(config, stack, lambda admin: admin.revoke_api_key(key_id)):
         err.print("[red]no such key, or already revoked[/]")
         raise typer.Exit(1)
-    out.print(f"revoked {key_id}")
+    if as_json:
+        print_json({"id": key_id, "revoked": True})
+    else:
+        out.print(f"revoked {key_id}")
 
 
 __all__ = ["accounts_app", "keys_app"]
