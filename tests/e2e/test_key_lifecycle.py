@@ -128,11 +128,17 @@ card_expiry = {{ json_month = "/card/exp_month", json_year = "/card/exp_year" }}
     try:
         wait_for_port(aport, acq)
         with keyservice_and_vault(kconf, kport, vconf, vport, d):
-            for share in shares[:2]:
+            for n, share in enumerate(shares[:2], start=1):
                 r = cli("keyservice", "unseal", "--share-file", str(share), "--url", env[
                     "CARDVAULT_KEYSERVICE_URL"], "--ca-bundle", str(pki.ca_file), "--cert",
-                    str(admin_cert), "--key", str(admin_key))  # fmt: skip
+                    str(admin_cert), "--key", str(admin_key), "--json")  # fmt: skip
                 assert r.returncode == 0, r.stderr
+                # --json: the key service's answer as it gave it (2 of 3 unseal).
+                assert json.loads(r.stdout) == (
+                    {"sealed": True, "progress": 1, "threshold": 2}
+                    if n == 1
+                    else {"sealed": False, "progress": 0, "threshold": 2}
+                )
             wait_for_port(admin_port)
             yield Lifecycle(
                 d,

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cardvault.cli.output import JsonOpt, print_json
 from cardvault.cli.stack import StackOpt, load_stack, stack_value
 from cardvault.client import Client, TransportError
 from cardvault.config import load_settings
@@ -162,6 +163,7 @@ def unseal(
     share_file: Annotated[
         Path | None, typer.Option("--share-file", help="Read the share from a file.")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Submit one custodian share (prompted without echo, or from --share-file)."""
     if share_file is not None:
@@ -171,7 +173,9 @@ def unseal(
     else:
         share = sys.stdin.readline().strip()
     result = _call(url, ca_bundle, cert, key, stack, "POST", "/v1/unseal", {"share": share})
-    if result["sealed"]:
+    if as_json:
+        print_json(result)
+    elif result["sealed"]:
         out.print(f"accepted: {result['progress']}/{result['threshold']} shares; still sealed")
     else:
         out.print("[green]unsealed[/]")
@@ -184,10 +188,14 @@ def seal(
     cert: CertOpt = None,
     key: KeyOpt = None,
     stack: StackOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Seal the key service: wipe the root key and KEKs from its memory."""
-    _call(url, ca_bundle, cert, key, stack, "POST", "/v1/seal")
-    out.print("sealed")
+    result = _call(url, ca_bundle, cert, key, stack, "POST", "/v1/seal")
+    if as_json:
+        print_json(result)
+    else:
+        out.print("sealed")
 
 
 @app.command("status")
