@@ -8,6 +8,7 @@ what was read. Card numbers are generated in the test, never typed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -15,8 +16,11 @@ import random
 import select
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cardvault.audit import verify_log
@@ -125,3 +129,25 @@ def test_audit_verify_shows_progress_on_a_terminal_and_not_in_json(tmp_path: Pat
     code, out, shown = _on_a_terminal(["audit", "verify", str(log), "--json"])
     assert code == 0 and json.loads(out)["ok"] is True
     assert "verifying" not in shown
+
+
+class _Pages:
+    """A resource whose ``list_all`` yields ``count`` objects, as the SDK's do."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def list_all(self, page_size: int) -> Iterator[dict[str, str]]:
+        for i in range(self.count):
+            yield {"id": f"pm_{i:04d}"}
+
+
+def test_list_all_counts_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cardvault.cli import api
+
+    for terminal in (True, False):
+        shown = io.StringIO()
+        monkeypatch.setattr(api, "err", Console(file=shown, force_terminal=terminal, width=100))
+        items = api._page(_Pages(250), None, None, None, True)
+        assert [i["id"] for i in items] == [f"pm_{i:04d}" for i in range(250)]
+        assert ("listing" in shown.getvalue()) is terminal

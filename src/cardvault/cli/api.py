@@ -26,6 +26,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from cardvault.cli.progress import count_progress
 from cardvault.cli.stack import StackOpt, load_stack, stack_path, stack_value
 from cardvault.client import CardVaultError, Client, TransportError
 
@@ -403,7 +404,12 @@ def _page(
 ) -> Any:
     try:
         if all_pages:
-            return list(resource.list_all(page_size=limit or 100))
+            items: list[Any] = []
+            with count_progress(err, "listing") as advance:
+                for item in resource.list_all(page_size=limit or 100):
+                    items.append(item)
+                    advance(1)
+            return items
         return resource.list(
             limit=limit, starting_after=starting_after, ending_before=ending_before
         )

@@ -1,5 +1,5 @@
-"""Progress bars for the long commands (``scan``, ``audit verify``): on stderr, on a
-terminal only, gone when the work ends; never in ``--json`` output or in a pipe."""
+"""Progress bars for the long commands (``scan``, ``audit verify``, ``list --all``): on
+stderr, on a terminal only, gone when the work ends; never in output or in a pipe."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
-__all__ = ["byte_progress"]
+__all__ = ["byte_progress", "count_progress"]
 
 
 @contextmanager
@@ -38,4 +40,25 @@ def byte_progress(
     )
     with progress:
         task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+@contextmanager
+def count_progress(
+    console: Console, description: str, *, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
+    """A counter of items of unknown total (the count and the time taken), shown on
+    ``console`` when it is a terminal and ``enabled``; yields the function to call with
+    each batch's size."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed:,.0f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+    with progress:
+        task = progress.add_task(description, total=None)
         yield lambda n: progress.advance(task, n)
