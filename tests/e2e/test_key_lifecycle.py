@@ -261,6 +261,9 @@ def versions(st: dict[str, Any], name: str) -> dict[int, dict[str, Any]]:
     return {row["version"]: row for row in st["keys"][name]["versions"]}
 
 
+# The heaviest tests of the suite (a whole stack, thousands of cards, a scan of every
+# file): a machine shared with other work has taken more than the default 300 s.
+@pytest.mark.timeout(900)
 def test_rotate_reencrypt_under_load_kill_resume_retire_destroy(life: Lifecycle, pki: Pki) -> None:
     with ThreadPoolExecutor(8) as pool, client(pki) as http:
         cards = list(pool.map(lambda i: tokenize(http, life, NUMBERS[i % 4])["id"], range(CARDS)))
