@@ -39,7 +39,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any, TextIO
@@ -51,6 +51,7 @@ from cardvault.cards.luhn import PAN_MIN_DIGITS, redact_card_numbers
 
 __all__ = [
     "REDACTED",
+    "add_line_tap",
     "bind_request_fields",
     "bind_request_id",
     "clear_request_context",
@@ -215,7 +216,38 @@ def _line_processors(fields: Mapping[str, Any] | None = None) -> list[Processor]
         scrub_card_data,
         structlog.stdlib.add_log_level,
         _utc_timestamp,
+        _tap_line,
     ]
+
+
+#: What :func:`add_line_tap` registered: each is handed every line structlog writes,
+#: scrubbed and stamped, before it is rendered.
+_TAPS: list[Callable[[Mapping[str, Any]], None]] = []
+
+
+def add_line_tap(tap: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
+    """Hand ``tap`` every line cardvault's structlog loggers write from now on (after
+    the scrubber, with its level and time: what is rendered), in the thread that logs
+    it; it must be quick and must not log. Returns the function that removes it. The
+    vault's request log (``cardvault logs tail``) is one. A tap that raises loses its
+    line, never the log's."""
+    _TAPS.append(tap)
+
+    def remove() -> None:
+        if tap in _TAPS:
+            _TAPS.remove(tap)
+
+    return remove
+
+
+def _tap_line(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: the line to every tap of :func:`add_line_tap`."""
+    for tap in _TAPS:
+        try:
+            tap(event_dict)
+        except Exception:  # noqa: S112 (a tap never costs the line its writing)
+            continue
+    return event_dict
 
 
 #: The second :func:`_utc_timestamp` last wrote, and its text: one tuple, replaced whole,

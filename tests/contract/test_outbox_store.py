@@ -225,3 +225,37 @@ def test_purge_events_removes_old_events_and_their_deliveries(backend: Backend) 
         assert await store.claim_deliveries(10**15, 10**15, limit=10) == []
 
     backend.run(check)
+
+
+def test_system_events_and_their_data_key_are_written_together(backend: Backend) -> None:
+    from contract.test_vault_store import data_key
+
+    async def check(store: VaultStore) -> None:
+        await seed(store)
+        assert await store.account_ids(limit=10) == [ACCT, OTHER]
+        assert await store.account_ids(after=ACCT, limit=10) == [OTHER]
+        assert await store.account_ids(limit=1) == [ACCT]
+        rotated = [
+            event("evt_r1", type="key.rotated"),
+            event("evt_r2", type="key.rotated", account_id=OTHER, livemode=True),
+        ]
+        await store.insert_events(rotated, data_key=data_key("dk_pan_2"))
+        assert await store.get_data_key("dk_pan_2") is not None
+        assert await store.get_event(OTHER, True, "evt_r2") == rotated[1]
+        # A duplicate: neither the data key nor any event of the call is written.
+        with pytest.raises(DuplicateError):
+            await store.insert_events(
+                [event("evt_r3", type="key.rotated"), event("evt_r1")],
+                data_key=data_key("dk_pan_3"),
+            )
+        assert await store.get_data_key("dk_pan_3") is None
+        assert await store.get_event(ACCT, False, "evt_r3") is None
+        # Events alone (the audit log failed: no data key with them).
+        await store.insert_events([event("evt_a1", type="audit.failed_closed")])
+        assert [e.id for e in await store.undispatched_events(limit=10)] == [
+            "evt_a1",
+            "evt_r1",
+            "evt_r2",
+        ]
+
+    backend.run(check)

@@ -5,6 +5,9 @@ and the watch that stops a service whose audit log failed.
 logging context (bound by :class:`cardvault.transport.asgi.SecurityHeaders`), appends
 the record, and turns :class:`AuditUnavailable` into the API's
 :class:`~cardvault.errors.ServiceUnavailable`, so the operation it guards is refused.
+The first refusal of each failure (a failure lasts from a failed write to the next
+write that succeeds) is also handed to :attr:`Recorder.on_failed_closed`, in a task of
+its own: the vault writes its ``audit.failed_closed`` event there.
 
 :func:`watch_audit_log` runs beside a service. While the log's last write failed, the
 service is not ready (``/readyz``) and refuses what it cannot record (503); when the log
@@ -20,9 +23,10 @@ for ever.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,6 +61,35 @@ _log = get_logger("cardvault.audit")
 class Recorder:
     def __init__(self, log: AuditLog | None) -> None:
         self.log = log
+        #: Called with ``"write_failed"`` or ``"broken"`` at the first refusal of each
+        #: failure of the log (module docstring); it must not record in this log.
+        self.on_failed_closed: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        self._reported: float | None = None
+        self._reports: set[asyncio.Task[None]] = set()
+
+    def _refused(self, action: str) -> None:
+        """An operation refused because its record cannot be written: logged, and the
+        failure reported once (:attr:`on_failed_closed`)."""
+        _log.error("audit log unavailable; refusing the operation", action=action)
+        log, report = self.log, self.on_failed_closed
+        if log is None or report is None or log.closed:
+            return
+        since = log.failing_since
+        if since is None or since == self._reported:
+            return
+        self._reported = since
+        reason = "broken" if log.broken is not None else "write_failed"
+        # A context of its own: the report is no part of the request refused.
+        task = asyncio.get_running_loop().create_task(report(reason), context=contextvars.Context())
+        self._reports.add(task)
+        task.add_done_callback(self._reported_done)
+
+    def _reported_done(self, task: asyncio.Task[None]) -> None:
+        self._reports.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error(
+                "the audit log's failure could not be reported", error=repr(task.exception())
+            )
 
     async def record(
         self,
@@ -83,7 +116,7 @@ class Recorder:
                 detail=detail or {},
             )
         except AuditUnavailable as exc:
-            _log.error("audit log unavailable; refusing the operation", action=action)
+            self._refused(action)
             raise AuditUnavailableError() from exc
 
     def record_soon(
@@ -114,7 +147,7 @@ class Recorder:
                 detail=detail or {},
             )
         except AuditUnavailable as exc:
-            _log.error("audit log unavailable; refusing the operation", action=action)
+            self._refused(action)
             raise AuditUnavailableError() from exc
 
     async def durable(self, recorded: asyncio.Future[Any] | None, action: str) -> None:
@@ -125,7 +158,7 @@ class Recorder:
         try:
             await recorded
         except AuditUnavailable as exc:
-            _log.error("audit log unavailable; refusing the operation", action=action)
+            self._refused(action)
             raise AuditUnavailableError() from exc
 
     async def close(self) -> None:

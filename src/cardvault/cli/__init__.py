@@ -38,7 +38,10 @@ def _register() -> None:
         imports,
         keys,
         keyservice,
+        listen,
+        logs,
         scan,
+        trigger,
         up,
         vault,
     )
@@ -51,6 +54,9 @@ def _register() -> None:
     app.add_typer(doctor.app, name="doctor")
     app.add_typer(keyservice.app, name="keyservice")
     app.add_typer(keys.app, name="keys")
+    app.add_typer(logs.app, name="logs")
+    app.command("listen")(listen.listen)
+    app.command("trigger")(trigger.trigger)
     app.command("import")(imports.import_)
     app.add_typer(imports.key_app, name="import-key")
     app.command("export")(exports.export)

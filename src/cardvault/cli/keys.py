@@ -183,15 +183,26 @@ def status(
 def rotate(
     name: str,
     url: KeydUrlOpt = None,
+    vault_admin_url: VaultUrlOpt = None,
     ca_bundle: CaOpt = None,
     cert: CertOpt = None,
     key: KeyOpt = None,
     stack: StackOpt = None,
 ) -> None:
     """Add a new version of KEK NAME: new data keys are wrapped under it at once; the
-    older versions become decrypt-only."""
-    targets = AdminTargets(url, None, ca_bundle, cert, key, stack)
+    older versions become decrypt-only. For pan and cvc the vault then takes a data key
+    under the new version at once and writes the key.rotated event to every account."""
+    targets = AdminTargets(url, vault_admin_url, ca_bundle, cert, key, stack)
     result = targets.keyd("POST", f"/v1/keys/{name}/rotate")
+    if name in DATA_KEY_KEKS:
+        if targets.vault_url is None:
+            err.print(
+                "[yellow]note[/]: no vault admin API given (--vault-admin-url): the vault "
+                "takes the new version at its next data-key renewal, and no key.rotated "
+                "event is written"
+            )
+        else:
+            result = {**result, "vault": targets.vault("POST", f"/v1/admin/keys/{name}/rotated")}
     typer.echo(json.dumps(result))
     if name == "fingerprint":
         err.print(

@@ -19,6 +19,8 @@ Callers seal and open; they never pick a nonce, a cipher or an encoding::
   as custodian shares.
 - :class:`SigningKey` / :class:`VerifyKey` / :func:`sign` / :func:`verify` — Ed25519
   signatures (the audit log's checkpoints).
+- :mod:`cardvault.crypto.webhook` — Stripe's webhook signature (``Stripe-Signature``,
+  HMAC-SHA256) and ``whsec_`` secrets, for the vault's deliveries and ``cardvault listen``.
 
 Every value that does not open raises :class:`InvalidCiphertext`, and every signature
 that does not verify :class:`InvalidSignature`, whatever the reason.

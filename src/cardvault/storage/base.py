@@ -682,6 +682,18 @@ class VaultStore(Protocol):
     async def purge_events(self, before: int) -> int:
         """Delete events and deliveries created before ``before``; the events deleted."""
 
+    async def insert_events(
+        self, events: Sequence[EventRecord], *, data_key: DataKeyRecord | None = None
+    ) -> None:
+        """In one transaction: ``data_key`` (when given) and ``events``. For the events
+        of a change that is no row of the vault's own (a KEK rotated in the key service,
+        the audit log failing), with the data key the vault starts using because of it.
+        Raises DuplicateError if an id exists: nothing written."""
+
+    async def account_ids(self, *, after: str = "", limit: int) -> list[str]:
+        """Account ids in order, after ``after``, at most ``limit``: the accounts a
+        system event (one of no account's doing) is written to."""
+
     async def create_webhook_endpoint(self, record: WebhookEndpointRecord) -> None:
         """Raises DuplicateError if the id exists."""
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from cardvault.storage._shared import insert_sql
 from cardvault.storage.base import DeliveryRecord, EventRecord, WebhookEndpointRecord
 from cardvault.storage.pages import Page, page_query
-from cardvault.storage.rows import select
+from cardvault.storage.rows import DATA_KEY_COLUMNS, select
 
 R = TypeVar("R")
 
@@ -59,6 +59,9 @@ SELECT_DELIVERY = select("webhook_deliveries", DELIVERY_COLUMNS)
 INSERT_EVENT = insert_sql("events", EVENT_COLUMNS)
 INSERT_ENDPOINT = insert_sql("webhook_endpoints", ENDPOINT_COLUMNS)
 INSERT_DELIVERY = insert_sql("webhook_deliveries", DELIVERY_COLUMNS)
+INSERT_DATA_KEY = insert_sql("data_keys", DATA_KEY_COLUMNS)
+#: The accounts a system event goes to (key.rotated, audit.failed_closed), a page at a time.
+ACCOUNT_IDS = "SELECT id FROM accounts WHERE id > ? ORDER BY id LIMIT ?"
 
 GET_EVENT = f"{SELECT_EVENT} WHERE id = ? AND account_id = ? AND livemode = ?"
 GET_ENDPOINT = f"{SELECT_ENDPOINT} WHERE id = ? AND account_id = ? AND livemode = ?"

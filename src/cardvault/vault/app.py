@@ -37,7 +37,7 @@ from cardvault.audit.recorder import (
     watch_audit_log,
 )
 from cardvault.errors import AuditUnavailableError, CardVaultError, ConfigurationError
-from cardvault.logging import configure_logging, get_logger
+from cardvault.logging import add_line_tap, configure_logging, get_logger
 from cardvault.storage.base import VaultStore
 from cardvault.transport.asgi import build_app, redirect_app
 from cardvault.transport.securitytxt import render_security_txt
@@ -62,7 +62,9 @@ from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import ParseLimits
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import key_limits
+from cardvault.vault.requestlog import RequestLog
 from cardvault.vault.settings import VaultSettings
+from cardvault.vault.systemevents import SystemEvents
 from cardvault.vault.webhooks import WebhookDelivery, WebhookEndpoints
 from cardvault.vault.workers import WorkerSpec
 
@@ -134,6 +136,9 @@ def build_vault(settings: VaultSettings) -> Vault | None:
     keys = DataKeyManager(store, client, policy)
     audit = Recorder(None)
     events = Events(store, keys)
+    # key.rotated and audit.failed_closed: to every account (cardvault.vault.systemevents).
+    system_events = SystemEvents(store, events)
+    audit.on_failed_closed = system_events.audit_failed_closed
     payment_methods = PaymentMethods(
         store, keys, cvc_ttl=settings.limits.cvc_ttl, audit=audit, events=events
     )
@@ -161,7 +166,12 @@ def build_vault(settings: VaultSettings) -> Vault | None:
             store, keys, audit, _allowlist(settings), OutboundClient(), events=events
         ),
         maintenance=KeyMaintenance(
-            store, client, audit, fingerprint_version=dk.fingerprint_version, datakeys=keys
+            store,
+            client,
+            audit,
+            fingerprint_version=dk.fingerprint_version,
+            datakeys=keys,
+            system_events=system_events,
         ),
         imports=Imports(
             store,
@@ -349,10 +359,12 @@ def build_listeners(
     settings: VaultSettings,
     vault: Vault | None = None,
     readiness: Callable[[], Any] | None = None,
+    request_log: RequestLog | None = None,
 ) -> list[Listener]:
     """The vault's listeners, ready to serve. Raises ConfigurationError on bad settings.
     ``readiness`` answers ``/readyz`` (:class:`Readiness`); without it the vault is
-    ready whenever it serves."""
+    ready whenever it serves. ``request_log``: served on the admin API
+    (``cardvault logs tail``)."""
     srv = settings.server
     public_port = srv.public_port or srv.port
     base = settings.public_url.rstrip("/") or (
@@ -375,6 +387,7 @@ def build_listeners(
         maintenance=vault.maintenance if vault is not None else None,
         imports=vault.imports if vault is not None else None,
         exports=vault.exports if vault is not None else None,
+        request_log=request_log,
     )
     public_app = build_app(table.public, service="vault", security_txt=security_txt)
     listeners = [Listener("public", public_app, srv.host, srv.port, public_ctx, limits=srv.limits)]
@@ -471,12 +484,21 @@ def run(
             "only /healthz and the transport endpoints are served"
         )
     readiness = Readiness(vault, settings)
-    listeners = build_listeners(settings, vault, readiness)
+    # The last access lines of this process, for `cardvault logs tail` on the admin API.
+    request_log = RequestLog(workers=worker.count if worker is not None else None)
+    if settings.admin.port:
+        add_line_tap(request_log.tap)
+    listeners = build_listeners(settings, vault, readiness, request_log)
     if worker is not None:
         _inherit_sockets(listeners, worker)
     _log.info("vault starting", profile=settings.profile, listeners=[lst.name for lst in listeners])
     tasks: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
+    if vault is not None and vault.events is not None:
+        # Open waits of GET /v1/events answer at once when the vault stops.
+        vault.events.stopping = stop
+    # Open polls of the request log answer at once when the vault stops.
+    request_log.stopping = stop
     failed: list[str] = []
 
     def audit_failed(reason: str) -> None:

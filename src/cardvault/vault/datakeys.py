@@ -25,14 +25,14 @@ import asyncio
 import contextvars
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from cardvault import crypto
 from cardvault.errors import APIError
-from cardvault.storage.base import DataKeyRecord, VaultStore
+from cardvault.storage.base import DataKeyRecord, EventRecord, VaultStore
 from cardvault.vault.ids import new_id
-from cardvault.vault.keyclient import KeyServiceClient
+from cardvault.vault.keyclient import DataKey, KeyServiceClient
 
 __all__ = ["DataKeyManager", "DataKeyPolicy"]
 
@@ -141,16 +141,21 @@ class DataKeyManager:
         current.uses += 1
         return current.record_id, current.key
 
-    async def _new_key(self, kek: str) -> _Current:
-        fetched = await self.keys.datakey(kek)
+    async def _new_key(
+        self, kek: str, fetched: DataKey | None = None, events: Sequence[EventRecord] = ()
+    ) -> _Current:
+        if fetched is None:
+            fetched = await self.keys.datakey(kek)
         # Letters and digits (62 symbols), not hex: a hex id holds a run of 13 or more
         # digits often enough (about 1 in 400) for log scrubbers and at-rest scanners
         # to take it for a card number.
         record_id = new_id("dk_", 24)
         made = int(time.time())
-        await self.store.insert_data_key(
-            DataKeyRecord(record_id, kek, fetched.kek_version, fetched.wrapped, made)
-        )
+        record = DataKeyRecord(record_id, kek, fetched.kek_version, fetched.wrapped, made)
+        if events:
+            await self.store.insert_events(events, data_key=record)
+        else:
+            await self.store.insert_data_key(record)
         key = crypto.Key(record_id, 1, fetched.plaintext)
         current = _Current(record_id, key, self._clock(), made)
         self._current[kek] = current
@@ -166,6 +171,14 @@ class DataKeyManager:
             current = self._current.get(kek)
             if current is not None and current.made < before:
                 await self._new_key(kek)
+
+    async def renew(self, kek: str, fetched: DataKey, events: Sequence[EventRecord]) -> str:
+        """Make ``fetched`` (just had from the key service) the current data key for
+        ``kek`` now, stored with ``events`` in one transaction (a KEK rotated: the first
+        data key under its new version and the ``key.rotated`` events); its id."""
+        lock = self._locks.setdefault(kek, asyncio.Lock())
+        async with lock:
+            return (await self._new_key(kek, fetched, events)).record_id
 
     async def for_decryption(self, data_key_id: str, kek: str) -> crypto.Key:
         """The key named ``data_key_id``, from the cache or unwrapped by the key service."""

@@ -56,6 +56,7 @@ from cardvault.vault.keyjobs import KeyMaintenance
 from cardvault.vault.params import DEFAULT_LIMITS, ParseLimits, parse_body, parse_form
 from cardvault.vault.payment_methods import PaymentMethods
 from cardvault.vault.ratelimit import KeyLimits
+from cardvault.vault.requestlog import RequestLog, RequestLogHandler
 from cardvault.vault.webhooks import WebhookEndpoints
 from cardvault.vault.webhooks.http import event_routes
 
@@ -108,6 +109,7 @@ def routes(
     maintenance: KeyMaintenance | None = None,
     imports: Imports | None = None,
     exports: Exports | None = None,
+    request_log: RequestLog | None = None,
 ) -> VaultRoutes:
     """Every route of the vault. Without ``api`` (no store and key service configured)
     the public listener serves only its transport endpoints. ``readiness`` answers
@@ -172,6 +174,7 @@ def routes(
                 [
                     Route("/v1/admin/keys", admin.key_usage, methods=["GET"]),
                     Route("/v1/admin/keys/{kek}/reencrypt", admin.reencrypt, methods=["POST"]),
+                    Route("/v1/admin/keys/{kek}/rotated", admin.rotated, methods=["POST"]),
                     Route(
                         "/v1/admin/keys/{kek}/reencrypt_data",
                         admin.reencrypt_data,
@@ -183,6 +186,17 @@ def routes(
             ),
             *import_routes(imports, admin_identities),
             *export_routes(exports, admin_identities),
+            *(
+                [
+                    Route(
+                        "/v1/admin/request_log",
+                        RequestLogHandler(request_log, frozenset(admin_identities)).poll,
+                        methods=["GET"],
+                    )
+                ]
+                if request_log is not None
+                else []
+            ),
         ],
     )
 
@@ -263,6 +277,16 @@ class _Admin:
                 batch_size=values["batch_size"],
                 actor=identity,
             )
+        )
+
+    async def rotated(self, request: Request) -> Response:
+        """The key service rotated a KEK (``cardvault keys rotate``): the vault takes a
+        data key under the new version now and writes ``key.rotated``. No body."""
+        identity = require_identity(request.scope, self.allowed)
+        assert self.maintenance is not None
+        await _int_fields(request)
+        return json_response(
+            await self.maintenance.rotated(str(request.path_params["kek"]), actor=identity)
         )
 
     async def reencrypt_data(self, request: Request) -> Response:

@@ -32,6 +32,13 @@ card whole under the old key or whole under the new one; the old data key stays 
 (a reader that fetched the row before the write still opens it). The run's row in
 ``key_jobs`` is ``pan:data`` (or ``cvc:data``), its cursor a payment method id. Audit:
 ``keys.reencrypt_data.batch`` and ``keys.reencrypt_data.completed``.
+
+**A rotation** (``cardvault keys rotate pan|cvc``, after the key service rotated the KEK:
+``POST /v1/admin/keys/{kek}/rotated``): the vault takes a new data key at once (under
+the KEK's new version, where it would otherwise keep its current one for up to
+``datakeys.max_age``), stored with the ``key.rotated`` events in one transaction
+(:mod:`cardvault.vault.systemevents`); audit: ``keys.rotated``. Only the process that
+answers takes the new key; another worker takes one at its next renewal.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from cardvault.storage.base import (
     CardReseal,
     DataKeyMove,
     DataKeyRecord,
+    DuplicateError,
     KeyJob,
     PaymentMethodRecord,
     VaultStore,
@@ -58,6 +66,7 @@ from cardvault.vault.datakeys import DataKeyManager
 from cardvault.vault.ids import new_id
 from cardvault.vault.keyclient import KeyServiceClient
 from cardvault.vault.payment_methods import card_context
+from cardvault.vault.systemevents import SystemEvents
 
 __all__ = ["DATA_KEY_KEKS", "MAX_BATCH", "KeyMaintenance"]
 
@@ -106,12 +115,15 @@ class KeyMaintenance:
         *,
         fingerprint_version: int | None = None,
         datakeys: DataKeyManager | None = None,
+        system_events: SystemEvents | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
         self.audit = audit
         self.fingerprint_version = fingerprint_version
         self.datakeys = datakeys
+        self.system_events = system_events
+        self._rotation_lock = asyncio.Lock()
         self._locks = {kek: asyncio.Lock() for kek in DATA_KEY_KEKS}
         self._data_locks = {kek: asyncio.Lock() for kek in DATA_KEY_KEKS}
 
@@ -130,6 +142,35 @@ class KeyMaintenance:
             "data_jobs": {
                 kek: _job_dict(await self.store.get_key_job(f"{kek}:data")) for kek in DATA_KEY_KEKS
             },
+        }
+
+    async def rotated(self, kek: str, *, actor: str) -> dict[str, Any]:
+        """``kek`` was rotated in the key service: take a data key under its newest
+        version now, with the ``key.rotated`` events (module docstring)."""
+        if kek not in DATA_KEY_KEKS:
+            raise ResourceMissing("No stored data keys under this key name.")
+        if self.datakeys is None or self.system_events is None:
+            raise ResourceMissing("This vault does not renew its data keys on request.")
+        async with self._rotation_lock:
+            fetched = await self.keys.datakey(kek)
+            version = fetched.kek_version
+            events = await self.system_events.key_rotated(kek, version)
+            await self.audit.record(
+                "keys.rotated", actor=actor, object_id=kek, detail={"version": version}
+            )
+            try:
+                data_key = await self.datakeys.renew(kek, fetched, events)
+            except DuplicateError:
+                # This version's events are stored (their ids are derived from it): a
+                # retried call. The data key alone.
+                events = []
+                data_key = await self.datakeys.renew(kek, fetched, events)
+        return {
+            "object": "vault.key_rotation",
+            "kek": kek,
+            "version": version,
+            "data_key": data_key,
+            "events": len(events),
         }
 
     async def _remaining(self, kek: str, target: int) -> int:

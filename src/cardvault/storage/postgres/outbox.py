@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from cardvault.storage import outboxrows as rows
 from cardvault.storage.base import (
+    DataKeyRecord,
     DeliveryRecord,
     DuplicateError,
     EventRecord,
@@ -16,6 +17,7 @@ from cardvault.storage.base import (
     WebhookEndpointRecord,
 )
 from cardvault.storage.postgres.pool import PostgresDatabase, count, numbered
+from cardvault.storage.rows import data_key_params
 
 __all__ = ["PostgresOutbox"]
 
@@ -35,6 +37,8 @@ _DELETE_ENDPOINT = numbered(rows.DELETE_ENDPOINT)
 _DELETE_ENDPOINT_DELIVERIES = numbered(rows.DELETE_ENDPOINT_DELIVERIES)
 _RECORD_ATTEMPT = numbered(rows.RECORD_ATTEMPT)
 _LIST_DELIVERIES = numbered(rows.LIST_DELIVERIES)
+_INSERT_DATA_KEY = numbered(rows.INSERT_DATA_KEY)
+_ACCOUNT_IDS = numbered(rows.ACCOUNT_IDS)
 #: Due deliveries leased in one statement; SKIP LOCKED lets two claimers share the work.
 _DELIVERY_FIELDS = ", ".join(f"d.{c}" for c in rows.DELIVERY_COLUMNS)
 _CLAIM_DELIVERIES = (
@@ -94,6 +98,27 @@ class PostgresOutbox(PostgresDatabase):
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(_PURGE_DELIVERIES, before)
             return count(await conn.execute(_PURGE_EVENTS, before))
+
+    async def insert_events(
+        self, events: Sequence[EventRecord], *, data_key: DataKeyRecord | None = None
+    ) -> None:
+        import asyncpg
+
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if data_key is not None:
+                    await conn.execute(_INSERT_DATA_KEY, *data_key_params(data_key))
+                if events:
+                    await conn.executemany(INSERT_EVENT, [rows.event_params(e) for e in events])
+        except asyncpg.UniqueViolationError as exc:
+            raise DuplicateError("a row with this id exists") from exc
+        except asyncpg.DataError as exc:
+            raise UnstorableValue("a row holds a value that cannot be stored") from exc
+
+    async def account_ids(self, *, after: str = "", limit: int) -> list[str]:
+        pool = await self._get_pool()
+        return [str(r[0]) for r in await pool.fetch(_ACCOUNT_IDS, after, limit)]
 
     # -- webhook endpoints -------------------------------------------------------------------
 

@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from cardvault.storage import outboxrows as rows
-from cardvault.storage.base import DeliveryRecord, EventRecord, WebhookEndpointRecord
+from cardvault.storage.base import (
+    DataKeyRecord,
+    DeliveryRecord,
+    EventRecord,
+    WebhookEndpointRecord,
+)
+from cardvault.storage.rows import data_key_params
 from cardvault.storage.sqlite.connection import insert
 from cardvault.storage.sqlite.writer import SQLiteDatabase
 
@@ -73,6 +79,26 @@ class SQLiteOutbox(SQLiteDatabase):
             return conn.execute(rows.PURGE_EVENTS, (before,)).rowcount
 
         return await self._write(op, compound=True)
+
+    async def insert_events(
+        self, events: Sequence[EventRecord], *, data_key: DataKeyRecord | None = None
+    ) -> None:
+        key = None if data_key is None else data_key_params(data_key)
+        params = [rows.event_params(e) for e in events]
+
+        def op(conn: sqlite3.Connection) -> None:
+            if key is not None:
+                insert(conn, rows.INSERT_DATA_KEY, key, "a data key")
+            for each in params:
+                insert(conn, rows.INSERT_EVENT, each, "an event")
+
+        await self._write(op, compound=True)
+
+    async def account_ids(self, *, after: str = "", limit: int) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            return [str(r[0]) for r in conn.execute(rows.ACCOUNT_IDS, (after, limit))]
+
+        return await self._read(op)
 
     # -- webhook endpoints -------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
 import socket
 import time
 from collections.abc import Collection
@@ -28,6 +27,7 @@ from typing import Any, Final
 
 from cardvault import crypto
 from cardvault.audit.recorder import Recorder
+from cardvault.crypto.webhook import new_webhook_secret
 from cardvault.errors import APIError, InvalidRequestError, ParameterMissing, ResourceMissing
 from cardvault.logging import get_logger
 from cardvault.storage.base import DeliveryRecord, VaultStore, WebhookEndpointRecord
@@ -167,7 +167,7 @@ class WebhookEndpoints:
                 param="url",
             )
         endpoint_id = time_ordered_id("we_")
-        secret = "whsec_" + secrets.token_urlsafe(32)
+        secret = new_webhook_secret()
         dk_id, dk = await self.keys.for_encryption("pan")
         sealed = crypto.seal(
             dk,
