@@ -4,11 +4,12 @@ per account and mode, the job and the row outcomes round-trip."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
 
-from cardvault.storage import DuplicateError, VaultStore
+from cardvault.storage import DuplicateError, PostgresVaultStore, VaultStore
 from cardvault.storage.base import ImportBatch, ImportJob, ImportKeyRecord, ImportLink, ImportRow
 from contract.test_vault_store import ACCT, DK, NOW, OTHER, Backend, account, data_key, pm
 from contract.test_vault_store import backend as backend  # the fixture, on both backends
@@ -137,3 +138,71 @@ def test_import_jobs_are_replaced_and_import_keys_are_newest_first(backend: Back
             await store.put_import_key(old)
 
     backend.run(check)
+
+
+def test_import_lookups_answer_each_value_once_among_many_batches(backend: Backend) -> None:
+    async def check(store: VaultStore) -> None:
+        await _setup(store)
+        # Six batches (each with a refused row after its 100 cards).
+        written = [batch(1 + 101 * n, 100, ext=f"b{n}_") for n in range(6)]
+        for b in written:
+            await store.write_import_batch(b)
+        # Found and missing ids, one given twice, more than one lookup chunk (SQLite
+        # binds 500 at a time).
+        wanted = [k.external_id for b in written for k in b.links[::7]]
+        wanted += [wanted[0], *(f"nobody_{i}" for i in range(600))]
+        links = await store.import_links(ACCT, False, wanted)
+        expected = {k.external_id: k for b in written for k in b.links if k.external_id in wanted}
+        assert sorted(links, key=lambda k: k.external_id) == sorted(
+            expected.values(), key=lambda k: k.external_id
+        )
+        assert await store.import_links(ACCT, True, wanted) == []
+        prints = [p.fingerprint for b in written[2:4] for p in b.payment_methods]
+        found = await store.present_fingerprints(
+            ACCT, False, [*prints, prints[0], *(f"none{i}" for i in range(600))]
+        )
+        assert found == set(prints)
+        assert await store.present_fingerprints(OTHER, False, prints) == set()
+
+    backend.run(check)
+
+
+@pytest.mark.postgres
+def test_postgres_import_lookups_probe_the_index_under_a_generic_plan(
+    vault_postgres_dsn: str,
+) -> None:
+    """A prepared statement run often gets PostgreSQL's generic plan. The lookups must
+    then still probe the index once per value: a plan that reads the account's rows and
+    filters them makes each batch's lookup grow with the rows imported so far."""
+    import asyncpg
+
+    from cardvault.storage.postgres import imports
+
+    async def main() -> list[str]:
+        store = PostgresVaultStore(vault_postgres_dsn)
+        try:
+            await store.migrate()
+            await _setup(store)
+            for n in range(4):
+                await store.write_import_batch(batch(1 + 501 * n, 500, ext=f"b{n}_"))
+        finally:
+            await store.close()
+        conn = await asyncpg.connect(vault_postgres_dsn)
+        plans = []
+        try:
+            # No ANALYZE: the statistics of tables an import is filling are stale, which
+            # is what once made the generic plan filter the whole account.
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            for name, sql in (("links", imports._LINKS), ("prints", imports._FINGERPRINTS)):
+                await conn.execute(f"PREPARE {name}(text, boolean, text[]) AS {sql}")
+                found = await conn.fetch(f"EXPLAIN EXECUTE {name}('{ACCT}', false, ARRAY['a'])")
+                plans.append("\n".join(r[0] for r in found))
+        finally:
+            await conn.close()
+        return plans
+
+    for plan in asyncio.run(main()):
+        assert "Seq Scan on import_links" not in plan
+        assert "Seq Scan on payment_methods" not in plan
+        assert "Filter" not in plan, plan
+        assert "= wanted." in plan, plan  # the index condition names the value looked up

@@ -12,7 +12,7 @@ another row does not open.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +33,7 @@ from cardvault.cards import (
 )
 from cardvault.errors import (
     APIError,
+    CardVaultError,
     InvalidRequestError,
     ParameterMissing,
     ResourceMissing,
@@ -283,6 +284,22 @@ class PaymentMethods:
         new = _create_params(params)
         record, _display_brand = await self._prepared(caller, pm_id, new)
         return record
+
+    async def prepare_imports(
+        self, caller: Caller, params: Sequence[dict[str, Any]], pm_ids: Sequence[str]
+    ) -> list[PaymentMethodRecord | CardVaultError]:
+        """:meth:`prepare_import` for a batch of rows: for each of ``params``, the record
+        to store as the id at the same place in ``pm_ids``, or the error a create with
+        those parameters would raise (the rest of the batch goes on)."""
+        out: list[PaymentMethodRecord | CardVaultError] = []
+        for one, pm_id in zip(params, pm_ids, strict=True):
+            try:
+                record = await self.prepare_import(caller, one, pm_id)
+            except CardVaultError as exc:
+                out.append(exc)
+            else:
+                out.append(record)
+        return out
 
     async def _store(
         self,

@@ -4,8 +4,16 @@ size bounded, structure errors naming the line and never the file's text."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cardvault.vault.imports.reader import ImportFileError, ImportLimits, RowReader
+from cardvault.vault.imports.reader import (
+    ImportFileError,
+    ImportLimits,
+    RowReader,
+    _check_json,
+    _fits_json,
+)
 
 CARD = "4242424242424242"
 
@@ -97,3 +105,28 @@ def test_stripe_payment_method_objects_are_read_with_their_billing_details() -> 
         "billing_details": {"name": "N", "address": {"country": "DE"}},
         "metadata": {"customer": "cus_1"},
     }
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=3), _JSON, max_size=6), st.integers(1, 4), st.integers(1, 40)
+)
+def test_the_fast_json_check_agrees_with_the_one_that_names_the_rule(
+    line: dict[str, object], depth: int, values: int
+) -> None:
+    limits = ImportLimits(max_json_depth=depth, max_json_values=values)
+    try:
+        _check_json(line, 1, limits)
+        refused = False
+    except ImportFileError:
+        refused = True
+    assert _fits_json(line, limits) is not refused

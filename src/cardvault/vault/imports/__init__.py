@@ -7,6 +7,8 @@ of encrypted files, and runs that check a file whole and then import it in batch
 * :mod:`.service`: :class:`~.service.Imports`, handed the store, the payment methods
   (whose checks and sealing every row goes through), the data keys and the audit
   recorder.
+* :mod:`.batches`: the import pass's batches, each prepared and then stored (its audit
+  record, its transaction), one stored while the next is prepared.
 
 It may import the storage layer's interfaces, the vault's services and the crypto
 layer; never the key service (the data keys come through the vault's client).
