@@ -21,12 +21,12 @@ that counts the answers by status:
   while the load runs: the delivery's CPU is in the same process as the API's.
 
 After a 1 s warm-up of each case, ``--rounds`` rounds, each case ``--seconds``/rounds per
-round, their order alternating (NONE, ONE, then ONE, NONE …) so that drift on the shared
-machine hits both alike. After every ONE run the benchmark waits until the sink has
-every event that run made (at most ``--drain-timeout`` s) before the next run starts,
-so that no case pays for another's backlog; the time that takes, from the end of the
-load, gives the drain rate (deliveries per second with the API idle) when the load left
-a backlog.
+round (rounded to whole seconds: wrk takes no fraction), their order alternating (NONE,
+ONE, then ONE, NONE …) so that drift on the shared machine hits both alike. After every
+ONE run the benchmark waits until the sink has every event that run made (at most
+``--drain-timeout`` s) before the next run starts, so that no case pays for another's
+backlog; the time that takes, from the end of the load, gives the drain rate
+(deliveries per second with the API idle) when the load left a backlog.
 
 Reported: tokenizations per second in each case and their ratio (the goal), the CPU of
 the vault per tokenization in each, deliveries per second during the load (do they keep
@@ -288,12 +288,14 @@ def measure(
     wait_for_sink(http, deployment, expected, drain_timeout)
     totals = {label: CaseTotals(label) for label in (NONE, ONE)}
     delivery = Delivery()
+    # wrk takes whole seconds only ("6.7s" is refused): each round's share is rounded.
+    per_round = float(max(1, round(seconds / rounds)))
     for n in range(rounds):
         order = (NONE, ONE) if n % 2 == 0 else (ONE, NONE)
         for label in order:
             before = sink_stats(http, deployment)["unique"] if label == ONE else 0
             made, errors, took, cpu, p50 = run_case(
-                cases[label], script, concurrency=concurrency, seconds=seconds / rounds,
+                cases[label], script, concurrency=concurrency, seconds=per_round,
                 vault_pid=vault_pid,
             )  # fmt: skip
             ended = time.time()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,9 @@ from cardvault.vault.forwarding.outbound import (
     DestinationUnreachable,
     OutboundClient,
 )
+from unit.vault.scripted_tls import answering, serve
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{"ok":1}'
-#: A server's script: given the request's head and body, write what it wants.
-Script = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass
@@ -52,51 +51,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     server.load_cert_chain(str(cert.cert_path), str(cert.key_path))
     pin = spki_sha256(ssl.PEM_cert_to_DER_cert(Path(cert.cert_path).read_text()))
     return Pki(Path(ca.cert_path), Path(other.cert_path), server, pin)
-
-
-@dataclass
-class Server:
-    """What the scripted server saw: connections opened, requests read (head, body)."""
-
-    port: int = 0
-    connections: int = 0
-    requests: list[tuple[bytes, bytes]] = field(default_factory=list)
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-
-async def answer(text: bytes) -> Script:
-    async def script(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(text)
-
-    return script
-
-
-async def serve(pki: Pki, script: Script) -> tuple[Server, asyncio.Server]:
-    seen = Server()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.connections += 1
-        seen.writers.append(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                body = await reader.readexactly(length)
-                seen.requests.append((head, body))
-                await script(head, body, writer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=pki.server)
-    seen.port = server.sockets[0].getsockname()[1]
-    return seen, server
 
 
 async def send(client: OutboundClient, port: int, ca: Path | None, **overrides: Any) -> Any:
@@ -128,7 +82,7 @@ def no_proxy_followed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_send_posts_once_over_verified_tls_and_reads_the_answer(pki: Pki) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         response = await send(client, seen.port, pki.ca)
         await client.close()
@@ -151,7 +105,7 @@ def test_send_posts_once_over_verified_tls_and_reads_the_answer(pki: Pki) -> Non
 
 def test_send_reuses_one_connection_per_destination(pki: Pki) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         for _ in range(3):
             assert (await send(client, seen.port, pki.ca)).status == 200
@@ -164,7 +118,7 @@ def test_send_reuses_one_connection_per_destination(pki: Pki) -> None:
 
 def test_send_refuses_an_untrusted_certificate_before_writing(pki: Pki) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         with pytest.raises(DestinationUnreachable) as caught:
             await send(client, seen.port, pki.other_ca)
@@ -178,7 +132,7 @@ def test_send_refuses_an_untrusted_certificate_before_writing(pki: Pki) -> None:
 
 def test_send_refuses_a_key_matching_no_pin_before_writing(pki: Pki) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         other_pin = "A" * 43 + "="
         with pytest.raises(DestinationUnreachable):
@@ -210,7 +164,7 @@ def test_send_returns_a_redirect_without_following_it(pki: Pki) -> None:
     redirect = b"HTTP/1.1 302 Found\r\nLocation: https://localhost:1/x\r\nContent-Length: 0\r\n\r\n"
 
     async def main() -> None:
-        seen, server = await serve(pki, await answer(redirect))
+        seen, server = await serve(pki.server, answering(redirect))
         client = OutboundClient()
         response = await send(client, seen.port, pki.ca)
         await client.close()
@@ -238,7 +192,7 @@ def test_send_returns_a_redirect_without_following_it(pki: Pki) -> None:
 )
 def test_send_refuses_an_answer_over_the_limit(pki: Pki, text: bytes) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(text))
+        seen, server = await serve(pki.server, answering(text))
         client = OutboundClient()
         with pytest.raises(DestinationError) as caught:
             await send(client, seen.port, pki.ca)
@@ -263,7 +217,7 @@ def test_send_reads_chunked_close_delimited_and_interim_answers(pki: Pki) -> Non
             writer.close()
 
     async def main() -> None:
-        seen, server = await serve(pki, script)
+        seen, server = await serve(pki.server, script)
         client = OutboundClient()
         first = await send(client, seen.port, pki.ca)
         second = await send(client, seen.port, pki.ca)
@@ -279,7 +233,7 @@ def test_send_reads_chunked_close_delimited_and_interim_answers(pki: Pki) -> Non
 
 def test_a_connection_the_peer_closed_is_not_reused(pki: Pki) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         await send(client, seen.port, pki.ca)
         seen.writers[0].close()  # the server closes the idle connection
@@ -298,7 +252,7 @@ def test_a_connection_idle_too_long_is_not_reused(
     monkeypatch.setattr(outbound, "_IDLE_SECONDS", 0.05)
 
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         await send(client, seen.port, pki.ca)
         await asyncio.sleep(0.1)
@@ -329,7 +283,7 @@ def test_a_request_that_may_have_been_received_is_an_error_and_never_resent(
         writer.close()
 
     async def main() -> None:
-        seen, server = await serve(pki, script)
+        seen, server = await serve(pki.server, script)
         client = OutboundClient()
         with pytest.raises(DestinationError) as caught:
             await send(client, seen.port, pki.ca, timeout=0.5)
@@ -357,7 +311,7 @@ def test_a_reused_connection_closed_mid_request_is_not_resent(pki: Pki) -> None:
             writer.transport.abort()
 
     async def main() -> None:
-        seen, server = await serve(pki, script)
+        seen, server = await serve(pki.server, script)
         client = OutboundClient()
         await send(client, seen.port, pki.ca)
         with pytest.raises(DestinationError) as caught:
@@ -385,7 +339,7 @@ def test_a_header_that_cannot_be_sent_is_refused_before_connecting(
     pki: Pki, headers: list[tuple[str, str]]
 ) -> None:
     async def main() -> None:
-        seen, server = await serve(pki, await answer(OK))
+        seen, server = await serve(pki.server, answering(OK))
         client = OutboundClient()
         with pytest.raises(DestinationError) as caught:
             await send(client, seen.port, pki.ca, headers=headers)
@@ -393,5 +347,43 @@ def test_a_header_that_cannot_be_sent_is_refused_before_connecting(
         await client.close()
         server.close()
         assert seen.connections == 0
+
+    run(main())
+
+
+def test_a_bounded_client_drops_the_least_recently_used_pool_and_its_connections(
+    pki: Pki,
+) -> None:
+    async def main() -> None:
+        seen, server = await serve(pki.server, answering(OK))
+        client = OutboundClient(max_pools=1)
+        for destination in ("a", "a", "b", "a"):
+            await send(client, seen.port, pki.ca, destination=destination)
+        await client.close()
+        server.close()
+        # "a" reused its connection once; "b" evicted it, so "a" connected again.
+        assert (seen.connections, len(seen.requests)) == (3, 4)
+
+    run(main())
+
+
+def test_a_resolve_hook_gives_the_addresses_tried_in_turn_and_tls_checks_the_name(
+    pki: Pki,
+) -> None:
+    asked: list[tuple[str, int]] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return ["127.0.0.2", "127.0.0.1"]  # nothing listens on the first
+
+    async def main() -> None:
+        seen, server = await serve(pki.server, answering(OK))
+        client = OutboundClient(resolve=resolve)
+        response = await send(client, seen.port, pki.ca)
+        await client.close()
+        server.close()
+        assert response.peer_ip == "127.0.0.1"
+        assert asked == [("localhost", seen.port)]
+        assert f"\r\nHost: localhost:{seen.port}\r\n".encode() in seen.requests[0][0]
 
     run(main())

@@ -54,10 +54,19 @@ MAX_HEAD_BYTES = 64 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: A header value may hold no control character but tab (CR, LF and NUL included).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: A request target (origin form) and a host: printable ASCII, no space.
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_HOST = re.compile(r"[\x21-\x7e]+")
 
 
 class ResponseTooLarge(Exception):
-    """The answer is over its limit: refused before the rest of it is read."""
+    """The answer is over its limit: refused before the rest of it is read. ``status``:
+    the answer's status when its head was read (None when the head itself was too
+    large)."""
+
+    def __init__(self, status: int | None = None) -> None:
+        super().__init__()
+        self.status = status
 
 
 class ProtocolError(Exception):
@@ -70,12 +79,15 @@ def request_head(
 ) -> bytes:
     """The request line and headers of a request with a body of ``length`` bytes.
 
-    ``path`` and ``host`` come from an allowlisted URL (already strict); the headers are
-    checked again here, as the net under the forwarder's checks: a name that is not a
-    token or one the client writes itself, or a value with a control character, raises
-    ``ValueError`` and nothing is written."""
+    ``path`` and ``host`` come from a strictly parsed URL (an allowlisted destination's
+    or a webhook endpoint's); they and the headers are checked again here, as the net
+    under the callers' checks: a path or host with a space or a control character, a
+    header name that is not a token or one the client writes itself, or a value with a
+    control character, raises ``ValueError`` and nothing is written."""
     if not _TOKEN.fullmatch(method) or method in ("HEAD", "CONNECT"):
         raise ValueError("the method cannot be sent")
+    if not _TARGET.fullmatch(path) or not _HOST.fullmatch(host):
+        raise ValueError("the request target cannot be sent")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
         if not _TOKEN.fullmatch(name) or name.lower() in HOP_BY_HOP:
@@ -223,7 +235,7 @@ class Connection(asyncio.Protocol):
                 chunked = True
         if length is not None and length.strip().isdigit() and int(length) > self._limit:
             # Refused on its announced length, before a byte of the body is read.
-            self._error = error = ResponseTooLarge()
+            self._error = error = ResponseTooLarge(status)
             raise error
         no_body = status in (204, 304)
         self._until_close = length is None and not chunked and not no_body
@@ -231,7 +243,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self._limit:
-            self._error = error = ResponseTooLarge()
+            self._error = error = ResponseTooLarge(self._status)
             raise error
         self._chunks.append(body)
 

@@ -29,6 +29,12 @@ Every request:
   with keep-alive, it has been idle less than :data:`_IDLE_SECONDS` and the peer has
   neither closed it nor written to it since;
 * reports the address actually connected to and the duration.
+
+Webhook deliveries (:mod:`cardvault.vault.webhooks.delivery`) go through the same
+client, by :meth:`OutboundClient.exchange`: the exchange and the pool without the
+forward's error mapping, on a client made with a ``resolve`` hook (the host's addresses
+checked at connect time, each tried in turn; TLS still verifies the host name) and a
+bound on the destinations it keeps pools for.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,11 +64,14 @@ from cardvault.vault.forwarding.http1 import (
 
 __all__ = [
     "HOP_BY_HOP",
+    "Answer",
     "DestinationError",
     "DestinationUnreachable",
+    "NotConnected",
     "OutboundClient",
     "OutboundResponse",
     "PinMismatch",
+    "Resolver",
 ]
 
 _log = get_logger("cardvault.vault.outbound")
@@ -99,8 +110,27 @@ _CONNECTIONS = 100
 _IDLE_SECONDS = 4.0
 
 
-class _NotConnected(Exception):
+#: URLs whose parsed form a client keeps (a webhook client sees one per endpoint); past
+#: it the cache starts again.
+_TARGETS = 1024
+
+#: ``(host, port)`` to the addresses a connection may be made to, in the order to try
+#: them; raises what the caller maps (webhooks: ``AddressRefused``).
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+class NotConnected(Exception):
     """No connection was made (the cause says why): nothing was written."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One exchange's answer, its headers as received."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    peer_ip: str | None
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,8 @@ class _Pool:
         self.pins = tuple(pins)
         self.idle: list[Connection] = []
         self.slots = asyncio.Semaphore(_CONNECTIONS)
+        #: Dropped by its client: a connection handed back is closed, not kept.
+        self.closed = False
 
     def reuse(self, now: float) -> Connection | None:
         """An idle connection that may carry a request, or None; the others closed."""
@@ -144,54 +176,87 @@ class _Pool:
 
     def keep(self, conn: Connection, now: float) -> None:
         """Put ``conn`` back; drop connections at the bottom that can no longer serve."""
+        if self.closed:
+            conn.close()
+            return
         idle = self.idle
         while idle and not (idle[0].reusable and now - idle[0].idle_since < _IDLE_SECONDS):
             idle.pop(0).close()
         idle.append(conn)
 
     def close(self) -> None:
+        self.closed = True
         for conn in self.idle:
             conn.close()
         self.idle.clear()
 
 
 class OutboundClient:
-    """One pool of connections per destination (its own trust settings and pins)."""
+    """One pool of connections per destination (its own trust settings and pins).
 
-    def __init__(self) -> None:
-        self._pools: dict[str, _Pool] = {}
+    ``resolve``: the addresses to connect to, asked at every new connection (default:
+    the event loop's resolver, through ``create_connection``). ``max_pools``: the most
+    destinations kept, the least recently used dropped beyond it with its idle
+    connections (default: no bound, for the allowlist's destinations)."""
+
+    def __init__(self, *, resolve: Resolver | None = None, max_pools: int | None = None) -> None:
+        self._pools: OrderedDict[Hashable, _Pool] = OrderedDict()
         self._targets: dict[str, _Target] = {}
+        self._resolve = resolve
+        self._max_pools = max_pools
 
-    def _pool(self, name: str, ca_file: Path | None, pins: Sequence[str]) -> _Pool:
-        pool = self._pools.get(name)
+    def _pool(
+        self, key: Hashable, context: Callable[[], ssl.SSLContext], pins: Sequence[str]
+    ) -> _Pool:
+        pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[name] = _Pool(client_context(ca_file), pins)
+            pool = self._pools[key] = _Pool(context(), pins)
+            if self._max_pools is not None and len(self._pools) > self._max_pools:
+                self._pools.popitem(last=False)[1].close()
+        elif self._max_pools is not None:
+            self._pools.move_to_end(key)
         return pool
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
         if target is None:
-            # The destination's URL was checked when the allowlist was read; parsed
-            # again by the same strict parser, it gives a host and a path that are safe
-            # to write as they are (a DNS name; no space, no query, no percent).
+            # The destination's URL was checked when the allowlist was read (a webhook
+            # endpoint's, by the same parser when it was created); parsed again, it
+            # gives a host and a path that are safe to write as they are (a DNS name;
+            # no space, no query, no percent), and request_head checks them again.
             try:
                 parsed = parse_url(url)
             except UrlRefused as exc:
                 raise ValueError("the destination's URL cannot be sent to") from exc
             host = parsed.host if parsed.port == 443 else f"{parsed.host}:{parsed.port}"
             target = _Target(parsed.host, parsed.port, parsed.path, host)
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()
             self._targets[url] = target
         return target
 
     async def _connect(self, pool: _Pool, target: _Target) -> Connection:
-        """A new connection, verified and pinned, before anything is written on it."""
+        """A new connection, verified and pinned, before anything is written on it.
+
+        With a ``resolve`` hook, its addresses are tried in turn (its own exceptions
+        pass through); TLS verifies the URL's host name whatever the address."""
         loop = asyncio.get_running_loop()
-        try:
-            transport, conn = await loop.create_connection(
-                Connection, target.host, target.port, ssl=pool.ctx, server_hostname=target.host
-            )
-        except OSError as exc:  # refused, unreachable, not resolved, TLS failed
-            raise _NotConnected() from exc
+        addresses = (
+            (target.host,)
+            if self._resolve is None
+            else await self._resolve(target.host, target.port)
+        )
+        error: OSError | None = None
+        for address in addresses:
+            try:
+                transport, conn = await loop.create_connection(
+                    Connection, address, target.port, ssl=pool.ctx, server_hostname=target.host
+                )
+                break
+            except OSError as exc:  # refused, unreachable, not resolved, TLS failed
+                error = exc
+        else:
+            raise NotConnected() from error
         if pool.pins:
             try:
                 check_peer_pins(transport.get_extra_info("ssl_object"), pool.pins)
@@ -217,6 +282,40 @@ class OutboundClient:
                 conn.close()
             return conn, answer
 
+    async def exchange(
+        self,
+        key: Hashable | None,
+        *,
+        context: Callable[[], ssl.SSLContext],
+        url: str,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        timeout: float,
+        max_response_bytes: int,
+        pins: Sequence[str] = (),
+    ) -> Answer:
+        """One request on the pool ``key`` (None: the URL's host and port), made with
+        ``context()`` and ``pins`` the first time; sent once, bounded by ``timeout`` over
+        the whole attempt. The errors are raised as they come, for the caller to map:
+        :class:`NotConnected` (nothing written), what ``resolve`` raises,
+        ``PinMismatch``, ``TimeoutError``, ``OSError``,
+        :class:`~cardvault.vault.forwarding.http1.ProtocolError`,
+        :class:`~cardvault.vault.forwarding.http1.ResponseTooLarge`, and ``ValueError``
+        for a request that cannot be written."""
+        target = self._targets.get(url) or self._target(url)
+        if key is None:
+            key = (target.host, target.port)
+        pool = self._pools.get(key)
+        if pool is None or self._max_pools is not None:
+            pool = self._pool(key, context, pins)
+        head = request_head(method, target.path, target.host_header, headers, len(body))
+        async with asyncio.timeout(timeout):
+            conn, (status, raw_headers, content) = await self._exchange(
+                pool, target, head, body, max_response_bytes
+            )
+        return Answer(status, raw_headers, content, conn.peer_ip)
+
     async def send(
         self,
         *,
@@ -232,20 +331,24 @@ class OutboundClient:
     ) -> OutboundResponse:
         started = time.perf_counter()
         try:
-            pool = self._pools.get(destination) or self._pool(destination, ca_file, pins)
-            target = self._targets.get(url) or self._target(url)
-            head = request_head(method, target.path, target.host_header, headers, len(body))
-            async with asyncio.timeout(timeout):
-                conn, (status, raw_headers, content) = await self._exchange(
-                    pool, target, head, body, max_response_bytes
-                )
+            answer = await self.exchange(
+                destination,
+                context=partial(client_context, ca_file),
+                url=url,
+                method=method,
+                headers=headers,
+                body=body,
+                timeout=timeout,
+                max_response_bytes=max_response_bytes,
+                pins=pins,
+            )
         except ResponseTooLarge as exc:
             _log.warning("forward refused: response too large", destination=destination)
             raise DestinationError() from exc
         except PinMismatch as exc:
             _log.error("forward refused: destination key pin mismatch", destination=destination)
             raise DestinationUnreachable() from exc
-        except _NotConnected as exc:
+        except NotConnected as exc:
             _log.warning(
                 "forward not sent: no connection",
                 destination=destination,
@@ -263,13 +366,13 @@ class OutboundClient:
             _log.error("forward refused: the request could not be written", destination=destination)
             raise DestinationError() from exc
         return OutboundResponse(
-            status=status,
+            status=answer.status,
             headers=[
                 (name.decode("latin-1").lower(), value.decode("utf-8", errors="replace"))
-                for name, value in raw_headers
+                for name, value in answer.headers
             ],
-            body=content,
-            peer_ip=conn.peer_ip,
+            body=answer.body,
+            peer_ip=answer.peer_ip,
             duration_ms=round((time.perf_counter() - started) * 1000),
         )
 

@@ -20,11 +20,18 @@ Everything is in rows: a restarted vault goes on where the last one stopped. The
 receiver may get an event more than once (a crash after it answered, before the answer
 was stored); Stripe's receivers dedupe by the event's id, and so should ours.
 
-Connections: HTTPS only, the certificate and host name verified (the system's CAs, or
-``[webhooks] ca_file``), HTTP/1.1, nothing read past 64 KiB of the answer. The address
-check of :func:`~cardvault.vault.webhooks.endpoints.resolve_public` runs at connect
-time on the very addresses connected to (:class:`_CheckedBackend`), so a name that was
-public at creation and resolves to a private address now is refused.
+Connections: the vault's own outbound client
+(:class:`~cardvault.vault.forwarding.outbound.OutboundClient`, HTTP/1.1 on asyncio and
+httptools, as forwards use it): HTTPS only, the certificate and host name verified (the
+system's CAs, or ``[webhooks] ca_file``), no proxy, no redirect followed, one timeout
+over the whole attempt, sent once, nothing read past 64 KiB of the answer (the
+connection closed then, the status counted). The address check of
+:func:`~cardvault.vault.webhooks.endpoints.resolve_public` runs at connect time (the
+client's ``resolve`` hook) on the very addresses connected to, each tried in turn, so a
+name that was public at creation and resolves to a private address now is refused.
+Pools are kept per host and port, for the :data:`_DESTINATIONS` most recently used; an
+idle connection is reused under the forwards' rules (keep-alive answered, nothing
+arrived since, idle less than 4 s).
 """
 
 from __future__ import annotations
@@ -32,18 +39,20 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
+from functools import partial
 from typing import Any, Final
 
-import httpcore
 import orjson
 
 from cardvault import __version__
 from cardvault.crypto.webhook import sign_webhook as sign
 from cardvault.logging import get_logger
-from cardvault.storage.base import DeliveryRecord, EventRecord, VaultStore
+from cardvault.storage.base import DeliveryRecord, VaultStore
 from cardvault.vault.datakeys import DataKeyManager
 from cardvault.vault.events import Events
+from cardvault.vault.forwarding.http1 import ProtocolError, ResponseTooLarge
+from cardvault.vault.forwarding.outbound import NotConnected, OutboundClient
 from cardvault.vault.ids import time_ordered_id
 from cardvault.vault.webhooks.endpoints import AddressRefused, open_secret, resolve_public
 
@@ -55,11 +64,12 @@ _log = get_logger("cardvault.webhooks")
 _MAX_ANSWER_BYTES: Final = 64 * 1024
 #: Events dispatched, and deliveries attempted, per look.
 _BATCH: Final = 100
-#: Attempts in flight at once, and connections kept. httpcore's pool walks every
-#: queued request against every connection (polling each idle socket) whenever one
-#: finishes: a batch of 100 queued on it cost milliseconds of CPU per delivery
-#: (bench/events.py). Waiting here instead keeps its queue empty.
+#: Attempts in flight at once: a look's batch waits here rather than all connecting at
+#: once to one endpoint.
 _IN_FLIGHT: Final = 16
+#: Destinations (host, port) whose connections are kept, the least recently used
+#: dropped beyond it: endpoints are created through the API, so the pools are bounded.
+_DESTINATIONS: Final = 64
 #: Seconds of lease beyond an attempt's timeout (the attempt is cut off at its timeout;
 #: this covers storing its outcome). A crash mid-attempt is retried after both.
 _LEASE_MARGIN_S: Final = 5.0
@@ -67,43 +77,6 @@ _LEASE_MARGIN_S: Final = 5.0
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class _CheckedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to addresses :func:`resolve_public` allows, resolved here, at
-    connect time (TLS still verifies the URL's host name, not the address)."""
-
-    def __init__(self, allowed_hosts: Collection[str]) -> None:
-        self.allowed_hosts = allowed_hosts
-        self.inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await resolve_public(host, port, self.allowed_hosts)
-        error: Exception | None = None
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(
-                    address, port, timeout=timeout, socket_options=socket_options
-                )
-            except httpcore.ConnectError as exc:
-                error = exc
-        assert error is not None
-        raise error
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not webhook destinations")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
 
 
 class WebhookDelivery:
@@ -136,14 +109,10 @@ class WebhookDelivery:
         self._in_flight = asyncio.Semaphore(_IN_FLIGHT)
         #: The last look found a full batch: the next one comes at once.
         self.backlog = False
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=_IN_FLIGHT,
-            keepalive_expiry=30.0,
-            http1=True,
-            http2=False,
-            retries=0,
-            network_backend=_CheckedBackend(frozenset(allowed_hosts)),
+        self._context = lambda: ssl_context
+        self._client = OutboundClient(
+            resolve=partial(resolve_public, allowed_hosts=frozenset(allowed_hosts)),
+            max_pools=_DESTINATIONS,
         )
 
     async def run(self) -> None:
@@ -216,44 +185,48 @@ class WebhookDelivery:
         if endpoint is None or event is None:
             await self._store(delivery, None, "gone", give_up=True)
             return
+        payload = orjson.dumps(await self.events.render(event))
+        signature = sign(payload, await open_secret(self.keys, endpoint), int(time.time()))
         try:
-            status = await self._post(endpoint.url, event, await open_secret(self.keys, endpoint))
+            status = await self._post(endpoint.url, payload, signature)
         except AddressRefused:
             error = "address_refused"
-        except (httpcore.TimeoutException, TimeoutError):
+        except ResponseTooLarge as exc:
+            # Its status counts (the body is never kept); a head too large has none.
+            status = exc.status
+            if status is None:
+                error = "protocol_error"
+        except TimeoutError:
             error = "timeout"
-        except httpcore.ConnectError:
+        except NotConnected:  # refused, unreachable, the certificate refused
             error = "connection_failed"
-        except httpcore.ProtocolError:
+        except (ProtocolError, ValueError):  # a broken answer, or a request not writable
             error = "protocol_error"
-        except httpcore.NetworkError:
+        except OSError:  # reset or closed once connected
             error = "network_error"
         if status is not None and not 200 <= status < 300:
             error = "http_status"
         await self._store(delivery, status, error)
 
-    async def _post(self, url: str, event: EventRecord, secret: str) -> int:
-        payload = orjson.dumps(await self.events.render(event))
+    async def _post(self, url: str, payload: bytes, signature: str) -> int:
+        """The answer's status; the client's exceptions as they come."""
         headers = [
-            (b"Content-Type", b"application/json; charset=utf-8"),
-            (b"User-Agent", f"cardvault-webhooks/{__version__}".encode()),
-            (b"Stripe-Signature", sign(payload, secret, int(time.time())).encode()),
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("User-Agent", f"cardvault-webhooks/{__version__}"),
+            ("Stripe-Signature", signature),
         ]
-        limit = {"connect": self.timeout, "read": self.timeout, "write": self.timeout}
-        async with self._in_flight, asyncio.timeout(self.timeout):
-            async with self._pool.stream(
-                "POST",
-                url,
+        async with self._in_flight:
+            answer = await self._client.exchange(
+                None,
+                context=self._context,
+                url=url,
+                method="POST",
                 headers=headers,
-                content=payload,
-                extensions={"timeout": {**limit, "pool": self.timeout}},
-            ) as response:
-                read = 0
-                async for chunk in response.aiter_stream():
-                    read += len(chunk)
-                    if read > _MAX_ANSWER_BYTES:
-                        break
-                return int(response.status)
+                body=payload,
+                timeout=self.timeout,
+                max_response_bytes=_MAX_ANSWER_BYTES,
+            )
+        return answer.status
 
     async def _store(
         self,
@@ -303,4 +276,4 @@ class WebhookDelivery:
         )
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        await self._client.close()
