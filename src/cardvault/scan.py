@@ -463,6 +463,10 @@ def scan_paths(
             try:
                 findings += _scan_file(path, scanner, chunk_size, on_bytes)
                 continue
+            except FileNotFoundError:
+                # Listed, then gone before it could be opened (a live service's SQLite
+                # journal, a log rotated away): nothing of it is at rest any more.
+                continue
             except OSError as exc:
                 error = exc
         reason = error.strerror or type(error).__name__

@@ -13,10 +13,12 @@ import random
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from cardvault import scan as scan_module
 from cardvault.audit import AuditLog
 from cardvault.cards import luhn_valid, testcards
 from cardvault.cli.scan import app
@@ -362,3 +364,20 @@ def test_cli_exits_1_and_prints_masked_findings(tmp_path: Path, card: str) -> No
 def test_cli_exits_2_on_bad_arguments(tmp_path: Path) -> None:
     assert CliRunner().invoke(app, [str(tmp_path / "nope")]).exit_code == 2
     assert CliRunner().invoke(app, [str(tmp_path), "--canary", "short"]).exit_code == 2
+
+
+def test_a_file_gone_between_listing_and_reading_is_no_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, card: str
+) -> None:
+    # A live service's state: its SQLite journal is listed, then removed before it is
+    # opened. Nothing of it is at rest, so it is no finding; the rest is still scanned.
+    (tmp_path / "app.log").write_text(f"charged {card}\n")
+    real_files = scan_module._files
+
+    def listed_then_removed(paths: Any, ignore: list[str]) -> Any:
+        yield tmp_path / "shop.db-journal", None
+        yield from real_files(paths, ignore)
+
+    monkeypatch.setattr(scan_module, "_files", listed_then_removed)
+    findings = scan_paths([tmp_path])
+    assert [(f.path.name, f.kind) for f in findings] == [("app.log", FindingKind.CARD_NUMBER)]
