@@ -256,18 +256,33 @@ def _pump(stream: object, into: list[str]) -> None:
         into.append(line.rstrip("\n"))
 
 
+def _sigint_default() -> None:
+    # A test run may itself have been started with SIGINT ignored (a background job of
+    # a non-interactive shell), which a child would inherit.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _sigint_ignored() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def listening(
-    local: Local, *args: str, stop: signal.Signals = signal.SIGINT
+    local: Local,
+    *args: str,
+    stop: signal.Signals = signal.SIGINT,
+    sigint: Callable[[], object] | None = None,
 ) -> Iterator[Listening]:
     """``cardvault listen ARGS`` until the block ends, then Ctrl-C (SIGINT) or ``stop``,
-    which must stop it cleanly."""
+    which must stop it cleanly. ``sigint``: what SIGINT is set to in the child before
+    it starts (default: as a terminal starts it, whatever this process has)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cardvault", "listen", *args, "--stack", str(local.stack_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=environment(local),
+        preexec_fn=sigint or _sigint_default,
     )
     out: list[str] = []
     err: list[str] = []
@@ -326,6 +341,15 @@ def test_listen_forwards_a_tokenizations_event_within_a_second_signed_for_stripe
     assert listen.stderr[-1] == "Stopped."
     printed_text = "\n".join(listen.stdout + listen.stderr)
     assert card_numbers_in(printed_text + got.body.decode()) == []
+
+
+def test_listen_stops_on_ctrl_c_even_when_started_with_sigint_ignored(local: Local) -> None:
+    # As `cardvault up` does: a background job of a non-interactive shell starts with
+    # SIGINT ignored, and Ctrl-C (here the signal itself) must still stop it cleanly.
+    with sink() as rx, listening(local, "--forward-to", rx.url, sigint=_sigint_ignored) as listen:
+        pass
+    assert listen.proc.returncode == 0
+    assert listen.stderr[-1] == "Stopped."
 
 
 def test_listen_forwards_only_the_events_asked_for_as_json_lines_over_https(

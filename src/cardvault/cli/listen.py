@@ -286,11 +286,11 @@ def _connect_error(exc: Exception) -> str:
 
 
 class _Stop(BaseException):
-    """SIGTERM, handled as Ctrl-C is (a BaseException, as KeyboardInterrupt is, so that
-    no ``except Exception`` on the way swallows it)."""
+    """SIGTERM or Ctrl-C (a BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on the way swallows it)."""
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+def _on_stop_signal(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
@@ -444,7 +444,9 @@ def listen(
         )
     except (ValueError, OSError) as exc:  # an http:// vault URL, an unreadable CA bundle
         raise _fail(str(exc)) from None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Both are handled here, as `cardvault up` does: a process started with SIGINT
+    # ignored (a background job of a non-interactive shell) still stops on Ctrl-C.
+    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with client:
             cursor = newest_event(client)
@@ -455,7 +457,8 @@ def listen(
     except (KeyboardInterrupt, _Stop):
         typer.echo("Stopped.", err=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         forwarder.close()
 
 
