@@ -10,9 +10,11 @@ import secrets
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,3 +213,28 @@ def run_stack(
         for service in ("keyservice", "vault"):
             stack.start(service)
         yield stack
+
+
+def tokenize(http: Any, stack: Stack, number: str = "4242424242424242") -> str:
+    """A card (a published test card by default) stored for the stack's first account
+    through ``http`` (an ``httpx.Client`` trusting the stack's CA); its ``pm_`` id."""
+    form = {
+        "type": "card",
+        "card[number]": number,
+        "card[exp_month]": "12",
+        "card[exp_year]": "2034",
+        "card[cvc]": "123",
+        "billing_details[name]": "Jenny Rosen",
+    }
+    key = stack.accounts[1]["sk"]
+    r = http.post(stack.url + "/v1/payment_methods", data=form, auth=(key, ""))
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

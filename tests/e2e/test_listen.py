@@ -30,9 +30,8 @@ import stripe
 from cardvault.transport.tls import client_context
 from helpers import ROOT, Pki, free_port, wait_for_port
 from hostile.hostile_support import card_numbers_in
-from stack import Stack, run_stack, vault_database
+from stack import Stack, run_stack, tokenize, vault_database, wait_until
 
-VISA = "4242424242424242"
 READY = re.compile(r"Ready! Your webhook signing secret is (whsec_[A-Za-z0-9_\-]+)")
 
 
@@ -199,27 +198,6 @@ def api(
     return http.request(method, local.stack.url + path, auth=auth, **kw)  # type: ignore[arg-type]
 
 
-def tokenize(http: httpx.Client, local: Local) -> str:
-    form = {
-        "type": "card",
-        "card[number]": VISA,
-        "card[exp_month]": "12",
-        "card[exp_year]": "2034",
-        "card[cvc]": "123",
-        "billing_details[name]": "Jenny Rosen",
-    }
-    r = api(http, local, "POST", "/v1/payment_methods", data=form)
-    assert r.status_code == 200, r.text
-    return str(r.json()["id"])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def environment(local: Local) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDVAULT_")}
     env["XDG_CONFIG_HOME"] = str(local.stack_file.parent.parent / "config")
@@ -319,7 +297,7 @@ def test_listen_forwards_a_tokenizations_event_within_a_second_signed_for_stripe
     with sink() as rx, listening(local, "--forward-to", rx.url) as listen:
         # --print-secret prints the secret listen signs with (kept from run to run).
         assert printed.stdout.strip() == listen.secret
-        pm_id = tokenize(http, local)
+        pm_id = tokenize(http, local.stack)
         answered = time.monotonic()
         wait_until(lambda: len(rx.received) >= 1)
         # The acceptance criterion: forwarded within 1 s of the create's answer.
@@ -361,7 +339,7 @@ def test_listen_forwards_only_the_events_asked_for_as_json_lines_over_https(
         sink(pki) as rx,
         listening(local, "--forward-to", rx.url, *only_deleted, stop=signal.SIGTERM) as listen,
     ):
-        pm_id = tokenize(http, local)
+        pm_id = tokenize(http, local.stack)
         assert api(http, local, "DELETE", f"/v1/payment_methods/{pm_id}").status_code == 200
         wait_until(lambda: len(listen.lines()) >= 1)
     # Events are forwarded oldest first: had the created event not been left out, it
@@ -383,10 +361,10 @@ def test_listen_reports_an_event_the_target_missed_and_goes_on(
 ) -> None:
     port = free_port()
     with listening(local, "--forward-to", f"localhost:{port}/hooks", "--timeout", "5") as listen:
-        missed = tokenize(http, local)
+        missed = tokenize(http, local.stack)
         wait_until(lambda: any("[ERROR]" in line for line in listen.lines()))
         with sink(port=port) as rx:
-            forwarded = tokenize(http, local)
+            forwarded = tokenize(http, local.stack)
             wait_until(lambda: len(rx.received) >= 1)
             wait_until(lambda: any("[200]" in line for line in listen.lines()))
     assert [b["data"]["object"]["id"] for b in rx.bodies()] == [forwarded]  # type: ignore[index]
@@ -398,7 +376,7 @@ def test_listen_reports_an_event_the_target_missed_and_goes_on(
 def test_listen_follows_no_redirect(http: httpx.Client, local: Local) -> None:
     with sink() as elsewhere, sink() as rx, listening(local, "--forward-to", rx.url) as listen:
         rx.status, rx.location = 307, elsewhere.url
-        tokenize(http, local)
+        tokenize(http, local.stack)
         wait_until(lambda: any("<--" in line for line in listen.lines()))
     assert len(rx.received) == 1
     assert elsewhere.received == []
@@ -414,7 +392,7 @@ def test_listen_never_forwards_to_a_certificate_it_cannot_verify(
         sink(pki) as rx,
         listening(local, "--forward-to", rx.url, "--forward-ca-bundle", rogue) as listen,
     ):
-        tokenize(http, local)
+        tokenize(http, local.stack)
         wait_until(lambda: any("<--" in line for line in listen.lines()))
     assert rx.received == []
     [answer] = [line for line in listen.lines() if "<--" in line]
@@ -492,7 +470,7 @@ def test_a_waiting_list_answers_with_the_new_event_of_its_own_account_only(
     mine.start()
     theirs.start()
     time.sleep(0.5)  # both are waiting (an event made before would be answered too)
-    pm_id = tokenize(http, local)
+    pm_id = tokenize(http, local.stack)
     mine.join(30)
     theirs.join(30)
     assert answers["mine"].status_code == 200, answers["mine"].text

@@ -10,7 +10,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,9 +21,7 @@ import stripe
 from cardvault.transport.tls import client_context
 from helpers import Pki, free_port
 from hostile.hostile_support import card_numbers_in
-from stack import Stack, run_stack, vault_database
-
-VISA = "4242424242424242"
+from stack import Stack, run_stack, tokenize, vault_database, wait_until
 
 
 @dataclass
@@ -108,27 +106,6 @@ def http(pki: Pki) -> Iterator[httpx.Client]:
 def api(http: httpx.Client, stack: Stack, method: str, path: str, **kw: object) -> httpx.Response:
     key = stack.accounts[1]["sk"]
     return http.request(method, stack.url + path, auth=(key, ""), **kw)  # type: ignore[arg-type]
-
-
-def tokenize(http: httpx.Client, stack: Stack) -> str:
-    form = {
-        "type": "card",
-        "card[number]": VISA,
-        "card[exp_month]": "12",
-        "card[exp_year]": "2034",
-        "card[cvc]": "123",
-        "billing_details[name]": "Jenny Rosen",
-    }
-    r = api(http, stack, "POST", "/v1/payment_methods", data=form)
-    assert r.status_code == 200, r.text
-    return str(r.json()["id"])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
